@@ -1,0 +1,172 @@
+//! What a dispatcher runs for each event, and how a handler reports failure.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::event::Event;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Handles the events of one type.
+///
+/// Implemented for every `Fn(&Event) -> Result<(), HandlerError>` closure
+/// that is `Send + Sync + 'static`. A handler may run more than once for one
+/// event (delivery is at least once), so it should be idempotent: the event
+/// id makes a good idempotency key for downstream systems.
+///
+/// Returning `Err` records a failed attempt (see [`HandlerError`]); a panic
+/// is caught and recorded as a failed attempt too, and the worker thread
+/// carries on.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one event.
+    ///
+    /// # Errors
+    ///
+    /// A [`HandlerError`] saying whether and when to retry.
+    fn handle(&self, event: &Event) -> Result<(), HandlerError>;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&Event) -> Result<(), HandlerError> + Send + Sync + 'static,
+{
+    fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        self(event)
+    }
+}
+
+/// A handler's failure, and what to do about it.
+///
+/// Any `std::error::Error` converts into a retryable `HandlerError` with `?`.
+///
+/// ```
+/// use sqlite_outbox::HandlerError;
+/// use std::time::Duration;
+///
+/// let later = HandlerError::retry_after("server busy", Duration::from_secs(120));
+/// assert_eq!(later.delay(), Some(Duration::from_secs(120)));
+/// let never = HandlerError::permanent("recipient does not exist");
+/// assert!(never.is_permanent());
+/// ```
+pub struct HandlerError {
+    error: BoxError,
+    action: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Retry(Option<Duration>),
+    Permanent,
+}
+
+impl HandlerError {
+    /// Retry after the retry policy's delay for this attempt.
+    pub fn retry(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            error: error.into(),
+            action: Action::Retry(None),
+        }
+    }
+
+    /// Retry after `delay` (a server's `Retry-After`, say) instead of the
+    /// policy's delay. The attempt still counts towards `max_attempts`.
+    pub fn retry_after(error: impl Into<BoxError>, delay: Duration) -> Self {
+        HandlerError {
+            error: error.into(),
+            action: Action::Retry(Some(delay)),
+        }
+    }
+
+    /// Do not retry: the event fails at once.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            error: error.into(),
+            action: Action::Permanent,
+        }
+    }
+
+    /// True if the event should fail without another attempt.
+    pub fn is_permanent(&self) -> bool {
+        self.action == Action::Permanent
+    }
+
+    /// The delay the handler asked for, if any.
+    pub fn delay(&self) -> Option<Duration> {
+        match self.action {
+            Action::Retry(delay) => delay,
+            Action::Permanent => None,
+        }
+    }
+
+    /// The underlying error.
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+
+    /// The error and its causes, joined with ": ", as stored in
+    /// `last_error`.
+    pub(crate) fn message(&self) -> String {
+        let mut text = self.error.to_string();
+        let mut cause = self.error.source();
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
+    }
+}
+
+impl<E> From<E> for HandlerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(error: E) -> Self {
+        HandlerError::retry(error)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("error", &self.error)
+            .field("action", &self.action)
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("send failed")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn question_mark_makes_a_retryable_error_with_its_causes() {
+        fn send() -> Result<(), HandlerError> {
+            Err(Outer(std::io::Error::other("connection reset")))?;
+            Ok(())
+        }
+        let err = send().unwrap_err();
+        assert!(!err.is_permanent());
+        assert_eq!(err.delay(), None);
+        assert_eq!(err.message(), "send failed: connection reset");
+    }
+}

@@ -1,0 +1,109 @@
+//! A transactional outbox in one SQLite file, with a worker pool that
+//! delivers each event at least once.
+//!
+//! An app writes its own rows and an event in one SQLite transaction
+//! ([`SqliteStore::enqueue`] takes the app's `&rusqlite::Transaction`), so the
+//! event exists if and only if the app's change committed. A [`Dispatcher`]
+//! then claims due events under leases, runs the [`Handler`] registered for
+//! each event type on a pool of threads, and records the outcome, retrying
+//! failures with backoff ([`RetryPolicy`]). Events live in a [`SqliteStore`]
+//! (durable, shared by processes) or, for tests, a [`MemoryStore`]; both
+//! implement [`Store`].
+//!
+//! # Quick start
+//!
+//! ```
+//! use sqlite_outbox::{Dispatcher, NewEvent, SqliteStore, Store};
+//! use serde_json::json;
+//! use std::time::Duration;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let store = SqliteStore::open(dir.path().join("app.db"))?;
+//!
+//! store.transaction(|tx| {
+//!     tx.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, total INTEGER)", [])?;
+//!     tx.execute("INSERT INTO orders (total) VALUES (42)", [])?;
+//!     store.enqueue(tx, NewEvent::new("order.placed", json!({"total": 42})))?;
+//!     Ok::<_, sqlite_outbox::Error>(())
+//! })?;
+//!
+//! let (seen_tx, seen) = crossbeam_channel::unbounded();
+//! let dispatcher = Dispatcher::builder(store.clone())
+//!     .handle("order.placed", move |event: &sqlite_outbox::Event| {
+//!         seen_tx.send(event.payload["total"].clone()).ok();
+//!         Ok(())
+//!     })
+//!     .start()?;
+//! assert_eq!(seen.recv_timeout(Duration::from_secs(10))?, json!(42));
+//! let report = dispatcher.shutdown(Duration::from_secs(5));
+//! assert!(report.is_clean());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Delivery guarantees
+//!
+//! - **At least once.** A committed event is handled until it is done or has
+//!   failed permanently, across crashes and restarts. A handler may run more
+//!   than once for one event (after a crash, or when a lease ran out), so
+//!   handlers should be idempotent; the event id is a good idempotency key.
+//! - **Durability.** With the default [`Durability::Full`] a committed event
+//!   survives a power loss; [`Durability::Normal`] survives a process crash,
+//!   not a power loss.
+//! - **Fencing.** Every acknowledgement names the lease it was claimed
+//!   under; once the lease ran out and another worker claimed the event,
+//!   the late acknowledgement is refused ([`ErrorKind::LeaseLost`]) and
+//!   cannot overwrite the newer outcome.
+//! - **Order.** Events are claimed in (due time, enqueue order). Events that
+//!   share an ordering key ([`NewEvent::with_ordering_key`]) are handled one
+//!   at a time in enqueue order; a retrying event holds back those behind
+//!   it, a failed one does not.
+//! - **Errors from a commit.** If a commit fails, the outcome is unknown: the
+//!   event may still be there after a restart. Retry with an idempotency key
+//!   ([`NewEvent::with_idempotency_key`]) to be safe.
+//!
+//! Not covered: damage to the storage medium (a flipped byte in the WAL can
+//! drop commits silently), and processes sharing a file whose clocks are far
+//! apart (leases compare wall-clock times; fencing still keeps outcomes
+//! correct, but events may be delivered twice).
+//!
+//! # Shutdown
+//!
+//! [`Dispatcher::shutdown`] stops claiming, lets running handlers finish
+//! up to a deadline, gives back events that were claimed but not started
+//! (without spending an attempt), writes the outstanding outcomes and joins
+//! its threads. Dropping the handle does the same with the default deadline.
+//!
+//! # Crate features
+//!
+//! - `bundled` (default): compile SQLite from source through
+//!   `rusqlite/bundled`, so no system library is needed.
+
+mod catalog;
+mod clock;
+mod dispatch;
+mod error;
+mod event;
+mod retry;
+mod store;
+
+pub use catalog::OutboxEventType;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use dispatch::{
+    Dispatcher, DispatcherBuilder, Handler, HandlerError, Metrics, ShutdownReport,
+    DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS,
+};
+pub use error::{Error, ErrorKind, Result};
+pub use event::{Event, EventId, Lease, NewEvent, Status, MAX_EVENT_TYPE_LEN, MAX_PAYLOAD_BYTES};
+pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
+pub use store::memory::MemoryStore;
+pub use store::sqlite::{
+    Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, DEFAULT_BUSY_TIMEOUT,
+    DEFAULT_POOL_SIZE, SCHEMA_SQL, SCHEMA_VERSION,
+};
+pub use store::{
+    Ack, ListFilter, Requeue, Stats, Store, TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

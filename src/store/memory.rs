@@ -1,0 +1,527 @@
+//! `MemoryStore`: the reference model of the store's behaviour.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use crossbeam_channel::Receiver;
+use uuid::Uuid;
+
+use super::{
+    new_token, Ack, AckKind, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE,
+    LEASE_EXPIRED_ERROR,
+};
+use crate::clock::{self, Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventId, NewEvent, Status};
+use crate::retry::RetryPolicy;
+
+/// An outbox held in memory: the reference model of [`Store`], with exactly
+/// the behaviour of [`crate::SqliteStore`] and none of its durability. Use it
+/// in tests of handlers and dispatchers. Clones share the same events.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    clock: Arc<dyn Clock>,
+    policy: RetryPolicy,
+    notifier: Notifier,
+}
+
+#[derive(Default)]
+struct State {
+    rows: BTreeMap<i64, Event>,
+    by_id: HashMap<EventId, i64>,
+    by_idempotency_key: HashMap<String, i64>,
+    last_seq: i64,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("clock", &self.inner.clock)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store on the system clock with the default retry policy.
+    pub fn new() -> Self {
+        MemoryStore::with_clock(Arc::new(SystemClock), RetryPolicy::default())
+    }
+
+    /// An empty store with this clock and retry policy.
+    pub fn with_clock(clock: Arc<dyn Clock>, policy: RetryPolicy) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                clock,
+                policy,
+                notifier: Notifier::default(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave an event half-written
+        // (every mutation is a field assignment), so a poisoned lock is safe
+        // to keep using.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    fn insert(&self, state: &mut State, event: &NewEvent, now: DateTime<Utc>) -> Result<Event> {
+        if let Some(key) = &event.idempotency_key {
+            if let Some(seq) = state.by_idempotency_key.get(key) {
+                if let Some(existing) = state.rows.get(seq) {
+                    return Ok(existing.clone());
+                }
+            }
+        }
+        if state.by_id.contains_key(&event.id) {
+            return Err(Error::invalid(format!(
+                "an event with id {} exists",
+                event.id
+            )));
+        }
+        state.last_seq += 1;
+        let seq = state.last_seq;
+        let stored = Event {
+            id: event.id,
+            seq,
+            event_type: event.event_type.clone(),
+            payload: event.payload.clone(),
+            status: Status::Pending,
+            attempts: 0,
+            max_attempts: event
+                .max_attempts
+                .unwrap_or_else(|| self.inner.policy.max_attempts()),
+            next_attempt_at: truncate(event.due_at(now)),
+            locked_at: None,
+            locked_until: None,
+            lease_token: None,
+            completed_at: None,
+            delivered_at: None,
+            last_error: None,
+            correlation_id: event.correlation_id.clone(),
+            org_id: event.org_id,
+            user_id: event.user_id,
+            ordering_key: event.ordering_key.clone(),
+            idempotency_key: event.idempotency_key.clone(),
+            created_at: truncate(now),
+        };
+        state.by_id.insert(stored.id, seq);
+        if let Some(key) = &stored.idempotency_key {
+            state.by_idempotency_key.insert(key.clone(), seq);
+        }
+        state.rows.insert(seq, stored.clone());
+        Ok(stored)
+    }
+
+    fn remove_where(&self, keep: impl Fn(&Event) -> bool) -> u64 {
+        let mut state = self.state();
+        let doomed: Vec<i64> = state
+            .rows
+            .values()
+            .filter(|e| !keep(e))
+            .map(|e| e.seq)
+            .collect();
+        for seq in &doomed {
+            if let Some(e) = state.rows.remove(seq) {
+                state.by_id.remove(&e.id);
+                if let Some(key) = &e.idempotency_key {
+                    state.by_idempotency_key.remove(key);
+                }
+            }
+        }
+        doomed.len() as u64
+    }
+
+    fn with_event<T>(
+        &self,
+        id: EventId,
+        f: impl FnOnce(&mut Event, DateTime<Utc>) -> Result<T>,
+    ) -> Result<T> {
+        let now = truncate(self.now());
+        let mut state = self.state();
+        let seq = *state.by_id.get(&id).ok_or_else(|| Error::not_found(id))?;
+        let event = state
+            .rows
+            .get_mut(&seq)
+            .ok_or_else(|| Error::not_found(id))?;
+        f(event, now)
+    }
+}
+
+/// Times are stored in whole milliseconds, as in SQLite.
+fn truncate(at: DateTime<Utc>) -> DateTime<Utc> {
+    clock::from_millis(clock::to_millis(at))
+}
+
+fn type_allowed(types: Option<&[String]>, event_type: &str) -> bool {
+    types.is_none_or(|t| t.iter().any(|x| x == event_type))
+}
+
+/// The claimability rule, written once for the model; the SQL in
+/// `sqlite.rs` states the same rule.
+fn claimable(state: &State, e: &Event, now: DateTime<Utc>) -> bool {
+    let due = match e.status {
+        Status::Pending => e.next_attempt_at <= now,
+        Status::Processing => e.locked_until.is_none_or(|t| t <= now),
+        Status::Done | Status::Failed => false,
+    };
+    if !due {
+        return false;
+    }
+    let Some(key) = &e.ordering_key else {
+        return true;
+    };
+    !state.rows.values().any(|b| {
+        b.seq != e.seq
+            && b.ordering_key.as_ref() == Some(key)
+            && ((b.seq < e.seq && matches!(b.status, Status::Pending | Status::Processing))
+                || (b.status == Status::Processing && b.locked_until.is_some_and(|t| t > now)))
+    })
+}
+
+fn finish(e: &mut Event, status: Status, now: DateTime<Utc>) {
+    e.status = status;
+    e.locked_at = None;
+    e.locked_until = None;
+    e.lease_token = None;
+    if matches!(status, Status::Done | Status::Failed) {
+        e.completed_at = Some(now);
+    }
+}
+
+fn apply_retry(
+    e: &mut Event,
+    policy: &RetryPolicy,
+    error: &str,
+    delay: Option<Duration>,
+    now: DateTime<Utc>,
+) {
+    e.last_error = Some(error.to_owned());
+    if e.attempts >= e.max_attempts {
+        finish(e, Status::Failed, now);
+    } else {
+        let wait = delay.unwrap_or_else(|| policy.jittered_delay(e.attempts, e.seq as u64));
+        finish(e, Status::Pending, now);
+        e.next_attempt_at = truncate(clock::add(now, wait));
+    }
+}
+
+impl Store for MemoryStore {
+    fn create(&self, event: NewEvent) -> Result<Event> {
+        let mut created = self.create_batch(vec![event])?;
+        created
+            .pop()
+            .ok_or_else(|| Error::invalid("nothing was enqueued"))
+    }
+
+    fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        for event in &events {
+            event.validate()?;
+            event.payload_text()?;
+        }
+        let now = self.now();
+        let created = {
+            let mut state = self.state();
+            // All or nothing: insert into a copy of the indexes first.
+            let mut scratch = State {
+                rows: BTreeMap::new(),
+                by_id: state.by_id.clone(),
+                by_idempotency_key: state.by_idempotency_key.clone(),
+                last_seq: state.last_seq,
+            };
+            let mut created = Vec::with_capacity(events.len());
+            for event in &events {
+                let stored = match event
+                    .idempotency_key
+                    .as_ref()
+                    .and_then(|k| state.by_idempotency_key.get(k))
+                    .and_then(|seq| state.rows.get(seq))
+                {
+                    Some(existing) => existing.clone(),
+                    None => self.insert(&mut scratch, event, now)?,
+                };
+                created.push(stored);
+            }
+            state.rows.append(&mut scratch.rows);
+            state.by_id = scratch.by_id;
+            state.by_idempotency_key = scratch.by_idempotency_key;
+            state.last_seq = scratch.last_seq;
+            created
+        };
+        self.inner.notifier.notify();
+        Ok(created)
+    }
+
+    fn find_by_id(&self, id: EventId) -> Result<Option<Event>> {
+        let state = self.state();
+        Ok(state
+            .by_id
+            .get(&id)
+            .and_then(|seq| state.rows.get(seq))
+            .cloned())
+    }
+
+    fn claim(&self, limit: usize, lease: Duration, types: Option<&[String]>) -> Result<Vec<Event>> {
+        let now = truncate(self.now());
+        let until = truncate(clock::add(now, lease));
+        let mut state = self.state();
+        for e in state.rows.values_mut() {
+            let expired = e.status == Status::Processing && e.locked_until.is_none_or(|t| t <= now);
+            if expired && e.attempts >= e.max_attempts {
+                e.last_error = Some(LEASE_EXPIRED_ERROR.to_owned());
+                finish(e, Status::Failed, now);
+            }
+        }
+        let mut picked: Vec<(DateTime<Utc>, i64)> = state
+            .rows
+            .values()
+            .filter(|e| type_allowed(types, &e.event_type) && claimable(&state, e, now))
+            .map(|e| (e.next_attempt_at, e.seq))
+            .collect();
+        picked.sort();
+        picked.truncate(limit);
+        let mut claimed = Vec::with_capacity(picked.len());
+        for (_, seq) in picked {
+            if let Some(e) = state.rows.get_mut(&seq) {
+                e.status = Status::Processing;
+                e.attempts = e.attempts.saturating_add(1);
+                e.locked_at = Some(now);
+                e.locked_until = Some(until);
+                e.lease_token = Some(new_token());
+                claimed.push(e.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    fn settle(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
+        let now = truncate(self.now());
+        let mut state = self.state();
+        let mut results = Vec::with_capacity(acks.len());
+        for ack in acks {
+            let lease = &ack.lease;
+            let Some(e) = state
+                .rows
+                .get_mut(&lease.seq)
+                .filter(|e| e.status == Status::Processing && e.lease_token == Some(lease.token))
+            else {
+                results.push(Err(Error::lease_lost(lease.id, lease.attempt)));
+                continue;
+            };
+            match &ack.kind {
+                AckKind::Complete => finish(e, Status::Done, now),
+                AckKind::Retry { error, delay } => {
+                    apply_retry(e, &self.inner.policy, error, *delay, now)
+                }
+                AckKind::Fail { error } => {
+                    e.last_error = Some(error.clone());
+                    finish(e, Status::Failed, now);
+                }
+                AckKind::Extend { by } => e.locked_until = Some(truncate(clock::add(now, *by))),
+                AckKind::Release => {
+                    e.attempts = e.attempts.saturating_sub(1);
+                    finish(e, Status::Pending, now);
+                }
+            }
+            results.push(Ok(()));
+        }
+        Ok(results)
+    }
+
+    fn mark_processing(&self, id: EventId) -> Result<()> {
+        self.with_event(id, |e, now| {
+            match e.status {
+                Status::Pending => e.attempts = e.attempts.saturating_add(1),
+                Status::Processing => {}
+                Status::Done | Status::Failed => {
+                    return Err(Error::invalid(format!("event {id} is {}", e.status)))
+                }
+            }
+            e.status = Status::Processing;
+            e.locked_at = Some(now);
+            e.locked_until = Some(truncate(clock::add(now, DEFAULT_LEASE)));
+            e.lease_token = Some(new_token());
+            Ok(())
+        })
+    }
+
+    fn mark_done(&self, id: EventId) -> Result<()> {
+        self.with_event(id, |e, now| {
+            finish(e, Status::Done, now);
+            Ok(())
+        })
+    }
+
+    fn mark_delivered(&self, id: EventId) -> Result<()> {
+        self.with_event(id, |e, now| {
+            e.delivered_at = Some(now);
+            Ok(())
+        })
+    }
+
+    fn mark_retry(&self, id: EventId, error: &str) -> Result<()> {
+        let policy = self.inner.policy.clone();
+        self.with_event(id, |e, now| {
+            apply_retry(e, &policy, error, None, now);
+            Ok(())
+        })
+    }
+
+    fn mark_failed(&self, id: EventId, error: &str) -> Result<()> {
+        self.with_event(id, |e, now| {
+            e.last_error = Some(error.to_owned());
+            finish(e, Status::Failed, now);
+            Ok(())
+        })
+    }
+
+    fn cleanup_old(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let cutoff = truncate(older_than);
+        Ok(self.remove_where(|e| {
+            !(matches!(e.status, Status::Done | Status::Failed) && e.created_at < cutoff)
+        }))
+    }
+
+    fn count_pending(&self) -> Result<u64> {
+        Ok(self.stats()?.pending)
+    }
+
+    fn count_failed(&self) -> Result<u64> {
+        Ok(self.stats()?.failed)
+    }
+
+    fn delete_by_org(&self, org_id: Uuid) -> Result<u64> {
+        Ok(self.remove_where(|e| e.org_id != Some(org_id)))
+    }
+
+    fn delete_by_user(&self, user_id: Uuid) -> Result<u64> {
+        Ok(self.remove_where(|e| e.user_id != Some(user_id)))
+    }
+
+    fn requeue_failed(&self, which: Requeue) -> Result<u64> {
+        let now = truncate(self.now());
+        let requeue = |e: &mut Event| {
+            e.status = Status::Pending;
+            e.attempts = 0;
+            e.next_attempt_at = now;
+            e.completed_at = None;
+        };
+        let n = match which {
+            Requeue::One(id) => self.with_event(id, |e, _| {
+                if e.status != Status::Failed {
+                    return Err(Error::invalid(format!(
+                        "event {id} is {}, not failed",
+                        e.status
+                    )));
+                }
+                requeue(e);
+                Ok(1)
+            })?,
+            Requeue::Type(_) | Requeue::All => {
+                let only = match &which {
+                    Requeue::Type(t) => Some(t.clone()),
+                    _ => None,
+                };
+                let mut state = self.state();
+                let mut n = 0;
+                for e in state.rows.values_mut() {
+                    if e.status == Status::Failed
+                        && only.as_ref().is_none_or(|t| &e.event_type == t)
+                    {
+                        requeue(e);
+                        n += 1;
+                    }
+                }
+                n
+            }
+        };
+        if n > 0 {
+            self.inner.notifier.notify();
+        }
+        Ok(n)
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        let now = truncate(self.now());
+        let state = self.state();
+        let mut stats = Stats::default();
+        let mut oldest_due: Option<DateTime<Utc>> = None;
+        for e in state.rows.values() {
+            stats.add(&e.event_type, e.status, 1);
+            if e.status == Status::Pending && e.next_attempt_at <= now {
+                stats.due += 1;
+                oldest_due =
+                    Some(oldest_due.map_or(e.next_attempt_at, |t| t.min(e.next_attempt_at)));
+            }
+        }
+        stats.oldest_due_age = oldest_due.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO));
+        Ok(stats)
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        let state = self.state();
+        let matching = state.rows.values().filter(|e| filter.matches(e)).cloned();
+        Ok(if filter.newest_first {
+            matching.rev().take(filter.limit).collect()
+        } else {
+            matching.take(filter.limit).collect()
+        })
+    }
+
+    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>> {
+        let now = truncate(self.now());
+        let state = self.state();
+        Ok(state
+            .rows
+            .values()
+            .filter(|e| type_allowed(types, &e.event_type))
+            .filter_map(|e| match e.status {
+                Status::Pending => Some(e.next_attempt_at),
+                Status::Processing => e.locked_until,
+                Status::Done | Status::Failed => None,
+            })
+            .filter(|t| *t > now)
+            .min())
+    }
+
+    fn has_external_changes(&self) -> Result<bool> {
+        // Nothing outside this process can write to it; in-process writes
+        // notify subscribers directly.
+        Ok(false)
+    }
+
+    fn subscribe(&self) -> Receiver<()> {
+        self.inner.notifier.subscribe()
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.policy
+    }
+}

@@ -1,0 +1,554 @@
+//! Persistence: the [`Store`] trait and what its operations take and give.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use crossbeam_channel::{Receiver, Sender};
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::error::Result;
+use crate::event::{Event, EventId, Lease, NewEvent, Status};
+use crate::retry::RetryPolicy;
+
+pub(crate) mod memory;
+pub(crate) mod sqlite;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::memory::MemoryStore {}
+    impl Sealed for super::sqlite::SqliteStore {}
+}
+
+/// The `last_error` of an event that failed because its lease ran out on
+/// its last allowed attempt.
+pub const LEASE_EXPIRED_ERROR: &str =
+    "lease expired on the last attempt (the worker crashed or stalled)";
+
+/// The default lease for [`Store::mark_processing`], which takes none: 60 s.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
+/// Where events live. Implemented by [`crate::SqliteStore`] (durable, shared
+/// between processes) and [`crate::MemoryStore`] (the reference model, for
+/// tests); both behave identically and pass one test suite.
+///
+/// The trait is sealed: it cannot be implemented outside this crate.
+///
+/// # Leases and fencing
+///
+/// [`Store::claim`] is one atomic write that moves due events to
+/// `processing`, counts the attempt and stores a fresh lease token. Every
+/// later write about a claimed event ([`Store::complete`], [`Store::retry`],
+/// [`Store::fail`], [`Store::extend`], [`Store::release`]) names its
+/// [`Lease`] and is refused with [`crate::ErrorKind::LeaseLost`], changing
+/// nothing, when the event was claimed again after the lease expired, or is
+/// gone. A worker that stalled past its lease therefore cannot overwrite the
+/// outcome of the worker that took over.
+///
+/// The `mark_*` operations are the unfenced, id-based operations of the
+/// system this crate grew from. They act on whatever lease is current (and
+/// cancel it), which suits operators and simple loops, not concurrent
+/// workers.
+pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
+    /// Adds one event in its own transaction and returns it as stored. With
+    /// an idempotency key that is already stored, returns the stored event
+    /// and adds nothing.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for an empty or over-long event type or an oversize
+    /// payload (nothing is written); `Busy`, `DiskFull`, `ReadOnly`, `Io` from
+    /// the database. An error from the commit means the outcome is unknown:
+    /// use an idempotency key to retry safely.
+    fn create(&self, event: NewEvent) -> Result<Event>;
+
+    /// Adds many events in one transaction: all of them or none.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::create`]; one invalid event rejects the whole batch.
+    fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>>;
+
+    /// The event with this id, if any.
+    ///
+    /// # Errors
+    ///
+    /// Database errors only.
+    fn find_by_id(&self, id: EventId) -> Result<Option<Event>>;
+
+    /// Claims up to `limit` events in one atomic write and returns them with
+    /// their leases, in (due time, enqueue order).
+    ///
+    /// Claimable are pending events that are due and processing events whose
+    /// lease ran out. With `types`, only events of those types are claimed.
+    /// An event with an ordering key is skipped while an earlier event with
+    /// the same key is pending or processing, or while another event with
+    /// the key holds a live lease. Each claimed event becomes `processing`
+    /// with `attempts + 1`, `locked_at = now`, `locked_until = now + lease`
+    /// and a fresh lease token.
+    ///
+    /// A processing event whose lease ran out on its last allowed attempt
+    /// (its worker crashed or stalled every time) is not handed out again:
+    /// the claim marks it `failed` with [`LEASE_EXPIRED_ERROR`].
+    ///
+    /// # Errors
+    ///
+    /// Database errors; nothing is claimed then.
+    fn claim(&self, limit: usize, lease: Duration, types: Option<&[String]>) -> Result<Vec<Event>>;
+
+    /// Writes many acknowledgements in one transaction, each fenced by its
+    /// lease. The outer error is a database failure (nothing was written);
+    /// the inner results say, per acknowledgement, whether it was accepted
+    /// (`Err` with `LeaseLost` when its lease had moved on).
+    ///
+    /// # Errors
+    ///
+    /// Database errors; no acknowledgement was written then.
+    fn settle(&self, acks: &[Ack]) -> Result<Vec<Result<()>>>;
+
+    /// Records that a claimed event was handled: it becomes `done`.
+    ///
+    /// # Errors
+    ///
+    /// `LeaseLost` if the lease moved on; database errors.
+    fn complete(&self, lease: &Lease) -> Result<()> {
+        settle_one(self, Ack::complete(*lease))
+    }
+
+    /// Records a failed attempt. The event becomes pending again after
+    /// `delay`, or after the retry policy's delay for this attempt when
+    /// `delay` is `None`; if this was its last allowed attempt it becomes
+    /// `failed`. The error is kept in `last_error` either way.
+    ///
+    /// # Errors
+    ///
+    /// `LeaseLost` if the lease moved on; database errors.
+    fn retry(&self, lease: &Lease, error: &str, delay: Option<Duration>) -> Result<()> {
+        settle_one(self, Ack::retry(*lease, error, delay))
+    }
+
+    /// Gives up on a claimed event at once: it becomes `failed`.
+    ///
+    /// # Errors
+    ///
+    /// `LeaseLost` if the lease moved on; database errors.
+    fn fail(&self, lease: &Lease, error: &str) -> Result<()> {
+        settle_one(self, Ack::fail(*lease, error))
+    }
+
+    /// Pushes the lease out to `by` from now.
+    ///
+    /// # Errors
+    ///
+    /// `LeaseLost` if the lease moved on; database errors.
+    fn extend(&self, lease: &Lease, by: Duration) -> Result<()> {
+        settle_one(self, Ack::extend(*lease, by))
+    }
+
+    /// Gives a claimed event back without spending its attempt: it becomes
+    /// pending and claimable at once.
+    ///
+    /// # Errors
+    ///
+    /// `LeaseLost` if the lease moved on; database errors.
+    fn release(&self, lease: &Lease) -> Result<()> {
+        settle_one(self, Ack::release(*lease))
+    }
+
+    /// Claims up to `limit` due events with a lease of `lock_timeout_secs`
+    /// seconds: [`Store::claim`] for all types, under the inherited name.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::claim`].
+    fn fetch_pending(&self, limit: u32, lock_timeout_secs: u64) -> Result<Vec<Event>> {
+        self.claim(limit as usize, Duration::from_secs(lock_timeout_secs), None)
+    }
+
+    /// Marks an event `processing` under a fresh [`DEFAULT_LEASE`] and counts
+    /// an attempt. An event that is already processing (fetched by
+    /// [`Store::fetch_pending`]) keeps its attempt count: the claim counted
+    /// it already.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `InvalidInput` if the event is done or failed.
+    fn mark_processing(&self, id: EventId) -> Result<()>;
+
+    /// Marks an event `done`, whatever its lease.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; database errors.
+    fn mark_done(&self, id: EventId) -> Result<()>;
+
+    /// Records that the event's effect was confirmed delivered
+    /// (`delivered_at`), without changing its status.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; database errors.
+    fn mark_delivered(&self, id: EventId) -> Result<()>;
+
+    /// Records a failed attempt, whatever its lease: pending again after the
+    /// policy's delay, or `failed` once `max_attempts` is reached.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; database errors.
+    fn mark_retry(&self, id: EventId, error: &str) -> Result<()>;
+
+    /// Marks an event `failed` with `error`, whatever its lease.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; database errors.
+    fn mark_failed(&self, id: EventId, error: &str) -> Result<()>;
+
+    /// Deletes done and failed events created before `older_than`; returns
+    /// how many.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn cleanup_old(&self, older_than: DateTime<Utc>) -> Result<u64>;
+
+    /// How many events are pending (due or not).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn count_pending(&self) -> Result<u64>;
+
+    /// How many events have failed.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn count_failed(&self) -> Result<u64>;
+
+    /// Deletes every event of an organisation, in any status; returns how
+    /// many.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn delete_by_org(&self, org_id: Uuid) -> Result<u64>;
+
+    /// Deletes every event of a user, in any status; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn delete_by_user(&self, user_id: Uuid) -> Result<u64>;
+
+    /// Moves failed events back to pending, due now, with `attempts` reset
+    /// to 0 (the last error is kept); returns how many.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` for [`Requeue::One`] of a missing event; `InvalidInput` if
+    /// that event is not failed; database errors.
+    fn requeue_failed(&self, which: Requeue) -> Result<u64>;
+
+    /// Counts per status and per event type, and the age of the oldest due
+    /// event.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn stats(&self) -> Result<Stats>;
+
+    /// Events matching `filter`, at most `filter.limit`.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>>;
+
+    /// The earliest time at which something becomes claimable without any
+    /// further write: the first future due time of a pending event, or the
+    /// first lease to run out. `None` when nothing is waiting.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>>;
+
+    /// True if another connection or process committed since the last call
+    /// (cheap: `PRAGMA data_version` for SQLite). The first call is true.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn has_external_changes(&self) -> Result<bool>;
+
+    /// A receiver that gets a message when an event is enqueued through this
+    /// store in this process (a dispatcher's wake-up call).
+    fn subscribe(&self) -> Receiver<()>;
+
+    /// The store's clock.
+    fn clock(&self) -> &Arc<dyn Clock>;
+
+    /// The store's retry policy.
+    fn retry_policy(&self) -> &RetryPolicy;
+}
+
+fn settle_one<S: Store + ?Sized>(store: &S, ack: Ack) -> Result<()> {
+    store
+        .settle(std::slice::from_ref(&ack))?
+        .pop()
+        .unwrap_or(Ok(()))
+}
+
+/// One acknowledgement about a claimed event, for [`Store::settle`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ack {
+    pub(crate) lease: Lease,
+    pub(crate) kind: AckKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum AckKind {
+    Complete,
+    Retry {
+        error: String,
+        delay: Option<Duration>,
+    },
+    Fail {
+        error: String,
+    },
+    Extend {
+        by: Duration,
+    },
+    Release,
+}
+
+impl Ack {
+    /// See [`Store::complete`].
+    pub fn complete(lease: Lease) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Complete,
+        }
+    }
+
+    /// See [`Store::retry`].
+    pub fn retry(lease: Lease, error: &str, delay: Option<Duration>) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Retry {
+                error: error.to_owned(),
+                delay,
+            },
+        }
+    }
+
+    /// See [`Store::fail`].
+    pub fn fail(lease: Lease, error: &str) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Fail {
+                error: error.to_owned(),
+            },
+        }
+    }
+
+    /// See [`Store::extend`].
+    pub fn extend(lease: Lease, by: Duration) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Extend { by },
+        }
+    }
+
+    /// See [`Store::release`].
+    pub fn release(lease: Lease) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Release,
+        }
+    }
+
+    /// The lease this acknowledgement names.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+}
+
+/// Which failed events [`Store::requeue_failed`] moves back to pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Requeue {
+    /// One event, by id.
+    One(EventId),
+    /// Every failed event of one type.
+    Type(String),
+    /// Every failed event.
+    All,
+}
+
+/// Counts for one event type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct TypeStats {
+    /// The event type.
+    pub event_type: String,
+    /// Pending events of this type.
+    pub pending: u64,
+    /// Processing events of this type.
+    pub processing: u64,
+    /// Done events of this type.
+    pub done: u64,
+    /// Failed events of this type.
+    pub failed: u64,
+}
+
+/// What [`Store::stats`] reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Pending events, due or not.
+    pub pending: u64,
+    /// Pending events that are due now.
+    pub due: u64,
+    /// Processing events.
+    pub processing: u64,
+    /// Done events.
+    pub done: u64,
+    /// Failed events.
+    pub failed: u64,
+    /// Per event type, sorted by type.
+    pub by_type: Vec<TypeStats>,
+    /// How long the oldest due event has been waiting since it became due.
+    #[serde(serialize_with = "ser_opt_millis")]
+    pub oldest_due_age: Option<Duration>,
+}
+
+fn ser_opt_millis<S: serde::Serializer>(
+    v: &Option<Duration>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+        None => s.serialize_none(),
+    }
+}
+
+impl Stats {
+    /// The total number of events.
+    pub fn total(&self) -> u64 {
+        self.pending + self.processing + self.done + self.failed
+    }
+
+    pub(crate) fn add(&mut self, event_type: &str, status: Status, n: u64) {
+        let slot = match self
+            .by_type
+            .binary_search_by(|t| t.event_type.as_str().cmp(event_type))
+        {
+            Ok(i) => i,
+            Err(i) => {
+                self.by_type.insert(
+                    i,
+                    TypeStats {
+                        event_type: event_type.to_owned(),
+                        ..TypeStats::default()
+                    },
+                );
+                i
+            }
+        };
+        let t = &mut self.by_type[slot];
+        let (total, per_type) = match status {
+            Status::Pending => (&mut self.pending, &mut t.pending),
+            Status::Processing => (&mut self.processing, &mut t.processing),
+            Status::Done => (&mut self.done, &mut t.done),
+            Status::Failed => (&mut self.failed, &mut t.failed),
+        };
+        *total += n;
+        *per_type += n;
+    }
+}
+
+/// A filter for [`Store::list`]. Every set field must match. Build it from
+/// `ListFilter { field: value, ..ListFilter::default() }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only events in this status.
+    pub status: Option<Status>,
+    /// Only events of this type.
+    pub event_type: Option<String>,
+    /// Only events of this organisation.
+    pub org_id: Option<Uuid>,
+    /// Only events of this user.
+    pub user_id: Option<Uuid>,
+    /// Only events with this correlation id.
+    pub correlation_id: Option<String>,
+    /// At most this many events. Default: 100.
+    pub limit: usize,
+    /// Newest first (by enqueue order) instead of oldest first. Default: false.
+    pub newest_first: bool,
+}
+
+impl Default for ListFilter {
+    fn default() -> Self {
+        ListFilter {
+            status: None,
+            event_type: None,
+            org_id: None,
+            user_id: None,
+            correlation_id: None,
+            limit: 100,
+            newest_first: false,
+        }
+    }
+}
+
+impl ListFilter {
+    pub(crate) fn matches(&self, e: &Event) -> bool {
+        self.status.is_none_or(|s| e.status == s)
+            && self.event_type.as_ref().is_none_or(|t| &e.event_type == t)
+            && self.org_id.is_none_or(|o| e.org_id == Some(o))
+            && self.user_id.is_none_or(|u| e.user_id == Some(u))
+            && self
+                .correlation_id
+                .as_ref()
+                .is_none_or(|c| e.correlation_id.as_ref() == Some(c))
+    }
+}
+
+/// Wakes the dispatchers of this process when events are enqueued.
+#[derive(Debug, Default)]
+pub(crate) struct Notifier {
+    subscribers: std::sync::Mutex<Vec<Sender<()>>>,
+}
+
+impl Notifier {
+    pub(crate) fn subscribe(&self) -> Receiver<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if let Ok(mut subs) = self.subscribers.lock() {
+            subs.push(tx);
+        }
+        rx
+    }
+
+    pub(crate) fn notify(&self) {
+        if let Ok(mut subs) = self.subscribers.lock() {
+            // A full channel already holds a wake-up; a disconnected one
+            // belongs to a dispatcher that is gone.
+            subs.retain(|tx| {
+                !matches!(
+                    tx.try_send(()),
+                    Err(crossbeam_channel::TrySendError::Disconnected(_))
+                )
+            });
+        }
+    }
+}
+
+/// A fresh lease token: 64 random bits.
+pub(crate) fn new_token() -> i64 {
+    Uuid::new_v4().as_u64_pair().0 as i64
+}

@@ -1,0 +1,1157 @@
+//! `SqliteStore`: the durable store, one SQLite file shared by any number of
+//! threads and processes.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use crossbeam_channel::Receiver;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
+};
+use uuid::Uuid;
+
+use super::{
+    Ack, AckKind, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+};
+use crate::clock::{self, Clock, SystemClock};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{Event, EventId, NewEvent, Status};
+use crate::retry::RetryPolicy;
+
+/// The only DDL of the crate: `schema.sql` at the top of the repository.
+pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
+
+/// The schema version this crate writes and understands
+/// (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The mark of an outbox file (`PRAGMA application_id`): "OUTB".
+pub const APPLICATION_ID: i64 = 0x4F55_5442;
+
+/// Every column of `outbox_events`, in the order `row_to_event` reads them.
+const COLUMNS: &str = "seq, id, event_type, payload, status, attempts, max_attempts, \
+    next_attempt_at, locked_at, locked_until, lease_token, completed_at, delivered_at, \
+    last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at";
+
+/// How hard SQLite works to make a commit survive a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// `synchronous=FULL`: a commit that returned is on disk, across a
+    /// process crash and a power loss. The default.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: faster commits that survive a process crash,
+    /// **not a power loss**: the last commits before a power cut may be lost.
+    Normal,
+}
+
+impl Durability {
+    fn pragma(self) -> &'static str {
+        match self {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        }
+    }
+}
+
+/// Options for [`SqliteStore`], from [`SqliteStore::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SqliteStoreBuilder {
+    path: PathBuf,
+    pool_size: u32,
+    busy_timeout: Duration,
+    durability: Durability,
+    clock: Arc<dyn Clock>,
+    policy: RetryPolicy,
+    read_only: bool,
+    max_page_count: Option<u64>,
+}
+
+/// Default connection pool size.
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+/// Default busy timeout.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl SqliteStoreBuilder {
+    /// The largest number of open connections. Default: 8.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// How long a write waits for another connection's lock before failing
+    /// with [`ErrorKind::Busy`]. Default: 5 s.
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Commit durability. Default: [`Durability::Full`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// The clock for every stored time. Default: [`SystemClock`].
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The retry policy. Default: [`RetryPolicy::default`].
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Open without writing anything: no schema creation, every write fails
+    /// with [`ErrorKind::ReadOnly`]. A missing file is an error. Default:
+    /// false.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Cap the database at this many pages (`PRAGMA max_page_count`), so a
+    /// full "disk" can be tested without root. Default: no cap.
+    pub fn max_page_count(mut self, pages: u64) -> Self {
+        self.max_page_count = Some(pages);
+        self
+    }
+
+    /// Opens the file, creating it and its schema when needed.
+    ///
+    /// # Errors
+    ///
+    /// - `NotAnOutbox`: not a SQLite file, or a SQLite file of another
+    ///   application (another `application_id`, or a `user_version` set by
+    ///   someone else). The file is left unchanged.
+    /// - `SchemaTooNew`: written by a newer version of this crate.
+    /// - `SchemaMismatch`: marked as an outbox but the table is wrong.
+    /// - `Busy` if others kept the file locked past the busy timeout, `Io`,
+    ///   `ReadOnly`, `Corrupt`.
+    pub fn build(self) -> Result<SqliteStore> {
+        let flags = if self.read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI
+        };
+        let conn = Connection::open_with_flags(&self.path, flags)?;
+        conn.busy_timeout(self.busy_timeout)?;
+        prepare_file(&conn, self.read_only, self.busy_timeout)?;
+        drop(conn);
+
+        let busy_timeout = self.busy_timeout;
+        let durability = self.durability;
+        let max_page_count = self.max_page_count;
+        let manager = SqliteConnectionManager::file(&self.path)
+            .with_flags(flags)
+            .with_init(move |c| configure(c, busy_timeout, durability, max_page_count));
+        let pool = r2d2::Pool::builder()
+            .max_size(self.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(busy_timeout + Duration::from_secs(1))
+            .build(manager)?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                pool,
+                flags,
+                path: self.path,
+                clock: self.clock,
+                policy: self.policy,
+                notifier: Notifier::default(),
+                write_lock: Mutex::new(()),
+                watcher: Mutex::new(None),
+                busy_timeout,
+                durability,
+                max_page_count,
+            }),
+        })
+    }
+}
+
+/// The per-connection settings, applied to every pooled connection.
+fn configure(
+    conn: &mut Connection,
+    busy_timeout: Duration,
+    durability: Durability,
+    max_page_count: Option<u64>,
+) -> rusqlite::Result<()> {
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update(None, "synchronous", durability.pragma())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Let the WAL shrink back after a checkpoint instead of keeping its
+    // high-water size for ever.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    if let Some(pages) = max_page_count {
+        conn.pragma_update(None, "max_page_count", pages as i64)?;
+    }
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(())
+}
+
+struct FileInfo {
+    application_id: i64,
+    user_version: i64,
+    has_table: bool,
+}
+
+fn inspect(conn: &Connection) -> Result<FileInfo> {
+    let application_id: i64 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    let user_version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let has_table: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox_events'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(FileInfo {
+        application_id,
+        user_version,
+        has_table,
+    })
+}
+
+/// What the file needs before it can be used.
+#[derive(Debug, PartialEq)]
+enum Needs {
+    Nothing,
+    Init,
+}
+
+fn classify(info: &FileInfo) -> Result<Needs> {
+    match info.application_id {
+        APPLICATION_ID => match info.user_version {
+            v if v > SCHEMA_VERSION => Err(Error::new(ErrorKind::SchemaTooNew {
+                found: v,
+                supported: SCHEMA_VERSION,
+            })),
+            SCHEMA_VERSION => Ok(Needs::Nothing),
+            // Marked but not versioned: an initialisation that never
+            // committed its version. The DDL is idempotent.
+            _ => Ok(Needs::Init),
+        },
+        0 if info.user_version != 0 => Err(Error::not_an_outbox(format!(
+            "user_version is {} but application_id is not sqlite-outbox's: \
+             the file's versioning belongs to another application",
+            info.user_version
+        ))),
+        0 => Ok(Needs::Init),
+        other => Err(Error::not_an_outbox(format!(
+            "application_id is {other:#x}, not sqlite-outbox's {APPLICATION_ID:#x}"
+        ))),
+    }
+}
+
+/// Validates the file and creates the schema when needed. Safe to run from
+/// many processes at once: the creation retries while others hold the lock.
+fn prepare_file(conn: &Connection, read_only: bool, busy_timeout: Duration) -> Result<()> {
+    let info = inspect(conn)?;
+    let needs = classify(&info)?;
+    if read_only {
+        if needs == Needs::Init {
+            return Err(Error::not_an_outbox(if info.has_table {
+                "the outbox schema is not initialised (open it read-write once)"
+            } else {
+                "the file has no outbox"
+            }));
+        }
+        return check_columns(conn);
+    }
+    if needs == Needs::Init {
+        let deadline = Instant::now() + busy_timeout.max(Duration::from_secs(5)) * 2;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match init_schema(conn) {
+                Err(e) if e.is_busy() && Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        }
+    }
+    check_columns(conn)?;
+    let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::new(ErrorKind::SchemaMismatch {
+            reason: format!("journal_mode is {mode}, expected wal"),
+        }));
+    }
+    Ok(())
+}
+
+fn init_schema(conn: &Connection) -> Result<()> {
+    // WAL must be set outside a transaction; it is persistent, so this is a
+    // no-op once any process has done it.
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::new(ErrorKind::Io).context_reason(format!("journal_mode stayed {mode}")));
+    }
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    // Another process may have initialised it while we waited.
+    if classify(&inspect(&tx)?)? == Needs::Init {
+        tx.execute_batch(SCHEMA_SQL)?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn check_columns(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('outbox_events')")?;
+    let present: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let missing: Vec<&str> = COLUMNS
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !present.iter().any(|p| p == c))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::new(ErrorKind::SchemaMismatch {
+            reason: format!("outbox_events lacks column(s) {}", missing.join(", ")),
+        }))
+    }
+}
+
+impl Error {
+    fn context_reason(self, reason: String) -> Error {
+        Error::with_source(self.kind().clone(), reason)
+    }
+}
+
+/// The durable outbox: events in one SQLite file (WAL mode), shared safely by
+/// threads and processes. Clones share one connection pool.
+///
+/// ```
+/// use sqlite_outbox::{NewEvent, SqliteStore, Store};
+/// use serde_json::json;
+///
+/// let dir = tempfile::tempdir()?;
+/// let store = SqliteStore::open(dir.path().join("app.db"))?;
+///
+/// // The app's own write and the event commit together, or not at all.
+/// store.transaction(|tx| {
+///     tx.execute("CREATE TABLE IF NOT EXISTS users (email TEXT)", [])?;
+///     tx.execute("INSERT INTO users (email) VALUES ('ada@example.com')", [])?;
+///     store.enqueue(tx, NewEvent::new("user.created", json!({"email": "ada@example.com"})))?;
+///     Ok::<_, sqlite_outbox::Error>(())
+/// })?;
+///
+/// let claimed = store.claim(10, std::time::Duration::from_secs(30), None)?;
+/// assert_eq!(claimed.len(), 1);
+/// store.complete(&claimed[0].lease().expect("claimed events have a lease"))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+    flags: OpenFlags,
+    path: PathBuf,
+    clock: Arc<dyn Clock>,
+    policy: RetryPolicy,
+    notifier: Notifier,
+    /// Serialises this process's own short write transactions (claims,
+    /// acknowledgements), so that they queue here instead of sleeping in
+    /// SQLite's busy handler.
+    write_lock: Mutex<()>,
+    /// A connection that never writes, for `PRAGMA data_version`.
+    watcher: Mutex<Option<(Connection, i64)>>,
+    busy_timeout: Duration,
+    durability: Durability,
+    max_page_count: Option<u64>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("busy_timeout", &self.inner.busy_timeout)
+            .field("durability", &self.inner.durability)
+            .field("max_page_count", &self.inner.max_page_count)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the outbox at `path` with default options.
+    ///
+    /// # Errors
+    ///
+    /// As [`SqliteStoreBuilder::build`].
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
+        SqliteStore::builder(path).build()
+    }
+
+    /// Options for opening the outbox at `path`.
+    pub fn builder(path: impl AsRef<Path>) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            path: path.as_ref().to_path_buf(),
+            pool_size: DEFAULT_POOL_SIZE,
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            durability: Durability::Full,
+            clock: Arc::new(SystemClock),
+            policy: RetryPolicy::default(),
+            read_only: false,
+            max_page_count: None,
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Adds an event through the caller's connection, normally inside the
+    /// caller's own transaction, so that it commits or rolls back with the
+    /// caller's rows. Pass a `&rusqlite::Transaction` (it derefs to a
+    /// connection) opened on the outbox file.
+    ///
+    /// Dispatchers in this process are woken; if `conn` is inside a
+    /// transaction they pick the event up as soon as it commits.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` before anything is written; database errors from the
+    /// insert. An error from the caller's later commit means the outcome is
+    /// unknown: use an idempotency key to retry safely.
+    pub fn enqueue(&self, conn: &Connection, event: NewEvent) -> Result<Event> {
+        event.validate()?;
+        let payload = event.payload_text()?;
+        let stored = insert_event(conn, &event, &payload, self.now(), &self.inner.policy)?;
+        self.inner.notifier.notify();
+        Ok(stored)
+    }
+
+    /// Adds many events through the caller's connection, all or none. Inside
+    /// a caller's transaction they join it; otherwise they get their own.
+    ///
+    /// # Errors
+    ///
+    /// As [`SqliteStore::enqueue`]; one invalid event rejects them all.
+    pub fn enqueue_batch(&self, conn: &Connection, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        let payloads = events
+            .iter()
+            .map(|e| e.validate().and_then(|()| e.payload_text()))
+            .collect::<Result<Vec<_>>>()?;
+        let now = self.now();
+        let insert_all = |conn: &Connection| {
+            events
+                .iter()
+                .zip(&payloads)
+                .map(|(e, p)| insert_event(conn, e, p, now, &self.inner.policy))
+                .collect::<Result<Vec<_>>>()
+        };
+        let stored = if conn.is_autocommit() {
+            let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+            let stored = insert_all(&tx)?;
+            tx.commit()?;
+            stored
+        } else {
+            insert_all(conn)?
+        };
+        self.inner.notifier.notify();
+        Ok(stored)
+    }
+
+    /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) on a pooled
+    /// connection and commits if it returns `Ok`, rolls back otherwise.
+    /// Use it to write the app's rows and enqueue events together.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `f` returns, and database errors from beginning or
+    /// committing (an error from the commit means the outcome is unknown).
+    pub fn transaction<T, E>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E>
+    where
+        E: From<Error>,
+    {
+        let mut conn = self.inner.pool.get().map_err(Error::from)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(Error::from)?;
+        let value = f(&tx)?;
+        tx.commit().map_err(Error::from)?;
+        self.inner.notifier.notify();
+        Ok(value)
+    }
+
+    /// Writes a consistent copy of the outbox to `dest` (which must not
+    /// exist), including commits still in the WAL, using `VACUUM INTO`.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if `dest` exists; database and I/O errors.
+    pub fn backup(&self, dest: impl AsRef<Path>) -> Result<()> {
+        let dest = dest.as_ref();
+        if dest.exists() {
+            return Err(Error::invalid(format!("{} already exists", dest.display())));
+        }
+        let dest = dest
+            .to_str()
+            .ok_or_else(|| Error::invalid("backup path is not valid UTF-8"))?;
+        let conn = self.inner.pool.get()?;
+        conn.execute("VACUUM INTO ?1", [dest])?;
+        Ok(())
+    }
+
+    /// Runs `PRAGMA quick_check` and reports damage as [`ErrorKind::Corrupt`].
+    ///
+    /// # Errors
+    ///
+    /// `Corrupt` with SQLite's findings as the source; database errors.
+    pub fn verify(&self) -> Result<()> {
+        let conn = self.inner.pool.get()?;
+        let mut stmt = conn.prepare("PRAGMA quick_check")?;
+        let lines: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if lines.len() == 1 && lines[0] == "ok" {
+            Ok(())
+        } else {
+            Err(Error::with_source(ErrorKind::Corrupt, lines.join("; ")))
+        }
+    }
+
+    /// Reads a pragma on a pooled connection, e.g. `"journal_mode"`.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub fn pragma(&self, name: &str) -> Result<String> {
+        let conn = self.inner.pool.get()?;
+        let value: SqlValue = conn.pragma_query_value(None, name, |r| r.get(0))?;
+        Ok(match value {
+            SqlValue::Null => String::new(),
+            SqlValue::Integer(i) => i.to_string(),
+            SqlValue::Real(f) => f.to_string(),
+            SqlValue::Text(t) => t,
+            SqlValue::Blob(b) => format!("{b:?}"),
+        })
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.inner.pool.get()?;
+        f(&conn)
+    }
+
+    /// A short write transaction of this process's own.
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let _guard = lock(&self.inner.write_lock);
+        let mut conn = self.inner.pool.get()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
+    fn update_by_id(&self, id: EventId, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<()> {
+        let changed = self.write(|tx| {
+            let mut all: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(args.len() + 1);
+            let id_text = id.to_string();
+            all.push(&id_text);
+            all.extend_from_slice(args);
+            Ok(tx.prepare_cached(sql)?.execute(all.as_slice())?)
+        })?;
+        if changed == 0 {
+            return Err(Error::not_found(id));
+        }
+        Ok(())
+    }
+}
+
+fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn insert_event(
+    conn: &Connection,
+    event: &NewEvent,
+    payload: &str,
+    now: DateTime<Utc>,
+    policy: &RetryPolicy,
+) -> Result<Event> {
+    let max_attempts = event.max_attempts.unwrap_or_else(|| policy.max_attempts());
+    let sql = format!(
+        "INSERT INTO outbox_events (id, event_type, payload, status, attempts, max_attempts, \
+         next_attempt_at, correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at) \
+         VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+         RETURNING {COLUMNS}"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let inserted = stmt
+        .query_row(
+            params![
+                event.id.to_string(),
+                event.event_type,
+                payload,
+                i64::from(max_attempts),
+                clock::to_millis(event.due_at(now)),
+                event.correlation_id,
+                event.org_id.map(|u| u.to_string()),
+                event.user_id.map(|u| u.to_string()),
+                event.ordering_key,
+                event.idempotency_key,
+                clock::to_millis(now),
+            ],
+            row_to_event,
+        )
+        .optional()
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => Error::with_source(
+                ErrorKind::InvalidInput {
+                    reason: format!(
+                        "event {} could not be stored (duplicate id or invalid field)",
+                        event.id
+                    ),
+                },
+                e,
+            ),
+            _ => Error::from(e),
+        })?;
+    if let Some(event) = inserted {
+        return Ok(event);
+    }
+    // The idempotency key is taken: return the event that holds it.
+    let sql = format!("SELECT {COLUMNS} FROM outbox_events WHERE idempotency_key = ?1");
+    let existing = conn
+        .prepare_cached(&sql)?
+        .query_row([&event.idempotency_key], row_to_event)
+        .optional()?;
+    existing.ok_or_else(|| Error::invalid("idempotency conflict without a stored event"))
+}
+
+fn opt_time(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.map(clock::from_millis)
+}
+
+fn opt_uuid(v: Option<String>) -> Option<Uuid> {
+    v.and_then(|s| Uuid::parse_str(&s).ok())
+}
+
+/// Maps a row selected with [`COLUMNS`]. Never fails on stored values that
+/// another program wrote oddly: a payload serde_json cannot read arrives as
+/// a JSON string of its text.
+fn row_to_event(row: &Row<'_>) -> rusqlite::Result<Event> {
+    let id_text: String = row.get(1)?;
+    let payload_text: String = row.get(3)?;
+    let status_text: String = row.get(4)?;
+    let attempts: i64 = row.get(5)?;
+    let max_attempts: i64 = row.get(6)?;
+    Ok(Event {
+        seq: row.get(0)?,
+        id: Uuid::parse_str(&id_text)
+            .map(EventId::from)
+            .unwrap_or_else(|_| EventId::from(Uuid::nil())),
+        event_type: row.get(2)?,
+        payload: serde_json::from_str(&payload_text)
+            .unwrap_or(serde_json::Value::String(payload_text)),
+        status: status_text.parse().unwrap_or(Status::Pending),
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        max_attempts: u32::try_from(max_attempts).unwrap_or(1),
+        next_attempt_at: clock::from_millis(row.get(7)?),
+        locked_at: opt_time(row.get(8)?),
+        locked_until: opt_time(row.get(9)?),
+        lease_token: row.get(10)?,
+        completed_at: opt_time(row.get(11)?),
+        delivered_at: opt_time(row.get(12)?),
+        last_error: row.get(13)?,
+        correlation_id: row.get(14)?,
+        org_id: opt_uuid(row.get(15)?),
+        user_id: opt_uuid(row.get(16)?),
+        ordering_key: row.get(17)?,
+        idempotency_key: row.get(18)?,
+        created_at: clock::from_millis(row.get(19)?),
+    })
+}
+
+/// An ordering-key event `e` is held back by another event `b` of its key
+/// that is earlier and unfinished, or that holds a live lease (the same rule
+/// as `claimable` in the memory model).
+const KEY_FREE: &str = "(e.ordering_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM outbox_events AS b
+        WHERE b.ordering_key = e.ordering_key
+          AND b.status IN ('pending', 'processing')
+          AND b.seq <> e.seq
+          AND (b.seq < e.seq OR (b.status = 'processing' AND b.locked_until > :now))))";
+
+const TYPE_OK: &str = "(:types IS NULL OR e.event_type IN (SELECT value FROM json_each(:types)))";
+
+fn claim_sql() -> String {
+    format!(
+        "UPDATE outbox_events
+         SET status = 'processing', attempts = attempts + 1, locked_at = :now,
+             locked_until = :until, lease_token = random()
+         WHERE seq IN (
+           SELECT seq FROM (
+             SELECT seq, next_attempt_at FROM (
+               SELECT e.seq, e.next_attempt_at FROM outbox_events AS e
+               WHERE e.status = 'pending' AND e.next_attempt_at <= :now AND {TYPE_OK} AND {KEY_FREE}
+               ORDER BY e.next_attempt_at, e.seq LIMIT :limit)
+             UNION ALL
+             SELECT seq, next_attempt_at FROM (
+               SELECT e.seq, e.next_attempt_at FROM outbox_events AS e
+               WHERE e.status = 'processing' AND e.locked_until <= :now AND {TYPE_OK} AND {KEY_FREE}
+               ORDER BY e.locked_until LIMIT :limit))
+           ORDER BY next_attempt_at, seq LIMIT :limit)
+         RETURNING {COLUMNS}"
+    )
+}
+
+fn types_json(types: Option<&[String]>) -> Option<String> {
+    types.map(|t| serde_json::Value::from(t.to_vec()).to_string())
+}
+
+fn count_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl Store for SqliteStore {
+    fn create(&self, event: NewEvent) -> Result<Event> {
+        let mut created = self.create_batch(vec![event])?;
+        created
+            .pop()
+            .ok_or_else(|| Error::invalid("nothing was enqueued"))
+    }
+
+    fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        let payloads = events
+            .iter()
+            .map(|e| e.validate().and_then(|()| e.payload_text()))
+            .collect::<Result<Vec<_>>>()?;
+        let now = self.now();
+        let created = self.write(|tx| {
+            events
+                .iter()
+                .zip(&payloads)
+                .map(|(e, p)| insert_event(tx, e, p, now, &self.inner.policy))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        self.inner.notifier.notify();
+        Ok(created)
+    }
+
+    fn find_by_id(&self, id: EventId) -> Result<Option<Event>> {
+        self.read(|conn| {
+            let sql = format!("SELECT {COLUMNS} FROM outbox_events WHERE id = ?1");
+            Ok(conn
+                .prepare_cached(&sql)?
+                .query_row([id.to_string()], row_to_event)
+                .optional()?)
+        })
+    }
+
+    fn claim(&self, limit: usize, lease: Duration, types: Option<&[String]>) -> Result<Vec<Event>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        let until = clock::add(now, lease);
+        let types = types_json(types);
+        let mut claimed = self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE outbox_events
+                 SET status = 'failed', completed_at = ?1, last_error = ?2,
+                     locked_at = NULL, locked_until = NULL, lease_token = NULL
+                 WHERE status = 'processing' AND locked_until <= ?1 AND attempts >= max_attempts",
+            )?
+            .execute(params![clock::to_millis(now), LEASE_EXPIRED_ERROR])?;
+            let mut stmt = tx.prepare_cached(&claim_sql())?;
+            let rows = stmt.query_map(
+                rusqlite::named_params! {
+                    ":now": clock::to_millis(now),
+                    ":until": clock::to_millis(until),
+                    ":limit": i64::try_from(limit).unwrap_or(i64::MAX),
+                    ":types": types,
+                },
+                row_to_event,
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })?;
+        claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
+        Ok(claimed)
+    }
+
+    fn settle(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
+        if acks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = clock::to_millis(self.now());
+        let policy = &self.inner.policy;
+        self.write(|tx| {
+            const FENCE: &str = "WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+            const UNLOCK: &str = "locked_at = NULL, locked_until = NULL, lease_token = NULL";
+            let mut results = Vec::with_capacity(acks.len());
+            for ack in acks {
+                let l = &ack.lease;
+                let changed = match &ack.kind {
+                    AckKind::Complete => tx
+                        .prepare_cached(&format!(
+                            "UPDATE outbox_events SET status = 'done', completed_at = ?3, {UNLOCK} {FENCE}"
+                        ))?
+                        .execute(params![l.seq, l.token, now])?,
+                    AckKind::Retry { error, delay } => {
+                        let wait = delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
+                        let next = clock::to_millis(clock::add(clock::from_millis(now), wait));
+                        tx.prepare_cached(&format!(
+                            "UPDATE outbox_events SET last_error = ?4,
+                               status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+                               completed_at = CASE WHEN attempts >= max_attempts THEN ?3 END,
+                               next_attempt_at = CASE WHEN attempts >= max_attempts
+                                                      THEN next_attempt_at ELSE ?5 END,
+                               {UNLOCK} {FENCE}"
+                        ))?
+                        .execute(params![l.seq, l.token, now, error, next])?
+                    }
+                    AckKind::Fail { error } => tx
+                        .prepare_cached(&format!(
+                            "UPDATE outbox_events SET status = 'failed', completed_at = ?3,
+                               last_error = ?4, {UNLOCK} {FENCE}"
+                        ))?
+                        .execute(params![l.seq, l.token, now, error])?,
+                    AckKind::Extend { by } => {
+                        let until = clock::to_millis(clock::add(clock::from_millis(now), *by));
+                        tx.prepare_cached(&format!("UPDATE outbox_events SET locked_until = ?3 {FENCE}"))?
+                            .execute(params![l.seq, l.token, until])?
+                    }
+                    AckKind::Release => tx
+                        .prepare_cached(&format!(
+                            "UPDATE outbox_events SET status = 'pending',
+                               attempts = max(attempts - 1, 0), {UNLOCK} {FENCE}"
+                        ))?
+                        .execute(params![l.seq, l.token])?,
+                };
+                results.push(if changed == 1 {
+                    Ok(())
+                } else {
+                    Err(Error::lease_lost(l.id, l.attempt))
+                });
+            }
+            Ok(results)
+        })
+    }
+
+    fn mark_processing(&self, id: EventId) -> Result<()> {
+        let now = self.now();
+        let until = clock::add(now, DEFAULT_LEASE);
+        let changed = self.write(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE outbox_events
+                     SET attempts = attempts + (status = 'pending'), status = 'processing',
+                         locked_at = ?2, locked_until = ?3, lease_token = random()
+                     WHERE id = ?1 AND status IN ('pending', 'processing')",
+                )?
+                .execute(params![
+                    id.to_string(),
+                    clock::to_millis(now),
+                    clock::to_millis(until)
+                ])?)
+        })?;
+        if changed == 0 {
+            return match self.find_by_id(id)? {
+                None => Err(Error::not_found(id)),
+                Some(e) => Err(Error::invalid(format!("event {id} is {}", e.status))),
+            };
+        }
+        Ok(())
+    }
+
+    fn mark_done(&self, id: EventId) -> Result<()> {
+        self.update_by_id(
+            id,
+            "UPDATE outbox_events SET status = 'done', completed_at = ?2,
+               locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = ?1",
+            &[&clock::to_millis(self.now())],
+        )
+    }
+
+    fn mark_delivered(&self, id: EventId) -> Result<()> {
+        self.update_by_id(
+            id,
+            "UPDATE outbox_events SET delivered_at = ?2 WHERE id = ?1",
+            &[&clock::to_millis(self.now())],
+        )
+    }
+
+    fn mark_retry(&self, id: EventId, error: &str) -> Result<()> {
+        let now = self.now();
+        let policy = &self.inner.policy;
+        let changed = self.write(|tx| {
+            let row: Option<(i64, i64)> = tx
+                .prepare_cached("SELECT seq, attempts FROM outbox_events WHERE id = ?1")?
+                .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((seq, attempts)) = row else {
+                return Ok(0);
+            };
+            let wait = policy.jittered_delay(u32::try_from(attempts).unwrap_or(0), seq as u64);
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE outbox_events SET last_error = ?3,
+                       status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+                       completed_at = CASE WHEN attempts >= max_attempts THEN ?2 END,
+                       next_attempt_at = CASE WHEN attempts >= max_attempts THEN next_attempt_at ELSE ?4 END,
+                       locked_at = NULL, locked_until = NULL, lease_token = NULL
+                     WHERE seq = ?1",
+                )?
+                .execute(params![
+                    seq,
+                    clock::to_millis(now),
+                    error,
+                    clock::to_millis(clock::add(now, wait))
+                ])?)
+        })?;
+        if changed == 0 {
+            return Err(Error::not_found(id));
+        }
+        Ok(())
+    }
+
+    fn mark_failed(&self, id: EventId, error: &str) -> Result<()> {
+        self.update_by_id(
+            id,
+            "UPDATE outbox_events SET status = 'failed', completed_at = ?2, last_error = ?3,
+               locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = ?1",
+            &[&clock::to_millis(self.now()), &error],
+        )
+    }
+
+    fn cleanup_old(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let n = self.write(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "DELETE FROM outbox_events WHERE status IN ('done', 'failed') AND created_at < ?1",
+                )?
+                .execute([clock::to_millis(older_than)])?)
+        })?;
+        Ok(n as u64)
+    }
+
+    fn count_pending(&self) -> Result<u64> {
+        self.read(|conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT count(*) FROM outbox_events WHERE status = 'pending'")?
+                .query_row([], |r| r.get(0))?;
+            Ok(count_u64(n))
+        })
+    }
+
+    fn count_failed(&self) -> Result<u64> {
+        self.read(|conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT count(*) FROM outbox_events WHERE status = 'failed'")?
+                .query_row([], |r| r.get(0))?;
+            Ok(count_u64(n))
+        })
+    }
+
+    fn delete_by_org(&self, org_id: Uuid) -> Result<u64> {
+        let n = self.write(|tx| {
+            Ok(tx
+                .prepare_cached("DELETE FROM outbox_events WHERE org_id = ?1")?
+                .execute([org_id.to_string()])?)
+        })?;
+        Ok(n as u64)
+    }
+
+    fn delete_by_user(&self, user_id: Uuid) -> Result<u64> {
+        let n = self.write(|tx| {
+            Ok(tx
+                .prepare_cached("DELETE FROM outbox_events WHERE user_id = ?1")?
+                .execute([user_id.to_string()])?)
+        })?;
+        Ok(n as u64)
+    }
+
+    fn requeue_failed(&self, which: Requeue) -> Result<u64> {
+        let now = clock::to_millis(self.now());
+        const SET: &str = "UPDATE outbox_events SET status = 'pending', attempts = 0,
+                             next_attempt_at = ?1, completed_at = NULL";
+        let n = match &which {
+            Requeue::One(id) => {
+                let n = self.write(|tx| {
+                    Ok(tx
+                        .prepare_cached(&format!("{SET} WHERE id = ?2 AND status = 'failed'"))?
+                        .execute(params![now, id.to_string()])?)
+                })?;
+                if n == 0 {
+                    return match self.find_by_id(*id)? {
+                        None => Err(Error::not_found(*id)),
+                        Some(e) => Err(Error::invalid(format!(
+                            "event {id} is {}, not failed",
+                            e.status
+                        ))),
+                    };
+                }
+                n
+            }
+            Requeue::Type(t) => self.write(|tx| {
+                Ok(tx
+                    .prepare_cached(&format!(
+                        "{SET} WHERE status = 'failed' AND event_type = ?2"
+                    ))?
+                    .execute(params![now, t])?)
+            })?,
+            Requeue::All => self.write(|tx| {
+                Ok(tx
+                    .prepare_cached(&format!("{SET} WHERE status = 'failed'"))?
+                    .execute(params![now])?)
+            })?,
+        };
+        if n > 0 {
+            self.inner.notifier.notify();
+        }
+        Ok(n as u64)
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        let now = clock::to_millis(self.now());
+        self.read(|conn| {
+            // One read transaction, so the counts agree with each other.
+            conn.execute_batch("BEGIN")?;
+            let result = (|| {
+                let mut stats = Stats::default();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT event_type, status, count(*) FROM outbox_events GROUP BY event_type, status",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                })?;
+                for row in rows {
+                    let (event_type, status, n) = row?;
+                    let status = status.parse().unwrap_or(Status::Pending);
+                    stats.add(&event_type, status, count_u64(n));
+                }
+                let (due, oldest): (i64, Option<i64>) = conn
+                    .prepare_cached(
+                        "SELECT count(*), min(next_attempt_at) FROM outbox_events
+                         WHERE status = 'pending' AND next_attempt_at <= ?1",
+                    )?
+                    .query_row([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                stats.due = count_u64(due);
+                stats.oldest_due_age =
+                    oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+                Ok(stats)
+            })();
+            conn.execute_batch("COMMIT")?;
+            result
+        })
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        let mut clauses = Vec::new();
+        let mut args: Vec<SqlValue> = Vec::new();
+        let mut add = |clause: &str, value: SqlValue| {
+            args.push(value);
+            clauses.push(format!("{clause} = ?{}", args.len()));
+        };
+        if let Some(s) = filter.status {
+            add("status", SqlValue::Text(s.as_str().into()));
+        }
+        if let Some(t) = &filter.event_type {
+            add("event_type", SqlValue::Text(t.clone()));
+        }
+        if let Some(o) = filter.org_id {
+            add("org_id", SqlValue::Text(o.to_string()));
+        }
+        if let Some(u) = filter.user_id {
+            add("user_id", SqlValue::Text(u.to_string()));
+        }
+        if let Some(c) = &filter.correlation_id {
+            add("correlation_id", SqlValue::Text(c.clone()));
+        }
+        let where_sql = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let order = if filter.newest_first { "DESC" } else { "ASC" };
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT {COLUMNS} FROM outbox_events {where_sql} ORDER BY seq {order} LIMIT {limit}"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_event)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>> {
+        let now = clock::to_millis(self.now());
+        let types = types_json(types);
+        self.read(|conn| {
+            let t: Option<i64> = conn
+                .prepare_cached(&format!(
+                    "SELECT min(t) FROM (
+                       SELECT min(e.next_attempt_at) AS t FROM outbox_events AS e
+                       WHERE e.status = 'pending' AND e.next_attempt_at > :now AND {TYPE_OK}
+                       UNION ALL
+                       SELECT min(e.locked_until) FROM outbox_events AS e
+                       WHERE e.status = 'processing' AND e.locked_until > :now AND {TYPE_OK})"
+                ))?
+                .query_row(
+                    rusqlite::named_params! {":now": now, ":types": types},
+                    |r| r.get(0),
+                )?;
+            Ok(t.map(clock::from_millis))
+        })
+    }
+
+    fn has_external_changes(&self) -> Result<bool> {
+        let mut watcher = self.inner.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        if watcher.is_none() {
+            let conn = Connection::open_with_flags(&self.inner.path, self.inner.flags)?;
+            conn.busy_timeout(self.inner.busy_timeout)?;
+            *watcher = Some((conn, i64::MIN));
+        }
+        let Some((conn, last)) = watcher.as_mut() else {
+            return Ok(true);
+        };
+        let version: i64 = conn.pragma_query_value(None, "data_version", |r| r.get(0))?;
+        let changed = version != *last;
+        *last = version;
+        Ok(changed)
+    }
+
+    fn subscribe(&self) -> Receiver<()> {
+        self.inner.notifier.subscribe()
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.policy
+    }
+}

@@ -1,0 +1,67 @@
+//! Fixtures shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlite_outbox::{ManualClock, MemoryStore, RetryPolicy, SqliteStore, Store};
+use tempfile::TempDir;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A store on a manual clock, and what the test needs to drive it.
+pub struct Fixture {
+    pub store: Arc<dyn Store>,
+    pub clock: ManualClock,
+    pub sqlite: Option<SqliteStore>,
+    pub dir: Option<TempDir>,
+}
+
+impl Fixture {
+    pub fn memory() -> Self {
+        Self::memory_with(RetryPolicy::default())
+    }
+
+    pub fn memory_with(policy: RetryPolicy) -> Self {
+        let clock = ManualClock::new();
+        let store = MemoryStore::with_clock(Arc::new(clock.clone()), policy);
+        Fixture {
+            store: Arc::new(store),
+            clock,
+            sqlite: None,
+            dir: None,
+        }
+    }
+
+    pub fn sqlite() -> Self {
+        Self::sqlite_with(RetryPolicy::default())
+    }
+
+    pub fn sqlite_with(policy: RetryPolicy) -> Self {
+        let clock = ManualClock::new();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::builder(dir.path().join("outbox.db"))
+            .clock(Arc::new(clock.clone()))
+            .retry_policy(policy)
+            .build()
+            .expect("open store");
+        Fixture {
+            store: Arc::new(store.clone()),
+            clock,
+            sqlite: Some(store),
+            dir: Some(dir),
+        }
+    }
+
+    pub fn advance(&self, d: Duration) {
+        self.clock.advance(d);
+    }
+}
+
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+pub fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}

@@ -1,0 +1,887 @@
+//! One behavioural suite, run against both stores: `MemoryStore` (the
+//! reference model) and `SqliteStore` must agree on every case.
+
+mod common;
+
+use chrono::Duration as ChronoDuration;
+use common::{millis, secs, Fixture, TestResult};
+use serde_json::json;
+use sqlite_outbox::{
+    Ack, ErrorKind, Event, ListFilter, NewEvent, OutboxEventType, Requeue, RetryPolicy, Status,
+    DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+};
+use uuid::Uuid;
+
+const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn ev(kind: &str) -> NewEvent {
+    NewEvent::new(kind, json!({"to": "test@example.com"}))
+}
+
+fn get(f: &Fixture, e: &Event) -> Result<Event, Box<dyn std::error::Error>> {
+    Ok(f.store.find_by_id(e.id)?.ok_or("event vanished")?)
+}
+
+// ---- the origin's tests, ported ----------------------------------------
+
+fn create_and_find_event(f: &Fixture) -> TestResult {
+    let created = f.store.create(NewEvent::new(
+        OutboxEventType::EmailVerification,
+        json!({"to": "test@example.com"}),
+    ))?;
+    let found = f.store.find_by_id(created.id)?;
+    assert_eq!(found.as_ref().map(|e| e.id), Some(created.id));
+    let found = found.ok_or("missing")?;
+    assert_eq!(found.event_type, "email.verification");
+    assert_eq!(found.status, Status::Pending);
+    assert_eq!(found.attempts, 0);
+    assert_eq!(found.max_attempts, 10);
+    assert_eq!(found.payload, json!({"to": "test@example.com"}));
+    assert_eq!(found, created);
+    assert!(f.store.find_by_id(sqlite_outbox::EventId::new())?.is_none());
+    Ok(())
+}
+
+fn fetch_pending_events(f: &Fixture) -> TestResult {
+    f.store.create(ev("email.invite"))?;
+    let pending = f.store.fetch_pending(10, 300)?;
+    assert_eq!(pending.len(), 1);
+    Ok(())
+}
+
+fn fetch_pending_locks_events(f: &Fixture) -> TestResult {
+    f.store.create(ev("email.invite"))?;
+    assert_eq!(f.store.fetch_pending(10, 300)?.len(), 1);
+    assert_eq!(f.store.fetch_pending(10, 300)?.len(), 0);
+    Ok(())
+}
+
+fn fetch_pending_reclaims_stale_processing(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("email.invite"))?;
+    f.store.mark_processing(e.id)?;
+    assert_eq!(f.store.fetch_pending(10, 60)?.len(), 0, "lease is live");
+    f.advance(secs(120));
+    let reclaimed = f.store.fetch_pending(10, 60)?;
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(reclaimed[0].id, e.id);
+    Ok(())
+}
+
+fn cleanup_removes_failed(f: &Fixture) -> TestResult {
+    let now = f.clock.now_utc();
+    f.clock.set(now - ChronoDuration::days(31));
+    let e = f.store.create(ev("email.invite"))?;
+    f.store.mark_failed(e.id, "boom")?;
+    f.clock.set(now);
+    let removed = f.store.cleanup_old(now - ChronoDuration::days(30))?;
+    assert_eq!(removed, 1);
+    assert!(f.store.find_by_id(e.id)?.is_none());
+    Ok(())
+}
+
+fn mark_processing_and_done(f: &Fixture) -> TestResult {
+    let e = f.store.create(NewEvent::new(
+        OutboxEventType::EmailPasswordReset,
+        json!({}),
+    ))?;
+    f.store.mark_processing(e.id)?;
+    let found = get(f, &e)?;
+    assert_eq!(found.status, Status::Processing);
+    assert_eq!(found.attempts, 1);
+    f.store.mark_done(e.id)?;
+    let found = get(f, &e)?;
+    assert_eq!(found.status, Status::Done);
+    assert_eq!(found.completed_at, Some(f.clock.now_utc()));
+    assert_eq!(found.locked_at, None);
+    Ok(())
+}
+
+fn mark_retry_with_backoff(f: &Fixture) -> TestResult {
+    let e = f.store.create(NewEvent::new(
+        OutboxEventType::NotifyLoginThreshold,
+        json!({}),
+    ))?;
+    f.store.mark_processing(e.id)?;
+    f.store.mark_retry(e.id, "Connection timeout")?;
+    let found = get(f, &e)?;
+    assert_eq!(found.status, Status::Pending);
+    assert_eq!(found.last_error.as_deref(), Some("Connection timeout"));
+    assert!(found.next_attempt_at > f.clock.now_utc());
+    Ok(())
+}
+
+fn mark_retry_first_failure_uses_30s_backoff(f: &Fixture) -> TestResult {
+    let e = f
+        .store
+        .create(NewEvent::new(OutboxEventType::EmailVerification, json!({})))?;
+    f.store.mark_processing(e.id)?;
+    f.store.mark_retry(e.id, "fail")?;
+    let updated = get(f, &e)?;
+    assert_eq!(
+        updated.next_attempt_at - f.clock.now_utc(),
+        ChronoDuration::seconds(30)
+    );
+    Ok(())
+}
+
+// ---- the rest of the origin's operations --------------------------------
+
+fn fetch_then_mark_processing_counts_one_attempt(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("email.invite"))?;
+    f.store.fetch_pending(10, 60)?;
+    f.store.mark_processing(e.id)?;
+    assert_eq!(get(f, &e)?.attempts, 1);
+    Ok(())
+}
+
+fn mark_delivered_keeps_status(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("email.invite"))?;
+    f.store.mark_delivered(e.id)?;
+    let found = get(f, &e)?;
+    assert_eq!(found.delivered_at, Some(f.clock.now_utc()));
+    assert_eq!(found.status, Status::Pending);
+    Ok(())
+}
+
+fn mark_retry_at_max_attempts_fails(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("email.invite").with_max_attempts(1))?;
+    f.store.mark_processing(e.id)?;
+    f.store.mark_retry(e.id, "last straw")?;
+    let found = get(f, &e)?;
+    assert_eq!(found.status, Status::Failed);
+    assert_eq!(found.last_error.as_deref(), Some("last straw"));
+    assert!(found.completed_at.is_some());
+    Ok(())
+}
+
+fn counts(f: &Fixture) -> TestResult {
+    let a = f.store.create(ev("a"))?;
+    f.store.create(ev("b"))?;
+    let c = f.store.create(ev("c"))?;
+    f.store.mark_failed(a.id, "x")?;
+    f.store.mark_done(c.id)?;
+    assert_eq!(f.store.count_pending()?, 1);
+    assert_eq!(f.store.count_failed()?, 1);
+    Ok(())
+}
+
+fn unknown_ids_are_not_found(f: &Fixture) -> TestResult {
+    let id = sqlite_outbox::EventId::new();
+    for result in [
+        f.store.mark_processing(id),
+        f.store.mark_done(id),
+        f.store.mark_delivered(id),
+        f.store.mark_retry(id, "x"),
+        f.store.mark_failed(id, "x"),
+        f.store.requeue_failed(Requeue::One(id)).map(|_| ()),
+    ] {
+        let err = result.expect_err("unknown id accepted");
+        assert!(err.is_not_found(), "{err}");
+    }
+    Ok(())
+}
+
+// ---- claims and leases ----------------------------------------------------
+
+fn claim_sets_lease_fields(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t"))?;
+    let now = f.clock.now_utc();
+    let claimed = f.store.claim(10, LEASE, None)?;
+    assert_eq!(claimed.len(), 1);
+    let c = &claimed[0];
+    assert_eq!(c.id, e.id);
+    assert_eq!(c.status, Status::Processing);
+    assert_eq!(c.attempts, 1);
+    assert_eq!(c.locked_at, Some(now));
+    assert_eq!(c.locked_until, Some(now + ChronoDuration::seconds(30)));
+    assert!(c.lease_token.is_some());
+    assert_eq!(&get(f, &e)?, c, "returned row equals stored row");
+    let lease = c.lease().ok_or("no lease")?;
+    assert_eq!(lease.attempt(), 1);
+    assert_eq!(lease.id(), e.id);
+    Ok(())
+}
+
+fn claim_is_exclusive_while_lease_lives(f: &Fixture) -> TestResult {
+    for _ in 0..5 {
+        f.store.create(ev("t"))?;
+    }
+    let first = f.store.claim(3, LEASE, None)?;
+    let second = f.store.claim(10, LEASE, None)?;
+    assert_eq!(first.len(), 3);
+    assert_eq!(second.len(), 2);
+    for a in &first {
+        assert!(second.iter().all(|b| b.id != a.id));
+    }
+    f.advance(LEASE - millis(1));
+    assert!(f.store.claim(10, LEASE, None)?.is_empty());
+    f.advance(millis(1));
+    let third = f.store.claim(10, LEASE, None)?;
+    assert_eq!(third.len(), 5, "all leases ran out together");
+    assert!(third.iter().all(|e| e.attempts == 2));
+    Ok(())
+}
+
+fn claim_orders_by_due_time_then_enqueue_order(f: &Fixture) -> TestResult {
+    let late = f.store.create(ev("t").with_delay(secs(10)))?;
+    let a = f.store.create(ev("t"))?;
+    let b = f.store.create(ev("t"))?;
+    let early = f
+        .store
+        .create(ev("t").with_run_at(f.clock.now_utc() - ChronoDuration::seconds(5)))?;
+    let claimed = f.store.claim(10, LEASE, None)?;
+    let ids: Vec<_> = claimed.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        vec![early.id, a.id, b.id],
+        "the delayed event is not due"
+    );
+    f.advance(secs(10));
+    let claimed = f.store.claim(10, LEASE, None)?;
+    assert_eq!(
+        claimed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![late.id]
+    );
+    Ok(())
+}
+
+fn claim_respects_limit_and_types(f: &Fixture) -> TestResult {
+    f.store.create(ev("a"))?;
+    f.store.create(ev("b"))?;
+    f.store.create(ev("a"))?;
+    assert!(f.store.claim(0, LEASE, None)?.is_empty());
+    let only_b = f.store.claim(10, LEASE, Some(&["b".to_owned()]))?;
+    assert_eq!(only_b.len(), 1);
+    assert_eq!(only_b[0].event_type, "b");
+    let one_a = f
+        .store
+        .claim(1, LEASE, Some(&["a".to_owned(), "zzz".to_owned()]))?;
+    assert_eq!(one_a.len(), 1);
+    assert!(f.store.claim(10, LEASE, Some(&[]))?.is_empty());
+    assert_eq!(f.store.claim(10, LEASE, None)?.len(), 1);
+    Ok(())
+}
+
+fn ack_before_expiry_is_accepted(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t"))?;
+    let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    f.advance(LEASE - millis(1));
+    f.store.complete(&lease)?;
+    let done = get(f, &e)?;
+    assert_eq!(done.status, Status::Done);
+    assert_eq!(done.lease_token, None);
+    f.advance(secs(3600));
+    assert!(f.store.claim(10, LEASE, None)?.is_empty(), "done is final");
+    // A second ack with the same lease is refused: the lease ended.
+    assert!(f.store.complete(&lease).unwrap_err().is_lease_lost());
+    Ok(())
+}
+
+/// W1 claims, its lease runs out, W2 claims; every kind of ack from W1 is
+/// refused and leaves W2's claim intact; W2's ack then succeeds.
+fn late_acks_are_fenced(f: &Fixture) -> TestResult {
+    type MakeAck = fn(sqlite_outbox::Lease) -> Ack;
+    let kinds: Vec<(&str, MakeAck)> = vec![
+        ("complete", Ack::complete),
+        ("retry", |l| Ack::retry(l, "late", None)),
+        ("retry-after", |l| Ack::retry(l, "late", Some(secs(1)))),
+        ("fail", |l| Ack::fail(l, "late")),
+        ("extend", |l| Ack::extend(l, secs(600))),
+        ("release", Ack::release),
+    ];
+    for (name, make) in kinds {
+        let e = f.store.create(ev(name))?;
+        let types = [name.to_owned()];
+        let w1 = f.store.claim(1, LEASE, Some(&types))?[0]
+            .lease()
+            .ok_or("lease")?;
+        f.advance(LEASE + millis(1));
+        let w2_event = f
+            .store
+            .claim(1, LEASE, Some(&types))?
+            .pop()
+            .ok_or("not reclaimed")?;
+        let w2 = w2_event.lease().ok_or("lease")?;
+        assert_eq!(w2.attempt(), 2);
+        assert_ne!(w2.token(), w1.token());
+
+        let results = f.store.settle(&[make(w1)])?;
+        let err = results
+            .into_iter()
+            .next()
+            .ok_or("no result")?
+            .expect_err(name);
+        match err.kind() {
+            ErrorKind::LeaseLost { id, attempt } => {
+                assert_eq!((*id, *attempt), (e.id, 1), "{name}");
+            }
+            other => panic!("{name}: expected LeaseLost, got {other:?}"),
+        }
+        assert_eq!(get(f, &e)?, w2_event, "{name}: W1's ack changed the row");
+        f.store.complete(&w2)?;
+        assert_eq!(get(f, &e)?.status, Status::Done, "{name}");
+    }
+    Ok(())
+}
+
+/// The stale lease of a purged event must not match a new event that reuses
+/// its row id.
+fn fencing_survives_purge_and_id_reuse(f: &Fixture) -> TestResult {
+    let e1 = f.store.create(ev("t"))?;
+    let w1 = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    f.advance(LEASE + millis(1));
+    let w2 = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    f.store.complete(&w2)?;
+    assert_eq!(
+        f.store
+            .cleanup_old(f.clock.now_utc() + ChronoDuration::seconds(1))?,
+        1
+    );
+    let e2 = f.store.create(ev("t"))?;
+    assert_ne!(e2.id, e1.id);
+    let w3_event = f.store.claim(1, LEASE, None)?.pop().ok_or("claim e2")?;
+    assert_eq!(w3_event.id, e2.id);
+    for ack in [
+        Ack::complete(w1),
+        Ack::fail(w1, "stale"),
+        Ack::extend(w1, secs(1)),
+        Ack::release(w1),
+    ] {
+        assert!(f.store.settle(&[ack])?[0]
+            .as_ref()
+            .unwrap_err()
+            .is_lease_lost());
+    }
+    assert_eq!(get(f, &e2)?, w3_event, "E2 is still W3's");
+    Ok(())
+}
+
+fn settle_reports_each_ack(f: &Fixture) -> TestResult {
+    let a = f.store.create(ev("t"))?;
+    let b = f.store.create(ev("t"))?;
+    let claimed = f.store.claim(2, LEASE, None)?;
+    let (la, lb) = (
+        claimed[0].lease().ok_or("a")?,
+        claimed[1].lease().ok_or("b")?,
+    );
+    f.store.complete(&la)?;
+    let results = f.store.settle(&[Ack::complete(la), Ack::fail(lb, "no")])?;
+    assert!(results[0].as_ref().unwrap_err().is_lease_lost());
+    assert!(results[1].is_ok());
+    assert_eq!(get(f, &a)?.status, Status::Done);
+    assert_eq!(get(f, &b)?.status, Status::Failed);
+    assert_eq!(get(f, &b)?.last_error.as_deref(), Some("no"));
+    Ok(())
+}
+
+fn extend_keeps_the_event(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t"))?;
+    let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    f.advance(secs(20));
+    f.store.extend(&lease, secs(60))?;
+    assert_eq!(
+        get(f, &e)?.locked_until,
+        Some(f.clock.now_utc() + ChronoDuration::seconds(60))
+    );
+    f.advance(secs(59));
+    assert!(
+        f.store.claim(1, LEASE, None)?.is_empty(),
+        "extended lease still live"
+    );
+    f.store.complete(&lease)?;
+    Ok(())
+}
+
+fn release_gives_back_the_attempt(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t"))?;
+    let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    f.store.release(&lease)?;
+    let back = get(f, &e)?;
+    assert_eq!(back.status, Status::Pending);
+    assert_eq!(back.attempts, 0);
+    assert_eq!(back.lease_token, None);
+    let again = f.store.claim(1, LEASE, None)?;
+    assert_eq!(again.len(), 1, "released events are due at once");
+    assert_eq!(again[0].attempts, 1);
+    Ok(())
+}
+
+/// An event whose worker dies on every attempt ends failed after
+/// `max_attempts` claims, instead of being handed out for ever.
+fn poison_event_fails_after_max_attempts(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t").with_max_attempts(3))?;
+    for attempt in 1..=3 {
+        let claimed = f.store.claim(1, LEASE, None)?;
+        assert_eq!(claimed.len(), 1, "attempt {attempt}");
+        assert_eq!(claimed[0].attempts, attempt);
+        f.advance(LEASE + millis(1)); // the worker died: no ack
+    }
+    assert!(f.store.claim(1, LEASE, None)?.is_empty());
+    let dead = get(f, &e)?;
+    assert_eq!(dead.status, Status::Failed);
+    assert_eq!(dead.attempts, 3);
+    assert_eq!(dead.last_error.as_deref(), Some(LEASE_EXPIRED_ERROR));
+    Ok(())
+}
+
+// ---- retries ----------------------------------------------------------------
+
+fn retry_follows_the_schedule_exactly(f: &Fixture) -> TestResult {
+    let schedule: [u64; 9] = [30, 120, 600, 1800, 3600, 7200, 14400, 28800, 57600];
+    let e = f.store.create(ev("t"))?;
+    for (i, wait) in schedule.iter().enumerate() {
+        let claimed = f.store.claim(1, LEASE, None)?;
+        assert_eq!(claimed.len(), 1, "attempt {}", i + 1);
+        let lease = claimed[0].lease().ok_or("lease")?;
+        assert_eq!(lease.attempt(), i as u32 + 1);
+        f.store.retry(&lease, &format!("failure {}", i + 1), None)?;
+        let waiting = get(f, &e)?;
+        assert_eq!(waiting.status, Status::Pending);
+        assert_eq!(
+            waiting.next_attempt_at - f.clock.now_utc(),
+            ChronoDuration::seconds(*wait as i64)
+        );
+        f.advance(secs(*wait) - millis(1));
+        assert!(
+            f.store.claim(1, LEASE, None)?.is_empty(),
+            "not due before {wait}s"
+        );
+        f.advance(millis(1));
+    }
+    let last = f.store.claim(1, LEASE, None)?.pop().ok_or("10th attempt")?;
+    assert_eq!(last.attempts, 10);
+    f.store
+        .retry(&last.lease().ok_or("lease")?, "failure 10", None)?;
+    let failed = get(f, &e)?;
+    assert_eq!(failed.status, Status::Failed);
+    assert_eq!(failed.last_error.as_deref(), Some("failure 10"));
+    assert_eq!(failed.attempts, 10);
+    f.advance(secs(86_400 * 7));
+    assert!(f.store.claim(1, LEASE, None)?.is_empty(), "failed is final");
+    Ok(())
+}
+
+fn retry_honours_a_requested_delay(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t"))?;
+    let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    f.store.retry(&lease, "429", Some(secs(7)))?;
+    assert_eq!(
+        get(f, &e)?.next_attempt_at - f.clock.now_utc(),
+        ChronoDuration::seconds(7)
+    );
+    Ok(())
+}
+
+fn per_event_max_attempts_overrides_policy(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t").with_max_attempts(2))?;
+    assert_eq!(e.max_attempts, 2);
+    for _ in 0..2 {
+        let l = f
+            .store
+            .claim(1, LEASE, None)?
+            .pop()
+            .ok_or("claim")?
+            .lease()
+            .ok_or("lease")?;
+        f.store.retry(&l, "x", Some(millis(0)))?;
+    }
+    assert_eq!(get(f, &e)?.status, Status::Failed);
+    Ok(())
+}
+
+fn fail_is_final_at_once(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t"))?;
+    let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    f.store.fail(&lease, "400 bad request")?;
+    let failed = get(f, &e)?;
+    assert_eq!(failed.status, Status::Failed);
+    assert_eq!(failed.attempts, 1);
+    assert_eq!(failed.completed_at, Some(f.clock.now_utc()));
+    Ok(())
+}
+
+// ---- keys -------------------------------------------------------------------
+
+fn idempotency_key_returns_the_first_event(f: &Fixture) -> TestResult {
+    let first = f.store.create(ev("t").with_idempotency_key("order-1"))?;
+    let second = f
+        .store
+        .create(NewEvent::new("other", json!(2)).with_idempotency_key("order-1"))?;
+    assert_eq!(second, first);
+    let batch = f.store.create_batch(vec![
+        ev("t").with_idempotency_key("order-2"),
+        ev("t").with_idempotency_key("order-2"),
+        ev("t").with_idempotency_key("order-1"),
+    ])?;
+    assert_eq!(batch[0].id, batch[1].id);
+    assert_eq!(batch[2].id, first.id);
+    assert_eq!(f.store.count_pending()?, 2);
+    Ok(())
+}
+
+fn ordering_key_serialises_events(f: &Fixture) -> TestResult {
+    let k1 = f.store.create(ev("t").with_ordering_key("doc-1"))?;
+    let k2 = f.store.create(ev("t").with_ordering_key("doc-1"))?;
+    let k3 = f.store.create(ev("t").with_ordering_key("doc-1"))?;
+    let free = f.store.create(ev("t"))?;
+    let other = f.store.create(ev("t").with_ordering_key("doc-2"))?;
+    let ids = |v: Vec<Event>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+
+    let first = f.store.claim(10, LEASE, None)?;
+    let head = first[0].lease().ok_or("lease")?;
+    for e in &first[1..] {
+        f.store.complete(&e.lease().ok_or("lease")?)?;
+    }
+    assert_eq!(ids(first), vec![k1.id, free.id, other.id]);
+
+    // A retrying head holds its key back.
+    f.store.retry(&head, "offline", Some(secs(60)))?;
+    assert!(f.store.claim(10, LEASE, None)?.is_empty());
+    f.advance(secs(60));
+    let again = f.store.claim(10, LEASE, None)?;
+    assert_eq!(ids(again.clone()), vec![k1.id]);
+
+    // A failed head does not.
+    f.store.fail(&again[0].lease().ok_or("lease")?, "gone")?;
+    let next = f.store.claim(10, LEASE, None)?;
+    assert_eq!(ids(next.clone()), vec![k2.id]);
+    f.store.complete(&next[0].lease().ok_or("lease")?)?;
+    assert_eq!(ids(f.store.claim(10, LEASE, None)?), vec![k3.id]);
+    Ok(())
+}
+
+fn ordering_key_holds_while_head_is_processing(f: &Fixture) -> TestResult {
+    let a = f.store.create(ev("t").with_ordering_key("k"))?;
+    let b = f.store.create(ev("t").with_ordering_key("k"))?;
+    let claimed = f.store.claim(1, LEASE, None)?;
+    assert_eq!(claimed[0].id, a.id);
+    assert!(f.store.claim(10, LEASE, None)?.is_empty(), "b waits for a");
+    // a's worker dies: a is reclaimed first, b still waits.
+    f.advance(LEASE + millis(1));
+    let reclaimed = f.store.claim(10, LEASE, None)?;
+    assert_eq!(
+        reclaimed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![a.id]
+    );
+    f.store.complete(&reclaimed[0].lease().ok_or("lease")?)?;
+    assert_eq!(f.store.claim(10, LEASE, None)?[0].id, b.id);
+    Ok(())
+}
+
+fn requeued_head_waits_for_a_live_successor(f: &Fixture) -> TestResult {
+    let a = f.store.create(ev("t").with_ordering_key("k"))?;
+    let b = f.store.create(ev("t").with_ordering_key("k"))?;
+    let la = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    f.store.fail(&la, "x")?;
+    let lb = f.store.claim(1, LEASE, None)?.pop().ok_or("b")?;
+    assert_eq!(lb.id, b.id);
+    f.store.requeue_failed(Requeue::One(a.id))?;
+    assert!(
+        f.store.claim(10, LEASE, None)?.is_empty(),
+        "b holds a live lease on k"
+    );
+    f.store.complete(&lb.lease().ok_or("lease")?)?;
+    assert_eq!(f.store.claim(10, LEASE, None)?[0].id, a.id);
+    Ok(())
+}
+
+// ---- retention, erasure, operators ----------------------------------------
+
+fn retention_removes_only_old_finished_events(f: &Fixture) -> TestResult {
+    let start = f.clock.now_utc();
+    let old_done = f.store.create(ev("t"))?;
+    let old_failed = f.store.create(ev("t"))?;
+    let old_pending = f.store.create(ev("t"))?;
+    let old_processing = f.store.create(ev("t").with_delay(secs(1)))?;
+    f.store.mark_done(old_done.id)?;
+    f.store.mark_failed(old_failed.id, "x")?;
+    f.advance(secs(10));
+    let fresh_done = f.store.create(ev("t"))?;
+    f.store.mark_done(fresh_done.id)?;
+    f.store.mark_processing(old_processing.id)?;
+    let removed = f.store.cleanup_old(start + ChronoDuration::seconds(5))?;
+    assert_eq!(removed, 2);
+    assert!(f.store.find_by_id(old_done.id)?.is_none());
+    assert!(f.store.find_by_id(old_failed.id)?.is_none());
+    for kept in [&old_pending, &old_processing, &fresh_done] {
+        assert!(f.store.find_by_id(kept.id)?.is_some());
+    }
+    Ok(())
+}
+
+fn erase_by_org_and_user_removes_exactly_theirs(f: &Fixture) -> TestResult {
+    let (org, other_org, user) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let o1 = f.store.create(ev("t").with_org_id(org))?;
+    let o2 = f
+        .store
+        .create(ev("t").with_org_id(org).with_user_id(user))?;
+    f.store.mark_done(o2.id)?;
+    let keep = f.store.create(ev("t").with_org_id(other_org))?;
+    let u1 = f.store.create(ev("t").with_user_id(user))?;
+    let none = f.store.create(ev("t"))?;
+    assert_eq!(f.store.delete_by_org(org)?, 2);
+    assert!(f.store.find_by_id(o1.id)?.is_none());
+    assert!(f.store.find_by_id(o2.id)?.is_none());
+    assert_eq!(f.store.delete_by_user(user)?, 1);
+    assert!(f.store.find_by_id(u1.id)?.is_none());
+    assert!(f.store.find_by_id(keep.id)?.is_some());
+    assert!(f.store.find_by_id(none.id)?.is_some());
+    assert_eq!(f.store.delete_by_org(Uuid::new_v4())?, 0);
+    Ok(())
+}
+
+fn requeue_failed_resets_attempts(f: &Fixture) -> TestResult {
+    let a = f.store.create(ev("a"))?;
+    let b = f.store.create(ev("b"))?;
+    let c = f.store.create(ev("a"))?;
+    for e in f.store.claim(10, LEASE, None)? {
+        f.store.fail(&e.lease().ok_or("lease")?, "down")?;
+    }
+    let pending = f.store.create(ev("a"))?;
+    assert!(f
+        .store
+        .requeue_failed(Requeue::One(pending.id))
+        .unwrap_err()
+        .is_invalid_input());
+    assert_eq!(f.store.requeue_failed(Requeue::One(a.id))?, 1);
+    let back = get(f, &a)?;
+    assert_eq!((back.status, back.attempts), (Status::Pending, 0));
+    assert_eq!(back.last_error.as_deref(), Some("down"), "history kept");
+    assert_eq!(back.completed_at, None);
+    assert_eq!(f.store.requeue_failed(Requeue::Type("a".into()))?, 1);
+    assert_eq!(get(f, &c)?.status, Status::Pending);
+    assert_eq!(f.store.requeue_failed(Requeue::All)?, 1);
+    assert_eq!(get(f, &b)?.status, Status::Pending);
+    assert_eq!(f.store.count_failed()?, 0);
+    Ok(())
+}
+
+fn stats_count_per_status_and_type(f: &Fixture) -> TestResult {
+    let start = f.clock.now_utc();
+    let a = f.store.create(ev("a"))?;
+    f.store.create(ev("a"))?;
+    f.store.create(ev("b").with_delay(secs(100)))?;
+    let c = f.store.create(ev("c"))?;
+    f.store.mark_done(a.id)?;
+    f.store.mark_failed(c.id, "x")?;
+    f.advance(secs(7));
+    let s = f.store.stats()?;
+    assert_eq!(
+        (s.pending, s.due, s.processing, s.done, s.failed),
+        (2, 1, 0, 1, 1)
+    );
+    assert_eq!(s.total(), 4);
+    let types: Vec<(&str, u64, u64, u64)> = s
+        .by_type
+        .iter()
+        .map(|t| (t.event_type.as_str(), t.pending, t.done, t.failed))
+        .collect();
+    assert_eq!(types, vec![("a", 1, 1, 0), ("b", 1, 0, 0), ("c", 0, 0, 1)]);
+    assert_eq!(s.oldest_due_age, Some(secs(7)));
+    let _ = start;
+    let empty = Fixture::memory().store.stats()?;
+    assert_eq!(empty.oldest_due_age, None);
+    Ok(())
+}
+
+fn list_filters_and_orders(f: &Fixture) -> TestResult {
+    let org = Uuid::new_v4();
+    let a = f
+        .store
+        .create(ev("a").with_org_id(org).with_correlation_id("r1"))?;
+    let b = f.store.create(ev("b").with_org_id(org))?;
+    let c = f.store.create(ev("a"))?;
+    f.store.mark_failed(c.id, "x")?;
+    let ids = |v: Vec<Event>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    let all = ListFilter::default();
+    assert_eq!(ids(f.store.list(&all)?), vec![a.id, b.id, c.id]);
+    let newest = ListFilter {
+        newest_first: true,
+        limit: 2,
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(f.store.list(&newest)?), vec![c.id, b.id]);
+    let by_org = ListFilter {
+        org_id: Some(org),
+        event_type: Some("a".into()),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(f.store.list(&by_org)?), vec![a.id]);
+    let failed = ListFilter {
+        status: Some(Status::Failed),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(f.store.list(&failed)?), vec![c.id]);
+    let corr = ListFilter {
+        correlation_id: Some("r1".into()),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(f.store.list(&corr)?), vec![a.id]);
+    Ok(())
+}
+
+fn next_wakeup_reports_the_earliest_future_time(f: &Fixture) -> TestResult {
+    assert_eq!(f.store.next_wakeup(None)?, None);
+    let now = f.clock.now_utc();
+    f.store.create(ev("a").with_delay(secs(50)))?;
+    f.store.create(ev("b").with_delay(secs(20)))?;
+    f.store.create(ev("c"))?;
+    assert_eq!(
+        f.store.next_wakeup(None)?,
+        Some(now + ChronoDuration::seconds(20))
+    );
+    assert_eq!(
+        f.store.next_wakeup(Some(&["a".into()]))?,
+        Some(now + ChronoDuration::seconds(50))
+    );
+    f.store.claim(10, secs(5), Some(&["c".into()]))?;
+    assert_eq!(
+        f.store.next_wakeup(None)?,
+        Some(now + ChronoDuration::seconds(5)),
+        "a lease runs out"
+    );
+    Ok(())
+}
+
+// ---- input ------------------------------------------------------------------
+
+fn invalid_events_write_nothing(f: &Fixture) -> TestResult {
+    let long = "x".repeat(sqlite_outbox::MAX_EVENT_TYPE_LEN + 1);
+    let huge = json!("a".repeat(sqlite_outbox::MAX_PAYLOAD_BYTES));
+    let bad = [
+        NewEvent::new("", json!({})),
+        NewEvent::new(long, json!({})),
+        NewEvent::new("t", huge),
+        NewEvent::new("t", json!({})).with_max_attempts(0),
+    ];
+    for event in bad {
+        let err = f.store.create(event).unwrap_err();
+        assert!(err.is_invalid_input(), "{err}");
+    }
+    let err = f
+        .store
+        .create_batch(vec![ev("ok"), NewEvent::new("", json!(1))])
+        .unwrap_err();
+    assert!(err.is_invalid_input());
+    assert_eq!(f.store.stats()?.total(), 0, "nothing was written");
+    Ok(())
+}
+
+fn duplicate_ids_are_rejected_whole(f: &Fixture) -> TestResult {
+    let first = f.store.create(ev("t"))?;
+    let err = f
+        .store
+        .create_batch(vec![ev("t"), ev("t").with_id(first.id)])
+        .unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    assert_eq!(f.store.stats()?.total(), 1, "the batch was all or nothing");
+    Ok(())
+}
+
+fn payloads_round_trip(f: &Fixture) -> TestResult {
+    let payload = json!({"n": 1.5, "s": "héllo \u{1F600}", "a": [null, true, {"x": -7}], "big": 9007199254740993u64});
+    let e = f.store.create(NewEvent::new("t", payload.clone()))?;
+    assert_eq!(get(f, &e)?.payload, payload);
+    Ok(())
+}
+
+fn custom_policy_is_used(_: &Fixture) -> TestResult {
+    for f in [
+        Fixture::memory_with(RetryPolicy::constant(secs(5)).with_max_attempts(2)),
+        Fixture::sqlite_with(RetryPolicy::constant(secs(5)).with_max_attempts(2)),
+    ] {
+        let e = f.store.create(ev("t"))?;
+        assert_eq!(e.max_attempts, 2);
+        let l = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+        f.store.retry(&l, "x", None)?;
+        assert_eq!(
+            get(&f, &e)?.next_attempt_at - f.clock.now_utc(),
+            ChronoDuration::seconds(5)
+        );
+    }
+    Ok(())
+}
+
+fn mark_processing_uses_the_default_lease(f: &Fixture) -> TestResult {
+    let e = f.store.create(ev("t"))?;
+    f.store.mark_processing(e.id)?;
+    let p = get(f, &e)?;
+    assert_eq!(
+        p.locked_until,
+        Some(f.clock.now_utc() + ChronoDuration::from_std(DEFAULT_LEASE)?)
+    );
+    f.store.mark_done(e.id)?;
+    assert!(f
+        .store
+        .mark_processing(e.id)
+        .unwrap_err()
+        .is_invalid_input());
+    Ok(())
+}
+
+trait NowUtc {
+    fn now_utc(&self) -> chrono::DateTime<chrono::Utc>;
+}
+
+impl NowUtc for sqlite_outbox::ManualClock {
+    fn now_utc(&self) -> chrono::DateTime<chrono::Utc> {
+        sqlite_outbox::Clock::now(self)
+    }
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[test] fn $name() -> super::TestResult { super::$name(&super::Fixture::memory()) } )*
+        }
+        mod sqlite {
+            $( #[test] fn $name() -> super::TestResult { super::$name(&super::Fixture::sqlite()) } )*
+        }
+    };
+}
+
+suite!(
+    create_and_find_event,
+    fetch_pending_events,
+    fetch_pending_locks_events,
+    fetch_pending_reclaims_stale_processing,
+    cleanup_removes_failed,
+    mark_processing_and_done,
+    mark_retry_with_backoff,
+    mark_retry_first_failure_uses_30s_backoff,
+    fetch_then_mark_processing_counts_one_attempt,
+    mark_delivered_keeps_status,
+    mark_retry_at_max_attempts_fails,
+    counts,
+    unknown_ids_are_not_found,
+    claim_sets_lease_fields,
+    claim_is_exclusive_while_lease_lives,
+    claim_orders_by_due_time_then_enqueue_order,
+    claim_respects_limit_and_types,
+    ack_before_expiry_is_accepted,
+    late_acks_are_fenced,
+    fencing_survives_purge_and_id_reuse,
+    settle_reports_each_ack,
+    extend_keeps_the_event,
+    release_gives_back_the_attempt,
+    poison_event_fails_after_max_attempts,
+    retry_follows_the_schedule_exactly,
+    retry_honours_a_requested_delay,
+    per_event_max_attempts_overrides_policy,
+    fail_is_final_at_once,
+    idempotency_key_returns_the_first_event,
+    ordering_key_serialises_events,
+    ordering_key_holds_while_head_is_processing,
+    requeued_head_waits_for_a_live_successor,
+    retention_removes_only_old_finished_events,
+    erase_by_org_and_user_removes_exactly_theirs,
+    requeue_failed_resets_attempts,
+    stats_count_per_status_and_type,
+    list_filters_and_orders,
+    next_wakeup_reports_the_earliest_future_time,
+    invalid_events_write_nothing,
+    duplicate_ids_are_rejected_whole,
+    payloads_round_trip,
+    custom_policy_is_used,
+    mark_processing_uses_the_default_lease,
+);
