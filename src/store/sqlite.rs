@@ -209,18 +209,22 @@ struct FileInfo {
 }
 
 fn inspect(conn: &Connection) -> Result<FileInfo> {
-    let application_id: i64 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
-    let user_version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let has_table: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox_events'",
+    // One statement reads one snapshot: a process initialising the file at
+    // the same moment is seen wholly before or wholly after.
+    let info = conn.query_row(
+        "SELECT (SELECT application_id FROM pragma_application_id()),
+                (SELECT user_version FROM pragma_user_version()),
+                EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox_events')",
         [],
-        |r| r.get(0),
+        |r| {
+            Ok(FileInfo {
+                application_id: r.get(0)?,
+                user_version: r.get(1)?,
+                has_table: r.get(2)?,
+            })
+        },
     )?;
-    Ok(FileInfo {
-        application_id,
-        user_version,
-        has_table,
-    })
+    Ok(info)
 }
 
 /// What the file needs before it can be used.
@@ -269,36 +273,49 @@ fn prepare_file(conn: &Connection, read_only: bool, busy_timeout: Duration) -> R
         }
         return check_columns(conn);
     }
-    if needs == Needs::Init {
-        let deadline = Instant::now() + busy_timeout.max(Duration::from_secs(5)) * 2;
-        let mut pause = Duration::from_millis(2);
-        loop {
-            match init_schema(conn) {
-                Err(e) if e.is_busy() && Instant::now() < deadline => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(100));
-                }
-                other => break other?,
+    if needs == Needs::Nothing {
+        // Refuse a malformed table before changing anything.
+        check_columns(conn)?;
+    }
+    let deadline = Instant::now() + busy_timeout.max(Duration::from_secs(5)) * 2;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let attempt = if needs == Needs::Init {
+            init_schema(conn)
+        } else {
+            ensure_wal(conn)
+        };
+        match attempt {
+            Err(e) if e.is_busy() && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
             }
+            other => break other?,
         }
     }
-    check_columns(conn)?;
+    check_columns(conn)
+}
+
+/// Turns WAL on (a file restored from a `VACUUM INTO` copy has a rollback
+/// journal). WAL is persistent, so this writes only once per file.
+fn ensure_wal(conn: &Connection) -> Result<()> {
     let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+    if mode.eq_ignore_ascii_case("wal") {
+        return Ok(());
+    }
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::new(ErrorKind::SchemaMismatch {
-            reason: format!("journal_mode is {mode}, expected wal"),
-        }));
+        return Err(Error::with_source(
+            ErrorKind::Io,
+            format!("journal_mode stayed {mode}; WAL needs a writable directory"),
+        ));
     }
     Ok(())
 }
 
 fn init_schema(conn: &Connection) -> Result<()> {
-    // WAL must be set outside a transaction; it is persistent, so this is a
-    // no-op once any process has done it.
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::new(ErrorKind::Io).context_reason(format!("journal_mode stayed {mode}")));
-    }
+    // WAL must be set outside a transaction.
+    ensure_wal(conn)?;
     let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     // Another process may have initialised it while we waited.
     if classify(&inspect(&tx)?)? == Needs::Init {
@@ -326,12 +343,6 @@ fn check_columns(conn: &Connection) -> Result<()> {
         Err(Error::new(ErrorKind::SchemaMismatch {
             reason: format!("outbox_events lacks column(s) {}", missing.join(", ")),
         }))
-    }
-}
-
-impl Error {
-    fn context_reason(self, reason: String) -> Error {
-        Error::with_source(self.kind().clone(), reason)
     }
 }
 

@@ -1,0 +1,514 @@
+//! What only the SQLite store has: files, pragmas, transactions shared with
+//! the caller, several connections and processes, and failing disks.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::{secs, TestResult};
+use rusqlite::{Connection, TransactionBehavior};
+use serde_json::json;
+use sqlite_outbox::{
+    Durability, ErrorKind, NewEvent, SqliteStore, Status, Store, APPLICATION_ID, SCHEMA_VERSION,
+};
+
+fn open(dir: &Path) -> sqlite_outbox::Result<SqliteStore> {
+    SqliteStore::open(dir.join("outbox.db"))
+}
+
+#[test]
+fn enqueue_commits_and_rolls_back_with_the_callers_transaction() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let mut conn = Connection::open(store.path())?;
+    conn.execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY, name TEXT)")?;
+
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute("INSERT INTO accounts (name) VALUES ('rolled back')", [])?;
+    let ghost = store.enqueue(&tx, NewEvent::new("account.created", json!({"n": 1})))?;
+    tx.rollback()?;
+    assert!(store.find_by_id(ghost.id)?.is_none());
+    assert_eq!(store.stats()?.total(), 0);
+
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute("INSERT INTO accounts (name) VALUES ('kept')", [])?;
+    let kept = store.enqueue(&tx, NewEvent::new("account.created", json!({"n": 2})))?;
+    tx.commit()?;
+    assert_eq!(
+        store.find_by_id(kept.id)?.map(|e| e.status),
+        Some(Status::Pending)
+    );
+    assert_eq!(store.stats()?.total(), 1);
+    let accounts: i64 = conn.query_row("SELECT count(*) FROM accounts", [], |r| r.get(0))?;
+    assert_eq!(accounts, 1);
+    Ok(())
+}
+
+#[test]
+fn the_transaction_helper_rolls_back_on_error() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let result: Result<(), sqlite_outbox::Error> = store.transaction(|tx| {
+        store.enqueue(tx, NewEvent::new("t", json!(1)))?;
+        Err(sqlite_outbox::Error::from(
+            rusqlite::Error::QueryReturnedNoRows,
+        ))
+    });
+    assert!(result.is_err());
+    assert_eq!(store.stats()?.total(), 0);
+    store.transaction(|tx| store.enqueue(tx, NewEvent::new("t", json!(2))).map(|_| ()))?;
+    assert_eq!(store.stats()?.total(), 1);
+    Ok(())
+}
+
+#[test]
+fn enqueue_batch_is_all_or_nothing_outside_a_transaction() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let conn = Connection::open(store.path())?;
+    let first = store.enqueue(&conn, NewEvent::new("t", json!(0)))?;
+    let err = store
+        .enqueue_batch(
+            &conn,
+            vec![
+                NewEvent::new("t", json!(1)),
+                NewEvent::new("t", json!(2)).with_id(first.id),
+            ],
+        )
+        .unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    assert_eq!(store.stats()?.total(), 1);
+    let batch = store.enqueue_batch(
+        &conn,
+        (0..3).map(|i| NewEvent::new("t", json!(i))).collect(),
+    )?;
+    assert_eq!(batch.len(), 3);
+    assert_eq!(store.stats()?.total(), 4);
+    Ok(())
+}
+
+#[test]
+fn pragmas_read_back() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::builder(dir.path().join("full.db"))
+        .busy_timeout(Duration::from_millis(1234))
+        .build()?;
+    assert_eq!(store.pragma("journal_mode")?, "wal");
+    assert_eq!(store.pragma("synchronous")?, "2", "FULL by default");
+    assert_eq!(store.pragma("busy_timeout")?, "1234");
+    assert_eq!(store.pragma("application_id")?, APPLICATION_ID.to_string());
+    assert_eq!(store.pragma("user_version")?, SCHEMA_VERSION.to_string());
+    assert_eq!(store.pragma("foreign_keys")?, "1");
+
+    let normal = SqliteStore::builder(dir.path().join("normal.db"))
+        .durability(Durability::Normal)
+        .build()?;
+    assert_eq!(normal.pragma("synchronous")?, "1");
+    Ok(())
+}
+
+fn assert_rejected(bytes: &[u8], expect: impl Fn(&ErrorKind) -> bool, what: &str) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("x.db");
+    std::fs::write(&path, bytes)?;
+    let err = SqliteStore::open(&path).expect_err(what);
+    assert!(expect(err.kind()), "{what}: got {:?}", err.kind());
+    assert!(std::fs::read(&path)? == bytes, "{what}: the file changed");
+    assert!(
+        !dir.path().join("x.db-wal").exists()
+            || std::fs::metadata(dir.path().join("x.db-wal"))?.len() == 0
+    );
+    Ok(())
+}
+
+fn sqlite_file(setup: &str) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("f.db");
+    let conn = Connection::open(&path)?;
+    conn.execute_batch(setup)?;
+    drop(conn);
+    Ok(std::fs::read(&path)?)
+}
+
+#[test]
+fn foreign_and_damaged_files_are_refused_untouched() -> TestResult {
+    let not_outbox = |k: &ErrorKind| matches!(k, ErrorKind::NotAnOutbox { .. });
+    let mut garbage = vec![0u8; 8192];
+    for (i, b) in garbage.iter_mut().enumerate() {
+        *b = (i * 7 + 13) as u8;
+    }
+    assert_rejected(&garbage, not_outbox, "garbage")?;
+    assert_rejected(
+        br#"{"this": "is json, not a database"}"#,
+        not_outbox,
+        "text file",
+    )?;
+    assert_rejected(
+        &sqlite_file("PRAGMA application_id = 1234; CREATE TABLE t (x);")?,
+        not_outbox,
+        "another application",
+    )?;
+    assert_rejected(
+        &sqlite_file("PRAGMA user_version = 7; CREATE TABLE t (x);")?,
+        not_outbox,
+        "someone else's user_version",
+    )?;
+    assert_rejected(
+        &sqlite_file(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 999;"
+        ))?,
+        |k| {
+            matches!(
+                k,
+                ErrorKind::SchemaTooNew {
+                    found: 999,
+                    supported: SCHEMA_VERSION
+                }
+            )
+        },
+        "newer schema",
+    )?;
+    assert_rejected(
+        &sqlite_file(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};
+             CREATE TABLE outbox_events (seq INTEGER PRIMARY KEY, id TEXT);"
+        ))?,
+        |k| matches!(k, ErrorKind::SchemaMismatch { .. }),
+        "missing columns",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_truncated_file_is_reported_not_panicked_on() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("t.db");
+    {
+        let store = SqliteStore::open(&path)?;
+        let events = (0..2000)
+            .map(|i| NewEvent::new("t", json!({"pad": "x".repeat(200), "i": i})))
+            .collect();
+        store.create_batch(events)?;
+        let conn = Connection::open(&path)?;
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    }
+    let bytes = std::fs::read(&path)?;
+    std::fs::write(&path, &bytes[..bytes.len() / 2])?;
+    let result =
+        SqliteStore::open(&path).and_then(|s| s.verify().and_then(|()| s.stats().map(|_| ())));
+    let err = result.expect_err("a half file must not look healthy");
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::Corrupt | ErrorKind::NotAnOutbox { .. }
+        ),
+        "{:?}",
+        err.kind()
+    );
+    Ok(())
+}
+
+#[test]
+fn an_empty_file_is_initialised() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("empty.db");
+    std::fs::write(&path, b"")?;
+    let store = SqliteStore::open(&path)?;
+    store.create(NewEvent::new("t", json!(1)))?;
+    assert_eq!(store.pragma("application_id")?, APPLICATION_ID.to_string());
+    Ok(())
+}
+
+#[test]
+fn an_app_database_gains_the_outbox_and_keeps_its_tables() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("app.db");
+    let conn = Connection::open(&path)?;
+    conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('hi');")?;
+    let store = SqliteStore::open(&path)?;
+    store.create(NewEvent::new("t", json!(1)))?;
+    let body: String = conn.query_row("SELECT body FROM notes", [], |r| r.get(0))?;
+    assert_eq!(body, "hi");
+    // Reopening is a no-op.
+    drop(store);
+    SqliteStore::open(&path)?;
+    Ok(())
+}
+
+#[test]
+fn read_only_stores_read_and_refuse_writes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("ro.db");
+    let rw = SqliteStore::open(&path)?;
+    let e = rw.create(NewEvent::new("t", json!(1)))?;
+    let before = std::fs::read(&path)?;
+    let ro = SqliteStore::builder(&path).read_only(true).build()?;
+    assert_eq!(ro.stats()?.pending, 1);
+    assert!(ro.find_by_id(e.id)?.is_some());
+    let errors = [
+        ro.create(NewEvent::new("t", json!(2))).map(|_| ()),
+        ro.claim(1, secs(30), None).map(|_| ()),
+        ro.mark_done(e.id),
+    ];
+    for err in errors {
+        assert_eq!(err.unwrap_err().kind(), &ErrorKind::ReadOnly);
+    }
+    assert!(std::fs::read(&path)? == before, "the file changed");
+    // A missing file is not created by a read-only open.
+    let missing = dir.path().join("missing.db");
+    assert!(SqliteStore::builder(&missing)
+        .read_only(true)
+        .build()
+        .is_err());
+    assert!(!missing.exists());
+    Ok(())
+}
+
+#[test]
+fn raw_sql_inserts_follow_the_documented_contract() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let conn = Connection::open(store.path())?;
+    // What an app in another language writes: a type and a payload.
+    conn.execute(
+        "INSERT INTO outbox_events (event_type, payload) VALUES ('sync.push', '{\"doc\": 7}')",
+        [],
+    )?;
+    let claimed = store.claim(10, secs(30), None)?;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].payload, json!({"doc": 7}));
+    assert_eq!(claimed[0].max_attempts, 10);
+    assert_eq!(claimed[0].id.as_uuid().get_version_num(), 4);
+    // The table refuses what would break a reader.
+    for bad in [
+        "INSERT INTO outbox_events (event_type, payload) VALUES ('t', '{not json')",
+        "INSERT INTO outbox_events (event_type, payload) VALUES ('', '{}')",
+        "INSERT INTO outbox_events (event_type, payload, status) VALUES ('t', '{}', 'weird')",
+        "INSERT INTO outbox_events (id, event_type, payload) VALUES ('nope', 't', '{}')",
+        "INSERT INTO outbox_events (event_type, payload, status) VALUES ('t', '{}', 'processing')",
+    ] {
+        let err = conn.execute(bad, []).expect_err(bad);
+        assert_eq!(
+            err.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::ConstraintViolation),
+            "{bad}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn claims_and_maintenance_use_index_range_scans() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let conn = Connection::open(store.path())?;
+    let plan = |sql: &str| -> Result<String, rusqlite::Error> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(3))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?.join(" | "))
+    };
+    let cases = [
+        ("SELECT seq FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= 5 ORDER BY next_attempt_at, seq LIMIT 10", "outbox_events_due"),
+        ("SELECT seq FROM outbox_events WHERE status = 'processing' AND locked_until <= 5 ORDER BY locked_until LIMIT 10", "outbox_events_leases"),
+        ("SELECT 1 FROM outbox_events AS b WHERE b.ordering_key = 'k' AND b.status IN ('pending', 'processing') AND b.seq < 9", "outbox_events_ordering"),
+        ("DELETE FROM outbox_events WHERE status IN ('done', 'failed') AND created_at < 5", "outbox_events_finished"),
+        ("DELETE FROM outbox_events WHERE org_id = 'x'", "outbox_events_org"),
+        ("DELETE FROM outbox_events WHERE user_id = 'x'", "outbox_events_user"),
+        ("SELECT count(*) FROM outbox_events WHERE status = 'failed'", "outbox_events_failed"),
+    ];
+    for (sql, index) in cases {
+        let p = plan(sql)?;
+        assert!(p.contains(index), "{sql}\n  plan: {p}");
+        assert!(
+            !p.contains("SCAN outbox_events") || p.contains("USING"),
+            "{sql}\n  plan: {p}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn threads_on_one_file_never_claim_the_same_live_event() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    store.create_batch((0..400).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let barrier = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            // Separate stores: separate pools and write locks, as in separate processes.
+            let store = SqliteStore::open(store.path());
+            let barrier = barrier.clone();
+            std::thread::spawn(
+                move || -> sqlite_outbox::Result<Vec<sqlite_outbox::EventId>> {
+                    let store = store?;
+                    barrier.wait();
+                    let mut mine = Vec::new();
+                    loop {
+                        let batch = store.claim(7, secs(300), None)?;
+                        if batch.is_empty() {
+                            return Ok(mine);
+                        }
+                        mine.extend(batch.iter().map(|e| e.id));
+                    }
+                },
+            )
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for h in handles {
+        let ids = h.join().map_err(|_| "claimer panicked")??;
+        total += ids.len();
+        seen.extend(ids);
+    }
+    assert_eq!(total, 400, "every event claimed once");
+    assert_eq!(seen.len(), 400, "no event claimed twice");
+    Ok(())
+}
+
+#[test]
+fn concurrent_first_opens_all_succeed() -> TestResult {
+    for round in 0..5 {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("fresh.db");
+        let barrier = Arc::new(Barrier::new(6));
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || -> sqlite_outbox::Result<()> {
+                    barrier.wait();
+                    let store = SqliteStore::open(&path)?;
+                    store.create(NewEvent::new("t", json!(i)))?;
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| "opener panicked")??;
+        }
+        let store = SqliteStore::open(&path)?;
+        assert_eq!(store.stats()?.total(), 6, "round {round}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_locked_database_gives_busy_within_the_timeout() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("locked.db");
+    let timeout = Duration::from_millis(300);
+    let store = SqliteStore::builder(&path).busy_timeout(timeout).build()?;
+    let before = store.create(NewEvent::new("t", json!(0)))?;
+    let locker = Connection::open(&path)?;
+    locker.execute_batch("BEGIN EXCLUSIVE")?;
+    let started = Instant::now();
+    let err = store.create(NewEvent::new("t", json!(1))).unwrap_err();
+    let waited = started.elapsed();
+    assert!(err.is_busy(), "{err:?}");
+    assert!(waited >= timeout, "gave up early: {waited:?}");
+    assert!(waited < timeout * 5, "hung: {waited:?}");
+    // Readers are not blocked by a WAL writer, and nothing was lost.
+    assert!(store.find_by_id(before.id)?.is_some());
+    locker.execute_batch("COMMIT")?;
+    store.create(NewEvent::new("t", json!(2)))?;
+    assert_eq!(store.stats()?.total(), 2);
+    Ok(())
+}
+
+#[test]
+fn a_full_disk_fails_cleanly_and_recovers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("full.db");
+    SqliteStore::open(&path)?;
+    let store = SqliteStore::builder(&path)
+        .max_page_count(40)
+        .pool_size(1)
+        .build()?;
+    let mut committed = Vec::new();
+    let err = loop {
+        match store.create(NewEvent::new("t", json!({"pad": "x".repeat(500)}))) {
+            Ok(e) => committed.push(e.id),
+            Err(e) => break e,
+        }
+        assert!(committed.len() < 10_000, "never filled up");
+    };
+    assert!(err.is_disk_full(), "{err:?}");
+    assert!(!committed.is_empty());
+    // A claim and its ack still work when the page count allows them.
+    let claimed = store.claim(5, secs(30), None)?;
+    for e in &claimed {
+        store.complete(&e.lease().ok_or("lease")?)?;
+    }
+    // Everything committed before is there, and a bigger store resumes.
+    drop(store);
+    let store = SqliteStore::open(&path)?;
+    for id in &committed {
+        assert!(store.find_by_id(*id)?.is_some());
+    }
+    store.create(NewEvent::new("t", json!("after")))?;
+    store.verify()?;
+    Ok(())
+}
+
+#[test]
+fn backup_includes_commits_still_in_the_wal() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    // Keep a reader open so nothing is checkpointed into the main file.
+    let reader = Connection::open(store.path())?;
+    reader.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
+    let events = store.create_batch((0..50).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let copy = dir.path().join("copy.db");
+    store.backup(&copy)?;
+    let restored = SqliteStore::open(&copy)?;
+    assert_eq!(restored.stats()?.total(), 50);
+    assert!(restored.find_by_id(events[49].id)?.is_some());
+    assert!(
+        store.backup(&copy).unwrap_err().is_invalid_input(),
+        "never overwrites"
+    );
+    Ok(())
+}
+
+#[test]
+fn verify_accepts_a_healthy_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    store.create(NewEvent::new("t", json!(1)))?;
+    store.verify()?;
+    Ok(())
+}
+
+#[test]
+fn enqueue_is_idempotent_across_connections() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let a = Connection::open(store.path())?;
+    let first = store.enqueue(&a, NewEvent::new("t", json!(1)).with_idempotency_key("k"))?;
+    let again = store.transaction(|tx| {
+        store.enqueue(tx, NewEvent::new("t", json!(2)).with_idempotency_key("k"))
+    })?;
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.payload, json!(1));
+    assert_eq!(store.stats()?.total(), 1);
+    Ok(())
+}
+
+#[test]
+fn stores_are_send_sync_and_debug() {
+    fn check<T: Send + Sync + std::fmt::Debug>() {}
+    check::<SqliteStore>();
+    check::<sqlite_outbox::MemoryStore>();
+    check::<sqlite_outbox::Error>();
+    check::<sqlite_outbox::Event>();
+    check::<sqlite_outbox::NewEvent>();
+    check::<sqlite_outbox::Dispatcher>();
+    check::<sqlite_outbox::DispatcherBuilder>();
+    check::<sqlite_outbox::RetryPolicy>();
+    check::<sqlite_outbox::ManualClock>();
+    check::<sqlite_outbox::Stats>();
+    check::<sqlite_outbox::HandlerError>();
+}
