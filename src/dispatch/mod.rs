@@ -161,9 +161,12 @@ impl Dispatcher {
     /// A builder for a dispatcher over `store`, with defaults: 4 workers,
     /// batches of 64, 60 s leases, 500 ms polling and the store's retry
     /// policy.
-    pub fn builder(store: impl Store) -> DispatcherBuilder {
+    ///
+    /// `store` is a [`crate::SqliteStore`], a [`crate::MemoryStore`] or an
+    /// `Arc<dyn Store>`.
+    pub fn builder(store: impl Into<Arc<dyn Store>>) -> DispatcherBuilder {
         DispatcherBuilder {
-            store: Arc::new(store),
+            store: store.into(),
             handlers: HashMap::new(),
             fallback: None,
             workers: DEFAULT_WORKERS,

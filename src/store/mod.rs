@@ -296,6 +296,18 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     fn retry_policy(&self) -> &RetryPolicy;
 }
 
+impl From<memory::MemoryStore> for Arc<dyn Store> {
+    fn from(store: memory::MemoryStore) -> Self {
+        Arc::new(store)
+    }
+}
+
+impl From<sqlite::SqliteStore> for Arc<dyn Store> {
+    fn from(store: sqlite::SqliteStore) -> Self {
+        Arc::new(store)
+    }
+}
+
 fn settle_one<S: Store + ?Sized>(store: &S, ack: Ack) -> Result<()> {
     store
         .settle(std::slice::from_ref(&ack))?

@@ -1,0 +1,557 @@
+//! The dispatcher: delivery, outcomes, leases, order, wake-up and shutdown.
+//! Synchronised on channels; sleeps only stand for slow handlers.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{millis, secs, Fixture, TestResult};
+use crossbeam_channel::{unbounded, Receiver};
+use serde_json::json;
+use sqlite_outbox::{
+    Dispatcher, Event, EventId, HandlerError, ListFilter, NewEvent, SqliteStore, Status, Store,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn recv_n<T>(rx: &Receiver<T>, n: usize) -> Result<Vec<T>, Box<dyn std::error::Error>> {
+    let deadline = Instant::now() + WAIT;
+    (0..n)
+        .map(|i| {
+            rx.recv_deadline(deadline)
+                .map_err(|_| format!("only {i} of {n} arrived").into())
+        })
+        .collect()
+}
+
+fn all_events(store: &dyn Store) -> sqlite_outbox::Result<Vec<Event>> {
+    store.list(&ListFilter {
+        limit: usize::MAX,
+        ..ListFilter::default()
+    })
+}
+
+fn every_event_handled_exactly_once(f: Fixture) -> TestResult {
+    let n = 500;
+    f.store
+        .create_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(f.store.clone())
+        .workers(4)
+        .batch_size(32)
+        .handle("t", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    let ids = recv_n(&rx, n)?;
+    let report = dispatcher.shutdown(secs(10));
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), n, "no duplicates");
+    assert!(rx.try_recv().is_err(), "nothing handled twice");
+    let events = all_events(&*f.store)?;
+    assert!(events
+        .iter()
+        .all(|e| e.status == Status::Done && e.attempts == 1));
+    let m = report.metrics;
+    assert_eq!((m.claimed, m.done), (n as u64, n as u64));
+    assert!(m.claim_batches < n as u64 / 4, "claims are batched: {m:?}");
+    assert!(
+        m.settle_batches < n as u64 / 2,
+        "outcomes are batched: {m:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn memory_store_every_event_handled_exactly_once() -> TestResult {
+    every_event_handled_exactly_once(Fixture::memory())
+}
+
+#[test]
+fn sqlite_store_every_event_handled_exactly_once() -> TestResult {
+    let f = Fixture::sqlite();
+    // The dispatcher runs on the wall clock, so use a store on it.
+    let store = SqliteStore::open(f.sqlite.as_ref().ok_or("sqlite")?.path())?;
+    every_event_handled_exactly_once(Fixture {
+        store: Arc::new(store),
+        ..f
+    })
+}
+
+fn real_clock_sqlite() -> Result<(tempfile::TempDir, SqliteStore), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("outbox.db"))?;
+    Ok((dir, store))
+}
+
+#[test]
+fn outcomes_retry_fail_and_panic_are_recorded() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let flaky = store.create(NewEvent::new("flaky", json!({})))?;
+    let doomed = store.create(NewEvent::new("doomed", json!({})))?;
+    let panics = store.create(NewEvent::new("panics", json!({})))?;
+    let (tx, rx) = unbounded::<(String, u32)>();
+    let (t1, t2, t3) = (tx.clone(), tx.clone(), tx);
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(2)
+        .handle("flaky", move |e: &Event| {
+            t1.send(("flaky".into(), e.attempts)).ok();
+            if e.attempts < 3 {
+                return Err(HandlerError::retry_after("try again", millis(1)));
+            }
+            Ok(())
+        })
+        .handle("doomed", move |e: &Event| {
+            t2.send(("doomed".into(), e.attempts)).ok();
+            Err(HandlerError::permanent("no such mailbox"))
+        })
+        .handle("panics", move |e: &Event| {
+            t3.send(("panics".into(), e.attempts)).ok();
+            if e.attempts == 1 {
+                panic!("boom");
+            }
+            Ok(())
+        })
+        .start()?;
+    // flaky: 3 runs; doomed: 1; panics: 2 (the retry after a panic uses the
+    // policy's 30 s, so wake it by making it due now).
+    let mut seen = recv_n(&rx, 3)?;
+    let deadline = Instant::now() + WAIT;
+    while store.find_by_id(panics.id)?.map(|e| e.status) != Some(Status::Pending) {
+        assert!(Instant::now() < deadline, "panic outcome never written");
+        std::thread::sleep(millis(5));
+    }
+    let stored = store.find_by_id(panics.id)?.ok_or("panics")?;
+    assert_eq!(stored.last_error.as_deref(), Some("handler panicked: boom"));
+    assert_eq!(stored.attempts, 1);
+    let conn = rusqlite::Connection::open(store.path())?;
+    conn.execute(
+        "UPDATE outbox_events SET next_attempt_at = 0 WHERE id = ?1",
+        [panics.id.to_string()],
+    )?;
+    dispatcher.wake();
+    seen.extend(recv_n(&rx, 3)?);
+    let report = dispatcher.shutdown(secs(10));
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("doomed".into(), 1),
+            ("flaky".into(), 1),
+            ("flaky".into(), 2),
+            ("flaky".into(), 3),
+            ("panics".into(), 1),
+            ("panics".into(), 2),
+        ]
+    );
+    let get = |id: EventId| store.find_by_id(id).ok().flatten().ok_or("gone");
+    let flaky = get(flaky.id)?;
+    assert_eq!((flaky.status, flaky.attempts), (Status::Done, 3));
+    assert_eq!(flaky.last_error.as_deref(), Some("try again"));
+    let doomed = get(doomed.id)?;
+    assert_eq!((doomed.status, doomed.attempts), (Status::Failed, 1));
+    assert_eq!(doomed.last_error.as_deref(), Some("no such mailbox"));
+    assert_eq!(
+        get(panics.id)?.status,
+        Status::Done,
+        "the worker survived its panic"
+    );
+    let m = report.metrics;
+    assert_eq!(
+        (m.done, m.failed, m.retried, m.panicked),
+        (2, 1, 3, 1),
+        "{m:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_handler_asked_delay_sets_the_next_attempt() -> TestResult {
+    let f = Fixture::memory();
+    let e = f.store.create(NewEvent::new("t", json!({})))?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(f.store.clone())
+        .handle("t", move |_: &Event| {
+            tx.send(()).ok();
+            Err(HandlerError::retry_after("429 Too Many Requests", secs(90)))
+        })
+        .start()?;
+    recv_n(&rx, 1)?;
+    let report = dispatcher.shutdown(secs(5));
+    assert_eq!(report.metrics.retried, 1);
+    let stored = f.store.find_by_id(e.id)?.ok_or("gone")?;
+    assert_eq!(stored.status, Status::Pending);
+    let now = sqlite_outbox::Clock::now(&f.clock);
+    assert_eq!(stored.next_attempt_at - now, chrono::Duration::seconds(90));
+    Ok(())
+}
+
+#[test]
+fn last_attempt_failure_marks_failed() -> TestResult {
+    let f = Fixture::memory();
+    let e = f
+        .store
+        .create(NewEvent::new("t", json!({})).with_max_attempts(1))?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(f.store.clone())
+        .handle("t", move |_: &Event| {
+            tx.send(()).ok();
+            Err(HandlerError::retry("still down"))
+        })
+        .start()?;
+    recv_n(&rx, 1)?;
+    let report = dispatcher.shutdown(secs(5));
+    assert_eq!((report.metrics.failed, report.metrics.retried), (1, 0));
+    assert_eq!(
+        f.store.find_by_id(e.id)?.map(|e| e.status),
+        Some(Status::Failed)
+    );
+    Ok(())
+}
+
+#[test]
+fn shutdown_mid_load_loses_nothing_and_charges_no_attempt() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let n = 200;
+    store.create_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let handled = Arc::new(Mutex::new(Vec::<EventId>::new()));
+    let (started_tx, started_rx) = unbounded();
+    let h = handled.clone();
+    let first = Dispatcher::builder(store.clone())
+        .workers(2)
+        .batch_size(40)
+        .handle("t", move |e: &Event| {
+            started_tx.send(()).ok();
+            std::thread::sleep(millis(10));
+            h.lock()
+                .map_err(|_| HandlerError::retry("poisoned"))?
+                .push(e.id);
+            Ok(())
+        })
+        .start()?;
+    recv_n(&started_rx, 10)?;
+    let report = first.shutdown(secs(10));
+    assert!(report.is_clean(), "{report:?}");
+    assert!(
+        report.released > 0,
+        "claimed but unstarted events were given back: {report:?}"
+    );
+    let done_first: HashSet<EventId> = handled
+        .lock()
+        .map_err(|_| "poisoned")?
+        .iter()
+        .copied()
+        .collect();
+    let events = all_events(&store)?;
+    for e in &events {
+        match e.status {
+            Status::Done => assert!(done_first.contains(&e.id)),
+            Status::Pending => assert_eq!(e.attempts, 0, "a released event was charged"),
+            other => panic!("event left {other}"),
+        }
+    }
+    assert_eq!(events.len(), n);
+
+    let (tx, rx) = unbounded();
+    let second = Dispatcher::builder(store.clone())
+        .handle("t", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    let rest = recv_n(&rx, n - done_first.len())?;
+    second.shutdown(secs(10));
+    assert!(
+        rest.iter().all(|id| !done_first.contains(id)),
+        "done events ran again"
+    );
+    assert!(all_events(&store)?.iter().all(|e| e.status == Status::Done));
+    Ok(())
+}
+
+#[test]
+fn shutdown_reports_handlers_still_running_at_the_deadline() -> TestResult {
+    let f = Fixture::memory();
+    f.store.create(NewEvent::new("slow", json!({})))?;
+    let (tx, rx) = unbounded();
+    let (release_tx, release_rx) = unbounded::<()>();
+    let dispatcher = Dispatcher::builder(f.store.clone())
+        .workers(1)
+        .handle("slow", move |_: &Event| {
+            tx.send(()).ok();
+            release_rx.recv_timeout(WAIT).ok();
+            Ok(())
+        })
+        .start()?;
+    recv_n(&rx, 1)?;
+    let started = Instant::now();
+    let report = dispatcher.shutdown(millis(200));
+    assert!(
+        started.elapsed() < secs(5),
+        "shutdown waited past its deadline"
+    );
+    assert_eq!(report.still_running, 1);
+    assert!(!report.is_clean());
+    release_tx.send(())?;
+    Ok(())
+}
+
+/// Two pools on one file: no event runs twice while its lease is live, and
+/// together they finish everything.
+#[test]
+fn two_dispatchers_share_one_file() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let n = 200;
+    store.create_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let running: Arc<Mutex<HashSet<EventId>>> = Arc::default();
+    let (tx, rx) = unbounded::<(usize, EventId)>();
+    let start = |which: usize| -> sqlite_outbox::Result<Dispatcher> {
+        let (running, tx) = (running.clone(), tx.clone());
+        let own = SqliteStore::open(store.path())?;
+        Dispatcher::builder(own)
+            .workers(2)
+            .batch_size(16)
+            .poll_interval(millis(20))
+            .name(format!("pool{which}"))
+            .handle("t", move |e: &Event| {
+                let fresh = running.lock().map(|mut r| r.insert(e.id)).unwrap_or(false);
+                assert!(fresh, "event {} ran concurrently", e.id);
+                std::thread::sleep(millis(5));
+                running.lock().map(|mut r| r.remove(&e.id)).ok();
+                tx.send((which, e.id)).ok();
+                Ok(())
+            })
+            .start()
+    };
+    let (a, b) = (start(0)?, start(1)?);
+    let seen = recv_n(&rx, n)?;
+    let (ra, rb) = (a.shutdown(secs(10)), b.shutdown(secs(10)));
+    assert!(rx.try_recv().is_err(), "an event ran twice");
+    assert_eq!(
+        seen.iter().map(|(_, id)| id).collect::<HashSet<_>>().len(),
+        n
+    );
+    assert!(
+        seen.iter().any(|(w, _)| *w == 0) && seen.iter().any(|(w, _)| *w == 1),
+        "both worked: {ra:?} {rb:?}"
+    );
+    assert_eq!(ra.metrics.done + rb.metrics.done, n as u64);
+    Ok(())
+}
+
+#[test]
+fn per_key_order_holds_with_four_workers() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let keys = ["a", "b", "c", "d"];
+    let per_key = 40;
+    let mut batch = Vec::new();
+    for i in 0..per_key {
+        for k in keys {
+            batch.push(NewEvent::new("t", json!({"k": k, "i": i})).with_ordering_key(k));
+        }
+    }
+    store.create_batch(batch)?;
+    let active: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (tx, rx) = unbounded::<(String, i64)>();
+    let a = active.clone();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(4)
+        .batch_size(8)
+        .handle("t", move |e: &Event| {
+            let k = e.payload["k"].as_str().unwrap_or_default().to_owned();
+            let fresh = a.lock().map(|mut s| s.insert(k.clone())).unwrap_or(false);
+            assert!(fresh, "two events of key {k} ran at once");
+            std::thread::sleep(Duration::from_micros(200));
+            a.lock().map(|mut s| s.remove(&k)).ok();
+            tx.send((k, e.payload["i"].as_i64().unwrap_or(-1))).ok();
+            Ok(())
+        })
+        .start()?;
+    let seen = recv_n(&rx, keys.len() * per_key)?;
+    dispatcher.shutdown(secs(10));
+    let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for (k, i) in seen {
+        by_key.entry(k).or_default().push(i);
+    }
+    for k in keys {
+        let expected: Vec<i64> = (0..per_key as i64).collect();
+        assert_eq!(by_key.get(k), Some(&expected), "key {k} out of order");
+    }
+    Ok(())
+}
+
+#[test]
+fn long_handlers_keep_their_lease() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let e = store.create(NewEvent::new("slow", json!({})))?;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = unbounded();
+    let lease = millis(300);
+    let make = |name: &str| -> sqlite_outbox::Result<Dispatcher> {
+        let (runs, tx) = (runs.clone(), tx.clone());
+        Dispatcher::builder(SqliteStore::open(store.path())?)
+            .lease(lease)
+            .poll_interval(millis(20))
+            .name(name)
+            .handle("slow", move |_: &Event| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(lease * 3);
+                tx.send(()).ok();
+                Ok(())
+            })
+            .start()
+    };
+    let a = make("a")?;
+    let b = make("b")?;
+    recv_n(&rx, 1)?;
+    let (ra, rb) = (a.shutdown(secs(10)), b.shutdown(secs(10)));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the other dispatcher took over a live lease"
+    );
+    assert!(
+        ra.metrics.extended + rb.metrics.extended >= 2,
+        "{ra:?} {rb:?}"
+    );
+    let done = store.find_by_id(e.id)?.ok_or("gone")?;
+    assert_eq!((done.status, done.attempts), (Status::Done, 1));
+    Ok(())
+}
+
+#[test]
+fn in_process_enqueues_wake_the_dispatcher() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .poll_interval(secs(10))
+        .handle("t", move |e: &Event| {
+            tx.send(e.payload.clone()).ok();
+            Ok(())
+        })
+        .start()?;
+    // Let the poller settle into its 10 s sleep.
+    std::thread::sleep(millis(100));
+    let bound = secs(2);
+
+    let t = Instant::now();
+    store.create(NewEvent::new("t", json!("create")))?;
+    assert_eq!(rx.recv_timeout(bound)?, json!("create"));
+    assert!(t.elapsed() < bound);
+
+    let t = Instant::now();
+    store.transaction(|tx| {
+        store
+            .enqueue(tx, NewEvent::new("t", json!("transaction")))
+            .map(|_| ())
+    })?;
+    assert_eq!(rx.recv_timeout(bound)?, json!("transaction"));
+    assert!(t.elapsed() < bound);
+
+    // The caller's own connection: the wake-up comes before the commit.
+    let mut conn = rusqlite::Connection::open(store.path())?;
+    let t = Instant::now();
+    let txn = conn.transaction()?;
+    store.enqueue(&txn, NewEvent::new("t", json!("own connection")))?;
+    std::thread::sleep(millis(20));
+    txn.commit()?;
+    assert_eq!(rx.recv_timeout(bound)?, json!("own connection"));
+    assert!(t.elapsed() < bound);
+    dispatcher.shutdown(secs(5));
+    Ok(())
+}
+
+#[test]
+fn commits_by_others_are_noticed_by_polling() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .poll_interval(millis(50))
+        .handle("t", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    let conn = rusqlite::Connection::open(store.path())?;
+    conn.execute(
+        "INSERT INTO outbox_events (event_type, payload) VALUES ('t', '{}')",
+        [],
+    )?;
+    recv_n(&rx, 1)?;
+    dispatcher.shutdown(secs(5));
+    Ok(())
+}
+
+#[test]
+fn only_types_with_handlers_are_claimed() -> TestResult {
+    let f = Fixture::memory();
+    let known = f.store.create(NewEvent::new("known", json!({})))?;
+    let unknown = f.store.create(NewEvent::new("unknown", json!({})))?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(f.store.clone())
+        .handle("known", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    assert_eq!(recv_n(&rx, 1)?, vec![known.id]);
+    dispatcher.shutdown(secs(5));
+    let stats = f.store.stats()?;
+    assert_eq!((stats.pending, stats.done), (1, 1));
+    assert_eq!(f.store.find_by_id(unknown.id)?.map(|e| e.attempts), Some(0));
+
+    let (tx, rx) = unbounded();
+    let fallback = Dispatcher::builder(f.store.clone())
+        .fallback(move |e: &Event| {
+            tx.send(e.event_type.clone()).ok();
+            Ok(())
+        })
+        .start()?;
+    assert_eq!(recv_n(&rx, 1)?, vec!["unknown".to_owned()]);
+    fallback.shutdown(secs(5));
+    Ok(())
+}
+
+#[test]
+fn dropping_a_dispatcher_stops_it() -> TestResult {
+    let f = Fixture::memory();
+    let (tx, rx) = unbounded();
+    {
+        let _dispatcher = Dispatcher::builder(f.store.clone())
+            .handle("t", move |_: &Event| {
+                tx.send(()).ok();
+                Ok(())
+            })
+            .start()?;
+        f.store.create(NewEvent::new("t", json!({})))?;
+        recv_n(&rx, 1)?;
+    }
+    // The handler (and its sender) went away with the threads.
+    assert!(rx.recv_timeout(secs(5)).is_err());
+    Ok(())
+}
+
+#[test]
+fn invalid_configurations_are_refused() {
+    let f = Fixture::memory();
+    let ok = |_: &Event| Ok(());
+    for builder in [
+        Dispatcher::builder(f.store.clone()),
+        Dispatcher::builder(f.store.clone())
+            .handle("t", ok)
+            .workers(0),
+        Dispatcher::builder(f.store.clone())
+            .handle("t", ok)
+            .batch_size(0),
+        Dispatcher::builder(f.store.clone())
+            .handle("t", ok)
+            .lease(Duration::ZERO),
+    ] {
+        let err = builder.start().expect_err("accepted a bad configuration");
+        assert!(err.is_invalid_input(), "{err}");
+    }
+}
