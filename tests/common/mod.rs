@@ -1,6 +1,8 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod journal;
+
 use std::sync::Arc;
 use std::time::Duration;
 
