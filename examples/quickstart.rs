@@ -20,7 +20,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(n) => n.parse().map_err(|e| format!("N must be a number: {e}"))?,
         None => 2_000,
     };
+    run(&path, orders).map(|_| ())
+}
 
+/// What a run did, for the test that runs this example.
+#[derive(Debug)]
+pub struct Summary {
+    /// Events done in this run.
+    pub done: u64,
+    /// Events given up on in this run.
+    pub failed: u64,
+    /// Failed attempts that were retried.
+    pub retried: u64,
+}
+
+/// Writes `orders` orders with their events to `path` and delivers them.
+pub fn run(path: &str, orders: u64) -> Result<Summary, Box<dyn std::error::Error>> {
     // Short retry delays so that retries show within the demo.
     let policy = RetryPolicy::with_schedule([
         Duration::from_millis(50),
@@ -28,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Duration::from_millis(200),
     ])
     .with_max_attempts(4);
-    let store = SqliteStore::builder(&path).retry_policy(policy).build()?;
+    let store = SqliteStore::builder(path).retry_policy(policy).build()?;
     println!("outbox: {path}");
 
     store.transaction(|tx| {
@@ -144,5 +159,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !report.is_clean() {
         return Err(format!("unclean shutdown: {report:?}").into());
     }
-    Ok(())
+    Ok(Summary {
+        done: m.done,
+        failed: m.failed,
+        retried: m.retried,
+    })
 }

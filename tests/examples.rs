@@ -1,0 +1,36 @@
+//! Every example runs, and does what it says.
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/quickstart.rs"]
+mod quickstart;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/offline_sync.rs"]
+mod offline_sync;
+
+#[test]
+fn quickstart_delivers_everything() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("demo.db");
+    let summary = quickstart::run(path.to_str().ok_or("path")?, 600)?;
+    // 600 orders, two events each; one order in 500 has a dead mailbox.
+    assert_eq!(summary.done + summary.failed, 1_200);
+    assert_eq!(summary.failed, 1);
+    assert!(summary.retried > 0, "{summary:?}");
+    Ok(())
+}
+
+#[test]
+fn offline_sync_drains_each_document_in_order() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let pushed = offline_sync::run(&dir.path().join("notes.db"), 4, 15)?;
+    assert_eq!(pushed.len(), 4);
+    for (doc, revisions) in pushed {
+        assert_eq!(
+            revisions,
+            (1..=15).collect::<Vec<u64>>(),
+            "{doc} out of order"
+        );
+    }
+    Ok(())
+}
