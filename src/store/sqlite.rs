@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -44,6 +44,11 @@ const COLUMNS: &str = "seq, id, event_type, payload, status, attempts, max_attem
 pub enum Durability {
     /// `synchronous=FULL`: a commit that returned is on disk, across a
     /// process crash and a power loss. The default.
+    ///
+    /// Enqueues and outcomes (done, retry, failed, release) wait for the
+    /// disk. Claims and lease extensions do not: losing one in a power cut
+    /// only means the event is claimed again, which at-least-once delivery
+    /// allows, and the next synced commit makes them durable anyway.
     #[default]
     Full,
     /// `synchronous=NORMAL`: faster commits that survive a process crash,
@@ -174,6 +179,7 @@ impl SqliteStoreBuilder {
                 notifier: Notifier::default(),
                 write_lock: Mutex::new(()),
                 watcher: Mutex::new(None),
+                relaxed: Mutex::new(None),
                 busy_timeout,
                 durability,
                 max_page_count,
@@ -387,6 +393,10 @@ struct Inner {
     write_lock: Mutex<()>,
     /// A connection that never writes, for `PRAGMA data_version`.
     watcher: Mutex<Option<(Connection, i64)>>,
+    /// A connection with `synchronous=NORMAL` for writes whose loss in a
+    /// power cut is harmless (claims, lease extensions): see
+    /// [`Durability::Full`].
+    relaxed: Mutex<Option<Connection>>,
     busy_timeout: Duration,
     durability: Durability,
     max_page_count: Option<u64>,
@@ -449,7 +459,7 @@ impl SqliteStore {
     pub fn enqueue(&self, conn: &Connection, event: NewEvent) -> Result<Event> {
         event.validate()?;
         let payload = event.payload_text()?;
-        let stored = insert_event(conn, &event, &payload, self.now(), &self.inner.policy)?;
+        let stored = insert_event(conn, event, &payload, self.now(), &self.inner.policy)?;
         self.inner.notifier.notify();
         Ok(stored)
     }
@@ -468,7 +478,7 @@ impl SqliteStore {
         let now = self.now();
         let insert_all = |conn: &Connection| {
             events
-                .iter()
+                .into_iter()
                 .zip(&payloads)
                 .map(|(e, p)| insert_event(conn, e, p, now, &self.inner.policy))
                 .collect::<Result<Vec<_>>>()
@@ -583,6 +593,36 @@ impl SqliteStore {
         Ok(value)
     }
 
+    /// A short write that need not wait for the disk: a claim or a lease
+    /// extension lost in a power cut only means the event is claimed again,
+    /// which at-least-once delivery allows. The next synced commit (an
+    /// enqueue or an outcome) makes it durable too, since the WAL is written
+    /// in order.
+    fn write_relaxed<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        if self.inner.durability != Durability::Full {
+            return self.write(f);
+        }
+        let _guard = lock(&self.inner.write_lock);
+        let mut slot = self.inner.relaxed.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let mut conn = Connection::open_with_flags(&self.inner.path, self.inner.flags)?;
+            configure(
+                &mut conn,
+                self.inner.busy_timeout,
+                Durability::Normal,
+                self.inner.max_page_count,
+            )?;
+            *slot = Some(conn);
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Err(Error::new(ErrorKind::Pool));
+        };
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
     fn update_by_id(&self, id: EventId, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<()> {
         let changed = self.write(|tx| {
             let mut all: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(args.len() + 1);
@@ -602,40 +642,41 @@ fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+const INSERT_SQL: &str = "INSERT INTO outbox_events (id, event_type, payload, status, attempts, \
+     max_attempts, next_attempt_at, correlation_id, org_id, user_id, ordering_key, idempotency_key, \
+     created_at) VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
+
+static SELECT_BY_KEY_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {COLUMNS} FROM outbox_events WHERE idempotency_key = ?1"));
+
+/// Inserts one event and returns it as stored. The row is built from what
+/// was inserted rather than read back, so the payload is not parsed again.
 fn insert_event(
     conn: &Connection,
-    event: &NewEvent,
+    event: NewEvent,
     payload: &str,
     now: DateTime<Utc>,
     policy: &RetryPolicy,
 ) -> Result<Event> {
     let max_attempts = event.max_attempts.unwrap_or_else(|| policy.max_attempts());
-    let sql = format!(
-        "INSERT INTO outbox_events (id, event_type, payload, status, attempts, max_attempts, \
-         next_attempt_at, correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at) \
-         VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
-         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-         RETURNING {COLUMNS}"
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let inserted = stmt
-        .query_row(
-            params![
-                event.id.to_string(),
-                event.event_type,
-                payload,
-                i64::from(max_attempts),
-                clock::to_millis(event.due_at(now)),
-                event.correlation_id,
-                event.org_id.map(|u| u.to_string()),
-                event.user_id.map(|u| u.to_string()),
-                event.ordering_key,
-                event.idempotency_key,
-                clock::to_millis(now),
-            ],
-            row_to_event,
-        )
-        .optional()
+    let created_at = clock::to_millis(now);
+    let due = clock::to_millis(event.due_at(now));
+    let inserted = conn
+        .prepare_cached(INSERT_SQL)?
+        .execute(params![
+            event.id.to_string(),
+            event.event_type,
+            payload,
+            i64::from(max_attempts),
+            due,
+            event.correlation_id,
+            event.org_id.map(|u| u.to_string()),
+            event.user_id.map(|u| u.to_string()),
+            event.ordering_key,
+            event.idempotency_key,
+            created_at,
+        ])
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation) => Error::with_source(
                 ErrorKind::InvalidInput {
@@ -648,13 +689,33 @@ fn insert_event(
             ),
             _ => Error::from(e),
         })?;
-    if let Some(event) = inserted {
-        return Ok(event);
+    if inserted == 1 {
+        return Ok(Event {
+            id: event.id,
+            seq: conn.last_insert_rowid(),
+            event_type: event.event_type,
+            payload: event.payload,
+            status: Status::Pending,
+            attempts: 0,
+            max_attempts,
+            next_attempt_at: clock::from_millis(due),
+            locked_at: None,
+            locked_until: None,
+            lease_token: None,
+            completed_at: None,
+            delivered_at: None,
+            last_error: None,
+            correlation_id: event.correlation_id,
+            org_id: event.org_id,
+            user_id: event.user_id,
+            ordering_key: event.ordering_key,
+            idempotency_key: event.idempotency_key,
+            created_at: clock::from_millis(created_at),
+        });
     }
     // The idempotency key is taken: return the event that holds it.
-    let sql = format!("SELECT {COLUMNS} FROM outbox_events WHERE idempotency_key = ?1");
     let existing = conn
-        .prepare_cached(&sql)?
+        .prepare_cached(&SELECT_BY_KEY_SQL)?
         .query_row([&event.idempotency_key], row_to_event)
         .optional()?;
     existing.ok_or_else(|| Error::invalid("idempotency conflict without a stored event"))
@@ -716,7 +777,7 @@ const KEY_FREE: &str = "(e.ordering_key IS NULL OR NOT EXISTS (
 
 const TYPE_OK: &str = "(:types IS NULL OR e.event_type IN (SELECT value FROM json_each(:types)))";
 
-fn claim_sql() -> String {
+static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE outbox_events
          SET status = 'processing', attempts = attempts + 1, locked_at = :now,
@@ -735,7 +796,7 @@ fn claim_sql() -> String {
            ORDER BY next_attempt_at, seq LIMIT :limit)
          RETURNING {COLUMNS}"
     )
-}
+});
 
 fn types_json(types: Option<&[String]>) -> Option<String> {
     types.map(|t| serde_json::Value::from(t.to_vec()).to_string())
@@ -761,7 +822,7 @@ impl Store for SqliteStore {
         let now = self.now();
         let created = self.write(|tx| {
             events
-                .iter()
+                .into_iter()
                 .zip(&payloads)
                 .map(|(e, p)| insert_event(tx, e, p, now, &self.inner.policy))
                 .collect::<Result<Vec<_>>>()
@@ -787,7 +848,7 @@ impl Store for SqliteStore {
         let now = self.now();
         let until = clock::add(now, lease);
         let types = types_json(types);
-        let mut claimed = self.write(|tx| {
+        let mut claimed = self.write_relaxed(|tx| {
             tx.prepare_cached(
                 "UPDATE outbox_events
                  SET status = 'failed', completed_at = ?1, last_error = ?2,
@@ -795,7 +856,7 @@ impl Store for SqliteStore {
                  WHERE status = 'processing' AND locked_until <= ?1 AND attempts >= max_attempts",
             )?
             .execute(params![clock::to_millis(now), LEASE_EXPIRED_ERROR])?;
-            let mut stmt = tx.prepare_cached(&claim_sql())?;
+            let mut stmt = tx.prepare_cached(&CLAIM_SQL)?;
             let rows = stmt.query_map(
                 rusqlite::named_params! {
                     ":now": clock::to_millis(now),
@@ -817,7 +878,10 @@ impl Store for SqliteStore {
         }
         let now = clock::to_millis(self.now());
         let policy = &self.inner.policy;
-        self.write(|tx| {
+        let only_extensions = acks
+            .iter()
+            .all(|a| matches!(a.kind, AckKind::Extend { .. }));
+        let settle = |tx: &Transaction<'_>| {
             const FENCE: &str = "WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
             const UNLOCK: &str = "locked_at = NULL, locked_until = NULL, lease_token = NULL";
             let mut results = Vec::with_capacity(acks.len());
@@ -867,7 +931,12 @@ impl Store for SqliteStore {
                 });
             }
             Ok(results)
-        })
+        };
+        if only_extensions {
+            self.write_relaxed(settle)
+        } else {
+            self.write(settle)
+        }
     }
 
     fn mark_processing(&self, id: EventId) -> Result<()> {
