@@ -78,6 +78,7 @@
 //! - `bundled` (default): compile SQLite from source through
 //!   `rusqlite/bundled`, so no system library is needed.
 
+pub mod admin;
 mod catalog;
 mod clock;
 mod dispatch;

@@ -1,0 +1,804 @@
+//! `outbox`: operate an outbox file, and relay its events to an HTTP
+//! endpoint or a command.
+//!
+//! Exit codes: 0 success, 1 the operation failed, 2 usage error.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use sqlite_outbox::admin::{event_json, format_duration, parse_duration, stats_json};
+use sqlite_outbox::{
+    Dispatcher, Event, EventId, HandlerError, ListFilter, NewEvent, Requeue, RetryPolicy,
+    SqliteStore, Status, Store, SCHEMA_SQL,
+};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "outbox",
+    version,
+    about = "Operate a sqlite-outbox file and relay its events"
+)]
+struct Cli {
+    /// The outbox database file (or set OUTBOX_DB).
+    #[arg(long, env = "OUTBOX_DB", global = true)]
+    db: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the outbox schema in the file (or check an existing one).
+    Init,
+    /// Print the schema (the table contract for other languages).
+    Schema,
+    /// Counts per status and per event type.
+    Stats,
+    /// List events.
+    List(ListArgs),
+    /// Show one event in full.
+    Show {
+        /// The event id.
+        id: String,
+    },
+    /// Enqueue one event.
+    Enqueue(EnqueueArgs),
+    /// Move failed events back to pending.
+    Retry {
+        /// One failed event.
+        id: Option<String>,
+        /// Every failed event (optionally of one --type).
+        #[arg(long)]
+        failed: bool,
+        /// With --failed: only this event type.
+        #[arg(long = "type", requires = "failed")]
+        event_type: Option<String>,
+    },
+    /// Give up on a pending event.
+    Fail {
+        /// The event id.
+        id: String,
+        /// Why (kept as its last error).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Delete done and failed events older than a duration.
+    Purge {
+        /// e.g. 30d, 12h.
+        #[arg(long, value_parser = duration_arg)]
+        older_than: Duration,
+    },
+    /// Delete every event of an organisation or a user.
+    Erase {
+        /// The organisation's UUID.
+        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        org: Option<Uuid>,
+        /// The user's UUID.
+        #[arg(long)]
+        user: Option<Uuid>,
+    },
+    /// Write a consistent copy of the outbox (including the WAL) to PATH.
+    Backup {
+        /// Where to write the copy; must not exist.
+        path: PathBuf,
+    },
+    /// Deliver events over HTTP or to a command until interrupted.
+    Relay(RelayArgs),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// pending, processing, done or failed.
+    #[arg(long, value_parser = status_arg)]
+    status: Option<Status>,
+    /// Only this event type.
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// Only this organisation.
+    #[arg(long)]
+    org: Option<Uuid>,
+    /// Only this user.
+    #[arg(long)]
+    user: Option<Uuid>,
+    /// Only this correlation id.
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// At most this many events.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Newest first.
+    #[arg(long)]
+    newest: bool,
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    /// The event type, e.g. email.invite.
+    event_type: String,
+    /// JSON text, @FILE to read a file, or - to read standard input.
+    payload: String,
+    /// Events with one ordering key run one at a time, in order.
+    #[arg(long)]
+    ordering_key: Option<String>,
+    /// A second enqueue with the same key returns the first event.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Not before this long from now, e.g. 10m.
+    #[arg(long, value_parser = duration_arg)]
+    delay: Option<Duration>,
+    /// The organisation's UUID.
+    #[arg(long)]
+    org: Option<Uuid>,
+    /// The user's UUID.
+    #[arg(long)]
+    user: Option<Uuid>,
+    /// A correlation id.
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// Attempts before the event fails.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_attempts: Option<u32>,
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    /// POST each event as JSON to this URL.
+    #[arg(long, conflicts_with = "exec", required_unless_present = "exec")]
+    http: Option<String>,
+    /// Extra request header, `Name: value` (repeatable).
+    #[arg(long = "header", requires = "http")]
+    headers: Vec<String>,
+    /// HTTP request timeout.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    timeout: Duration,
+    /// Run this shell command per event, the event JSON on its stdin.
+    #[arg(long)]
+    exec: Option<String>,
+    /// Exit code of --exec that means "never retry".
+    #[arg(long, default_value_t = 65)]
+    permanent_exit_code: i32,
+    /// Only these event types (repeatable; default: all).
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// Stop once nothing is due and nothing is in flight.
+    #[arg(long)]
+    drain: bool,
+    /// Parallel deliveries.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Retry delays, e.g. 1s,10s,1m (the last repeats). Default: the
+    /// standard schedule (30s, 2m, 10m, ... 24h).
+    #[arg(long, value_delimiter = ',', value_parser = duration_arg)]
+    backoff: Vec<Duration>,
+    /// Attempts before an event fails, for events enqueued without their own.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// How often to look for events committed by other programs.
+    #[arg(long, default_value = "500ms", value_parser = duration_arg)]
+    poll: Duration,
+    /// How long in-flight deliveries may finish after SIGINT/SIGTERM.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    grace: Duration,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn status_arg(s: &str) -> Result<Status, String> {
+    s.parse().map_err(|e: sqlite_outbox::Error| e.to_string())
+}
+
+/// A failure: the message to print and the exit code.
+struct Failure(String, u8);
+
+impl Failure {
+    fn usage(msg: impl Into<String>) -> Failure {
+        Failure(msg.into(), 2)
+    }
+}
+
+fn describe(err: &sqlite_outbox::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        let _ = write!(text, ": {c}");
+        cause = c.source();
+    }
+    text
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg, code)) => {
+            eprintln!("outbox: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), Failure> {
+    if let Command::Schema = cli.command {
+        print!("{SCHEMA_SQL}");
+        return Ok(());
+    }
+    let db = cli
+        .db
+        .as_deref()
+        .ok_or_else(|| Failure::usage("no database: give --db PATH or set OUTBOX_DB"))?;
+    let fail = |e: sqlite_outbox::Error| {
+        let code = if e.is_invalid_input() { 2 } else { 1 };
+        Failure(format!("{}: {}", db.display(), describe(&e)), code)
+    };
+    match &cli.command {
+        Command::Schema => Ok(()),
+        Command::Init => {
+            let store = SqliteStore::open(db).map_err(fail)?;
+            output(
+                cli.json,
+                json!({"path": store.path(), "initialised": true}),
+                || format!("{}: outbox ready", db.display()),
+            )
+        }
+        Command::Stats => {
+            let stats = open_read(db)?.stats().map_err(fail)?;
+            output(cli.json, stats_json(&stats), || {
+                let mut t = String::new();
+                let _ = writeln!(
+                    t,
+                    "pending {}  (due {})  processing {}  done {}  failed {}",
+                    stats.pending, stats.due, stats.processing, stats.done, stats.failed
+                );
+                let _ = writeln!(
+                    t,
+                    "oldest due event waiting: {}",
+                    stats
+                        .oldest_due_age
+                        .map(format_duration)
+                        .unwrap_or_else(|| "-".into())
+                );
+                if !stats.by_type.is_empty() {
+                    let rows = stats
+                        .by_type
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.event_type.clone(),
+                                s.pending.to_string(),
+                                s.processing.to_string(),
+                                s.done.to_string(),
+                                s.failed.to_string(),
+                            ]
+                        })
+                        .collect();
+                    t.push_str(&table(
+                        &["TYPE", "PENDING", "PROCESSING", "DONE", "FAILED"],
+                        rows,
+                    ));
+                }
+                t.trim_end().to_owned()
+            })
+        }
+        Command::List(a) => {
+            let filter = ListFilter {
+                status: a.status,
+                event_type: a.event_type.clone(),
+                org_id: a.org,
+                user_id: a.user,
+                correlation_id: a.correlation_id.clone(),
+                limit: a.limit,
+                newest_first: a.newest,
+            };
+            let events = open_read(db)?.list(&filter).map_err(fail)?;
+            output(
+                cli.json,
+                Value::from(events.iter().map(event_json).collect::<Vec<_>>()),
+                || {
+                    let rows = events
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.id.to_string(),
+                                e.event_type.clone(),
+                                e.status.to_string(),
+                                format!("{}/{}", e.attempts, e.max_attempts),
+                                e.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                                e.last_error
+                                    .clone()
+                                    .unwrap_or_default()
+                                    .chars()
+                                    .take(60)
+                                    .collect(),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &[
+                            "ID",
+                            "TYPE",
+                            "STATUS",
+                            "ATTEMPTS",
+                            "CREATED (UTC)",
+                            "LAST ERROR",
+                        ],
+                        rows,
+                    )
+                    .trim_end()
+                    .to_owned()
+                },
+            )
+        }
+        Command::Show { id } => {
+            let id = parse_id(id)?;
+            let event = open_read(db)?
+                .find_by_id(id)
+                .map_err(fail)?
+                .ok_or_else(|| Failure(format!("{}: no event with id {id}", db.display()), 1))?;
+            let value = event_json(&event);
+            output(cli.json, value.clone(), || {
+                let mut t = String::new();
+                if let Value::Object(map) = &value {
+                    for (k, v) in map {
+                        let shown = match v {
+                            Value::Null => "-".to_owned(),
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        let _ = writeln!(t, "{k:>16}  {shown}");
+                    }
+                }
+                t.trim_end().to_owned()
+            })
+        }
+        Command::Enqueue(a) => {
+            let text = read_payload(&a.payload)?;
+            let mut event = NewEvent::from_json(a.event_type.clone(), &text)
+                .map_err(|e| Failure::usage(describe(&e)))?;
+            if let Some(k) = &a.ordering_key {
+                event = event.with_ordering_key(k);
+            }
+            if let Some(k) = &a.idempotency_key {
+                event = event.with_idempotency_key(k);
+            }
+            if let Some(d) = a.delay {
+                event = event.with_delay(d);
+            }
+            if let Some(o) = a.org {
+                event = event.with_org_id(o);
+            }
+            if let Some(u) = a.user {
+                event = event.with_user_id(u);
+            }
+            if let Some(c) = &a.correlation_id {
+                event = event.with_correlation_id(c);
+            }
+            if let Some(n) = a.max_attempts {
+                event = event.with_max_attempts(n);
+            }
+            let store = SqliteStore::open(db).map_err(fail)?;
+            let stored = store.create(event).map_err(fail)?;
+            output(cli.json, event_json(&stored), || stored.id.to_string())
+        }
+        Command::Retry {
+            id,
+            failed,
+            event_type,
+        } => {
+            let which = match (id, failed) {
+                (Some(id), false) => Requeue::One(parse_id(id)?),
+                (None, true) => match event_type {
+                    Some(t) => Requeue::Type(t.clone()),
+                    None => Requeue::All,
+                },
+                _ => return Err(Failure::usage("give either an event ID or --failed")),
+            };
+            let n = open_write(db)?.requeue_failed(which).map_err(fail)?;
+            output(cli.json, json!({"requeued": n}), || {
+                format!("requeued {n} event(s)")
+            })
+        }
+        Command::Fail { id, reason } => {
+            let id = parse_id(id)?;
+            let store = open_write(db)?;
+            let event = store
+                .find_by_id(id)
+                .map_err(fail)?
+                .ok_or_else(|| Failure(format!("{}: no event with id {id}", db.display()), 1))?;
+            if matches!(event.status, Status::Done | Status::Failed) {
+                return Err(Failure(
+                    format!("{}: event {id} is already {}", db.display(), event.status),
+                    1,
+                ));
+            }
+            store.mark_failed(id, reason).map_err(fail)?;
+            output(cli.json, json!({"failed": id}), || {
+                format!("event {id} marked failed")
+            })
+        }
+        Command::Purge { older_than } => {
+            let store = open_write(db)?;
+            let cutoff = sqlite_outbox::Clock::now(&sqlite_outbox::SystemClock)
+                - chrono::Duration::from_std(*older_than)
+                    .map_err(|_| Failure::usage("--older-than is too large"))?;
+            let n = store.cleanup_old(cutoff).map_err(fail)?;
+            output(cli.json, json!({"deleted": n}), || {
+                format!(
+                    "deleted {n} done or failed event(s) created before {}",
+                    cutoff.format("%Y-%m-%d %H:%M:%S UTC")
+                )
+            })
+        }
+        Command::Erase { org, user } => {
+            let store = open_write(db)?;
+            let (n, whose) = match (org, user) {
+                (Some(o), _) => (
+                    store.delete_by_org(*o).map_err(fail)?,
+                    format!("organisation {o}"),
+                ),
+                (None, Some(u)) => (store.delete_by_user(*u).map_err(fail)?, format!("user {u}")),
+                (None, None) => return Err(Failure::usage("give --org or --user")),
+            };
+            output(cli.json, json!({"deleted": n}), || {
+                format!("deleted {n} event(s) of {whose}")
+            })
+        }
+        Command::Backup { path } => {
+            open_read(db)?.backup(path).map_err(fail)?;
+            output(cli.json, json!({"backup": path}), || {
+                format!("wrote {}", path.display())
+            })
+        }
+        Command::Relay(a) => relay(db, cli.json, a),
+    }
+}
+
+fn output(json_mode: bool, value: Value, text: impl FnOnce() -> String) -> Result<(), Failure> {
+    let rendered = if json_mode {
+        serde_json::to_string_pretty(&value).map_err(|e| Failure(e.to_string(), 1))?
+    } else {
+        text()
+    };
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`outbox list | head`) is not an error worth a message.
+    let _ = writeln!(out, "{rendered}");
+    Ok(())
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut t = String::new();
+    let line = |t: &mut String, cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(t, "{}", parts.join("  ").trim_end());
+    };
+    line(&mut t, headers.to_vec());
+    for row in &rows {
+        line(&mut t, row.iter().map(String::as_str).collect());
+    }
+    if rows.is_empty() {
+        t.push_str("(none)\n");
+    }
+    t
+}
+
+fn parse_id(text: &str) -> Result<EventId, Failure> {
+    text.parse()
+        .map_err(|e: sqlite_outbox::Error| Failure::usage(e.to_string()))
+}
+
+fn read_payload(arg: &str) -> Result<String, Failure> {
+    if arg == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| Failure::usage(format!("cannot read the payload from stdin: {e}")))?;
+        Ok(text)
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read_to_string(path)
+            .map_err(|e| Failure::usage(format!("cannot read the payload from {path}: {e}")))
+    } else {
+        Ok(arg.to_owned())
+    }
+}
+
+/// Read commands never create a file.
+fn open_read(db: &Path) -> Result<SqliteStore, Failure> {
+    if !db.exists() {
+        return Err(Failure(format!("{}: no such file", db.display()), 1));
+    }
+    SqliteStore::builder(db)
+        .read_only(true)
+        .build()
+        .map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))
+}
+
+/// Commands that change an existing outbox never create one either.
+fn open_write(db: &Path) -> Result<SqliteStore, Failure> {
+    if !db.exists() {
+        return Err(Failure(format!("{}: no such file", db.display()), 1));
+    }
+    SqliteStore::open(db).map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))
+}
+
+/// One delivery: over HTTP or to a command.
+type DeliverFn = dyn Fn(&Event) -> Result<(), HandlerError> + Send + Sync;
+
+/// The body posted for each event.
+fn delivery_json(event: &Event) -> Value {
+    json!({
+        "id": event.id,
+        "type": event.event_type,
+        "payload": event.payload,
+        "attempt": event.attempts,
+        "correlation_id": event.correlation_id,
+        "created_at": event.created_at,
+    })
+}
+
+fn retry_after(value: Option<&str>) -> Option<Duration> {
+    let v = value?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .ok()
+}
+
+fn excerpt(body: &str) -> String {
+    let one_line: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    one_line.chars().take(200).collect()
+}
+
+fn http_handler(
+    url: String,
+    headers: Vec<(String, String)>,
+    timeout: Duration,
+) -> impl Fn(&Event) -> Result<(), HandlerError> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    move |event: &Event| {
+        let mut req = agent
+            .post(&url)
+            .set("Content-Type", "application/json")
+            .set("Idempotency-Key", &event.id.to_string());
+        for (k, v) in &headers {
+            req = req.set(k, v);
+        }
+        match req.send_string(&delivery_json(event).to_string()) {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(code, resp)) => {
+                let after = retry_after(resp.header("Retry-After"));
+                let body = resp.into_string().unwrap_or_default();
+                let msg = format!("HTTP {code}: {}", excerpt(&body));
+                match code {
+                    408 | 425 | 429 | 500..=599 => Err(match after {
+                        Some(d) => HandlerError::retry_after(msg, d),
+                        None => HandlerError::retry(msg),
+                    }),
+                    _ => Err(HandlerError::permanent(msg)),
+                }
+            }
+            Err(ureq::Error::Transport(t)) => {
+                Err(HandlerError::retry(format!("transport error: {t}")))
+            }
+        }
+    }
+}
+
+fn exec_handler(
+    cmd: String,
+    permanent: i32,
+    timeout: Duration,
+) -> impl Fn(&Event) -> Result<(), HandlerError> {
+    move |event: &Event| {
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .env("OUTBOX_EVENT_ID", event.id.to_string())
+            .env("OUTBOX_EVENT_TYPE", &event.event_type)
+            .env("OUTBOX_ATTEMPT", event.attempts.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| HandlerError::retry(format!("cannot run {cmd:?}: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A command that does not read its input is fine.
+            let _ = stdin.write_all(delivery_json(event).to_string().as_bytes());
+        }
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(HandlerError::retry(format!(
+                        "timed out after {}",
+                        format_duration(timeout)
+                    )));
+                }
+                Err(e) => return Err(HandlerError::retry(format!("waiting for the command: {e}"))),
+            }
+        };
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(code) if code == permanent => Err(HandlerError::permanent(format!(
+                "exit {code}: {}",
+                excerpt(&stderr)
+            ))),
+            Some(code) => Err(HandlerError::retry(format!(
+                "exit {code}: {}",
+                excerpt(&stderr)
+            ))),
+            None => Err(HandlerError::retry(format!(
+                "killed by a signal: {}",
+                excerpt(&stderr)
+            ))),
+        }
+    }
+}
+
+fn relay(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failure> {
+    let fail = |e: sqlite_outbox::Error| Failure(format!("{}: {}", db.display(), describe(&e)), 1);
+    if !db.exists() {
+        return Err(Failure(format!("{}: no such file", db.display()), 1));
+    }
+    let mut policy = if a.backoff.is_empty() {
+        RetryPolicy::default()
+    } else {
+        RetryPolicy::with_schedule(a.backoff.iter().copied())
+    };
+    if let Some(n) = a.max_attempts {
+        policy = policy.with_max_attempts(n);
+    }
+    let store = SqliteStore::builder(db)
+        .retry_policy(policy)
+        .build()
+        .map_err(fail)?;
+    let handler: Box<DeliverFn> = match (&a.http, &a.exec) {
+        (Some(url), _) => {
+            let headers = a
+                .headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                        .ok_or_else(|| Failure::usage(format!("header {h:?} is not `Name: value`")))
+                })
+                .collect::<Result<Vec<_>, Failure>>()?;
+            Box::new(http_handler(url.clone(), headers, a.timeout))
+        }
+        (None, Some(cmd)) => Box::new(exec_handler(cmd.clone(), a.permanent_exit_code, a.timeout)),
+        (None, None) => return Err(Failure::usage("give --http URL or --exec CMD")),
+    };
+    let handler: Arc<DeliverFn> = Arc::from(handler);
+    let mut builder = Dispatcher::builder(store.clone())
+        .workers(a.workers)
+        .poll_interval(a.poll)
+        .name("relay");
+    if a.types.is_empty() {
+        let h = handler.clone();
+        builder = builder.fallback(move |e: &Event| h(e));
+    } else {
+        for t in &a.types {
+            let h = handler.clone();
+            builder = builder.handle(t.clone(), move |e: &Event| h(e));
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    // Without a handler SIGINT kills the process; with one, in-flight
+    // deliveries finish or are given back.
+    if let Err(e) = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)) {
+        eprintln!("outbox: cannot catch SIGINT/SIGTERM ({e}); stop with care");
+    }
+    let dispatcher = builder.start().map_err(fail)?;
+    let types: Vec<String> = a.types.clone();
+    let relevant = |stats: &sqlite_outbox::Stats| -> (u64, u64) {
+        if types.is_empty() {
+            (stats.due, stats.processing)
+        } else {
+            let by: Vec<_> = stats
+                .by_type
+                .iter()
+                .filter(|t| types.contains(&t.event_type))
+                .collect();
+            // Due counts are not kept per type: pending stands in for due.
+            (
+                by.iter().map(|t| t.pending).sum(),
+                by.iter().map(|t| t.processing).sum(),
+            )
+        }
+    };
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last_draw = Instant::now();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let m = dispatcher.metrics();
+        if a.drain {
+            let stats = store.stats().map_err(fail)?;
+            let (due, processing) = relevant(&stats);
+            let in_hand = m
+                .claimed
+                .saturating_sub(m.done + m.retried + m.failed + m.released + m.lease_lost);
+            if due == 0 && processing == 0 && in_hand == 0 {
+                break;
+            }
+        }
+        if tty && last_draw.elapsed() >= Duration::from_millis(250) {
+            eprint!(
+                "\r  delivered {}  retried {}  failed {}  ({:.0}/s)   ",
+                m.done,
+                m.retried,
+                m.failed,
+                m.done as f64 / started.elapsed().as_secs_f64().max(0.001)
+            );
+            last_draw = Instant::now();
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let report = dispatcher.shutdown(a.grace);
+    let m = report.metrics;
+    let summary = json!({
+        "delivered": m.done,
+        "retried": m.retried,
+        "failed": m.failed,
+        "released": report.released,
+        "still_running": report.still_running,
+    });
+    if json_mode {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "delivered {}, retried {}, failed {}, released {}, still running {}",
+            m.done, m.retried, m.failed, report.released, report.still_running
+        );
+    }
+    Ok(())
+}
