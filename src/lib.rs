@@ -99,7 +99,7 @@ pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
 pub use store::memory::MemoryStore;
 pub use store::sqlite::{
     Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, DEFAULT_BUSY_TIMEOUT,
-    DEFAULT_POOL_SIZE, SCHEMA_SQL, SCHEMA_VERSION,
+    DEFAULT_POOL_SIZE, SCHEMA_SQL, SCHEMA_VERSION, WAL_SIZE_LIMIT,
 };
 pub use store::{
     Ack, ListFilter, Requeue, Stats, Store, TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,

@@ -79,6 +79,10 @@ pub struct SqliteStoreBuilder {
     max_page_count: Option<u64>,
 }
 
+/// The size the WAL is truncated back to after a checkpoint
+/// (`PRAGMA journal_size_limit`): 16 MiB.
+pub const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
+
 /// Default connection pool size.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
 /// Default busy timeout.
@@ -199,8 +203,9 @@ fn configure(
     conn.pragma_update(None, "synchronous", durability.pragma())?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Let the WAL shrink back after a checkpoint instead of keeping its
-    // high-water size for ever.
-    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    // high-water size for ever (a long reader can make it grow far past
+    // the 1000-page autocheckpoint size).
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     if let Some(pages) = max_page_count {
         conn.pragma_update(None, "max_page_count", pages as i64)?;
     }
@@ -510,7 +515,7 @@ impl SqliteStore {
     where
         E: From<Error>,
     {
-        let mut conn = self.inner.pool.get().map_err(Error::from)?;
+        let mut conn = self.conn()?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(Error::from)?;
@@ -534,7 +539,7 @@ impl SqliteStore {
         let dest = dest
             .to_str()
             .ok_or_else(|| Error::invalid("backup path is not valid UTF-8"))?;
-        let conn = self.inner.pool.get()?;
+        let conn = self.conn()?;
         conn.execute("VACUUM INTO ?1", [dest])?;
         Ok(())
     }
@@ -545,7 +550,7 @@ impl SqliteStore {
     ///
     /// `Corrupt` with SQLite's findings as the source; database errors.
     pub fn verify(&self) -> Result<()> {
-        let conn = self.inner.pool.get()?;
+        let conn = self.conn()?;
         let mut stmt = conn.prepare("PRAGMA quick_check")?;
         let lines: Vec<String> = stmt
             .query_map([], |r| r.get(0))?
@@ -563,7 +568,7 @@ impl SqliteStore {
     ///
     /// Database errors.
     pub fn pragma(&self, name: &str) -> Result<String> {
-        let conn = self.inner.pool.get()?;
+        let conn = self.conn()?;
         let value: SqlValue = conn.pragma_query_value(None, name, |r| r.get(0))?;
         Ok(match value {
             SqlValue::Null => String::new(),
@@ -578,15 +583,19 @@ impl SqliteStore {
         self.inner.clock.now()
     }
 
+    fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
+        Ok(self.inner.pool.get()?)
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.inner.pool.get()?;
+        let conn = self.conn()?;
         f(&conn)
     }
 
     /// A short write transaction of this process's own.
     fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let _guard = lock(&self.inner.write_lock);
-        let mut conn = self.inner.pool.get()?;
+        let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let value = f(&tx)?;
         tx.commit()?;

@@ -7,7 +7,15 @@
 //! outbox-torture work     --db P --journal J [--threads K] [--lease-ms T] [--handler-ms LO..HI]
 //!                         [--overrun-pct X] [--fail-pct Y] [--seed S] [--exit-when-idle]
 //! outbox-torture dispatch --db P --journal J [--workers K] [--handler-ms LO..HI] [--exit-when-idle]
+//! outbox-torture power    --db P --producer N --from S [--batch B] [--sync full|normal]
 //! ```
+//!
+//! `power` enqueues batches and completes events in one process, printing
+//! `ok P FIRST LAST` after each enqueue commit and `done ID` after each
+//! accepted completion, until it is killed (or a power cut is simulated).
+//!
+//! `work --weak-ack` acknowledges with a guard on the status alone, not on
+//! the lease token: the weak guard that the checker must catch.
 //!
 //! Journal lines (times are wall-clock nanoseconds):
 //! `claim ID ATTEMPT LOCKED_AT_NS TOKEN`, `hstart ID ATTEMPT T`,
@@ -48,7 +56,7 @@ impl Args {
                 .strip_prefix("--")
                 .ok_or(format!("unexpected {key}"))?
                 .to_owned();
-            if key.starts_with("exit-when") {
+            if key.starts_with("exit-when") || key == "weak-ack" {
                 map.insert(key, "1".to_owned());
             } else {
                 map.insert(
@@ -151,6 +159,7 @@ fn run() -> Res<()> {
         "enqueue" => enqueue(&args),
         "work" => work(&args),
         "dispatch" => dispatch(&args),
+        "power" => power(&args),
         other => Err(format!("unknown mode {other}").into()),
     }
 }
@@ -209,6 +218,8 @@ fn work(args: &Args) -> Res<()> {
     let fail_pct = args.num("fail-pct", 0)?;
     let seed = args.num("seed", std::process::id() as u64)?;
     let exit_when_idle = args.flag("exit-when-idle");
+    let weak_ack = args.flag("weak-ack");
+    let db_path = args.str("db")?.to_owned();
     let busy_errors = Arc::new(AtomicU64::new(0));
     let idle = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
@@ -219,7 +230,16 @@ fn work(args: &Args) -> Res<()> {
             busy_errors.clone(),
             idle.clone(),
         );
+        let db_path = db_path.clone();
         handles.push(std::thread::spawn(move || {
+            let weak = if weak_ack {
+                rusqlite::Connection::open(&db_path).ok()
+            } else {
+                None
+            };
+            if let Some(c) = &weak {
+                let _ = c.busy_timeout(Duration::from_secs(10));
+            }
             let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(t + 1) | 1);
             let mut idle_since: Option<Instant> = None;
             loop {
@@ -236,7 +256,7 @@ fn work(args: &Args) -> Res<()> {
                 let Some(event) = claimed.into_iter().next() else {
                     if exit_when_idle {
                         let since = *idle_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > lease * 3
+                        if since.elapsed() > Duration::from_millis(300)
                             && store
                                 .stats()
                                 .map(|s| s.pending + s.processing == 0)
@@ -276,7 +296,19 @@ fn work(args: &Args) -> Res<()> {
                 let fail = rng.below(100) < fail_pct;
                 // The time the ack was sent: it cannot take effect earlier.
                 let sent = now_ns();
-                let (kind, result) = if fail {
+                let (kind, result) = if let Some(c) = &weak {
+                    // The weak guard: any processing row is taken as ours.
+                    let changed = c.execute(
+                        "UPDATE outbox_events SET status = 'done', locked_at = NULL,
+                           locked_until = NULL, lease_token = NULL
+                         WHERE id = ?1 AND status = 'processing'",
+                        [event.id.to_string()],
+                    );
+                    match changed {
+                        Ok(1) => ("done", Ok(())),
+                        _ => ("done", store.complete(&l)),
+                    }
+                } else if fail {
                     (
                         "retry",
                         store.retry(&l, "injected failure", Some(Duration::ZERO)),
@@ -305,6 +337,50 @@ fn work(args: &Args) -> Res<()> {
     }
     println!("busy_errors {}", busy_errors.load(Ordering::Relaxed));
     Ok(())
+}
+
+/// Producer and worker in one process, for power-cut simulation.
+fn power(args: &Args) -> Res<()> {
+    let store = open_store(args)?;
+    let producer = args.num("producer", 0)?;
+    let mut seq = args.num("from", 0)?;
+    let batch = args.num("batch", 10)?.max(1);
+    store.transaction(|tx| {
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS biz (producer INTEGER, first_seq INTEGER, last_seq INTEGER)",
+        )?;
+        Ok::<_, sqlite_outbox::Error>(())
+    })?;
+    let stdout = std::io::stdout();
+    loop {
+        let last = seq + batch - 1;
+        let result = store.transaction(|tx| {
+            tx.execute(
+                "INSERT INTO biz (producer, first_seq, last_seq) VALUES (?1, ?2, ?3)",
+                (producer as i64, seq as i64, last as i64),
+            )?;
+            let events = (seq..=last)
+                .map(|n| NewEvent::new("torture", json!({"p": producer, "seq": n})))
+                .collect();
+            store.enqueue_batch(tx, events)?;
+            Ok::<_, sqlite_outbox::Error>(())
+        });
+        if result.is_ok() {
+            let mut out = stdout.lock();
+            writeln!(out, "ok {producer} {seq} {last}")?;
+            out.flush()?;
+        }
+        seq = last + 1;
+        for event in store.claim(batch as usize, Duration::from_secs(60), None)? {
+            if let Some(lease) = event.lease() {
+                if store.complete(&lease).is_ok() {
+                    let mut out = stdout.lock();
+                    writeln!(out, "done {}", event.id)?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
 }
 
 /// A real dispatcher whose handler journals each start.
