@@ -555,3 +555,42 @@ fn invalid_configurations_are_refused() {
         assert!(err.is_invalid_input(), "{err}");
     }
 }
+
+/// T12c: workers ride out another connection holding the write lock: no
+/// event fails because of it, and claims resume once it is released.
+#[test]
+fn workers_survive_external_locks() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::builder(dir.path().join("o.db"))
+        .busy_timeout(millis(300))
+        .build()?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .poll_interval(millis(20))
+        .handle("t", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    let locker = rusqlite::Connection::open(store.path())?;
+    let mut expected = 0;
+    for round in 0..3 {
+        store.create_batch(
+            (0..20)
+                .map(|i| NewEvent::new("t", json!([round, i])))
+                .collect(),
+        )?;
+        expected += 20;
+        locker.execute_batch("BEGIN EXCLUSIVE")?;
+        std::thread::sleep(millis(700)); // more than twice the busy timeout
+        locker.execute_batch("COMMIT")?;
+        let t = Instant::now();
+        recv_n(&rx, 20)?;
+        assert!(t.elapsed() < secs(5), "claims did not resume promptly");
+    }
+    let report = dispatcher.shutdown(secs(10));
+    assert!(report.is_clean(), "{report:?}");
+    let stats = store.stats()?;
+    assert_eq!((stats.done, stats.failed), (expected, 0));
+    Ok(())
+}

@@ -512,3 +512,142 @@ fn stores_are_send_sync_and_debug() {
     check::<sqlite_outbox::Stats>();
     check::<sqlite_outbox::HandlerError>();
 }
+
+/// T13: every write path takes the write lock up front (`BEGIN IMMEDIATE`),
+/// never by upgrading a read transaction, which fails at once with
+/// `SQLITE_BUSY_SNAPSHOT` under contention whatever the busy timeout.
+#[test]
+fn write_transactions_are_immediate() -> TestResult {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/sqlite.rs"))?;
+    let mut begins = 0;
+    for (n, line) in src.lines().enumerate() {
+        let code = line.trim_start();
+        if code.starts_with("//") {
+            continue;
+        }
+        if code.contains("transaction_with_behavior(")
+            || code.contains("Transaction::new_unchecked(")
+        {
+            begins += 1;
+            assert!(code.contains("Immediate"), "line {}: {code}", n + 1);
+        }
+        assert!(
+            !code.contains(".transaction()"),
+            "line {}: a deferred transaction: {code}",
+            n + 1
+        );
+        assert!(!code.contains("\"BEGIN DEFERRED"), "line {}: {code}", n + 1);
+    }
+    assert!(begins >= 4, "the check found the write paths ({begins})");
+    // The only plain BEGIN is the read transaction of stats().
+    assert_eq!(src.matches("execute_batch(\"BEGIN\")").count(), 1);
+    Ok(())
+}
+
+/// T7a: when the size limit is reached mid-flight, a claim or an ack that
+/// fails leaves the event to be redelivered, never lost or marked done.
+#[test]
+fn a_full_disk_never_loses_a_claimed_event() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("full.db");
+    let store = SqliteStore::open(&path)?;
+    let events = store.create_batch((0..20).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let claimed = store.claim(20, secs(30), None)?;
+    drop(store);
+    // Fill the file to its cap with another store, then try to finish.
+    let capped = SqliteStore::builder(&path)
+        .max_page_count(30)
+        .pool_size(1)
+        .build()?;
+    let filler = loop {
+        match capped.create(NewEvent::new("filler", json!({"pad": "x".repeat(1000)}))) {
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(filler.is_disk_full());
+    let mut acked = Vec::new();
+    for e in &claimed {
+        match capped.complete(&e.lease().ok_or("lease")?) {
+            Ok(()) => acked.push(e.id),
+            Err(err) => assert!(err.is_disk_full(), "{err:?}"),
+        }
+    }
+    drop(capped);
+    let store = SqliteStore::builder(&path)
+        .clock(Arc::new(sqlite_outbox::ManualClock::at(
+            chrono::Utc::now() + chrono::Duration::seconds(60),
+        )))
+        .build()?;
+    for e in &events {
+        let now = store.find_by_id(e.id)?.ok_or("lost")?;
+        if acked.contains(&e.id) {
+            assert_eq!(now.status, Status::Done);
+        } else {
+            assert_eq!(
+                now.status,
+                Status::Processing,
+                "an unacknowledged event changed"
+            );
+        }
+    }
+    // After the leases run out the unacknowledged ones come back.
+    let again = store.claim(100, secs(30), Some(&["t".to_owned()]))?;
+    assert_eq!(again.len(), events.len() - acked.len());
+    Ok(())
+}
+
+mod payloads {
+    use proptest::prelude::*;
+    use sqlite_outbox::{NewEvent, SqliteStore, Store};
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// T11: arbitrary bytes as a payload never panic; what parses as
+        /// JSON is stored and read back unchanged.
+        #[test]
+        fn arbitrary_payloads_are_rejected_or_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let text = String::from_utf8_lossy(&bytes);
+            match NewEvent::from_json("t", &text) {
+                Err(e) => prop_assert!(e.is_invalid_input()),
+                Ok(event) => {
+                    let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let store = SqliteStore::open(dir.path().join("p.db")).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let value = event.payload().clone();
+                    let stored = store.create(event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let read = store.find_by_id(stored.id).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(read.map(|e| e.payload), Some(value));
+                }
+            }
+        }
+
+        #[test]
+        fn json_values_round_trip(value in arb_json()) {
+            let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let store = SqliteStore::open(dir.path().join("p.db")).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let stored = store.create(NewEvent::new("t", value.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let read = store.find_by_id(stored.id).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(read.map(|e| e.payload), Some(value));
+        }
+    }
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            ".*".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(".{0,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+}
