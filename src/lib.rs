@@ -77,6 +77,10 @@
 //!
 //! - `bundled` (default): compile SQLite from source through
 //!   `rusqlite/bundled`, so no system library is needed.
+//! - `cli`: the `outbox` command-line tool (operate a file, relay events
+//!   over HTTP or to a command). Its dependencies stay out of the library.
+//! - `torture`: the `outbox-torture` crash-test driver used by the
+//!   reliability tests.
 
 pub mod admin;
 mod catalog;

@@ -773,17 +773,29 @@ fn t7b_a_full_tmpfs_fails_cleanly_and_recovers() -> TestResult {
         assert!(err.is_disk_full(), "{err:?}");
         println!("T7b: disk full after {} events", committed.len());
         std::fs::remove_file(&filler)?;
-        // The same store, no reopen.
+        // The same store, no reopen. A disk-full error is transient: the
+        // store gives the WAL's space back, and a retry goes through.
+        fn retry<T>(mut op: impl FnMut() -> sqlite_outbox::Result<T>) -> sqlite_outbox::Result<T> {
+            match op() {
+                Err(e) if e.is_disk_full() => op(),
+                other => other,
+            }
+        }
         for i in 0..50 {
-            store.create(NewEvent::new("t", json!({"after": i})))?;
+            retry(|| store.create(NewEvent::new("t", json!({"after": i}))))?;
         }
         loop {
-            let claimed = store.claim(200, Duration::from_secs(30), None)?;
+            let claimed = retry(|| store.claim(200, Duration::from_secs(30), None))?;
             if claimed.is_empty() {
                 break;
             }
-            for e in claimed {
-                store.complete(&e.lease().ok_or("lease")?)?;
+            let acks: Vec<sqlite_outbox::Ack> = claimed
+                .iter()
+                .filter_map(|e| e.lease())
+                .map(sqlite_outbox::Ack::complete)
+                .collect();
+            for result in retry(|| store.settle(&acks))? {
+                result?;
             }
         }
         for id in &committed {

@@ -596,10 +596,7 @@ impl SqliteStore {
     fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let _guard = lock(&self.inner.write_lock);
         let mut conn = self.conn()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let value = f(&tx)?;
-        tx.commit()?;
-        Ok(value)
+        immediate(&mut conn, f)
     }
 
     /// A short write that need not wait for the disk: a claim or a lease
@@ -626,10 +623,7 @@ impl SqliteStore {
         let Some(conn) = slot.as_mut() else {
             return Err(Error::new(ErrorKind::Pool));
         };
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let value = f(&tx)?;
-        tx.commit()?;
-        Ok(value)
+        immediate(conn, f)
     }
 
     fn update_by_id(&self, id: EventId, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<()> {
@@ -645,6 +639,28 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// Runs `f` in a `BEGIN IMMEDIATE` transaction and commits it. When the
+/// disk is full, it also tries to give the WAL's space back (a TRUNCATE
+/// checkpoint), so that a retry can succeed once the WAL was the problem: on
+/// a small disk the WAL may never reach the size at which SQLite would
+/// checkpoint it by itself.
+fn immediate<T>(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    let result = (|| -> Result<T> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    })();
+    if let Err(err) = &result {
+        if err.is_disk_full() {
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+                tracing::warn!(error = %e, "checkpoint after a full disk failed; will retry with the next write");
+            }
+        }
+    }
+    result
 }
 
 fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
@@ -807,6 +823,26 @@ static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The acknowledgements. Each is fenced: it changes the row only while the
+/// lease named by (seq, token) is the current one.
+const ACK_DONE_SQL: &str = "UPDATE outbox_events SET status = 'done', completed_at = ?3,
+      locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+const ACK_RETRY_SQL: &str = "UPDATE outbox_events SET last_error = ?4,
+      status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+      completed_at = CASE WHEN attempts >= max_attempts THEN ?3 END,
+      next_attempt_at = CASE WHEN attempts >= max_attempts THEN next_attempt_at ELSE ?5 END,
+      locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+const ACK_FAIL_SQL: &str = "UPDATE outbox_events SET status = 'failed', completed_at = ?3,
+      last_error = ?4, locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+const ACK_EXTEND_SQL: &str = "UPDATE outbox_events SET locked_until = ?3
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+const ACK_RELEASE_SQL: &str = "UPDATE outbox_events SET status = 'pending',
+      attempts = max(attempts - 1, 0), locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+
 fn types_json(types: Option<&[String]>) -> Option<String> {
     types.map(|t| serde_json::Value::from(t.to_vec()).to_string())
 }
@@ -891,46 +927,30 @@ impl Store for SqliteStore {
             .iter()
             .all(|a| matches!(a.kind, AckKind::Extend { .. }));
         let settle = |tx: &Transaction<'_>| {
-            const FENCE: &str = "WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
-            const UNLOCK: &str = "locked_at = NULL, locked_until = NULL, lease_token = NULL";
             let mut results = Vec::with_capacity(acks.len());
             for ack in acks {
                 let l = &ack.lease;
                 let changed = match &ack.kind {
                     AckKind::Complete => tx
-                        .prepare_cached(&format!(
-                            "UPDATE outbox_events SET status = 'done', completed_at = ?3, {UNLOCK} {FENCE}"
-                        ))?
+                        .prepare_cached(ACK_DONE_SQL)?
                         .execute(params![l.seq, l.token, now])?,
                     AckKind::Retry { error, delay } => {
-                        let wait = delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
+                        let wait =
+                            delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
                         let next = clock::to_millis(clock::add(clock::from_millis(now), wait));
-                        tx.prepare_cached(&format!(
-                            "UPDATE outbox_events SET last_error = ?4,
-                               status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-                               completed_at = CASE WHEN attempts >= max_attempts THEN ?3 END,
-                               next_attempt_at = CASE WHEN attempts >= max_attempts
-                                                      THEN next_attempt_at ELSE ?5 END,
-                               {UNLOCK} {FENCE}"
-                        ))?
-                        .execute(params![l.seq, l.token, now, error, next])?
+                        tx.prepare_cached(ACK_RETRY_SQL)?
+                            .execute(params![l.seq, l.token, now, error, next])?
                     }
                     AckKind::Fail { error } => tx
-                        .prepare_cached(&format!(
-                            "UPDATE outbox_events SET status = 'failed', completed_at = ?3,
-                               last_error = ?4, {UNLOCK} {FENCE}"
-                        ))?
+                        .prepare_cached(ACK_FAIL_SQL)?
                         .execute(params![l.seq, l.token, now, error])?,
                     AckKind::Extend { by } => {
                         let until = clock::to_millis(clock::add(clock::from_millis(now), *by));
-                        tx.prepare_cached(&format!("UPDATE outbox_events SET locked_until = ?3 {FENCE}"))?
+                        tx.prepare_cached(ACK_EXTEND_SQL)?
                             .execute(params![l.seq, l.token, until])?
                     }
                     AckKind::Release => tx
-                        .prepare_cached(&format!(
-                            "UPDATE outbox_events SET status = 'pending',
-                               attempts = max(attempts - 1, 0), {UNLOCK} {FENCE}"
-                        ))?
+                        .prepare_cached(ACK_RELEASE_SQL)?
                         .execute(params![l.seq, l.token])?,
                 };
                 results.push(if changed == 1 {
