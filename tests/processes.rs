@@ -374,6 +374,34 @@ pub fn worker_kill_run(
     Ok(report)
 }
 
+/// T14: six processes open a fresh file at the same moment and each
+/// enqueues one event: all succeed and the schema is created once.
+#[test]
+fn six_processes_open_a_fresh_file_at_once() -> TestResult {
+    for round in 0..10 {
+        let dir = tempfile::tempdir()?;
+        let db = dir.path().join("fresh.db");
+        let children = (0..6)
+            .map(|p| {
+                driver(&["enqueue", "--db", &s(&db), "--producer", &p.to_string(), "--from", "0", "--count", "1", "--batch", "1"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for child in children {
+            let out = child.wait_with_output()?;
+            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok "), "round {round}");
+        }
+        let store = SqliteStore::open(&db)?;
+        assert_eq!(store.stats()?.total(), 6, "round {round}");
+        assert_eq!(store.pragma("application_id")?, sqlite_outbox::APPLICATION_ID.to_string());
+        assert_eq!(store.pragma("user_version")?, sqlite_outbox::SCHEMA_VERSION.to_string());
+    }
+    Ok(())
+}
+
 // ---- the long tier (run by .ci/run with --ignored) ----------------------
 
 /// Compiles a fault shim from `tests/torture`, or says why it cannot.

@@ -651,3 +651,41 @@ mod payloads {
         })
     }
 }
+
+/// T12b: a lock held for half the busy timeout is waited out.
+#[test]
+fn a_short_lock_is_waited_out() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("short.db");
+    let store = SqliteStore::builder(&path).busy_timeout(Duration::from_millis(600)).build()?;
+    let locker = Connection::open(&path)?;
+    locker.execute_batch("BEGIN EXCLUSIVE")?;
+    let release = std::thread::spawn(move || -> rusqlite::Result<()> {
+        std::thread::sleep(Duration::from_millis(300));
+        locker.execute_batch("COMMIT")
+    });
+    store.create(NewEvent::new("t", json!(1)))?;
+    release.join().map_err(|_| "locker panicked")??;
+    assert_eq!(store.stats()?.total(), 1);
+    Ok(())
+}
+
+/// T12d: a file held in exclusive locking mode by another connection is
+/// reported as busy, not as damaged.
+#[test]
+fn an_exclusively_locked_file_is_busy_not_corrupt() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("excl.db");
+    SqliteStore::open(&path)?.create(NewEvent::new("t", json!(1)))?;
+    let holder = Connection::open(&path)?;
+    holder.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")?;
+    let err = SqliteStore::builder(&path)
+        .busy_timeout(Duration::from_millis(200))
+        .build()
+        .and_then(|s| s.create(NewEvent::new("t", json!(2))))
+        .expect_err("the file is held exclusively");
+    assert!(err.is_busy(), "{:?}", err.kind());
+    drop(holder);
+    assert_eq!(SqliteStore::open(&path)?.stats()?.total(), 1);
+    Ok(())
+}
