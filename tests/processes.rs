@@ -383,21 +383,46 @@ fn six_processes_open_a_fresh_file_at_once() -> TestResult {
         let db = dir.path().join("fresh.db");
         let children = (0..6)
             .map(|p| {
-                driver(&["enqueue", "--db", &s(&db), "--producer", &p.to_string(), "--from", "0", "--count", "1", "--batch", "1"])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
+                driver(&[
+                    "enqueue",
+                    "--db",
+                    &s(&db),
+                    "--producer",
+                    &p.to_string(),
+                    "--from",
+                    "0",
+                    "--count",
+                    "1",
+                    "--batch",
+                    "1",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
             })
             .collect::<Result<Vec<_>, _>>()?;
         for child in children {
             let out = child.wait_with_output()?;
-            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
-            assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok "), "round {round}");
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stdout).starts_with("ok "),
+                "round {round}"
+            );
         }
         let store = SqliteStore::open(&db)?;
         assert_eq!(store.stats()?.total(), 6, "round {round}");
-        assert_eq!(store.pragma("application_id")?, sqlite_outbox::APPLICATION_ID.to_string());
-        assert_eq!(store.pragma("user_version")?, sqlite_outbox::SCHEMA_VERSION.to_string());
+        assert_eq!(
+            store.pragma("application_id")?,
+            sqlite_outbox::APPLICATION_ID.to_string()
+        );
+        assert_eq!(
+            store.pragma("user_version")?,
+            sqlite_outbox::SCHEMA_VERSION.to_string()
+        );
     }
     Ok(())
 }

@@ -657,7 +657,9 @@ mod payloads {
 fn a_short_lock_is_waited_out() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("short.db");
-    let store = SqliteStore::builder(&path).busy_timeout(Duration::from_millis(600)).build()?;
+    let store = SqliteStore::builder(&path)
+        .busy_timeout(Duration::from_millis(600))
+        .build()?;
     let locker = Connection::open(&path)?;
     locker.execute_batch("BEGIN EXCLUSIVE")?;
     let release = std::thread::spawn(move || -> rusqlite::Result<()> {
