@@ -78,6 +78,24 @@ fn done_ids(store: &SqliteStore) -> sqlite_outbox::Result<HashSet<String>> {
         .collect())
 }
 
+/// The producers' business rows: one (first, last) seq range per committed
+/// batch, in order. Empty when even the table's creation was lost.
+fn committed_batches(conn: &Connection) -> rusqlite::Result<Vec<(u64, u64)>> {
+    let has_biz: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE name = 'biz'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_biz {
+        return Ok(Vec::new());
+    }
+    conn.prepare("SELECT first_seq, last_seq FROM biz ORDER BY first_seq")?
+        .query_map([], |row| {
+            Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
+        })?
+        .collect()
+}
+
 fn integrity_ok(path: &Path) -> rusqlite::Result<bool> {
     let conn = Connection::open(path)?;
     let r: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
@@ -243,12 +261,7 @@ pub fn producer_kill_cycles(cycles: usize) -> TestResult {
         }
         assert!(integrity_ok(&db)?, "cycle {cycle}: integrity");
         let conn = Connection::open(&db)?;
-        let batches: Vec<(u64, u64)> = conn
-            .prepare("SELECT first_seq, last_seq FROM biz ORDER BY first_seq")?
-            .query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<Result<_, _>>()?;
+        let batches = committed_batches(&conn)?;
         let seqs: HashSet<u64> = conn
             .prepare("SELECT json_extract(payload, '$.seq') FROM outbox_events")?
             .query_map([], |r| Ok(r.get::<_, i64>(0)? as u64))?
@@ -717,20 +730,7 @@ fn power_cycles(
         }
         let conn = Connection::open(&db)?;
         // At NORMAL even the business table's creation may be undone.
-        let has_biz: bool = conn.query_row(
-            "SELECT count(*) > 0 FROM sqlite_schema WHERE name = 'biz'",
-            [],
-            |row| row.get(0),
-        )?;
-        let batches: HashSet<(u64, u64)> = if has_biz {
-            conn.prepare("SELECT first_seq, last_seq FROM biz")?
-                .query_map([], |row| {
-                    Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
-                })?
-                .collect::<Result<_, _>>()?
-        } else {
-            HashSet::new()
-        };
+        let batches: HashSet<(u64, u64)> = committed_batches(&conn)?.into_iter().collect();
         let mut seqs: HashMap<u64, (String, String)> = HashMap::new();
         let mut stmt =
             conn.prepare("SELECT json_extract(payload, '$.seq'), id, status FROM outbox_events")?;
@@ -931,12 +931,7 @@ fn t8_io_errors_surface_and_nothing_acknowledged_is_lost() -> TestResult {
         }
         assert!(integrity_ok(&db)?);
         let conn = Connection::open(&db)?;
-        let batches: HashSet<(u64, u64)> = conn
-            .prepare("SELECT first_seq, last_seq FROM biz")?
-            .query_map([], |row| {
-                Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<Result<_, _>>()?;
+        let batches: HashSet<(u64, u64)> = committed_batches(&conn)?.into_iter().collect();
         let lost = acked.iter().filter(|b| !batches.contains(b)).count();
         let recovered = batches.len().saturating_sub(acked.len());
         println!("T8 {op}: {} acknowledged, {errors} errors, {ok_after_error} ok after an error, lost {lost}, recovered {recovered}", acked.len());

@@ -164,38 +164,55 @@ fn run() -> Res<()> {
     }
 }
 
+/// The producers' business table: one row per batch, written in the same
+/// transaction as the batch's events.
+fn create_biz(store: &SqliteStore) -> sqlite_outbox::Result<()> {
+    store.transaction(|tx| {
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS biz (producer INTEGER, first_seq INTEGER, last_seq INTEGER)",
+        )?;
+        Ok(())
+    })
+}
+
+/// One business row and the events `first..=last` in one transaction.
+fn enqueue_batch(
+    store: &SqliteStore,
+    producer: u64,
+    first: u64,
+    last: u64,
+    pad: usize,
+) -> sqlite_outbox::Result<()> {
+    store.transaction(|tx| {
+        tx.execute(
+            "INSERT INTO biz (producer, first_seq, last_seq) VALUES (?1, ?2, ?3)",
+            (producer as i64, first as i64, last as i64),
+        )?;
+        let events = (first..=last)
+            .map(|n| {
+                NewEvent::new(
+                    "torture",
+                    json!({"p": producer, "seq": n, "pad": "x".repeat(pad)}),
+                )
+            })
+            .collect();
+        store.enqueue_batch(tx, events)?;
+        Ok(())
+    })
+}
+
 fn enqueue(args: &Args) -> Res<()> {
     let store = open_store(args)?;
     let producer = args.num("producer", 0)?;
     let from = args.num("from", 0)?;
     let count = args.num("count", 1000)?;
     let batch = args.num("batch", 50)?.max(1);
-    store.transaction(|tx| {
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS biz (producer INTEGER, first_seq INTEGER, last_seq INTEGER)",
-        )?;
-        Ok::<_, sqlite_outbox::Error>(())
-    })?;
+    create_biz(&store)?;
     let stdout = std::io::stdout();
     let mut seq = from;
     while seq < from + count {
         let last = (seq + batch - 1).min(from + count - 1);
-        let result = store.transaction(|tx| {
-            tx.execute(
-                "INSERT INTO biz (producer, first_seq, last_seq) VALUES (?1, ?2, ?3)",
-                (producer as i64, seq as i64, last as i64),
-            )?;
-            let events = (seq..=last)
-                .map(|n| {
-                    NewEvent::new(
-                        "torture",
-                        json!({"p": producer, "seq": n, "pad": "x".repeat(64)}),
-                    )
-                })
-                .collect();
-            store.enqueue_batch(tx, events)?;
-            Ok::<_, sqlite_outbox::Error>(())
-        });
+        let result = enqueue_batch(&store, producer, seq, last, 64);
         let mut out = stdout.lock();
         match result {
             Ok(()) => writeln!(out, "ok {producer} {seq} {last}")?,
@@ -345,26 +362,11 @@ fn power(args: &Args) -> Res<()> {
     let producer = args.num("producer", 0)?;
     let mut seq = args.num("from", 0)?;
     let batch = args.num("batch", 10)?.max(1);
-    store.transaction(|tx| {
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS biz (producer INTEGER, first_seq INTEGER, last_seq INTEGER)",
-        )?;
-        Ok::<_, sqlite_outbox::Error>(())
-    })?;
+    create_biz(&store)?;
     let stdout = std::io::stdout();
     loop {
         let last = seq + batch - 1;
-        let result = store.transaction(|tx| {
-            tx.execute(
-                "INSERT INTO biz (producer, first_seq, last_seq) VALUES (?1, ?2, ?3)",
-                (producer as i64, seq as i64, last as i64),
-            )?;
-            let events = (seq..=last)
-                .map(|n| NewEvent::new("torture", json!({"p": producer, "seq": n})))
-                .collect();
-            store.enqueue_batch(tx, events)?;
-            Ok::<_, sqlite_outbox::Error>(())
-        });
+        let result = enqueue_batch(&store, producer, seq, last, 0);
         if result.is_ok() {
             let mut out = stdout.lock();
             writeln!(out, "ok {producer} {seq} {last}")?;
