@@ -1,0 +1,86 @@
+//! Each delivery runs in a `tracing` span carrying the event's id, type,
+//! attempt and correlation id. (Its own test binary: it installs a global
+//! subscriber, which the library itself never does.)
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use sqlite_outbox::{Dispatcher, Event, MemoryStore, NewEvent, Store};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Metadata, Subscriber};
+
+type Spans = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
+
+/// Records every span's name and fields.
+struct Capture {
+    spans: Spans,
+    next: AtomicU64,
+}
+
+struct Fields(Vec<(String, String)>);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+}
+
+impl Subscriber for Capture {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, span: &Attributes<'_>) -> Id {
+        let mut fields = Fields(Vec::new());
+        span.record(&mut fields);
+        if let Ok(mut spans) = self.spans.lock() {
+            spans.push((span.metadata().name().to_owned(), fields.0));
+        }
+        Id::from_u64(self.next.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
+#[test]
+fn every_delivery_has_a_span_with_the_event_fields() -> Result<(), Box<dyn std::error::Error>> {
+    let spans: Spans = Arc::default();
+    tracing::subscriber::set_global_default(Capture {
+        spans: spans.clone(),
+        next: AtomicU64::new(0),
+    })?;
+    let store = MemoryStore::new();
+    let event =
+        store.create(NewEvent::new("email.invite", json!({})).with_correlation_id("req-7"))?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .handle("email.invite", move |_: &Event| {
+            tx.send(()).ok();
+            Ok(())
+        })
+        .start()?;
+    rx.recv_timeout(Duration::from_secs(10))?;
+    dispatcher.shutdown(Duration::from_secs(5));
+    let spans = spans.lock().map_err(|_| "poisoned")?;
+    let (_, fields) = spans
+        .iter()
+        .find(|(name, _)| name == "outbox.deliver")
+        .ok_or("no delivery span")?;
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("event_id"), Some(event.id.to_string().as_str()));
+    assert_eq!(get("event_type"), Some("email.invite"));
+    assert_eq!(get("attempt"), Some("1"));
+    assert_eq!(get("correlation_id"), Some("req-7"));
+    Ok(())
+}
