@@ -4,6 +4,8 @@
 //! cargo bench --bench outbox                 # full run, a few minutes
 //! cargo bench --bench outbox -- --quick      # smoke run
 //! cargo bench --bench outbox -- --json F     # also write the rows as JSON
+//! cargo bench --bench outbox -- --only G     # one group: enqueue, dispatch,
+//!                                            # latency, scaling, memory, idle
 //! ```
 //!
 //! Every figure is paired with a raw-rusqlite baseline doing the same SQL
@@ -93,12 +95,26 @@ fn main() -> Res<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    type Group = fn(&Config, &Path, &mut Vec<Row>) -> Res<()>;
+    let groups: [(&str, Group); 6] = [
+        ("enqueue", enqueue_benches),
+        ("dispatch", dispatch_benches),
+        ("latency", latency_benches),
+        ("scaling", scaling_benches),
+        ("memory", memory_benches),
+        ("idle", idle_benches),
+    ];
     let mut rows = Vec::new();
-    enqueue_benches(&cfg, dir.path(), &mut rows)?;
-    dispatch_benches(&cfg, dir.path(), &mut rows)?;
-    latency_benches(&cfg, dir.path(), &mut rows)?;
-    scaling_benches(&cfg, dir.path(), &mut rows)?;
-    memory_benches(&cfg, dir.path(), &mut rows)?;
+    for (name, run) in groups {
+        if only.as_deref().is_none_or(|o| o == name) {
+            run(&cfg, dir.path(), &mut rows)?;
+        }
+    }
     print_table(&rows);
     if let Some(path) = json_out {
         std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
@@ -771,5 +787,41 @@ fn memory_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
             note: format!("file {file_mib:.1} MiB; {:.0} ev/s", n as f64 / secs),
         });
     }
+    Ok(())
+}
+
+/// CPU time (user + system) this process has used, from /proc/self/stat.
+fn cpu_time() -> Res<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// What an idle dispatcher costs: CPU time while nothing is due.
+fn idle_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    let secs = if cfg.quick { 2 } else { 10 };
+    let store = our_db(&dir.join("idle.db"), Durability::Full)?;
+    let dispatcher = Dispatcher::builder(store)
+        .handle("bench.event", |_: &Event| Ok(()))
+        .start()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_time()?;
+    std::thread::sleep(Duration::from_secs(secs));
+    let used = cpu_time()? - before;
+    dispatcher.shutdown(Duration::from_secs(5));
+    rows.push(Row {
+        group: "idle",
+        name: "CPU used by an idle dispatcher (default 500 ms poll)".into(),
+        ours: used.as_secs_f64() * 1000.0 / secs as f64,
+        raw: None,
+        unit: "ms CPU/s",
+        ratio: None,
+        note: format!("over {secs} s; 10 ms resolution"),
+    });
     Ok(())
 }
