@@ -96,6 +96,39 @@ fn committed_batches(conn: &Connection) -> rusqlite::Result<Vec<(u64, u64)>> {
         .collect()
 }
 
+/// A fresh outbox file in a temporary directory, holding `n` pending events
+/// of type `t` with payload `{"seq": i}`; also returns their ids.
+struct Fresh {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    store: SqliteStore,
+    ids: HashSet<String>,
+}
+
+fn fresh_outbox(n: usize) -> Result<Fresh, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    let mut ids = HashSet::new();
+    for start in (0..n).step_by(1000) {
+        let batch = (start..n.min(start + 1000))
+            .map(|i| NewEvent::new("t", json!({"seq": i})))
+            .collect();
+        ids.extend(
+            store
+                .create_batch(batch)?
+                .into_iter()
+                .map(|e| e.id.to_string()),
+        );
+    }
+    Ok(Fresh {
+        dir,
+        db,
+        store,
+        ids,
+    })
+}
+
 fn integrity_ok(path: &Path) -> rusqlite::Result<bool> {
     let conn = Connection::open(path)?;
     let r: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
@@ -104,14 +137,12 @@ fn integrity_ok(path: &Path) -> rusqlite::Result<bool> {
 
 #[test]
 fn two_processes_dispatch_one_file_without_running_an_event_twice() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("o.db");
-    let store = SqliteStore::open(&db)?;
-    let events = store.create_batch(
-        (0..1000)
-            .map(|i| NewEvent::new("t", json!({"seq": i})))
-            .collect(),
-    )?;
+    let Fresh {
+        dir,
+        db,
+        store,
+        ids: expected,
+    } = fresh_outbox(1000)?;
     let journals: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("j{i}"))).collect();
     let children = journals
         .iter()
@@ -140,7 +171,6 @@ fn two_processes_dispatch_one_file_without_running_an_event_twice() -> TestResul
             assert!(started.insert(id.clone()), "event {id} ran twice");
         }
     }
-    let expected: HashSet<String> = events.iter().map(|e| e.id.to_string()).collect();
     assert_eq!(started, expected);
     assert_eq!(done_ids(&store)?, expected);
     let per_journal: Vec<usize> = journals
@@ -316,14 +346,12 @@ pub fn worker_kill_run(
     overrun_pct: u64,
 ) -> Result<journal::Report, Box<dyn std::error::Error>> {
     let mut rng = Rng(seed());
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("o.db");
-    let store = SqliteStore::open(&db)?;
-    let created = store.create_batch(
-        (0..events)
-            .map(|i| NewEvent::new("t", json!({"seq": i})))
-            .collect(),
-    )?;
+    let Fresh {
+        dir,
+        db,
+        store,
+        ids: expected,
+    } = fresh_outbox(events)?;
     let lease_ms = 500;
     let spawn = |n: usize, seed: u64| -> std::io::Result<Child> {
         driver(&[
@@ -368,7 +396,6 @@ pub fn worker_kill_run(
         .map(|n| dir.path().join(format!("j{n}")))
         .collect();
     let entries = journal::read(&journals)?;
-    let expected: HashSet<String> = created.iter().map(|e| e.id.to_string()).collect();
     let report = journal::check(
         &entries,
         &expected,
@@ -504,14 +531,12 @@ fn t3b_overrunning_handlers_are_fenced() -> TestResult {
 #[test]
 #[ignore = "long tier: run with --ignored"]
 fn t3c_the_checker_catches_a_weak_ack_guard() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("o.db");
-    let store = SqliteStore::open(&db)?;
-    let created = store.create_batch(
-        (0..600)
-            .map(|i| NewEvent::new("t", json!({"seq": i})))
-            .collect(),
-    )?;
+    let Fresh {
+        dir,
+        db,
+        store,
+        ids: expected,
+    } = fresh_outbox(600)?;
     let journals: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("j{i}"))).collect();
     let children = journals
         .iter()
@@ -541,7 +566,6 @@ fn t3c_the_checker_catches_a_weak_ack_guard() -> TestResult {
         })
         .collect::<Result<Vec<_>, _>>()?;
     wait_all(children, Duration::from_secs(120))?;
-    let expected: HashSet<String> = created.iter().map(|e| e.id.to_string()).collect();
     let r = journal::check(
         &journal::read(&journals)?,
         &expected,
@@ -561,16 +585,7 @@ fn t3c_the_checker_catches_a_weak_ack_guard() -> TestResult {
 #[test]
 #[ignore = "long tier: run with --ignored"]
 fn t5_contention_claims_each_event_once() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("o.db");
-    let store = SqliteStore::open(&db)?;
-    for chunk in 0..20 {
-        store.create_batch(
-            (0..1000)
-                .map(|i| NewEvent::new("t", json!({"seq": chunk * 1000 + i})))
-                .collect(),
-        )?;
-    }
+    let Fresh { dir, db, store, .. } = fresh_outbox(20_000)?;
     let journals: Vec<PathBuf> = (0..4).map(|i| dir.path().join(format!("j{i}"))).collect();
     let started = Instant::now();
     let children = journals
