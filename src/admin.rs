@@ -105,6 +105,7 @@ pub fn stats_json(stats: &Stats) -> Value {
         "by_type": stats.by_type.iter().map(|t| json!({
             "type": t.event_type,
             "pending": t.pending,
+            "due": t.due,
             "processing": t.processing,
             "done": t.done,
             "failed": t.failed,

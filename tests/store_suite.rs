@@ -671,12 +671,15 @@ fn stats_count_per_status_and_type(f: &Fixture) -> TestResult {
         (2, 1, 0, 1, 1)
     );
     assert_eq!(s.total(), 4);
-    let types: Vec<(&str, u64, u64, u64)> = s
+    let types: Vec<(&str, u64, u64, u64, u64)> = s
         .by_type
         .iter()
-        .map(|t| (t.event_type.as_str(), t.pending, t.done, t.failed))
+        .map(|t| (t.event_type.as_str(), t.pending, t.due, t.done, t.failed))
         .collect();
-    assert_eq!(types, vec![("a", 1, 1, 0), ("b", 1, 0, 0), ("c", 0, 0, 1)]);
+    assert_eq!(
+        types,
+        vec![("a", 1, 1, 1, 0), ("b", 1, 0, 0, 0), ("c", 0, 0, 0, 1)]
+    );
     assert_eq!(s.oldest_due_age, Some(secs(7)));
     let _ = start;
     let empty = Fixture::memory().store.stats()?;

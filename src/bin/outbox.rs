@@ -740,9 +740,8 @@ fn relay(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failure> {
                 .iter()
                 .filter(|t| types.contains(&t.event_type))
                 .collect();
-            // Due counts are not kept per type: pending stands in for due.
             (
-                by.iter().map(|t| t.pending).sum(),
+                by.iter().map(|t| t.due).sum(),
                 by.iter().map(|t| t.processing).sum(),
             )
         }

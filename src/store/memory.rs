@@ -470,9 +470,9 @@ impl Store for MemoryStore {
         let mut stats = Stats::default();
         let mut oldest_due: Option<DateTime<Utc>> = None;
         for e in state.rows.values() {
-            stats.add(&e.event_type, e.status, 1);
-            if e.status == Status::Pending && e.next_attempt_at <= now {
-                stats.due += 1;
+            let due = e.status == Status::Pending && e.next_attempt_at <= now;
+            stats.add(&e.event_type, e.status, 1, u64::from(due));
+            if due {
                 oldest_due =
                     Some(oldest_due.map_or(e.next_attempt_at, |t| t.min(e.next_attempt_at)));
             }

@@ -410,6 +410,8 @@ pub struct TypeStats {
     pub event_type: String,
     /// Pending events of this type.
     pub pending: u64,
+    /// Pending events of this type that are due now.
+    pub due: u64,
     /// Processing events of this type.
     pub processing: u64,
     /// Done events of this type.
@@ -455,7 +457,8 @@ impl Stats {
         self.pending + self.processing + self.done + self.failed
     }
 
-    pub(crate) fn add(&mut self, event_type: &str, status: Status, n: u64) {
+    /// Counts `n` events of `event_type` in `status`, `due` of them due now.
+    pub(crate) fn add(&mut self, event_type: &str, status: Status, n: u64, due: u64) {
         let slot = match self
             .by_type
             .binary_search_by(|t| t.event_type.as_str().cmp(event_type))
@@ -481,6 +484,8 @@ impl Stats {
         };
         *total += n;
         *per_type += n;
+        t.due += due;
+        self.due += due;
     }
 }
 

@@ -1154,23 +1154,29 @@ impl Store for SqliteStore {
             let result = (|| {
                 let mut stats = Stats::default();
                 let mut stmt = conn.prepare_cached(
-                    "SELECT event_type, status, count(*) FROM outbox_events GROUP BY event_type, status",
+                    "SELECT event_type, status, count(*),
+                            sum(status = 'pending' AND next_attempt_at <= ?1)
+                     FROM outbox_events GROUP BY event_type, status",
                 )?;
-                let rows = stmt.query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                let rows = stmt.query_map([now], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
                 })?;
                 for row in rows {
-                    let (event_type, status, n) = row?;
+                    let (event_type, status, n, due) = row?;
                     let status = status.parse().unwrap_or(Status::Pending);
-                    stats.add(&event_type, status, count_u64(n));
+                    stats.add(&event_type, status, count_u64(n), count_u64(due));
                 }
-                let (due, oldest): (i64, Option<i64>) = conn
+                let oldest: Option<i64> = conn
                     .prepare_cached(
-                        "SELECT count(*), min(next_attempt_at) FROM outbox_events
+                        "SELECT min(next_attempt_at) FROM outbox_events
                          WHERE status = 'pending' AND next_attempt_at <= ?1",
                     )?
-                    .query_row([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                stats.due = count_u64(due);
+                    .query_row([now], |r| r.get(0))?;
                 stats.oldest_due_age =
                     oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
                 Ok(stats)
