@@ -101,9 +101,10 @@ pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventId, Lease, NewEvent, Status, MAX_EVENT_TYPE_LEN, MAX_PAYLOAD_BYTES};
 pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
 pub use store::memory::MemoryStore;
+pub use store::schema::{APPLICATION_ID, SCHEMA_SQL, SCHEMA_VERSION};
 pub use store::sqlite::{
-    Durability, SqliteStore, SqliteStoreBuilder, APPLICATION_ID, DEFAULT_BUSY_TIMEOUT,
-    DEFAULT_POOL_SIZE, SCHEMA_SQL, SCHEMA_VERSION, WAL_SIZE_LIMIT,
+    Durability, SqliteStore, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT, DEFAULT_POOL_SIZE,
+    WAL_SIZE_LIMIT,
 };
 pub use store::{
     Ack, ListFilter, Requeue, Stats, Store, TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
