@@ -151,6 +151,10 @@ fn operator_commands_in_tables_and_json() -> TestResult {
         json!(0)
     );
     assert!(ok(&outbox(&db, &["schema"])?)?.contains("CREATE TABLE IF NOT EXISTS outbox_events"));
+    assert_eq!(
+        json_of(&outbox(&db, &["--json", "verify"])?)?["ok"],
+        json!(true)
+    );
     Ok(())
 }
 

@@ -88,6 +88,8 @@ enum Command {
         #[arg(long)]
         user: Option<Uuid>,
     },
+    /// Check the file for damage (`PRAGMA quick_check`).
+    Verify,
     /// Write a consistent copy of the outbox (including the WAL) to PATH.
     Backup {
         /// Where to write the copy; must not exist.
@@ -459,6 +461,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             };
             output(cli.json, json!({"deleted": n}), || {
                 format!("deleted {n} event(s) of {whose}")
+            })
+        }
+        Command::Verify => {
+            open_read(db)?.verify().map_err(fail)?;
+            output(cli.json, json!({"ok": true}), || {
+                format!("{}: ok", db.display())
             })
         }
         Command::Backup { path } => {
