@@ -10,8 +10,10 @@
 -- `PRAGMA user_version`; it runs this script once, in a write transaction.
 
 CREATE TABLE IF NOT EXISTS outbox_events (
-    -- Enqueue order. Ordering keys and claims follow it.
-    seq             INTEGER PRIMARY KEY,
+    -- Enqueue order. Ordering keys and claims follow it. AUTOINCREMENT: a
+    -- number is never given out twice, even after the newest events are
+    -- purged, so it can serve as a cursor. Numbers may skip.
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     -- Public identity: a UUID in its hyphenated lowercase text form. The
     -- crate writes time-ordered v7 UUIDs; the default makes a random v4 one.
     id              TEXT    NOT NULL UNIQUE DEFAULT (

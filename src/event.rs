@@ -309,7 +309,8 @@ impl NewEvent {
 pub struct Event {
     /// The event's identity.
     pub id: EventId,
-    /// Its place in enqueue order.
+    /// Its place in enqueue order: increasing, never reused, possibly with
+    /// gaps.
     pub seq: i64,
     /// The event type, e.g. `"email.invite"`.
     pub event_type: String,

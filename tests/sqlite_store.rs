@@ -312,7 +312,7 @@ fn claims_and_maintenance_use_index_range_scans() -> TestResult {
     };
     let cases = [
         ("SELECT seq FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= 5 ORDER BY next_attempt_at, seq LIMIT 10", "outbox_events_due"),
-        ("SELECT seq FROM outbox_events WHERE status = 'processing' AND locked_until <= 5 ORDER BY locked_until LIMIT 10", "outbox_events_leases"),
+        ("SELECT seq FROM outbox_events WHERE status = 'processing' AND locked_until <= 5 ORDER BY next_attempt_at, seq LIMIT 10", "outbox_events_leases"),
         ("SELECT 1 FROM outbox_events AS b WHERE b.ordering_key = 'k' AND b.status IN ('pending', 'processing') AND b.seq < 9", "outbox_events_ordering"),
         ("DELETE FROM outbox_events WHERE status IN ('done', 'failed') AND created_at < 5", "outbox_events_finished"),
         ("DELETE FROM outbox_events WHERE org_id = 'x'", "outbox_events_org"),

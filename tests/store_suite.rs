@@ -245,6 +245,23 @@ fn claim_orders_by_due_time_then_enqueue_order(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+/// Expired leases are reclaimed in the same (due time, enqueue order) as
+/// due events, not in lease order (found by the differential test).
+fn reclaim_follows_due_time_then_enqueue_order(f: &Fixture) -> TestResult {
+    let e0 = f.store.create(ev("t"))?;
+    let _late = f.store.create(ev("t").with_delay(secs(10)))?;
+    let e2 = f.store.create(ev("t"))?;
+    f.advance(secs(10));
+    assert_eq!(f.store.claim(3, secs(5), None)?.len(), 3);
+    f.advance(secs(10));
+    let again = f.store.claim(2, secs(5), None)?;
+    assert_eq!(
+        again.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![e0.id, e2.id]
+    );
+    Ok(())
+}
+
 fn claim_respects_limit_and_types(f: &Fixture) -> TestResult {
     f.store.create(ev("a"))?;
     f.store.create(ev("b"))?;
@@ -861,6 +878,7 @@ suite!(
     claim_is_exclusive_while_lease_lives,
     claim_orders_by_due_time_then_enqueue_order,
     claim_respects_limit_and_types,
+    reclaim_follows_due_time_then_enqueue_order,
     ack_before_expiry_is_accepted,
     late_acks_are_fenced,
     fencing_survives_purge_and_id_reuse,

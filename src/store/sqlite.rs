@@ -644,6 +644,10 @@ const KEY_FREE: &str = "(e.ordering_key IS NULL OR NOT EXISTS (
 
 const TYPE_OK: &str = "(:types IS NULL OR e.event_type IN (SELECT value FROM json_each(:types)))";
 
+/// Expired leases are taken in the same (due time, enqueue order) as due
+/// events; the lease index finds them, and there are few (the events of a
+/// crashed or stalled worker), so sorting them is cheap.
+///
 /// `LIMIT :limit + 0` rather than `LIMIT :limit`: SQLite marks a bare
 /// parameter in a LIMIT as one that may change the plan, and then prepares
 /// the whole statement again on every execution (measured: 6 % of all
@@ -663,7 +667,7 @@ static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
              SELECT seq, next_attempt_at FROM (
                SELECT e.seq, e.next_attempt_at FROM outbox_events AS e
                WHERE e.status = 'processing' AND e.locked_until <= :now AND {TYPE_OK} AND {KEY_FREE}
-               ORDER BY e.locked_until LIMIT :limit + 0))
+               ORDER BY e.next_attempt_at, e.seq LIMIT :limit + 0))
            ORDER BY next_attempt_at, seq LIMIT :limit + 0)
          RETURNING {COLUMNS}"
     )
