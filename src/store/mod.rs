@@ -279,7 +279,9 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>>;
 
     /// True if another connection or process committed since the last call
-    /// (cheap: `PRAGMA data_version` for SQLite). The first call is true.
+    /// (cheap: `PRAGMA data_version` for SQLite, where the first call is
+    /// true). Always false for [`crate::MemoryStore`], which only this
+    /// process can write and whose writes notify subscribers directly.
     ///
     /// # Errors
     ///
