@@ -596,3 +596,29 @@ fn workers_survive_external_locks() -> TestResult {
     assert_eq!((stats.done, stats.failed), (expected, 0));
     Ok(())
 }
+
+/// Events that fall due by the passing of time alone (a delay, a retry, a
+/// lease running out) are claimed even when the poller wakes after the
+/// moment itself; nothing else writes to tell it.
+#[test]
+fn events_falling_due_are_claimed_after_a_late_wake_up() -> TestResult {
+    let f = Fixture::memory();
+    f.store
+        .create(NewEvent::new("t", json!({})).with_delay(secs(60)))?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(f.store.clone())
+        .poll_interval(millis(20))
+        .handle("t", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    // The poller has looked and knows the event is due in 60 s.
+    std::thread::sleep(millis(100));
+    assert!(rx.try_recv().is_err());
+    // Time jumps past it between two ticks: no write, no wake-up call.
+    f.advance(secs(61));
+    recv_n(&rx, 1)?;
+    dispatcher.shutdown(secs(5));
+    Ok(())
+}

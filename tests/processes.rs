@@ -189,8 +189,13 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
     let db = dir.path().join("o.db");
     let store = SqliteStore::open(&db)?;
     let held = store.create(NewEvent::new("t", json!({"seq": 0})))?;
-    let claimed = store.claim(1, Duration::from_secs(10), None)?;
+    let claimed = store.claim(1, Duration::from_secs(60), None)?;
     let lease = claimed.first().and_then(|e| e.lease()).ok_or("claim")?;
+    let held_until = claimed
+        .first()
+        .and_then(|e| e.locked_until)
+        .and_then(|t| t.timestamp_nanos_opt())
+        .ok_or("lease time")?;
     let crashed = store.create(NewEvent::new("t", json!({"seq": 1})))?;
     let crashed_claim = store.claim(1, Duration::from_millis(1500), None)?;
     let crashed_at = crashed_claim
@@ -204,18 +209,40 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
     )?;
 
     let j = dir.path().join("j");
-    let child = driver(&[
+    let mut child = driver(&[
         "dispatch",
         "--db",
         &s(&db),
         "--journal",
         &s(&j),
         "--max-secs",
-        "3",
+        "60",
     ])
     .stdout(Stdio::null())
+    .stderr(std::fs::File::create(dir.path().join("stderr"))?)
     .spawn()?;
-    wait_all(vec![child], Duration::from_secs(30))?;
+    // Watch the journal until the expired lease was taken over and the other
+    // events ran (or give up), then stop the child.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = others.len() + 1;
+    while Instant::now() < deadline {
+        let started = journal::read(&[&j])?
+            .iter()
+            .filter(|e| matches!(e, Entry::Start { .. }))
+            .count();
+        if started >= wanted {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let exited_early = child.try_wait()?;
+    child.kill()?;
+    child.wait()?;
+    let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
+    assert!(
+        exited_early.is_none(),
+        "the child stopped early ({exited_early:?}): {stderr}"
+    );
     let starts: Vec<(String, i64)> = journal::read(&[&j])?
         .into_iter()
         .filter_map(|e| match e {
@@ -224,13 +251,24 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
         })
         .collect();
     assert!(
-        !starts.iter().any(|(id, _)| *id == held.id.to_string()),
+        !starts
+            .iter()
+            .any(|(id, at)| *id == held.id.to_string() && *at < held_until),
         "a live lease was stolen"
     );
     let (_, taken_at) = starts
         .iter()
         .find(|(id, _)| *id == crashed.id.to_string())
-        .ok_or("the expired lease was never taken over")?;
+        .ok_or_else(|| {
+            let state = store
+                .find_by_id(crashed.id)
+                .map(|e| format!("{e:?}"))
+                .unwrap_or_default();
+            format!(
+                "the expired lease was never taken over; {} starts; event now {state}; child stderr: {stderr}",
+                starts.len()
+            )
+        })?;
     let expiry = crashed_at.timestamp_nanos_opt().ok_or("time")? + 1_500_000_000;
     assert!(
         *taken_at >= expiry - 100_000_000,

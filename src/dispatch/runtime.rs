@@ -285,6 +285,11 @@ fn poll_loop(
     let mut woken = false;
     let mut eager: Option<(Instant, Duration)> = None;
     let mut backoff = Duration::from_millis(10);
+    // The earliest time, known at the last claim, at which something becomes
+    // claimable without any write (a delayed or retrying event falling due,
+    // a lease running out). Kept until a claim runs again, so a late wake-up
+    // cannot skip it.
+    let mut due_at: Option<DateTime<Utc>> = None;
     loop {
         if ctx.shared.stopping.load(Ordering::SeqCst) {
             break;
@@ -296,6 +301,11 @@ fn poll_loop(
             match ctx.store.claim(want, ctx.lease, types) {
                 Ok(events) => {
                     backoff = Duration::from_millis(10);
+                    due_at = match ctx.store.next_wakeup(types) {
+                        Ok(at) => at,
+                        // Unknown: look again at the next tick.
+                        Err(_) => Some(ctx.store.clock().now()),
+                    };
                     got = events.len();
                     if got > 0 {
                         Counters::add(&ctx.counters.claimed, got as u64);
@@ -343,23 +353,18 @@ fn poll_loop(
         woken = false;
 
         let mut timeout = ctx.poll_interval;
-        let mut timed = false;
-        if let Ok(Some(at)) = ctx.store.next_wakeup(types) {
+        if let Some(at) = due_at {
             let until = (at - ctx.store.clock().now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 + Duration::from_millis(1);
-            if until <= timeout {
-                timeout = until;
-                timed = true;
-            }
+            timeout = timeout.min(until);
         }
         if let Some((end, step)) = eager {
             if Instant::now() >= end {
                 eager = None;
             } else if step < timeout {
                 timeout = step;
-                timed = false;
                 eager = Some((end, (step * 2).min(Duration::from_millis(32))));
             }
         }
@@ -369,7 +374,8 @@ fn poll_loop(
             recv(store_wake_rx) -> _ => { claim_now = true; woken = true; }
             recv(nudge_rx) -> _ => claim_now = true,
             default(timeout) => {
-                claim_now = timed || ctx.store.has_external_changes().unwrap_or(true);
+                let due = due_at.is_some_and(|t| ctx.store.clock().now() >= t);
+                claim_now = due || ctx.store.has_external_changes().unwrap_or(true);
                 if claim_now {
                     eager = None;
                 }
