@@ -10,6 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::retry::RetryPolicy;
 
 /// The longest event type accepted, in bytes.
 pub const MAX_EVENT_TYPE_LEN: usize = 200;
@@ -280,8 +281,11 @@ impl NewEvent {
         Ok(())
     }
 
-    /// The payload as JSON text, checked against the size limit.
-    pub(crate) fn payload_text(&self) -> Result<String> {
+    /// Checks the event (see [`NewEvent::validate`]) and returns its payload
+    /// as JSON text, checked against the size limit: what every store does
+    /// before it writes anything.
+    pub(crate) fn checked_payload(&self) -> Result<String> {
+        self.validate()?;
         let text = serde_json::to_string(&self.payload)
             .map_err(|e| Error::invalid(format!("payload cannot be serialised: {e}")))?;
         if text.len() > MAX_PAYLOAD_BYTES {
@@ -291,6 +295,34 @@ impl NewEvent {
             )));
         }
         Ok(text)
+    }
+
+    /// The stored row of this event as enqueued at `now` with number `seq`:
+    /// pending, no attempts, times in whole milliseconds (as stored).
+    pub(crate) fn into_pending(self, seq: i64, now: DateTime<Utc>, policy: &RetryPolicy) -> Event {
+        let ms = |t| crate::clock::from_millis(crate::clock::to_millis(t));
+        Event {
+            id: self.id,
+            seq,
+            next_attempt_at: ms(self.due_at(now)),
+            max_attempts: self.max_attempts.unwrap_or_else(|| policy.max_attempts()),
+            event_type: self.event_type,
+            payload: self.payload,
+            status: Status::Pending,
+            attempts: 0,
+            locked_at: None,
+            locked_until: None,
+            lease_token: None,
+            completed_at: None,
+            delivered_at: None,
+            last_error: None,
+            correlation_id: self.correlation_id,
+            org_id: self.org_id,
+            user_id: self.user_id,
+            ordering_key: self.ordering_key,
+            idempotency_key: self.idempotency_key,
+            created_at: ms(now),
+        }
     }
 
     /// When the event first becomes due, given the time of enqueue.

@@ -297,15 +297,12 @@ fn poll_loop(
         let room = ctx.capacity.saturating_sub(ctx.shared.inflight().len());
         let want = ctx.batch_size.min(room);
         let mut got = 0;
+        let mut claimed = false;
         if claim_now && want > 0 {
             match ctx.store.claim(want, ctx.lease, types) {
                 Ok(events) => {
                     backoff = Duration::from_millis(10);
-                    due_at = match ctx.store.next_wakeup(types) {
-                        Ok(at) => at,
-                        // Unknown: look again at the next tick.
-                        Err(_) => Some(ctx.store.clock().now()),
-                    };
+                    claimed = true;
                     got = events.len();
                     if got > 0 {
                         Counters::add(&ctx.counters.claimed, got as u64);
@@ -342,8 +339,16 @@ fn poll_loop(
             }
         }
         if got > 0 && got == want {
-            // A full batch: more is probably waiting.
+            // A full batch: more is probably waiting, so claim again before
+            // asking when the next event falls due.
             continue;
+        }
+        if claimed {
+            due_at = match ctx.store.next_wakeup(types) {
+                Ok(at) => at,
+                // Unknown: look again at the next tick.
+                Err(_) => Some(ctx.store.clock().now()),
+            };
         }
         if woken && got == 0 {
             // Woken by an enqueue whose transaction may not have committed

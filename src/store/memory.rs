@@ -88,7 +88,7 @@ impl MemoryStore {
         self.inner.clock.now()
     }
 
-    fn insert(&self, state: &mut State, event: &NewEvent, now: DateTime<Utc>) -> Result<Event> {
+    fn insert(&self, state: &mut State, event: NewEvent, now: DateTime<Utc>) -> Result<Event> {
         if let Some(key) = &event.idempotency_key {
             if let Some(seq) = state.by_idempotency_key.get(key) {
                 if let Some(existing) = state.rows.get(seq) {
@@ -104,30 +104,7 @@ impl MemoryStore {
         }
         state.last_seq += 1;
         let seq = state.last_seq;
-        let stored = Event {
-            id: event.id,
-            seq,
-            event_type: event.event_type.clone(),
-            payload: event.payload.clone(),
-            status: Status::Pending,
-            attempts: 0,
-            max_attempts: event
-                .max_attempts
-                .unwrap_or_else(|| self.inner.policy.max_attempts()),
-            next_attempt_at: truncate(event.due_at(now)),
-            locked_at: None,
-            locked_until: None,
-            lease_token: None,
-            completed_at: None,
-            delivered_at: None,
-            last_error: None,
-            correlation_id: event.correlation_id.clone(),
-            org_id: event.org_id,
-            user_id: event.user_id,
-            ordering_key: event.ordering_key.clone(),
-            idempotency_key: event.idempotency_key.clone(),
-            created_at: truncate(now),
-        };
+        let stored = event.into_pending(seq, now, &self.inner.policy);
         state.by_id.insert(stored.id, seq);
         if let Some(key) = &stored.idempotency_key {
             state.by_idempotency_key.insert(key.clone(), seq);
@@ -239,8 +216,7 @@ impl Store for MemoryStore {
 
     fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
         for event in &events {
-            event.validate()?;
-            event.payload_text()?;
+            event.checked_payload()?;
         }
         let now = self.now();
         let created = {
@@ -253,7 +229,7 @@ impl Store for MemoryStore {
                 last_seq: state.last_seq,
             };
             let mut created = Vec::with_capacity(events.len());
-            for event in &events {
+            for event in events {
                 let stored = match event
                     .idempotency_key
                     .as_ref()

@@ -304,11 +304,11 @@ impl SqliteStore {
     /// insert. An error from the caller's later commit means the outcome is
     /// unknown: use an idempotency key to retry safely.
     pub fn enqueue(&self, conn: &Connection, event: NewEvent) -> Result<Event> {
-        event.validate()?;
-        let payload = event.payload_text()?;
-        let stored = insert_event(conn, event, &payload, self.now(), &self.inner.policy)?;
+        let mut stored = insert_all(conn, vec![event], self.now(), &self.inner.policy)?;
         self.inner.notifier.notify();
-        Ok(stored)
+        stored
+            .pop()
+            .ok_or_else(|| Error::invalid("nothing was enqueued"))
     }
 
     /// Adds many events through the caller's connection, all or none. Inside
@@ -318,25 +318,14 @@ impl SqliteStore {
     ///
     /// As [`SqliteStore::enqueue`]; one invalid event rejects them all.
     pub fn enqueue_batch(&self, conn: &Connection, events: Vec<NewEvent>) -> Result<Vec<Event>> {
-        let payloads = events
-            .iter()
-            .map(|e| e.validate().and_then(|()| e.payload_text()))
-            .collect::<Result<Vec<_>>>()?;
-        let now = self.now();
-        let insert_all = |conn: &Connection| {
-            events
-                .into_iter()
-                .zip(&payloads)
-                .map(|(e, p)| insert_event(conn, e, p, now, &self.inner.policy))
-                .collect::<Result<Vec<_>>>()
-        };
+        let (now, policy) = (self.now(), &self.inner.policy);
         let stored = if conn.is_autocommit() {
             let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-            let stored = insert_all(&tx)?;
+            let stored = insert_all(&tx, events, now, policy)?;
             tx.commit()?;
             stored
         } else {
-            insert_all(conn)?
+            insert_all(conn, events, now, policy)?
         };
         self.inner.notifier.notify();
         Ok(stored)
@@ -517,8 +506,28 @@ const INSERT_SQL: &str = "INSERT INTO outbox_events (id, event_type, payload, st
 static SELECT_BY_KEY_SQL: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {COLUMNS} FROM outbox_events WHERE idempotency_key = ?1"));
 
-/// Inserts one event and returns it as stored. The row is built from what
-/// was inserted rather than read back, so the payload is not parsed again.
+/// Checks every event, then inserts them in order, all on `conn`: nothing
+/// is written if any is invalid.
+fn insert_all(
+    conn: &Connection,
+    events: Vec<NewEvent>,
+    now: DateTime<Utc>,
+    policy: &RetryPolicy,
+) -> Result<Vec<Event>> {
+    let payloads = events
+        .iter()
+        .map(NewEvent::checked_payload)
+        .collect::<Result<Vec<_>>>()?;
+    events
+        .into_iter()
+        .zip(&payloads)
+        .map(|(e, p)| insert_event(conn, e, p, now, policy))
+        .collect()
+}
+
+/// Inserts one checked event and returns it as stored. The row is built
+/// from what was inserted rather than read back, so the payload is not
+/// parsed again.
 fn insert_event(
     conn: &Connection,
     event: NewEvent,
@@ -526,23 +535,20 @@ fn insert_event(
     now: DateTime<Utc>,
     policy: &RetryPolicy,
 ) -> Result<Event> {
-    let max_attempts = event.max_attempts.unwrap_or_else(|| policy.max_attempts());
-    let created_at = clock::to_millis(now);
-    let due = clock::to_millis(event.due_at(now));
     let inserted = conn
         .prepare_cached(INSERT_SQL)?
         .execute(params![
             event.id.to_string(),
             event.event_type,
             payload,
-            i64::from(max_attempts),
-            due,
+            i64::from(event.max_attempts.unwrap_or_else(|| policy.max_attempts())),
+            clock::to_millis(event.due_at(now)),
             event.correlation_id,
             event.org_id.map(|u| u.to_string()),
             event.user_id.map(|u| u.to_string()),
             event.ordering_key,
             event.idempotency_key,
-            created_at,
+            clock::to_millis(now),
         ])
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation) => Error::with_source(
@@ -557,28 +563,7 @@ fn insert_event(
             _ => Error::from(e),
         })?;
     if inserted == 1 {
-        return Ok(Event {
-            id: event.id,
-            seq: conn.last_insert_rowid(),
-            event_type: event.event_type,
-            payload: event.payload,
-            status: Status::Pending,
-            attempts: 0,
-            max_attempts,
-            next_attempt_at: clock::from_millis(due),
-            locked_at: None,
-            locked_until: None,
-            lease_token: None,
-            completed_at: None,
-            delivered_at: None,
-            last_error: None,
-            correlation_id: event.correlation_id,
-            org_id: event.org_id,
-            user_id: event.user_id,
-            ordering_key: event.ordering_key,
-            idempotency_key: event.idempotency_key,
-            created_at: clock::from_millis(created_at),
-        });
+        return Ok(event.into_pending(conn.last_insert_rowid(), now, policy));
     }
     // The idempotency key is taken: return the event that holds it.
     let existing = conn
@@ -710,18 +695,12 @@ impl Store for SqliteStore {
     }
 
     fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
-        let payloads = events
-            .iter()
-            .map(|e| e.validate().and_then(|()| e.payload_text()))
-            .collect::<Result<Vec<_>>>()?;
+        // Checked before the write lock is taken, so bad input costs no I/O.
+        for event in &events {
+            event.checked_payload()?;
+        }
         let now = self.now();
-        let created = self.write(|tx| {
-            events
-                .into_iter()
-                .zip(&payloads)
-                .map(|(e, p)| insert_event(tx, e, p, now, &self.inner.policy))
-                .collect::<Result<Vec<_>>>()
-        })?;
+        let created = self.write(|tx| insert_all(tx, events, now, &self.inner.policy))?;
         self.inner.notifier.notify();
         Ok(created)
     }
