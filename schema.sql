@@ -1,84 +1,165 @@
--- sqlite-outbox schema, version 1.
+-- sqlite-outbox schema, version 2: the layout of a fresh outbox.
 --
--- This file is the only DDL of the crate and a public contract: programs in
--- other languages may insert rows into `outbox_events` directly, inside their
--- own transactions. A plain insert needs only `event_type` and `payload`;
--- every other column has a default that makes the row due at once. Times are
--- integer UTC milliseconds since the Unix epoch.
+-- A public contract. Programs in other languages insert rows into
+-- `outbox_events` with plain SQL, inside their own transactions. An insert
+-- needs only `event_type` and `payload`; every other column has a default
+-- that makes the row due at once. Times are integer UTC milliseconds since
+-- the Unix epoch.
 --
--- The crate marks the file with `PRAGMA application_id` and versions it with
--- `PRAGMA user_version`; it runs this script once, in a write transaction.
+-- The outbox is a guest in the app's database: every object here is named
+-- `outbox_*`, the schema version lives in `outbox_meta`, and the crate never
+-- reads or writes `PRAGMA user_version` or `PRAGMA application_id`: those
+-- belong to the app.
+--
+-- Written for the SQLite that writers really have: this file parses, and its
+-- defaults and checks work, on SQLite 3.26.0 and newer (with the JSON
+-- functions, built in since 3.38 and enabled by the distributions before).
+-- No STRICT table (older SQLite could not even read the file) and no
+-- `unixepoch()` (3.42): the checks below test each column's type instead.
+--
+-- The crate runs this script once, in the write transaction that creates
+-- the outbox; `migrations/` holds the steps that bring older files here.
 
-CREATE TABLE IF NOT EXISTS outbox_events (
+CREATE TABLE outbox_events (
     -- Enqueue order. Ordering keys and claims follow it. AUTOINCREMENT: a
     -- number is never given out twice, even after the newest events are
     -- purged, so it can serve as a cursor. Numbers may skip.
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
-    -- Public identity: a UUID in its hyphenated lowercase text form. The
-    -- crate writes time-ordered v7 UUIDs; the default makes a random v4 one.
+    -- Public identity: a UUID in its hyphenated lowercase text form (the
+    -- one canonical spelling). The crate writes time-ordered v7 UUIDs; the
+    -- default makes a random v4 one.
     id              TEXT    NOT NULL UNIQUE DEFAULT (
                         lower(hex(randomblob(4))) || '-' ||
                         lower(hex(randomblob(2))) || '-4' ||
                         substr(lower(hex(randomblob(2))), 2) || '-' ||
-                        substr('89ab', 1 + (abs(random()) % 4), 1) ||
+                        substr('89ab', 1 + (random() & 3), 1) ||
                         substr(lower(hex(randomblob(2))), 2) || '-' ||
-                        lower(hex(randomblob(6)))),
-    event_type      TEXT    NOT NULL CHECK (length(event_type) BETWEEN 1 AND 200),
-    payload         TEXT    NOT NULL CHECK (json_valid(payload)),
+                        lower(hex(randomblob(6))))
+        CONSTRAINT id_is_a_lowercase_uuid CHECK (typeof(id) = 'text' AND id GLOB
+            '[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]'),
+    event_type      TEXT    NOT NULL
+        CONSTRAINT event_type_is_1_to_200_characters
+        CHECK (typeof(event_type) = 'text' AND length(event_type) BETWEEN 1 AND 200),
+    -- JSON text of at most 1 MiB (1048576 bytes).
+    payload         TEXT    NOT NULL
+        CONSTRAINT payload_is_json_of_at_most_1_mib
+        CHECK (typeof(payload) = 'text' AND length(CAST(payload AS BLOB)) <= 1048576
+               AND json_valid(payload)),
     status          TEXT    NOT NULL DEFAULT 'pending'
-                            CHECK (status IN ('pending', 'processing', 'done', 'failed')),
+        CONSTRAINT status_is_known
+        CHECK (status IN ('pending', 'processing', 'done', 'failed')),
     -- Claims so far: incremented by every claim, so a poison event that kills
     -- its worker each time still ends `failed` after `max_attempts`.
-    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-    max_attempts    INTEGER NOT NULL DEFAULT 10 CHECK (max_attempts >= 1),
-    -- When a pending event becomes due.
-    next_attempt_at INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
+    attempts        INTEGER NOT NULL DEFAULT 0
+        CONSTRAINT attempts_is_a_count CHECK (typeof(attempts) = 'integer' AND attempts >= 0),
+    max_attempts    INTEGER NOT NULL DEFAULT 10
+        CONSTRAINT max_attempts_is_1_to_4294967295
+        CHECK (typeof(max_attempts) = 'integer' AND max_attempts BETWEEN 1 AND 4294967295),
+    -- When a pending event becomes due. Every time column holds milliseconds
+    -- between 1973-03-03 (100000000000) and the end of 9999 (253402300799999):
+    -- a time in seconds or in microseconds is refused, not misread.
+    next_attempt_at INTEGER NOT NULL
+        DEFAULT (CAST(round((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER))
+        CONSTRAINT next_attempt_at_is_milliseconds
+        CHECK (typeof(next_attempt_at) = 'integer'
+               AND next_attempt_at BETWEEN 100000000000 AND 253402300799999),
     -- The current lease of a processing event: when it was taken, until when
     -- it holds, and the token every later write about the event must name.
-    locked_at       INTEGER,
-    locked_until    INTEGER,
-    lease_token     INTEGER,
-    completed_at    INTEGER,
-    delivered_at    INTEGER,
-    last_error      TEXT,
-    correlation_id  TEXT,
-    org_id          TEXT,
-    user_id         TEXT,
-    -- Events with the same ordering key are handled one at a time, in seq order.
-    ordering_key    TEXT,
-    -- A second enqueue with the same key returns the first event.
-    idempotency_key TEXT,
-    created_at      INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
-    CHECK (status <> 'processing' OR (locked_at IS NOT NULL AND locked_until IS NOT NULL)),
-    CHECK (id GLOB '[0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F]-[0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F]-[0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F]-[0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F]-[0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F][0-9a-fA-F]')
-) STRICT;
+    locked_at       INTEGER
+        CONSTRAINT locked_at_is_milliseconds
+        CHECK (locked_at IS NULL OR (typeof(locked_at) = 'integer'
+               AND locked_at BETWEEN 100000000000 AND 253402300799999)),
+    locked_until    INTEGER
+        CONSTRAINT locked_until_is_milliseconds
+        CHECK (locked_until IS NULL OR (typeof(locked_until) = 'integer'
+               AND locked_until BETWEEN 100000000000 AND 253402300799999)),
+    lease_token     INTEGER
+        CONSTRAINT lease_token_is_an_integer
+        CHECK (lease_token IS NULL OR typeof(lease_token) = 'integer'),
+    completed_at    INTEGER
+        CONSTRAINT completed_at_is_milliseconds
+        CHECK (completed_at IS NULL OR (typeof(completed_at) = 'integer'
+               AND completed_at BETWEEN 100000000000 AND 253402300799999)),
+    delivered_at    INTEGER
+        CONSTRAINT delivered_at_is_milliseconds
+        CHECK (delivered_at IS NULL OR (typeof(delivered_at) = 'integer'
+               AND delivered_at BETWEEN 100000000000 AND 253402300799999)),
+    last_error      TEXT
+        CONSTRAINT last_error_is_text CHECK (last_error IS NULL OR typeof(last_error) = 'text'),
+    -- Free text of at most 255 bytes, for tracing.
+    correlation_id  TEXT
+        CONSTRAINT correlation_id_is_at_most_255_bytes
+        CHECK (correlation_id IS NULL OR (typeof(correlation_id) = 'text'
+               AND length(CAST(correlation_id AS BLOB)) <= 255)),
+    -- Lowercase UUIDs, for erasure.
+    org_id          TEXT
+        CONSTRAINT org_id_is_a_lowercase_uuid CHECK (org_id IS NULL OR (typeof(org_id) = 'text' AND org_id GLOB
+            '[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]')),
+    user_id         TEXT
+        CONSTRAINT user_id_is_a_lowercase_uuid CHECK (user_id IS NULL OR (typeof(user_id) = 'text' AND user_id GLOB
+            '[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]')),
+    -- Events with the same ordering key are handled one at a time, in seq
+    -- order. At most 255 bytes.
+    ordering_key    TEXT
+        CONSTRAINT ordering_key_is_at_most_255_bytes
+        CHECK (ordering_key IS NULL OR (typeof(ordering_key) = 'text'
+               AND length(CAST(ordering_key AS BLOB)) <= 255)),
+    -- A second enqueue with the same key returns the first event. At most
+    -- 255 bytes.
+    idempotency_key TEXT
+        CONSTRAINT idempotency_key_is_at_most_255_bytes
+        CHECK (idempotency_key IS NULL OR (typeof(idempotency_key) = 'text'
+               AND length(CAST(idempotency_key AS BLOB)) <= 255)),
+    created_at      INTEGER NOT NULL
+        DEFAULT (CAST(round((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER))
+        CONSTRAINT created_at_is_milliseconds
+        CHECK (typeof(created_at) = 'integer'
+               AND created_at BETWEEN 100000000000 AND 253402300799999),
+    CONSTRAINT processing_has_a_lease
+        CHECK (status <> 'processing' OR (locked_at IS NOT NULL AND locked_until IS NOT NULL))
+);
 
 -- Claim: due pending events in (due time, enqueue order).
-CREATE INDEX IF NOT EXISTS outbox_events_due
+CREATE INDEX outbox_events_due
     ON outbox_events (next_attempt_at, seq) WHERE status = 'pending';
 
 -- Reclaim: processing events by lease expiry.
-CREATE INDEX IF NOT EXISTS outbox_events_leases
+CREATE INDEX outbox_events_leases
     ON outbox_events (locked_until) WHERE status = 'processing';
 
 -- Retention: finished events by age.
-CREATE INDEX IF NOT EXISTS outbox_events_finished
+CREATE INDEX outbox_events_finished
     ON outbox_events (created_at) WHERE status IN ('done', 'failed');
 
 -- Per-key order: the unfinished events of a key, in enqueue order.
-CREATE INDEX IF NOT EXISTS outbox_events_ordering
+CREATE INDEX outbox_events_ordering
     ON outbox_events (ordering_key, seq)
     WHERE ordering_key IS NOT NULL AND status IN ('pending', 'processing');
 
-CREATE UNIQUE INDEX IF NOT EXISTS outbox_events_idempotency
+CREATE UNIQUE INDEX outbox_events_idempotency
     ON outbox_events (idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 -- Erasure of an organisation's or a user's events.
-CREATE INDEX IF NOT EXISTS outbox_events_org
+CREATE INDEX outbox_events_org
     ON outbox_events (org_id) WHERE org_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS outbox_events_user
+CREATE INDEX outbox_events_user
     ON outbox_events (user_id) WHERE user_id IS NOT NULL;
 
--- Operators: failed events, newest first.
-CREATE INDEX IF NOT EXISTS outbox_events_failed
+-- Operators: failed events by the time they failed.
+CREATE INDEX outbox_events_failed_at
     ON outbox_events (completed_at) WHERE status = 'failed';
+
+-- Failed events, newest first, for a look from the sqlite3 shell:
+-- `SELECT * FROM outbox_events_failed;`. (Its name also keeps a version-1
+-- build from re-creating its own index here and stamping the app's header.)
+CREATE VIEW outbox_events_failed AS
+    SELECT seq, id, event_type, attempts, max_attempts, completed_at, last_error
+    FROM outbox_events WHERE status = 'failed' ORDER BY completed_at DESC;
+
+-- The outbox's own bookkeeping; `schema_version` is the layout of the
+-- outbox_* objects (this file is version 2).
+CREATE TABLE outbox_meta (
+    key   TEXT NOT NULL PRIMARY KEY,
+    value NOT NULL
+);
+INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 2);

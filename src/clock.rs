@@ -57,7 +57,7 @@ impl ManualClock {
     /// A manual clock set to `at` (truncated to milliseconds).
     pub fn at(at: DateTime<Utc>) -> Self {
         ManualClock {
-            millis: Arc::new(AtomicI64::new(to_millis(at))),
+            millis: Arc::new(AtomicI64::new(at.timestamp_millis())),
         }
     }
 
@@ -68,7 +68,7 @@ impl ManualClock {
 
     /// Sets the clock to `at`, forwards or backwards.
     pub fn set(&self, at: DateTime<Utc>) {
-        self.millis.store(to_millis(at), Ordering::SeqCst);
+        self.millis.store(at.timestamp_millis(), Ordering::SeqCst);
     }
 }
 
@@ -84,9 +84,20 @@ impl Clock for ManualClock {
     }
 }
 
-/// Milliseconds since the Unix epoch: the stored form of every time.
+/// The earliest time the schema stores: 1973-03-03T09:46:40Z, the first
+/// millisecond count with 12 digits. Smaller numbers in a time column are
+/// refused by the schema: they are almost surely seconds.
+pub(crate) const MIN_STORED_MILLIS: i64 = 100_000_000_000;
+
+/// The latest time the schema stores: the last millisecond of 9999.
+pub(crate) const MAX_STORED_MILLIS: i64 = 253_402_300_799_999;
+
+/// Milliseconds since the Unix epoch: the stored form of every time,
+/// clamped to the range the schema accepts (a delay of `Duration::MAX`
+/// means "the end of 9999", not an error).
 pub(crate) fn to_millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
+        .clamp(MIN_STORED_MILLIS, MAX_STORED_MILLIS)
 }
 
 /// The inverse of [`to_millis`], saturating at chrono's range.
@@ -105,9 +116,11 @@ pub(crate) fn duration_millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// `at + d`, saturating instead of overflowing.
+/// `at + d` in whole milliseconds, saturating at the range the schema
+/// stores instead of overflowing.
 pub(crate) fn add(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    from_millis(to_millis(at).saturating_add(duration_millis(d)))
+    let millis = to_millis(at).saturating_add(duration_millis(d));
+    from_millis(millis.min(MAX_STORED_MILLIS))
 }
 
 #[cfg(test)]
@@ -128,7 +141,9 @@ mod tests {
     #[test]
     fn arithmetic_saturates() {
         let far = add(Utc::now(), Duration::MAX);
-        assert_eq!(far, DateTime::<Utc>::MAX_UTC);
+        assert_eq!(far, from_millis(MAX_STORED_MILLIS));
+        assert_eq!(far.to_rfc3339(), "9999-12-31T23:59:59.999+00:00");
+        assert_eq!(to_millis(from_millis(0)), MIN_STORED_MILLIS);
         assert_eq!(from_millis(i64::MIN), DateTime::<Utc>::MIN_UTC);
     }
 }

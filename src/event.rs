@@ -18,6 +18,10 @@ pub const MAX_EVENT_TYPE_LEN: usize = 200;
 /// The largest payload accepted, in bytes of JSON text (1 MiB).
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
 
+/// The longest correlation id, ordering key or idempotency key accepted, in
+/// bytes. The schema enforces the same limit on plain-SQL writers.
+pub const MAX_KEY_LEN: usize = 255;
+
 /// The identity of an event: a time-ordered (v7) UUID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -272,6 +276,17 @@ impl NewEvent {
                 self.event_type.len()
             )));
         }
+        for (name, value) in [
+            ("correlation id", &self.correlation_id),
+            ("ordering key", &self.ordering_key),
+            ("idempotency key", &self.idempotency_key),
+        ] {
+            if let Some(len) = value.as_ref().map(String::len).filter(|&n| n > MAX_KEY_LEN) {
+                return Err(Error::invalid(format!(
+                    "{name} is {len} bytes, over the limit of {MAX_KEY_LEN}"
+                )));
+            }
+        }
         if self.max_attempts == Some(0) {
             return Err(Error::invalid("max_attempts must be at least 1"));
         }
@@ -472,6 +487,27 @@ mod tests {
             .validate()
             .is_err());
         assert!(NewEvent::new("a", json!({})).validate().is_ok());
+    }
+
+    #[test]
+    fn validation_limits_keys_to_255_bytes() {
+        let at_limit = "k".repeat(MAX_KEY_LEN);
+        let over = "é".repeat(MAX_KEY_LEN / 2 + 1);
+        let event = |key: &str| {
+            NewEvent::new("t", json!({}))
+                .with_correlation_id(key)
+                .with_ordering_key(key)
+                .with_idempotency_key(key)
+        };
+        assert!(event(&at_limit).validate().is_ok());
+        for broken in [
+            NewEvent::new("t", json!({})).with_correlation_id(over.clone()),
+            NewEvent::new("t", json!({})).with_ordering_key(over.clone()),
+            NewEvent::new("t", json!({})).with_idempotency_key(over.clone()),
+        ] {
+            let err = broken.validate().unwrap_err();
+            assert!(err.to_string().contains("256 bytes"), "{err}");
+        }
     }
 
     #[test]

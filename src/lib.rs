@@ -82,6 +82,15 @@
 //! - `torture`: the `outbox-torture` crash-test driver used by the
 //!   reliability tests.
 
+// The crates whose types appear in this API, at the versions it was built
+// with: use these paths (`sqlite_outbox::rusqlite::Connection`) and an app
+// cannot end up with a second, incompatible copy.
+pub use chrono;
+pub use crossbeam_channel;
+pub use rusqlite;
+pub use serde_json;
+pub use uuid;
+
 pub mod admin;
 mod catalog;
 mod clock;
@@ -98,10 +107,12 @@ pub use dispatch::{
     DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS,
 };
 pub use error::{Error, ErrorKind, Result};
-pub use event::{Event, EventId, Lease, NewEvent, Status, MAX_EVENT_TYPE_LEN, MAX_PAYLOAD_BYTES};
+pub use event::{
+    Event, EventId, Lease, NewEvent, Status, MAX_EVENT_TYPE_LEN, MAX_KEY_LEN, MAX_PAYLOAD_BYTES,
+};
 pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
 pub use store::memory::MemoryStore;
-pub use store::schema::{APPLICATION_ID, SCHEMA_SQL, SCHEMA_VERSION};
+pub use store::schema::{SCHEMA_SQL, SCHEMA_VERSION};
 pub use store::sqlite::{
     Durability, SqliteStore, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT, DEFAULT_POOL_SIZE,
     WAL_SIZE_LIMIT,

@@ -150,7 +150,7 @@ fn operator_commands_in_tables_and_json() -> TestResult {
         json_of(&outbox(&db, &["--json", "purge", "--older-than", "30d"])?)?["deleted"],
         json!(0)
     );
-    assert!(ok(&outbox(&db, &["schema"])?)?.contains("CREATE TABLE IF NOT EXISTS outbox_events"));
+    assert!(ok(&outbox(&db, &["schema"])?)?.contains("CREATE TABLE outbox_events ("));
     assert_eq!(
         json_of(&outbox(&db, &["--json", "verify"])?)?["ok"],
         json!(true)
@@ -230,12 +230,13 @@ fn bad_input_is_a_clear_error_and_writes_nothing() -> TestResult {
 
     // Foreign and newer files are refused and left as they were.
     let foreign = dir.path().join("foreign.db");
-    Connection::open(&foreign)?.execute_batch("PRAGMA application_id = 42; CREATE TABLE t (x);")?;
+    Connection::open(&foreign)?
+        .execute_batch("PRAGMA application_id = 42; CREATE TABLE outbox_events (x);")?;
     let newer = dir.path().join("newer.db");
-    Connection::open(&newer)?.execute_batch(&format!(
-        "PRAGMA application_id = {}; PRAGMA user_version = 99; CREATE TABLE t (x);",
-        sqlite_outbox::APPLICATION_ID
-    ))?;
+    Connection::open(&newer)?.execute_batch(
+        "CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value);
+         INSERT INTO outbox_meta VALUES ('schema_version', 99);",
+    )?;
     let text = dir.path().join("text.db");
     std::fs::write(&text, "hello, I am not a database\n".repeat(100))?;
     for (file, needle) in [

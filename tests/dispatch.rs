@@ -130,7 +130,7 @@ fn outcomes_retry_fail_and_panic_are_recorded() -> TestResult {
     assert_eq!(stored.attempts, 1);
     let conn = rusqlite::Connection::open(store.path())?;
     conn.execute(
-        "UPDATE outbox_events SET next_attempt_at = 0 WHERE id = ?1",
+        "UPDATE outbox_events SET next_attempt_at = created_at WHERE id = ?1",
         [panics.id.to_string()],
     )?;
     dispatcher.wake();

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use common::{secs, TestResult};
 use rusqlite::{Connection, TransactionBehavior};
 use serde_json::json;
-use sqlite_outbox::{
-    Durability, ErrorKind, NewEvent, SqliteStore, Status, Store, APPLICATION_ID, SCHEMA_VERSION,
-};
+use sqlite_outbox::{Durability, ErrorKind, NewEvent, SqliteStore, Status, Store, SCHEMA_VERSION};
 
 fn open(dir: &Path) -> sqlite_outbox::Result<SqliteStore> {
     SqliteStore::open(dir.join("outbox.db"))
@@ -99,8 +97,9 @@ fn pragmas_read_back() -> TestResult {
     assert_eq!(store.pragma("journal_mode")?, "wal");
     assert_eq!(store.pragma("synchronous")?, "2", "FULL by default");
     assert_eq!(store.pragma("busy_timeout")?, "1234");
-    assert_eq!(store.pragma("application_id")?, APPLICATION_ID.to_string());
-    assert_eq!(store.pragma("user_version")?, SCHEMA_VERSION.to_string());
+    // The header belongs to the app.
+    assert_eq!(store.pragma("application_id")?, "0");
+    assert_eq!(store.pragma("user_version")?, "0");
     assert_eq!(store.pragma("foreign_keys")?, "1");
 
     let normal = SqliteStore::builder(dir.path().join("normal.db"))
@@ -146,20 +145,35 @@ fn foreign_and_damaged_files_are_refused_untouched() -> TestResult {
         not_outbox,
         "text file",
     )?;
+    // The app's own tables that happen to have our names are not clobbered.
     assert_rejected(
-        &sqlite_file("PRAGMA application_id = 1234; CREATE TABLE t (x);")?,
+        &sqlite_file("CREATE TABLE outbox_events (id INTEGER PRIMARY KEY, body TEXT);")?,
         not_outbox,
-        "another application",
+        "an app table named outbox_events",
     )?;
     assert_rejected(
-        &sqlite_file("PRAGMA user_version = 7; CREATE TABLE t (x);")?,
+        &sqlite_file("CREATE VIEW outbox_events AS SELECT 1 AS x;")?,
         not_outbox,
-        "someone else's user_version",
+        "an app view named outbox_events",
     )?;
     assert_rejected(
-        &sqlite_file(&format!(
-            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 999;"
-        ))?,
+        &sqlite_file("CREATE TABLE outbox_meta (name TEXT, setting TEXT);")?,
+        not_outbox,
+        "an app table named outbox_meta",
+    )?;
+    assert_rejected(
+        &sqlite_file(
+            "CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value);
+             INSERT INTO outbox_meta VALUES ('theme', 'dark');",
+        )?,
+        not_outbox,
+        "an app outbox_meta without our key",
+    )?;
+    assert_rejected(
+        &sqlite_file(
+            "CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value);
+             INSERT INTO outbox_meta VALUES ('schema_version', 999);",
+        )?,
         |k| {
             matches!(
                 k,
@@ -173,12 +187,49 @@ fn foreign_and_damaged_files_are_refused_untouched() -> TestResult {
     )?;
     assert_rejected(
         &sqlite_file(&format!(
-            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};
+            "CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value);
+             INSERT INTO outbox_meta VALUES ('schema_version', {SCHEMA_VERSION});
              CREATE TABLE outbox_events (seq INTEGER PRIMARY KEY, id TEXT);"
         ))?,
         |k| matches!(k, ErrorKind::SchemaMismatch { .. }),
         "missing columns",
     )?;
+    Ok(())
+}
+
+#[test]
+fn an_app_file_with_its_own_header_fields_keeps_them_byte_for_byte() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("app.db");
+    let conn = Connection::open(&path)?;
+    // A GeoPackage-like application_id and the app's migration state.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA application_id = 1196444487; PRAGMA user_version = 7;
+         CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('hi');",
+    )?;
+    let header = |p: &Path| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let c = Connection::open(p)?;
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+        let bytes = std::fs::read(p)?;
+        // user_version (offset 60) and application_id (offset 68).
+        Ok([&bytes[60..64], &bytes[68..72]].concat())
+    };
+    let before = header(&path)?;
+    let store = SqliteStore::open(&path)?;
+    store.transaction(|tx| {
+        tx.execute("INSERT INTO notes VALUES ('with an event')", [])?;
+        store.enqueue(tx, NewEvent::new("note.created", json!({"n": 2})))?;
+        Ok::<_, sqlite_outbox::Error>(())
+    })?;
+    let claimed = store.claim(1, secs(30), None)?;
+    store.complete(&claimed[0].lease().ok_or("no lease")?)?;
+    store.cleanup_old(chrono::Utc::now() + chrono::Duration::days(1))?;
+    drop(store);
+    SqliteStore::open(&path)?;
+    assert_eq!(header(&path)?, before);
+    assert_eq!(before, [0, 0, 0, 7, 0x47, 0x50, 0x4B, 0x47]);
+    let notes: i64 = conn.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?;
+    assert_eq!(notes, 2);
     Ok(())
 }
 
@@ -218,7 +269,7 @@ fn an_empty_file_is_initialised() -> TestResult {
     std::fs::write(&path, b"")?;
     let store = SqliteStore::open(&path)?;
     store.create(NewEvent::new("t", json!(1)))?;
-    assert_eq!(store.pragma("application_id")?, APPLICATION_ID.to_string());
+    assert_eq!(store.pragma("application_id")?, "0");
     Ok(())
 }
 
@@ -521,10 +572,15 @@ fn write_transactions_are_immediate() -> TestResult {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/");
     let src = std::fs::read_to_string(format!("{dir}sqlite.rs"))?
         + &std::fs::read_to_string(format!("{dir}schema.rs"))?;
-    let mut begins = 0;
+    let (mut begins, mut reads) = (0, 0);
     for (n, line) in src.lines().enumerate() {
         let code = line.trim_start();
         if code.starts_with("//") {
+            continue;
+        }
+        if code.contains("TransactionBehavior::Deferred") {
+            // The one read-only snapshot: inspecting a file before opening it.
+            reads += 1;
             continue;
         }
         if code.contains("transaction_with_behavior(")
@@ -541,6 +597,7 @@ fn write_transactions_are_immediate() -> TestResult {
         assert!(!code.contains("\"BEGIN DEFERRED"), "line {}: {code}", n + 1);
     }
     assert!(begins >= 4, "the check found the write paths ({begins})");
+    assert_eq!(reads, 1, "only inspect_snapshot reads in a transaction");
     // The only plain BEGIN is the read transaction of stats().
     assert_eq!(src.matches("execute_batch(\"BEGIN\")").count(), 1);
     Ok(())

@@ -125,11 +125,13 @@ impl SqliteStoreBuilder {
     ///
     /// # Errors
     ///
-    /// - `NotAnOutbox`: not a SQLite file, or a SQLite file of another
-    ///   application (another `application_id`, or a `user_version` set by
-    ///   someone else). The file is left unchanged.
-    /// - `SchemaTooNew`: written by a newer version of this crate.
-    /// - `SchemaMismatch`: marked as an outbox but the table is wrong.
+    /// - `NotAnOutbox`: not a SQLite file, or a file that holds an
+    ///   `outbox_events` or `outbox_meta` of someone else's. The file is
+    ///   left unchanged.
+    /// - `SchemaTooNew`: written by a newer version of this crate; the file
+    ///   is left unchanged.
+    /// - `SchemaMismatch`: an outbox whose table is wrong, or a migration
+    ///   that failed (the file is left as it was).
     /// - `Busy` if others kept the file locked past the busy timeout, `Io`,
     ///   `ReadOnly`, `Corrupt`.
     pub fn build(self) -> Result<SqliteStore> {
@@ -146,6 +148,7 @@ impl SqliteStoreBuilder {
         let conn = Connection::open_with_flags(&self.path, flags)?;
         conn.busy_timeout(self.busy_timeout)?;
         prepare_file(&conn, self.read_only, self.busy_timeout)?;
+        let db_path = conn.path().unwrap_or_default().to_owned();
         drop(conn);
 
         let busy_timeout = self.busy_timeout;
@@ -164,6 +167,7 @@ impl SqliteStoreBuilder {
                 pool,
                 flags,
                 path: self.path,
+                db_path,
                 clock: self.clock,
                 policy: self.policy,
                 notifier: Notifier::default(),
@@ -231,6 +235,9 @@ struct Inner {
     pool: r2d2::Pool<SqliteConnectionManager>,
     flags: OpenFlags,
     path: PathBuf,
+    /// The file's name as SQLite reports it (`sqlite3_db_filename`), to
+    /// recognise a caller's connection to the same file cheaply.
+    db_path: String,
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
     notifier: Notifier,
@@ -295,15 +302,28 @@ impl SqliteStore {
     /// caller's rows. Pass a `&rusqlite::Transaction` (it derefs to a
     /// connection) opened on the outbox file.
     ///
+    /// Begin that transaction with `BEGIN IMMEDIATE`
+    /// ([`rusqlite::TransactionBehavior::Immediate`], or use
+    /// [`SqliteStore::transaction`]). rusqlite's default, DEFERRED, starts
+    /// as a reader; once it has read something, turning it into a writer
+    /// fails at once with "database is locked" whenever another connection
+    /// (a dispatcher, say) wrote in between, and no busy timeout helps. So
+    /// `enqueue` refuses a transaction that has read but not yet written,
+    /// every time rather than only under load. A DEFERRED transaction whose
+    /// first statement writes is fine.
+    ///
     /// Dispatchers in this process are woken; if `conn` is inside a
     /// transaction they pick the event up as soon as it commits.
     ///
     /// # Errors
     ///
-    /// `InvalidInput` before anything is written; database errors from the
+    /// `InvalidInput` before anything is written: an invalid event, a
+    /// connection to another file than the outbox's, or a transaction that
+    /// has read but not written (see above). Database errors from the
     /// insert. An error from the caller's later commit means the outcome is
     /// unknown: use an idempotency key to retry safely.
     pub fn enqueue(&self, conn: &Connection, event: NewEvent) -> Result<Event> {
+        self.check_callers_connection(conn)?;
         let mut stored = insert_all(conn, vec![event], self.now(), &self.inner.policy)?;
         self.inner.notifier.notify();
         stored
@@ -318,6 +338,7 @@ impl SqliteStore {
     ///
     /// As [`SqliteStore::enqueue`]; one invalid event rejects them all.
     pub fn enqueue_batch(&self, conn: &Connection, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        self.check_callers_connection(conn)?;
         let (now, policy) = (self.now(), &self.inner.policy);
         let stored = if conn.is_autocommit() {
             let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
@@ -414,6 +435,36 @@ impl SqliteStore {
         self.inner.clock.now()
     }
 
+    /// Refuses a caller's connection that would write elsewhere or fail
+    /// under load: see [`SqliteStore::enqueue`].
+    fn check_callers_connection(&self, conn: &Connection) -> Result<()> {
+        let theirs = conn.path().unwrap_or_default();
+        if theirs != self.inner.db_path && !same_file(theirs, &self.inner.path) {
+            let shown = if theirs.is_empty() {
+                "an in-memory or temporary database"
+            } else {
+                theirs
+            };
+            return Err(Error::invalid(format!(
+                "enqueue was given a connection to {shown}, not to the outbox's file {}",
+                self.inner.path.display()
+            )));
+        }
+        #[cfg(feature = "bundled")]
+        if !conn.is_autocommit()
+            && conn.transaction_state(Some(rusqlite::MAIN_DB))? == rusqlite::TransactionState::Read
+        {
+            return Err(Error::invalid(
+                "enqueue needs a write transaction, but the caller's transaction has read and \
+                 not yet written: it is DEFERRED (rusqlite's default), and would fail with \
+                 'database is locked' whenever another connection writes first. Begin it with \
+                 conn.transaction_with_behavior(TransactionBehavior::Immediate), or use \
+                 SqliteStore::transaction",
+            ));
+        }
+        Ok(())
+    }
+
     fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
         Ok(self.inner.pool.get()?)
     }
@@ -492,6 +543,18 @@ fn immediate<T>(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> Resul
         }
     }
     result
+}
+
+/// Whether SQLite's name for a connection's file (`theirs`) is the file at
+/// `ours`, through symbolic links and relative paths.
+fn same_file(theirs: &str, ours: &Path) -> bool {
+    if theirs.is_empty() {
+        return false;
+    }
+    match (std::fs::canonicalize(theirs), std::fs::canonicalize(ours)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
