@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::journal::{self, Entry};
-use common::TestResult;
+use common::{shim, TestResult};
 use rusqlite::Connection;
 use serde_json::json;
 use sqlite_outbox::{NewEvent, SqliteStore, Status, Store};
@@ -507,27 +507,6 @@ fn six_processes_open_a_fresh_file_at_once() -> TestResult {
 }
 
 // ---- the long tier (run by .ci/run with --ignored) ----------------------
-
-/// Compiles a fault shim from `tests/torture`, or says why it cannot.
-fn shim(name: &str, dir: &Path) -> Option<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/torture")
-        .join(format!("{name}.c"));
-    let out = dir.join(format!("{name}.so"));
-    let built = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .arg("-ldl")
-        .status();
-    match built {
-        Ok(s) if s.success() => Some(out),
-        other => {
-            println!("SKIPPED: cannot build {name}.so with cc ({other:?})");
-            None
-        }
-    }
-}
 
 fn is_root() -> bool {
     Command::new("id")

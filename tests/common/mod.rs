@@ -3,6 +3,8 @@
 
 pub mod journal;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,4 +68,25 @@ pub fn secs(s: u64) -> Duration {
 
 pub fn millis(ms: u64) -> Duration {
     Duration::from_millis(ms)
+}
+
+/// Compiles a fault shim from `tests/torture`, or says why it cannot.
+pub fn shim(name: &str, dir: &Path) -> Option<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/torture")
+        .join(format!("{name}.c"));
+    let out = dir.join(format!("{name}.so"));
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .arg("-ldl")
+        .status();
+    match built {
+        Ok(s) if s.success() => Some(out),
+        other => {
+            println!("SKIPPED: cannot build {name}.so with cc ({other:?})");
+            None
+        }
+    }
 }

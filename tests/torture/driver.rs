@@ -8,7 +8,11 @@
 //!                         [--overrun-pct X] [--fail-pct Y] [--seed S] [--exit-when-idle]
 //! outbox-torture dispatch --db P --journal J [--workers K] [--handler-ms LO..HI] [--exit-when-idle]
 //! outbox-torture power    --db P --producer N --from S [--batch B] [--sync full|normal]
+//! outbox-torture open     --db P
 //! ```
+//!
+//! `open` opens the store (creating or migrating the schema) and prints
+//! `ok`: the process the migration tests kill and cut from power.
 //!
 //! `power` enqueues batches and completes events in one process, printing
 //! `ok P FIRST LAST` after each enqueue commit and `done ID` after each
@@ -160,6 +164,11 @@ fn run() -> Res<()> {
         "work" => work(&args),
         "dispatch" => dispatch(&args),
         "power" => power(&args),
+        "open" => {
+            SqliteStore::open(args.str("db")?)?;
+            println!("ok");
+            Ok(())
+        }
         other => Err(format!("unknown mode {other}").into()),
     }
 }
