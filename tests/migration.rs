@@ -50,8 +50,10 @@ fn many_events(count: u32) -> String {
     )
 }
 
+type Rows = Vec<Vec<Value>>;
+
 /// Every stored row, column by column, in `seq` order.
-fn rows(path: &Path) -> rusqlite::Result<Vec<Vec<Value>>> {
+fn rows(path: &Path) -> rusqlite::Result<Rows> {
     let conn = Connection::open(path)?;
     let mut stmt = conn.prepare("SELECT * FROM outbox_events ORDER BY seq")?;
     let n = stmt.column_count();
@@ -368,9 +370,7 @@ mod interrupted {
         Ok(path)
     }
 
-    fn big_version_1_file(
-        dir: &Path,
-    ) -> Result<(PathBuf, Vec<Vec<Value>>), Box<dyn std::error::Error>> {
+    fn big_version_1_file(dir: &Path) -> Result<(PathBuf, Rows), Box<dyn std::error::Error>> {
         let original = dir.join("v1.db");
         v1_file(&original, &many_events(15_000))?;
         Connection::open(&original)?.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
