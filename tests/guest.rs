@@ -25,8 +25,11 @@ fn app_migrations(count: usize) -> Migrations<'static> {
     Migrations::new(all.into_iter().take(count).collect())
 }
 
+/// `user_version` and the app's own objects (name, SQL).
+type AppView = (i64, Vec<(String, String)>);
+
 /// What the app sees of its file: its own objects and `user_version`.
-fn app_view(path: &Path) -> rusqlite::Result<(i64, Vec<(String, String)>)> {
+fn app_view(path: &Path) -> rusqlite::Result<AppView> {
     let conn = Connection::open(path)?;
     let version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let mut stmt = conn.prepare(
@@ -40,10 +43,7 @@ fn app_view(path: &Path) -> rusqlite::Result<(i64, Vec<(String, String)>)> {
 }
 
 /// The same migrations on a file without the outbox.
-fn app_alone(
-    dir: &Path,
-    count: usize,
-) -> Result<(i64, Vec<(String, String)>), Box<dyn std::error::Error>> {
+fn app_alone(dir: &Path, count: usize) -> Result<AppView, Box<dyn std::error::Error>> {
     let path = dir.join("alone.db");
     let mut conn = Connection::open(&path)?;
     app_migrations(count).to_latest(&mut conn)?;
