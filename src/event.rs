@@ -22,6 +22,23 @@ pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
 /// bytes. The schema enforces the same limit on plain-SQL writers.
 pub const MAX_KEY_LEN: usize = 255;
 
+/// The longest error text kept as an event's `last_error` (and logged), in
+/// bytes: a handler's error, an endpoint's response or a reason given by an
+/// operator is cut there, on a character boundary, and ends with `…`.
+pub const MAX_ERROR_LEN: usize = 4096;
+
+/// `text` cut to [`MAX_ERROR_LEN`] bytes.
+pub(crate) fn capped_error(text: &str) -> String {
+    if text.len() <= MAX_ERROR_LEN {
+        return text.to_owned();
+    }
+    let mut end = MAX_ERROR_LEN - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// The identity of an event: a time-ordered (v7) UUID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -487,6 +504,16 @@ mod tests {
             .validate()
             .is_err());
         assert!(NewEvent::new("a", json!({})).validate().is_ok());
+    }
+
+    #[test]
+    fn error_texts_are_capped_on_a_character_boundary() {
+        assert_eq!(capped_error("short"), "short");
+        let long = "é".repeat(MAX_ERROR_LEN);
+        let capped = capped_error(&long);
+        assert!(capped.len() <= MAX_ERROR_LEN, "{}", capped.len());
+        assert!(capped.len() > MAX_ERROR_LEN - 8);
+        assert!(capped.ends_with("é…"));
     }
 
     #[test]

@@ -105,10 +105,12 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use dispatch::{
     Dispatcher, DispatcherBuilder, Handler, HandlerError, Metrics, ShutdownReport,
     DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS,
+    MAX_RETRY_AFTER,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
-    Event, EventId, Lease, NewEvent, Status, MAX_EVENT_TYPE_LEN, MAX_KEY_LEN, MAX_PAYLOAD_BYTES,
+    Event, EventId, Lease, NewEvent, Status, MAX_ERROR_LEN, MAX_EVENT_TYPE_LEN, MAX_KEY_LEN,
+    MAX_PAYLOAD_BYTES,
 };
 pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
 pub use store::memory::MemoryStore;
@@ -118,7 +120,7 @@ pub use store::sqlite::{
     WAL_SIZE_LIMIT,
 };
 pub use store::{
-    Ack, ListFilter, Requeue, Stats, Store, TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    Ack, Backlog, ListFilter, Requeue, Stats, Store, TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
 };
 
 #[cfg(doctest)]

@@ -347,31 +347,29 @@ fn relay_delivers_rows_inserted_with_plain_sql_over_http() -> TestResult {
     let thread = std::thread::spawn(move || serve(srv, s));
     let url = format!("http://127.0.0.1:{port}/events");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = outbox(
-            &db,
-            &[
-                "relay",
-                "--http",
-                &url,
-                "--drain",
-                "--backoff",
-                "200ms",
-                "--header",
-                "X-Test: yes",
-                "--timeout",
-                "5s",
-            ],
-        )?;
-        ok(&out)?;
-        let stats = SqliteStore::builder(&db).read_only(true).build()?.stats()?;
-        if stats.pending == 0 && stats.processing == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "relay never finished: {stats:?}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    // One run waits out the retries (the 503's Retry-After of 1 s
+    // included), and exits 3: one event failed.
+    let out = outbox(
+        &db,
+        &[
+            "relay",
+            "--http",
+            &url,
+            "--drain",
+            "--wait-retries",
+            "10s",
+            "--backoff",
+            "200ms",
+            "--header",
+            "X-Test: yes",
+            "--timeout",
+            "5s",
+        ],
+    )?;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("1 event(s) failed during the run"));
+    let stats = SqliteStore::builder(&db).read_only(true).build()?.stats()?;
+    assert_eq!((stats.pending, stats.processing, stats.failed), (0, 0, 1));
     server.unblock();
     thread.join().map_err(|_| "server thread panicked")?;
 
@@ -459,8 +457,8 @@ fn relay_exec_maps_exit_codes() -> TestResult {
         ),
     )?;
     let cmd = format!("sh {}", script.display());
-    for _ in 0..2 {
-        ok(&outbox(
+    let relay = |wait: &str| {
+        outbox(
             &db,
             &[
                 "relay",
@@ -471,10 +469,22 @@ fn relay_exec_maps_exit_codes() -> TestResult {
                 "--drain",
                 "--backoff",
                 "100ms",
+                "--wait-retries",
+                wait,
             ],
-        )?)?;
-        std::thread::sleep(Duration::from_millis(150));
-    }
+        )
+    };
+    // Without waiting for retries, a drain that leaves one scheduled (and
+    // one failed) says so in its exit status.
+    let first = relay("0s")?;
+    assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
+    assert!(
+        stderr(&first).contains("retries are scheduled"),
+        "{}",
+        stderr(&first)
+    );
+    let second = relay("5s")?;
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
     let get = |id| store.find_by_id(id).ok().flatten().ok_or("gone");
     assert_eq!(get(good.id)?.status, Status::Done);
     let l = get(later.id)?;

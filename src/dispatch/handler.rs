@@ -69,11 +69,13 @@ impl HandlerError {
     }
 
     /// Retry after `delay` (a server's `Retry-After`, say) instead of the
-    /// policy's delay. The attempt still counts towards `max_attempts`.
+    /// policy's delay, but never later than [`MAX_RETRY_AFTER`] (24 h): an
+    /// endpoint cannot park an event for years. The attempt still counts
+    /// towards `max_attempts`.
     pub fn retry_after(error: impl Into<BoxError>, delay: Duration) -> Self {
         HandlerError {
             error: error.into(),
-            action: Action::Retry(Some(delay)),
+            action: Action::Retry(Some(delay.min(MAX_RETRY_AFTER))),
         }
     }
 
@@ -104,16 +106,21 @@ impl HandlerError {
     }
 
     /// The error and its causes, joined with ": ", as stored in
-    /// `last_error`.
+    /// `last_error`, at most [`crate::MAX_ERROR_LEN`] bytes. A `Display`
+    /// that panics gives a note instead of killing the worker.
     pub(crate) fn message(&self) -> String {
-        let mut text = self.error.to_string();
-        let mut cause = self.error.source();
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
-        text
+        let text = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut text = self.error.to_string();
+            let mut cause = self.error.source();
+            while let Some(c) = cause {
+                text.push_str(": ");
+                text.push_str(&c.to_string());
+                cause = c.source();
+            }
+            text
+        }))
+        .unwrap_or_else(|_| "the handler's error panicked while being displayed".to_owned());
+        crate::event::capped_error(&text)
     }
 }
 
@@ -141,9 +148,43 @@ impl fmt::Display for HandlerError {
     }
 }
 
+/// The longest delay a handler may ask for with
+/// [`HandlerError::retry_after`]: 24 hours, the longest step of the default
+/// schedule.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct PanicsOnDisplay;
+    impl fmt::Debug for PanicsOnDisplay {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("PanicsOnDisplay")
+        }
+    }
+    impl fmt::Display for PanicsOnDisplay {
+        fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
+            panic!("Display of a handler error")
+        }
+    }
+    impl std::error::Error for PanicsOnDisplay {}
+
+    #[test]
+    fn a_display_that_panics_gives_a_note() {
+        let err = HandlerError::retry(PanicsOnDisplay);
+        assert_eq!(
+            err.message(),
+            "the handler's error panicked while being displayed"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_clamped_and_messages_capped() {
+        let err = HandlerError::retry_after("x".repeat(100_000), Duration::MAX);
+        assert_eq!(err.delay(), Some(MAX_RETRY_AFTER));
+        assert_eq!(err.message().len(), crate::MAX_ERROR_LEN);
+    }
 
     #[derive(Debug)]
     struct Outer(std::io::Error);

@@ -14,7 +14,7 @@ use crate::store::{Store, DEFAULT_LEASE};
 mod handler;
 mod runtime;
 
-pub use handler::{Handler, HandlerError};
+pub use handler::{Handler, HandlerError, MAX_RETRY_AFTER};
 
 /// Default number of worker threads.
 pub const DEFAULT_WORKERS: usize = 4;

@@ -361,14 +361,14 @@ impl Store for MemoryStore {
     fn mark_retry(&self, id: EventId, error: &str) -> Result<()> {
         let policy = self.inner.policy.clone();
         self.with_event(id, |e, now| {
-            apply_retry(e, &policy, error, None, now);
+            apply_retry(e, &policy, &crate::event::capped_error(error), None, now);
             Ok(())
         })
     }
 
     fn mark_failed(&self, id: EventId, error: &str) -> Result<()> {
         self.with_event(id, |e, now| {
-            e.last_error = Some(error.to_owned());
+            e.last_error = Some(crate::event::capped_error(error));
             finish(e, Status::Failed, now);
             Ok(())
         })

@@ -355,8 +355,8 @@ impl Ack {
         Ack {
             lease,
             kind: AckKind::Retry {
-                error: error.to_owned(),
-                delay,
+                error: crate::event::capped_error(error),
+                delay: delay.map(|d| d.min(crate::dispatch::MAX_RETRY_AFTER)),
             },
         }
     }
@@ -366,7 +366,7 @@ impl Ack {
         Ack {
             lease,
             kind: AckKind::Fail {
-                error: error.to_owned(),
+                error: crate::event::capped_error(error),
             },
         }
     }
@@ -421,6 +421,21 @@ pub struct TypeStats {
     pub done: u64,
     /// Failed events of this type.
     pub failed: u64,
+}
+
+/// What is left to deliver, from [`crate::SqliteStore::backlog`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// An event could be claimed now: pending, due, and not held back by an
+    /// earlier event of its ordering key.
+    pub due: bool,
+    /// An event is being handled (or its lease ran out and it will be
+    /// claimed again).
+    pub processing: bool,
+    /// When the next pending event that is not due yet (a scheduled retry, a
+    /// delayed event) falls due.
+    pub next_due_at: Option<DateTime<Utc>>,
 }
 
 /// What [`Store::stats`] reports.

@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 use super::schema::{prepare_file, COLUMNS};
 use super::{
-    Ack, AckKind, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    Ack, AckKind, Backlog, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE,
+    LEASE_EXPIRED_ERROR,
 };
 use crate::clock::{self, Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
@@ -414,6 +415,68 @@ impl SqliteStore {
         }
     }
 
+    /// What is left to deliver for these event types (all when `None`):
+    /// whether an event can be claimed now, whether one is being handled,
+    /// and when the next scheduled one falls due. Answered from the claim
+    /// and lease indexes, however many finished events the file holds: a
+    /// relay or a batch program can ask it often to see when it is done.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+        let now = clock::to_millis(self.now());
+        let types = types_json(types);
+        self.read(|conn| {
+            let (due, processing, next): (bool, bool, Option<i64>) =
+                conn.prepare_cached(&BACKLOG_SQL)?.query_row(
+                    rusqlite::named_params! {":now": now, ":types": types},
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+            Ok(Backlog {
+                due,
+                processing,
+                next_due_at: next.map(clock::from_millis),
+            })
+        })
+    }
+
+    /// Gives up on an event that is not finished: it ends `failed` with
+    /// `reason` as its last error, in one statement, so an event that was
+    /// delivered a moment before stays `done`. A worker still handling it
+    /// finds its lease gone ([`ErrorKind::LeaseLost`]).
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `InvalidInput` if the event is already done or failed;
+    /// database errors.
+    pub fn fail_unfinished(&self, id: EventId, reason: &str) -> Result<()> {
+        let now = clock::to_millis(self.now());
+        let changed = self.write(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE outbox_events SET status = 'failed', completed_at = ?2,
+                       last_error = ?3, locked_at = NULL, locked_until = NULL, lease_token = NULL
+                     WHERE id = ?1 AND status IN ('pending', 'processing')",
+                )?
+                .execute(params![
+                    id.to_string(),
+                    now,
+                    crate::event::capped_error(reason)
+                ])?)
+        })?;
+        if changed == 1 {
+            return Ok(());
+        }
+        match self.find_by_id(id)? {
+            None => Err(Error::not_found(id)),
+            Some(e) => Err(Error::invalid(format!(
+                "event {id} is already {}",
+                e.status
+            ))),
+        }
+    }
+
     /// Reads a pragma on a pooled connection, e.g. `"journal_mode"`.
     ///
     /// # Errors
@@ -692,6 +755,18 @@ const KEY_FREE: &str = "(e.ordering_key IS NULL OR NOT EXISTS (
 
 const TYPE_OK: &str = "(:types IS NULL OR e.event_type IN (SELECT value FROM json_each(:types)))";
 
+static BACKLOG_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT
+           EXISTS (SELECT 1 FROM outbox_events AS e
+                   WHERE e.status = 'pending' AND e.next_attempt_at <= :now
+                     AND {TYPE_OK} AND {KEY_FREE}),
+           EXISTS (SELECT 1 FROM outbox_events AS e WHERE e.status = 'processing' AND {TYPE_OK}),
+           (SELECT min(e.next_attempt_at) FROM outbox_events AS e
+            WHERE e.status = 'pending' AND e.next_attempt_at > :now AND {TYPE_OK})"
+    )
+});
+
 /// Expired leases are taken in the same (due time, enqueue order) as due
 /// events; the lease index finds them, and there are few (the events of a
 /// crashed or stalled worker), so sorting them is cheap.
@@ -927,7 +1002,7 @@ impl Store for SqliteStore {
                 .execute(params![
                     seq,
                     clock::to_millis(now),
-                    error,
+                    crate::event::capped_error(error),
                     clock::to_millis(clock::add(now, wait))
                 ])?)
         })?;
@@ -942,7 +1017,10 @@ impl Store for SqliteStore {
             id,
             "UPDATE outbox_events SET status = 'failed', completed_at = ?2, last_error = ?3,
                locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = ?1",
-            &[&clock::to_millis(self.now()), &error],
+            &[
+                &clock::to_millis(self.now()),
+                &crate::event::capped_error(error),
+            ],
         )
     }
 

@@ -4,19 +4,19 @@
 //! Exit codes: 0 success, 1 the operation failed, 2 usage error.
 
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod relay;
+mod text;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use sqlite_outbox::admin::{event_json, format_duration, parse_duration, stats_json};
 use sqlite_outbox::{
-    Dispatcher, Event, EventId, HandlerError, ListFilter, NewEvent, Requeue, RetryPolicy,
-    SqliteStore, Status, Store, SCHEMA_SQL,
+    EventId, ListFilter, NewEvent, Requeue, SqliteStore, Status, Store, SCHEMA_SQL,
 };
 use uuid::Uuid;
 
@@ -96,7 +96,7 @@ enum Command {
         path: PathBuf,
     },
     /// Deliver events over HTTP or to a command until interrupted.
-    Relay(RelayArgs),
+    Relay(relay::RelayArgs),
 }
 
 #[derive(Args)]
@@ -153,47 +153,6 @@ struct EnqueueArgs {
     max_attempts: Option<u32>,
 }
 
-#[derive(Args)]
-struct RelayArgs {
-    /// POST each event as JSON to this URL.
-    #[arg(long, conflicts_with = "exec", required_unless_present = "exec")]
-    http: Option<String>,
-    /// Extra request header, `Name: value` (repeatable).
-    #[arg(long = "header", requires = "http")]
-    headers: Vec<String>,
-    /// HTTP request timeout.
-    #[arg(long, default_value = "30s", value_parser = duration_arg)]
-    timeout: Duration,
-    /// Run this shell command per event, the event JSON on its stdin.
-    #[arg(long)]
-    exec: Option<String>,
-    /// Exit code of --exec that means "never retry".
-    #[arg(long, default_value_t = 65)]
-    permanent_exit_code: i32,
-    /// Only these event types (repeatable; default: all).
-    #[arg(long = "type")]
-    types: Vec<String>,
-    /// Stop once nothing is due and nothing is in flight.
-    #[arg(long)]
-    drain: bool,
-    /// Parallel deliveries.
-    #[arg(long, default_value_t = 4)]
-    workers: usize,
-    /// Retry delays, e.g. 1s,10s,1m (the last repeats). Default: the
-    /// standard schedule (30s, 2m, 10m, ... 24h).
-    #[arg(long, value_delimiter = ',', value_parser = duration_arg)]
-    backoff: Vec<Duration>,
-    /// Attempts before an event fails, for events enqueued without their own.
-    #[arg(long)]
-    max_attempts: Option<u32>,
-    /// How often to look for events committed by other programs.
-    #[arg(long, default_value = "500ms", value_parser = duration_arg)]
-    poll: Duration,
-    /// How long in-flight deliveries may finish after SIGINT/SIGTERM.
-    #[arg(long, default_value = "30s", value_parser = duration_arg)]
-    grace: Duration,
-}
-
 fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
@@ -232,7 +191,7 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(msg, code)) => {
-            eprintln!("outbox: {msg}");
+            eprintln!("outbox: {}", text::terminal_safe(&msg));
             ExitCode::from(code)
         }
     }
@@ -284,7 +243,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         .iter()
                         .map(|s| {
                             vec![
-                                s.event_type.clone(),
+                                text::terminal_safe(&s.event_type).into_owned(),
                                 s.pending.to_string(),
                                 s.processing.to_string(),
                                 s.done.to_string(),
@@ -320,16 +279,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         .map(|e| {
                             vec![
                                 e.id.to_string(),
-                                e.event_type.clone(),
+                                text::terminal_safe(&e.event_type).into_owned(),
                                 e.status.to_string(),
                                 format!("{}/{}", e.attempts, e.max_attempts),
                                 e.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                                e.last_error
-                                    .clone()
-                                    .unwrap_or_default()
-                                    .chars()
-                                    .take(60)
-                                    .collect(),
+                                text::excerpt(e.last_error.as_deref().unwrap_or_default(), 60),
                             ]
                         })
                         .collect();
@@ -362,8 +316,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     for (k, v) in map {
                         let shown = match v {
                             Value::Null => "-".to_owned(),
-                            Value::String(s) => s.clone(),
-                            other => other.to_string(),
+                            Value::String(s) => text::terminal_safe(s).into_owned(),
+                            other => text::terminal_safe(&other.to_string()).into_owned(),
                         };
                         let _ = writeln!(t, "{k:>16}  {shown}");
                     }
@@ -420,27 +374,21 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Fail { id, reason } => {
             let id = parse_id(id)?;
-            let store = open_write(db)?;
-            let event = store
-                .find_by_id(id)
-                .map_err(fail)?
-                .ok_or_else(|| Failure(format!("{}: no event with id {id}", db.display()), 1))?;
-            if matches!(event.status, Status::Done | Status::Failed) {
-                return Err(Failure(
-                    format!("{}: event {id} is already {}", db.display(), event.status),
-                    1,
-                ));
-            }
-            store.mark_failed(id, reason).map_err(fail)?;
+            open_write(db)?
+                .fail_unfinished(id, reason)
+                .map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))?;
             output(cli.json, json!({"failed": id}), || {
                 format!("event {id} marked failed")
             })
         }
         Command::Purge { older_than } => {
             let store = open_write(db)?;
-            let cutoff = sqlite_outbox::Clock::now(&sqlite_outbox::SystemClock)
-                - chrono::Duration::from_std(*older_than)
-                    .map_err(|_| Failure::usage("--older-than is too large"))?;
+            let cutoff = chrono::Duration::from_std(*older_than)
+                .ok()
+                .and_then(|d| {
+                    sqlite_outbox::Clock::now(&sqlite_outbox::SystemClock).checked_sub_signed(d)
+                })
+                .ok_or_else(|| Failure::usage("--older-than is too large"))?;
             let n = store.cleanup_old(cutoff).map_err(fail)?;
             output(cli.json, json!({"deleted": n}), || {
                 format!(
@@ -475,7 +423,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 format!("wrote {}", path.display())
             })
         }
-        Command::Relay(a) => relay(db, cli.json, a),
+        Command::Relay(a) => relay::run(db, cli.json, a),
     }
 }
 
@@ -554,258 +502,4 @@ fn open_write(db: &Path) -> Result<SqliteStore, Failure> {
         return Err(Failure(format!("{}: no such file", db.display()), 1));
     }
     SqliteStore::open(db).map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))
-}
-
-/// One delivery: over HTTP or to a command.
-type DeliverFn = dyn Fn(&Event) -> Result<(), HandlerError> + Send + Sync;
-
-/// The body posted for each event.
-fn delivery_json(event: &Event) -> Value {
-    json!({
-        "id": event.id,
-        "type": event.event_type,
-        "payload": event.payload,
-        "attempt": event.attempts,
-        "correlation_id": event.correlation_id,
-        "created_at": event.created_at,
-    })
-}
-
-fn retry_after(value: Option<&str>) -> Option<Duration> {
-    let v = value?.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
-        .ok()
-}
-
-fn excerpt(body: &str) -> String {
-    let one_line: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
-    one_line.chars().take(200).collect()
-}
-
-fn http_handler(
-    url: String,
-    headers: Vec<(String, String)>,
-    timeout: Duration,
-) -> impl Fn(&Event) -> Result<(), HandlerError> {
-    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-    move |event: &Event| {
-        let mut req = agent
-            .post(&url)
-            .set("Content-Type", "application/json")
-            .set("Idempotency-Key", &event.id.to_string());
-        for (k, v) in &headers {
-            req = req.set(k, v);
-        }
-        match req.send_string(&delivery_json(event).to_string()) {
-            Ok(_) => Ok(()),
-            Err(ureq::Error::Status(code, resp)) => {
-                let after = retry_after(resp.header("Retry-After"));
-                let body = resp.into_string().unwrap_or_default();
-                let msg = format!("HTTP {code}: {}", excerpt(&body));
-                match code {
-                    408 | 425 | 429 | 500..=599 => Err(match after {
-                        Some(d) => HandlerError::retry_after(msg, d),
-                        None => HandlerError::retry(msg),
-                    }),
-                    _ => Err(HandlerError::permanent(msg)),
-                }
-            }
-            Err(ureq::Error::Transport(t)) => {
-                Err(HandlerError::retry(format!("transport error: {t}")))
-            }
-        }
-    }
-}
-
-fn exec_handler(
-    cmd: String,
-    permanent: i32,
-    timeout: Duration,
-) -> impl Fn(&Event) -> Result<(), HandlerError> {
-    move |event: &Event| {
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .env("OUTBOX_EVENT_ID", event.id.to_string())
-            .env("OUTBOX_EVENT_TYPE", &event.event_type)
-            .env("OUTBOX_ATTEMPT", event.attempts.to_string())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| HandlerError::retry(format!("cannot run {cmd:?}: {e}")))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A command that does not read its input is fine.
-            let _ = stdin.write_all(delivery_json(event).to_string().as_bytes());
-        }
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(HandlerError::retry(format!(
-                        "timed out after {}",
-                        format_duration(timeout)
-                    )));
-                }
-                Err(e) => return Err(HandlerError::retry(format!("waiting for the command: {e}"))),
-            }
-        };
-        let mut stderr = String::new();
-        if let Some(mut err) = child.stderr.take() {
-            let _ = err.read_to_string(&mut stderr);
-        }
-        match status.code() {
-            Some(0) => Ok(()),
-            Some(code) if code == permanent => Err(HandlerError::permanent(format!(
-                "exit {code}: {}",
-                excerpt(&stderr)
-            ))),
-            Some(code) => Err(HandlerError::retry(format!(
-                "exit {code}: {}",
-                excerpt(&stderr)
-            ))),
-            None => Err(HandlerError::retry(format!(
-                "killed by a signal: {}",
-                excerpt(&stderr)
-            ))),
-        }
-    }
-}
-
-fn relay(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failure> {
-    let fail = |e: sqlite_outbox::Error| Failure(format!("{}: {}", db.display(), describe(&e)), 1);
-    if !db.exists() {
-        return Err(Failure(format!("{}: no such file", db.display()), 1));
-    }
-    let mut policy = if a.backoff.is_empty() {
-        RetryPolicy::default()
-    } else {
-        RetryPolicy::with_schedule(a.backoff.iter().copied())
-    };
-    if let Some(n) = a.max_attempts {
-        policy = policy.with_max_attempts(n);
-    }
-    let store = SqliteStore::builder(db)
-        .retry_policy(policy)
-        .build()
-        .map_err(fail)?;
-    let handler: Box<DeliverFn> = match (&a.http, &a.exec) {
-        (Some(url), _) => {
-            let headers = a
-                .headers
-                .iter()
-                .map(|h| {
-                    h.split_once(':')
-                        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                        .ok_or_else(|| Failure::usage(format!("header {h:?} is not `Name: value`")))
-                })
-                .collect::<Result<Vec<_>, Failure>>()?;
-            Box::new(http_handler(url.clone(), headers, a.timeout))
-        }
-        (None, Some(cmd)) => Box::new(exec_handler(cmd.clone(), a.permanent_exit_code, a.timeout)),
-        (None, None) => return Err(Failure::usage("give --http URL or --exec CMD")),
-    };
-    let handler: Arc<DeliverFn> = Arc::from(handler);
-    let mut builder = Dispatcher::builder(store.clone())
-        .workers(a.workers)
-        .poll_interval(a.poll)
-        .name("relay");
-    if a.types.is_empty() {
-        let h = handler.clone();
-        builder = builder.fallback(move |e: &Event| h(e));
-    } else {
-        for t in &a.types {
-            let h = handler.clone();
-            builder = builder.handle(t.clone(), move |e: &Event| h(e));
-        }
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    // Without a handler SIGINT kills the process; with one, in-flight
-    // deliveries finish or are given back.
-    if let Err(e) = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)) {
-        eprintln!("outbox: cannot catch SIGINT/SIGTERM ({e}); stop with care");
-    }
-    let dispatcher = builder.start().map_err(fail)?;
-    let types: Vec<String> = a.types.clone();
-    let relevant = |stats: &sqlite_outbox::Stats| -> (u64, u64) {
-        if types.is_empty() {
-            (stats.due, stats.processing)
-        } else {
-            let by: Vec<_> = stats
-                .by_type
-                .iter()
-                .filter(|t| types.contains(&t.event_type))
-                .collect();
-            (
-                by.iter().map(|t| t.due).sum(),
-                by.iter().map(|t| t.processing).sum(),
-            )
-        }
-    };
-    let tty = std::io::stderr().is_terminal();
-    let started = Instant::now();
-    let mut last_draw = Instant::now();
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        let m = dispatcher.metrics();
-        if a.drain {
-            let stats = store.stats().map_err(fail)?;
-            let (due, processing) = relevant(&stats);
-            let in_hand = m
-                .claimed
-                .saturating_sub(m.done + m.retried + m.failed + m.released + m.lease_lost);
-            if due == 0 && processing == 0 && in_hand == 0 {
-                break;
-            }
-        }
-        if tty && last_draw.elapsed() >= Duration::from_millis(250) {
-            eprint!(
-                "\r  delivered {}  retried {}  failed {}  ({:.0}/s)   ",
-                m.done,
-                m.retried,
-                m.failed,
-                m.done as f64 / started.elapsed().as_secs_f64().max(0.001)
-            );
-            last_draw = Instant::now();
-        }
-    }
-    if tty {
-        eprintln!();
-    }
-    let report = dispatcher.shutdown(a.grace);
-    let m = report.metrics;
-    let summary = json!({
-        "delivered": m.done,
-        "retried": m.retried,
-        "failed": m.failed,
-        "released": report.released,
-        "still_running": report.still_running,
-    });
-    if json_mode {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).unwrap_or_default()
-        );
-    } else {
-        println!(
-            "delivered {}, retried {}, failed {}, released {}, still running {}",
-            m.done, m.retried, m.failed, report.released, report.still_running
-        );
-    }
-    Ok(())
 }

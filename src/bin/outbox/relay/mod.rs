@@ -1,0 +1,356 @@
+//! `outbox relay`: deliver events over HTTP or to a command, as a service
+//! (until SIGINT/SIGTERM) or as a batch (`--drain`).
+
+mod exec;
+mod http;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::{json, Value};
+use sqlite_outbox::admin::format_duration;
+use sqlite_outbox::{Dispatcher, Event, HandlerError, RetryPolicy, SqliteStore};
+
+use crate::{describe, duration_arg, Failure};
+
+/// The exit code of `--drain` when it stopped with events failed during the
+/// run or retries still scheduled.
+const EXIT_UNFINISHED: u8 = 3;
+
+#[derive(Args)]
+pub(crate) struct RelayArgs {
+    /// POST each event as JSON to this URL.
+    #[arg(long, conflicts_with = "exec", required_unless_present = "exec")]
+    http: Option<String>,
+    /// Extra request header, `Name: value` (repeatable). Visible to other
+    /// users in the process list: put secrets in --header-file or
+    /// OUTBOX_HEADERS instead.
+    #[arg(long = "header", requires = "http")]
+    headers: Vec<String>,
+    /// A file of extra request headers, one `Name: value` per line (`#`
+    /// starts a comment).
+    #[arg(long, requires = "http")]
+    header_file: Option<PathBuf>,
+    /// Extra request headers from the environment, one `Name: value` per line.
+    #[arg(
+        long = "headers-from-env",
+        env = "OUTBOX_HEADERS",
+        hide_env_values = true,
+        hide = true
+    )]
+    env_headers: Option<String>,
+    /// HTTP request timeout, or how long --exec may run.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    timeout: Duration,
+    /// Run this shell command per event, the event JSON on its stdin.
+    #[arg(long)]
+    exec: Option<String>,
+    /// Exit code of --exec that means "never retry".
+    #[arg(long, default_value_t = 65)]
+    permanent_exit_code: i32,
+    /// Only these event types (repeatable; default: all).
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// Stop once nothing is due and nothing is in flight. Exit status 0 if
+    /// every event was delivered, 3 if some failed during the run or
+    /// retries are still scheduled.
+    #[arg(long)]
+    drain: bool,
+    /// With --drain: also wait for retries that fall due within this long.
+    #[arg(long, value_parser = duration_arg, requires = "drain")]
+    wait_retries: Option<Duration>,
+    /// Parallel deliveries.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// How long a claimed event is held (renewed while its delivery runs);
+    /// events held by a relay that was killed are claimed again after it.
+    #[arg(long, default_value = "60s", value_parser = duration_arg)]
+    lease: Duration,
+    /// Retry delays, e.g. 1s,10s,1m (the last repeats). Default: the
+    /// standard schedule (30s, 2m, 10m, ... 24h).
+    #[arg(long, value_delimiter = ',', value_parser = duration_arg)]
+    backoff: Vec<Duration>,
+    /// Attempts before an event fails, for events enqueued without their own.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// How often to look for events committed by other programs.
+    #[arg(long, default_value = "500ms", value_parser = duration_arg)]
+    poll: Duration,
+    /// How long in-flight deliveries may finish after SIGINT/SIGTERM.
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
+    grace: Duration,
+    /// More log lines on stderr (-v: debug, -vv: trace). RUST_LOG, when
+    /// set, decides instead.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// The body posted (or piped) for each event.
+fn delivery_json(event: &Event) -> Value {
+    json!({
+        "id": event.id,
+        "type": event.event_type,
+        "payload": event.payload,
+        "attempt": event.attempts,
+        "correlation_id": event.correlation_id,
+        "created_at": event.created_at,
+    })
+}
+
+/// Log lines on stderr, whatever stderr is (a terminal, a pipe, a
+/// journal): what a service manager collects.
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// `Name: value` lines from --header, --header-file and OUTBOX_HEADERS.
+fn collect_headers(a: &RelayArgs) -> Result<Vec<(String, String)>, Failure> {
+    let mut lines: Vec<String> = a.headers.clone();
+    if let Some(path) = &a.header_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::usage(format!("--header-file {}: {e}", path.display())))?;
+        lines.extend(text.lines().map(str::to_owned));
+    }
+    if let Some(text) = &a.env_headers {
+        lines.extend(text.lines().map(str::to_owned));
+    }
+    lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            // Never echo a value: it is likely a secret.
+            let bad = || {
+                Failure::usage(format!(
+                    "a header is not `Name: value` with a valid name (it starts {:?})",
+                    crate::text::terminal_safe(&line.chars().take(12).collect::<String>())
+                ))
+            };
+            let (name, value) = line.split_once(':').ok_or_else(bad)?;
+            let (name, value) = (name.trim(), value.trim());
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !name_ok || value.chars().any(|c| c.is_control() && c != '\t') {
+                return Err(bad());
+            }
+            Ok((name.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failure> {
+    init_logging(a.verbose);
+    let fail = |e: sqlite_outbox::Error| Failure(format!("{}: {}", db.display(), describe(&e)), 1);
+    if !db.exists() {
+        return Err(Failure(format!("{}: no such file", db.display()), 1));
+    }
+    // Everything the operator gave is checked before anything is claimed.
+    let running = Arc::new(exec::Running::default());
+    let (handler, target): (Arc<DeliverFn>, String) = match (&a.http, &a.exec) {
+        (Some(url), _) => {
+            let url = http::parse_endpoint(url).map_err(Failure::usage)?;
+            let headers = collect_headers(a)?;
+            if http::sends_credentials_in_the_clear(&url, &headers) {
+                tracing::warn!(
+                    "credentials (a user, a query or extra headers) will go over plain http to {}",
+                    crate::text::redact_url(&url)
+                );
+            }
+            let target = crate::text::redact_url(&url);
+            (Arc::new(http::handler(url, headers, a.timeout)), target)
+        }
+        (None, Some(cmd)) => {
+            let program = cmd.split_whitespace().next().unwrap_or("").to_owned();
+            let h = exec::handler(
+                cmd.clone(),
+                a.permanent_exit_code,
+                a.timeout,
+                running.clone(),
+            );
+            (
+                Arc::new(h),
+                format!("command {}", crate::text::terminal_safe(&program)),
+            )
+        }
+        (None, None) => return Err(Failure::usage("give --http URL or --exec CMD")),
+    };
+    let mut policy = if a.backoff.is_empty() {
+        RetryPolicy::default()
+    } else {
+        RetryPolicy::with_schedule(a.backoff.iter().copied())
+    };
+    if let Some(n) = a.max_attempts {
+        policy = policy.with_max_attempts(n);
+    }
+    let store = SqliteStore::builder(db)
+        .retry_policy(policy)
+        .build()
+        .map_err(fail)?;
+    let mut builder = Dispatcher::builder(store.clone())
+        .workers(a.workers)
+        .poll_interval(a.poll)
+        .lease(a.lease)
+        .name("relay");
+    if a.types.is_empty() {
+        let h = handler.clone();
+        builder = builder.fallback(move |e: &Event| h(e));
+    } else {
+        for t in &a.types {
+            let h = handler.clone();
+            builder = builder.handle(t.clone(), move |e: &Event| h(e));
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    // Without a handler SIGINT kills the process; with one, in-flight
+    // deliveries finish or are given back.
+    if let Err(e) = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)) {
+        tracing::warn!("cannot catch SIGINT/SIGTERM ({e}); stop with care");
+    }
+    let dispatcher = builder.start().map_err(fail)?;
+    tracing::info!(
+        db = %db.display(),
+        to = %target,
+        types = ?a.types,
+        workers = a.workers,
+        drain = a.drain,
+        "relay started"
+    );
+    let types = (!a.types.is_empty()).then(|| a.types.clone());
+    let waited = watch(&store, &dispatcher, &stop, a, types.as_deref()).map_err(fail)?;
+    let report = dispatcher.shutdown(a.grace);
+    let killed = running.kill_all();
+    if killed > 0 {
+        tracing::warn!(
+            killed,
+            "commands still running after the grace period were killed"
+        );
+    }
+    let m = report.metrics;
+    tracing::info!(
+        delivered = m.done,
+        retried = m.retried,
+        failed = m.failed,
+        released = report.released,
+        "relay stopped"
+    );
+    let summary = json!({
+        "delivered": m.done,
+        "retried": m.retried,
+        "failed": m.failed,
+        "released": report.released,
+        "still_running": report.still_running,
+        "next_retry_at": waited.and_then(|b| b.next_due_at),
+    });
+    if json_mode {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "delivered {}, retried {}, failed {}, released {}, still running {}",
+            m.done, m.retried, m.failed, report.released, report.still_running
+        );
+    }
+    let Some(left) = waited else {
+        return Ok(());
+    };
+    match (m.failed, left.next_due_at) {
+        (0, None) => Ok(()),
+        (failed, next) => Err(Failure(
+            format!(
+                "{failed} event(s) failed during the run{}",
+                next.map(|t| format!(
+                    "; retries are scheduled, the next at {}",
+                    t.format("%Y-%m-%d %H:%M:%S UTC")
+                ))
+                .unwrap_or_default()
+            ),
+            EXIT_UNFINISHED,
+        )),
+    }
+}
+
+/// One delivery: over HTTP or to a command.
+type DeliverFn = dyn Fn(&Event) -> Result<(), HandlerError> + Send + Sync;
+
+/// Shows progress on a terminal and, with `--drain`, waits until nothing is
+/// left to do; returns the backlog it stopped on (`None` when stopped by a
+/// signal).
+fn watch(
+    store: &SqliteStore,
+    dispatcher: &Dispatcher,
+    stop: &AtomicBool,
+    a: &RelayArgs,
+    types: Option<&[String]>,
+) -> sqlite_outbox::Result<Option<sqlite_outbox::Backlog>> {
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last_draw = Instant::now();
+    let wait_retries = a.wait_retries.unwrap_or(Duration::ZERO);
+    let result = loop {
+        if stop.load(Ordering::SeqCst) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let m = dispatcher.metrics();
+        if a.drain {
+            let in_hand = m
+                .claimed
+                .saturating_sub(m.done + m.retried + m.failed + m.released + m.lease_lost);
+            if in_hand == 0 {
+                let backlog = store.backlog(types)?;
+                let soon = backlog.next_due_at.is_some_and(|t| {
+                    (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO) <= wait_retries
+                });
+                if !backlog.due && !backlog.processing && !soon {
+                    break Some(backlog);
+                }
+            }
+        }
+        if tty && last_draw.elapsed() >= Duration::from_millis(250) {
+            eprint!(
+                "\r  delivered {}  retried {}  failed {}  ({:.0}/s)   ",
+                m.done,
+                m.retried,
+                m.failed,
+                m.done as f64 / started.elapsed().as_secs_f64().max(0.001)
+            );
+            last_draw = Instant::now();
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    if let Some(b) = &result {
+        if let Some(next) = b.next_due_at {
+            tracing::info!(
+                "drained; retries are scheduled, the next in {}",
+                format_duration(
+                    (next - chrono::Utc::now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                )
+            );
+        }
+    }
+    Ok(result)
+}
