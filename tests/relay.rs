@@ -1,0 +1,440 @@
+//! `outbox relay` against hostile endpoints and commands: only an accepted
+//! delivery marks an event done, no command outlives its timeout, nothing
+//! stalls a worker, and no secret or control character leaks out.
+#![cfg(feature = "cli")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlite_outbox::{Event, NewEvent, SqliteStore, Status, Store};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const BIN: &str = env!("CARGO_BIN_EXE_outbox");
+
+fn relay(db: &Path, args: &[&str]) -> std::io::Result<Output> {
+    Command::new(BIN)
+        .arg("--db")
+        .arg(db)
+        .arg("relay")
+        .args(args)
+        .env_remove("OUTBOX_DB")
+        .env_remove("OUTBOX_HEADERS")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A request as a server saw it: method, URL, headers (lowercase names).
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    url: String,
+    headers: Vec<(String, String)>,
+}
+
+/// A local HTTP server that answers every request with `answer` and keeps
+/// what it saw.
+struct Server {
+    url: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+}
+
+type Answer = (u16, Vec<(&'static str, String)>, Vec<u8>);
+
+impl Server {
+    fn start(
+        answer: impl Fn() -> Answer + Send + 'static,
+    ) -> Result<Server, Box<dyn std::error::Error>> {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").map_err(|e| e.to_string())?);
+        let port = server
+            .server_addr()
+            .to_ip()
+            .map(|a| a.port())
+            .ok_or("no port")?;
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let (srv, log) = (server.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while let Ok(Some(req)) = srv.recv_timeout(Duration::from_secs(60)) {
+                if let Ok(mut log) = log.lock() {
+                    log.push(Seen {
+                        method: req.method().to_string(),
+                        url: req.url().to_owned(),
+                        headers: req
+                            .headers()
+                            .iter()
+                            .map(|h| {
+                                (
+                                    h.field.as_str().as_str().to_ascii_lowercase(),
+                                    h.value.as_str().to_owned(),
+                                )
+                            })
+                            .collect(),
+                    });
+                }
+                let (code, headers, body) = answer();
+                let mut resp = tiny_http::Response::from_data(body).with_status_code(code);
+                for (k, v) in headers {
+                    if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+                        resp.add_header(h);
+                    }
+                }
+                let _ = req.respond(resp);
+            }
+        });
+        Ok(Server {
+            url: format!("http://127.0.0.1:{port}"),
+            seen,
+            server,
+            thread: Some(thread),
+        })
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A fresh outbox with one event of type `t`.
+fn one_event(
+    dir: &Path,
+    payload: serde_json::Value,
+) -> Result<(PathBuf, SqliteStore, Event), Box<dyn std::error::Error>> {
+    let db = dir.join("o.db");
+    let store = SqliteStore::open(&db)?;
+    let event = store.create(NewEvent::new("t", payload))?;
+    Ok((db, store, event))
+}
+
+fn stored(store: &SqliteStore, e: &Event) -> Result<Event, Box<dyn std::error::Error>> {
+    Ok(store.find_by_id(e.id)?.ok_or("the event is gone")?)
+}
+
+#[test]
+fn a_redirect_is_not_a_delivery_and_goes_nowhere() -> TestResult {
+    for code in [301u16, 302, 303, 307, 308] {
+        let elsewhere = Server::start(|| (200, vec![], b"login page".to_vec()))?;
+        let target = format!("{}/login?session=abc", elsewhere.url);
+        let endpoint = Server::start(move || (code, vec![("Location", target.clone())], vec![]))?;
+        let dir = tempfile::tempdir()?;
+        let (db, store, event) = one_event(dir.path(), json!({"n": 1}))?;
+        let out = relay(
+            &db,
+            &[
+                "--http",
+                &format!("{}/events", endpoint.url),
+                "--header",
+                "X-Api-Key: k-123",
+                "--drain",
+            ],
+        )?;
+        assert_eq!(out.status.code(), Some(3), "HTTP {code}: {}", stderr(&out));
+        let e = stored(&store, &event)?;
+        assert_eq!(e.status, Status::Failed, "HTTP {code}");
+        let err = e.last_error.unwrap_or_default();
+        assert!(
+            err.contains(&format!("HTTP {code}")) && err.contains("/login?***"),
+            "{err}"
+        );
+        assert!(!err.contains("session=abc"), "{err}");
+        assert!(
+            elsewhere.seen().is_empty(),
+            "HTTP {code}: the redirect was followed"
+        );
+        assert_eq!(endpoint.seen().len(), 1);
+        assert_eq!(endpoint.seen()[0].method, "POST");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_bad_url_is_refused_before_any_attempt() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({}))?;
+    for bad in ["not a url", "ftp://example.com/x", "http://", "/events"] {
+        let out = relay(&db, &["--http", bad, "--drain"])?;
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+    }
+    let e = stored(&store, &event)?;
+    assert_eq!((e.status, e.attempts), (Status::Pending, 0));
+    Ok(())
+}
+
+#[test]
+fn retry_after_cannot_park_an_event_for_years() -> TestResult {
+    let endpoint = Server::start(|| {
+        (
+            503,
+            vec![("Retry-After", "18446744073709551615".to_owned())],
+            vec![],
+        )
+    })?;
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({}))?;
+    let before = chrono::Utc::now();
+    relay(&db, &["--http", &endpoint.url, "--drain"])?;
+    let e = stored(&store, &event)?;
+    assert_eq!(e.status, Status::Pending);
+    let wait = e.next_attempt_at - before;
+    assert!(
+        wait <= chrono::Duration::hours(24) + chrono::Duration::minutes(1)
+            && wait >= chrono::Duration::hours(23),
+        "parked for {wait}"
+    );
+    Ok(())
+}
+
+#[test]
+fn credentials_never_reach_errors_or_logs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({}))?;
+    // A port nothing listens on: a transport error naming the URL.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://ada:pw-s3cret@127.0.0.1:{closed}/hook?token=t0k3n-value");
+    let out = relay(&db, &["--http", &url, "--drain"])?;
+    let e = stored(&store, &event)?;
+    let err = e.last_error.unwrap_or_default();
+    assert!(err.contains("transport error"), "{err}");
+    for shown in [
+        &err,
+        &stderr(&out),
+        &String::from_utf8_lossy(&out.stdout).into_owned(),
+    ] {
+        for secret in ["pw-s3cret", "t0k3n-value", "ada:"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn headers_come_from_a_file_or_the_environment_and_plain_http_is_flagged() -> TestResult {
+    let endpoint = Server::start(|| (200, vec![], vec![]))?;
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    store.create(NewEvent::new("t", json!(1)))?;
+    let file = dir.path().join("headers");
+    std::fs::write(&file, "# secrets\nAuthorization: Bearer from-file\n\n")?;
+    let out = relay(
+        &db,
+        &[
+            "--http",
+            &endpoint.url,
+            "--header-file",
+            &file.display().to_string(),
+            "--drain",
+        ],
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    store.create(NewEvent::new("t", json!(2)))?;
+    let out = Command::new(BIN)
+        .arg("--db")
+        .arg(&db)
+        .args(["relay", "--http", &endpoint.url, "--drain"])
+        .env("OUTBOX_HEADERS", "X-Api-Key: from-env")
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen = endpoint.seen();
+    let header = |i: usize, name: &str| {
+        seen[i]
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header(0, "authorization").as_deref(),
+        Some("Bearer from-file")
+    );
+    assert_eq!(header(1, "x-api-key").as_deref(), Some("from-env"));
+    assert!(!stderr(&out).contains("from-env"));
+    // Loopback is fine; anywhere else over http gets a warning.
+    assert!(!stderr(&out).contains("plain http"));
+    let out = relay(
+        &db,
+        &[
+            "--http",
+            "http://outbox-test.invalid/x",
+            "--header",
+            "Authorization: Bearer x",
+            "--drain",
+            "--timeout",
+            "2s",
+        ],
+    )?;
+    assert!(stderr(&out).contains("plain http"), "{}", stderr(&out));
+    // A header that is not `Name: value` is a usage error that echoes no value.
+    let out = relay(
+        &db,
+        &[
+            "--http",
+            &endpoint.url,
+            "--header",
+            "Authorization Bearer sekrit",
+            "--drain",
+        ],
+    )?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!stderr(&out).contains("sekrit"), "{}", stderr(&out));
+    Ok(())
+}
+
+#[test]
+fn hostile_responses_do_not_reach_the_terminal() -> TestResult {
+    let endpoint =
+        Server::start(|| (400, vec![], b"\x1b]0;pwned\x07\x1b[2J bad \x9b31m".to_vec()))?;
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({}))?;
+    relay(&db, &["--http", &endpoint.url, "--drain"])?;
+    assert_eq!(stored(&store, &event)?.status, Status::Failed);
+    for args in [vec!["list"], vec!["show", &event.id.to_string()]] {
+        let out = Command::new(BIN)
+            .arg("--db")
+            .arg(&db)
+            .args(&args)
+            .output()?;
+        assert!(out.status.success());
+        let text = [out.stdout, out.stderr].concat();
+        assert!(
+            !text.contains(&0x1b) && !text.contains(&0x07),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&text)
+        );
+        assert!(
+            String::from_utf8_lossy(&text).contains("\\u{1b}"),
+            "{args:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_relay_logs_to_a_pipe() -> TestResult {
+    let endpoint = Server::start(|| (500, vec![], b"down".to_vec()))?;
+    let dir = tempfile::tempdir()?;
+    let (db, _, _) = one_event(dir.path(), json!({}))?;
+    let out = relay(&db, &["--http", &endpoint.url, "--drain"])?;
+    let log = stderr(&out);
+    assert!(log.contains("relay started"), "{log}");
+    assert!(
+        log.contains("outbox handler failed") && log.contains("HTTP 500: down"),
+        "{log}"
+    );
+    assert!(log.contains("relay stopped"), "{log}");
+    Ok(())
+}
+
+fn exec_relay(db: &Path, cmd: &str, extra: &[&str]) -> std::io::Result<(Output, Duration)> {
+    let started = Instant::now();
+    let mut args = vec!["--exec", cmd, "--drain"];
+    args.extend_from_slice(extra);
+    let out = relay(db, &args)?;
+    Ok((out, started.elapsed()))
+}
+
+#[test]
+fn a_command_that_never_reads_its_input_is_timed_out() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({"big": "x".repeat(300_000)}))?;
+    let (out, took) = exec_relay(&db, "sleep 6", &["--timeout", "1s"])?;
+    assert!(
+        took < Duration::from_secs(4),
+        "took {took:?}: {}",
+        stderr(&out)
+    );
+    let e = stored(&store, &event)?;
+    assert_eq!(e.status, Status::Pending);
+    assert!(e.last_error.unwrap_or_default().contains("timed out"));
+    Ok(())
+}
+
+#[test]
+fn a_chatty_command_is_not_deadlocked() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({}))?;
+    let (out, took) = exec_relay(
+        &db,
+        "head -c 300000 /dev/zero | tr '\\0' x >&2; cat >/dev/null",
+        &["--timeout", "10s"],
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(stored(&store, &event)?.status, Status::Done);
+    Ok(())
+}
+
+#[test]
+fn a_timed_out_command_takes_everything_it_started_with_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({}))?;
+    let marker = dir.path().join("delivered-late");
+    // The script's own child would deliver after the timeout.
+    let cmd = format!("(sleep 2; touch {}) & sleep 30", marker.display());
+    let (out, took) = exec_relay(&db, &cmd, &["--timeout", "500ms"])?;
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?}: {}",
+        stderr(&out)
+    );
+    assert_eq!(stored(&store, &event)?.status, Status::Pending);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !marker.exists(),
+        "a child of the timed-out command delivered late"
+    );
+    Ok(())
+}
+
+#[test]
+fn lease_sets_how_long_a_killed_relay_holds_its_events() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({}))?;
+    let mut child = Command::new(BIN)
+        .arg("--db")
+        .arg(&db)
+        .args(["relay", "--exec", "sleep 30", "--lease", "3s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let claimed = loop {
+        let e = stored(&store, &event)?;
+        if e.status == Status::Processing {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "never claimed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill()?;
+    child.wait()?;
+    let (at, until) = (
+        claimed.locked_at.ok_or("locked_at")?,
+        claimed.locked_until.ok_or("locked_until")?,
+    );
+    assert_eq!((until - at).num_seconds(), 3);
+    Ok(())
+}
