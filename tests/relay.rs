@@ -162,6 +162,7 @@ fn a_redirect_is_not_a_delivery_and_goes_nowhere() -> TestResult {
         );
         assert_eq!(endpoint.seen().len(), 1);
         assert_eq!(endpoint.seen()[0].method, "POST");
+        assert_eq!(endpoint.seen()[0].url, "/events");
     }
     Ok(())
 }
