@@ -122,7 +122,8 @@ impl RetryPolicy {
         z ^= z >> 31;
         let unit = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
         let factor = 1.0 + self.jitter * (2.0 * unit - 1.0);
-        base.mul_f64(factor.max(0.0))
+        // `mul_f64` panics past Duration::MAX; a huge base saturates instead.
+        Duration::try_from_secs_f64(base.as_secs_f64() * factor.max(0.0)).unwrap_or(Duration::MAX)
     }
 }
 
@@ -130,6 +131,15 @@ impl RetryPolicy {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn jitter_on_the_longest_delay_saturates_instead_of_panicking() {
+        let p = RetryPolicy::constant(Duration::MAX).with_jitter(0.5);
+        for seed in 0..64 {
+            let d = p.jittered_delay(1, seed);
+            assert!(d >= Duration::MAX / 2, "{d:?}");
+        }
+    }
 
     #[test]
     fn default_schedule_is_the_inherited_one() {

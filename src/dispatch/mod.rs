@@ -255,6 +255,15 @@ pub struct Metrics {
     pub claim_batches: u64,
     /// Database errors met (and retried) by the dispatcher's loops.
     pub store_errors: u64,
+    /// Panics outside a handler (in a `Display` of an error, a `tracing`
+    /// subscriber, the dispatcher itself) caught by the thread's
+    /// supervisor, which released what the thread held and restarted it.
+    pub thread_panics: u64,
+    /// Outcomes given up on because the store refused them for good
+    /// (read-only, corrupt, wrong schema) or a thread panicked while
+    /// writing them; their events are redelivered after their leases run
+    /// out.
+    pub dropped_outcomes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -270,6 +279,8 @@ pub(crate) struct Counters {
     pub(crate) settle_batches: AtomicU64,
     pub(crate) claim_batches: AtomicU64,
     pub(crate) store_errors: AtomicU64,
+    pub(crate) thread_panics: AtomicU64,
+    pub(crate) dropped_outcomes: AtomicU64,
 }
 
 impl Counters {
@@ -291,6 +302,8 @@ impl Counters {
             settle_batches: get(&self.settle_batches),
             claim_batches: get(&self.claim_batches),
             store_errors: get(&self.store_errors),
+            thread_panics: get(&self.thread_panics),
+            dropped_outcomes: get(&self.dropped_outcomes),
         }
     }
 }
@@ -313,8 +326,12 @@ pub struct ShutdownReport {
 }
 
 impl ShutdownReport {
-    /// True if every handler finished and every outcome was written.
+    /// True if every handler finished, every outcome was written and no
+    /// thread of the dispatcher panicked.
     pub fn is_clean(&self) -> bool {
-        self.still_running == 0 && self.unwritten == 0
+        self.still_running == 0
+            && self.unwritten == 0
+            && self.metrics.thread_panics == 0
+            && self.metrics.dropped_outcomes == 0
     }
 }

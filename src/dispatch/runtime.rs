@@ -105,6 +105,30 @@ fn spawn<T: Send + 'static>(
         .map_err(|e| Error::with_source(crate::ErrorKind::Io, e))
 }
 
+/// Runs a thread's loop, restarting it when it panics: the panic is
+/// counted, logged, and followed by a growing pause, so a loop that panics
+/// at once every time cannot spin. Returns once the loop returns.
+fn supervise(ctx: &Ctx, thread: &str, mut body: impl FnMut()) {
+    let mut pause_for = Duration::from_millis(50);
+    loop {
+        match catch_unwind(AssertUnwindSafe(&mut body)) {
+            Ok(()) => return,
+            Err(payload) => {
+                Counters::add(&ctx.counters.thread_panics, 1);
+                let message = panic_message(&*payload);
+                let _ = catch_unwind(AssertUnwindSafe(|| {
+                    tracing::error!(thread, panic = %message, "outbox thread panicked; restarting it");
+                }));
+                if ctx.shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(pause_for);
+                pause_for = (pause_for * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
     let counters = Arc::new(Counters::default());
     let shared = Arc::new(Shared {
@@ -151,8 +175,11 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
             worker_exit_tx.clone(),
         );
         workers.push(spawn(format!("{}-worker-{n}", b.name), move || {
-            worker_loop(&ctx, &jobs_rx, &outcomes_tx);
-            let _ = exit_tx.send(());
+            // Counted as exited however the thread ends.
+            let _exited = OnDrop(Some(move || {
+                let _ = exit_tx.send(());
+            }));
+            supervise(&ctx, "worker", || worker_loop(&ctx, &jobs_rx, &outcomes_tx));
         })?);
     }
     drop((jobs_rx, worker_exit_tx));
@@ -168,21 +195,27 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
     let heartbeat = {
         let ctx = ctx.clone();
         spawn(format!("{}-heartbeat", b.name), move || {
-            heartbeat_loop(&ctx, &stop_heartbeat_rx)
+            supervise(&ctx, "heartbeat", || {
+                heartbeat_loop(&ctx, &stop_heartbeat_rx)
+            });
         })?
     };
 
     let poller = {
         let ctx = ctx.clone();
         spawn(format!("{}-poller", b.name), move || {
-            poll_loop(
-                &ctx,
-                jobs_tx,
-                &wake_rx,
-                &store_wake_rx,
-                &nudge_rx,
-                &stop_poller_rx,
-            )
+            supervise(&ctx, "poller", || {
+                poll_loop(
+                    &ctx,
+                    &jobs_tx,
+                    &wake_rx,
+                    &store_wake_rx,
+                    &nudge_rx,
+                    &stop_poller_rx,
+                );
+            });
+            // Workers see the queue close and exit.
+            drop(jobs_tx);
         })?
     };
 
@@ -274,12 +307,16 @@ fn pause(stop_rx: &Receiver<()>, d: Duration) -> bool {
 
 fn poll_loop(
     ctx: &Ctx,
-    jobs_tx: Sender<Event>,
+    jobs_tx: &Sender<Event>,
     wake_rx: &Receiver<()>,
     store_wake_rx: &Receiver<()>,
     nudge_rx: &Receiver<()>,
     stop_rx: &Receiver<()>,
 ) {
+    // A wake-up source whose sender is gone (a completer that died, say)
+    // would make `select!` return at once for ever: it becomes `never`.
+    let (mut wake_rx, mut store_wake_rx, mut nudge_rx) =
+        (wake_rx.clone(), store_wake_rx.clone(), nudge_rx.clone());
     let types = ctx.types.as_deref();
     let mut claim_now = true;
     let mut woken = false;
@@ -375,9 +412,20 @@ fn poll_loop(
         }
         select! {
             recv(stop_rx) -> _ => break,
-            recv(wake_rx) -> _ => { claim_now = true; woken = true; }
-            recv(store_wake_rx) -> _ => { claim_now = true; woken = true; }
-            recv(nudge_rx) -> _ => claim_now = true,
+            recv(wake_rx) -> msg => {
+                claim_now = true;
+                woken = true;
+                if msg.is_err() { wake_rx = crossbeam_channel::never(); }
+            }
+            recv(store_wake_rx) -> msg => {
+                claim_now = true;
+                woken = true;
+                if msg.is_err() { store_wake_rx = crossbeam_channel::never(); }
+            }
+            recv(nudge_rx) -> msg => {
+                claim_now = true;
+                if msg.is_err() { nudge_rx = crossbeam_channel::never(); }
+            }
             default(timeout) => {
                 let due = due_at.is_some_and(|t| ctx.store.clock().now() >= t);
                 claim_now = due || ctx.store.has_external_changes().unwrap_or(true);
@@ -387,7 +435,6 @@ fn poll_loop(
             }
         }
     }
-    drop(jobs_tx);
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -400,20 +447,52 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Runs a closure when dropped, also while unwinding.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
 fn worker_loop(ctx: &Ctx, jobs_rx: &Receiver<Event>, outcomes_tx: &Sender<Outcome>) {
     for event in jobs_rx.iter() {
         let Some(lease) = event.lease() else {
             continue;
         };
-        if ctx.shared.stopping.load(Ordering::SeqCst) {
-            let _ = outcomes_tx.send(Outcome {
+        // If this thread dies holding the event, the event is given back
+        // (as a failed attempt) and leaves the in-flight map, so that the
+        // heartbeat stops extending a lease nobody works under.
+        let mut held = OnDrop(Some(|| {
+            let outcome = Outcome {
+                ack: Ack::retry(
+                    lease,
+                    "the dispatcher's worker thread died while handling the event",
+                    None,
+                ),
+                kind: Kind::Retry {
+                    last: event.attempts >= event.max_attempts,
+                    panicked: true,
+                },
+            };
+            if outcomes_tx.send(outcome).is_err() {
+                ctx.shared.inflight().remove(&(lease.seq, lease.token));
+            }
+        }));
+        let outcome = if ctx.shared.stopping.load(Ordering::SeqCst) {
+            Outcome {
                 ack: Ack::release(lease),
                 kind: Kind::Release,
-            });
-            continue;
-        }
-        let outcome = run_handler(ctx, &event, lease);
+            }
+        } else {
+            run_handler(ctx, &event, lease)
+        };
+        held.0 = None;
         if outcomes_tx.send(outcome).is_err() {
+            ctx.shared.inflight().remove(&(lease.seq, lease.token));
             break;
         }
     }
@@ -506,10 +585,22 @@ fn completer_loop(
                 Err(_) => break,
             }
         }
-        if !batch.is_empty() && !write_batch(ctx, &mut batch, flush_by) {
-            // Gave up at the deadline.
-            let unwritten = batch.len() + outcomes_rx.try_iter().count();
-            return unwritten;
+        if !batch.is_empty() {
+            let written = catch_unwind(AssertUnwindSafe(|| write_batch(ctx, &mut batch, flush_by)));
+            match written {
+                Ok(true) => {}
+                // Gave up at the deadline.
+                Ok(false) => return batch.len() + outcomes_rx.try_iter().count(),
+                Err(payload) => {
+                    Counters::add(&ctx.counters.thread_panics, 1);
+                    let message = panic_message(&*payload);
+                    let _ = catch_unwind(AssertUnwindSafe(|| {
+                        tracing::error!(panic = %message, outcomes = batch.len(),
+                            "outbox completer panicked writing outcomes; their events are redelivered");
+                    }));
+                    drop_outcomes(ctx, &mut batch);
+                }
+            }
         }
         if batch.is_empty() {
             let _ = nudge_tx.try_send(());
@@ -520,14 +611,45 @@ fn completer_loop(
     }
 }
 
+/// Gives up on outcomes that cannot be written: their events leave the
+/// in-flight map (no more lease extensions), so they are claimed again once
+/// their leases run out.
+fn drop_outcomes(ctx: &Ctx, batch: &mut Vec<Outcome>) {
+    Counters::add(&ctx.counters.dropped_outcomes, batch.len() as u64);
+    let mut inflight = ctx.shared.inflight();
+    for o in batch.drain(..) {
+        inflight.remove(&(o.ack.lease().seq, o.ack.lease().token));
+    }
+}
+
+/// Errors that retrying cannot cure.
+fn is_lasting(err: &Error) -> bool {
+    use crate::ErrorKind as K;
+    matches!(
+        err.kind(),
+        K::ReadOnly
+            | K::Corrupt
+            | K::NotAnOutbox { .. }
+            | K::SchemaTooNew { .. }
+            | K::SchemaMismatch { .. }
+    )
+}
+
 /// Writes `batch`, retrying database errors; false if still failing at
-/// `give_up_at`.
+/// `give_up_at`. Errors that will not go away drop the batch at once.
 fn write_batch(ctx: &Ctx, batch: &mut Vec<Outcome>, give_up_at: Option<Instant>) -> bool {
     let acks: Vec<Ack> = batch.iter().map(|o| o.ack.clone()).collect();
     let mut backoff = Duration::from_millis(5);
     let results = loop {
         match ctx.store.settle(&acks) {
             Ok(results) => break results,
+            Err(err) if is_lasting(&err) => {
+                Counters::add(&ctx.counters.store_errors, 1);
+                tracing::error!(error = %err, outcomes = acks.len(),
+                    "outbox cannot write outcomes and will not retry; their events are redelivered");
+                drop_outcomes(ctx, batch);
+                return true;
+            }
             Err(err) => {
                 Counters::add(&ctx.counters.store_errors, 1);
                 tracing::warn!(error = %err, outcomes = acks.len(), "outbox could not write outcomes; retrying");

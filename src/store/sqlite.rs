@@ -372,10 +372,33 @@ impl SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(Error::from)?;
-        let value = f(&tx)?;
+        let value = {
+            let _inside = InTransaction::enter(self.key());
+            f(&tx)?
+        };
         tx.commit().map_err(Error::from)?;
         self.inner.notifier.notify();
         Ok(value)
+    }
+
+    /// This store's identity for [`InTransaction`].
+    fn key(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
+    /// Refuses a write of the store's own inside its `transaction` on this
+    /// thread: it would wait out the busy timeout for the lock that the
+    /// transaction itself holds.
+    fn check_not_inside_transaction(&self) -> Result<()> {
+        if InTransaction::is_inside(self.key()) {
+            return Err(Error::invalid(
+                "a store write was called inside SqliteStore::transaction, whose own \
+                 transaction holds the write lock; inside the closure use \
+                 store.enqueue(tx, ...) or store.enqueue_batch(tx, ...), and call other \
+                 store methods after it",
+            ));
+        }
+        Ok(())
     }
 
     /// Writes a consistent copy of the outbox to `dest` (which must not
@@ -539,6 +562,7 @@ impl SqliteStore {
 
     /// A short write transaction of this process's own.
     fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        self.check_not_inside_transaction()?;
         let _guard = lock(&self.inner.write_lock);
         let mut conn = self.conn()?;
         immediate(&mut conn, f)
@@ -553,6 +577,7 @@ impl SqliteStore {
         if self.inner.durability != Durability::Full {
             return self.write(f);
         }
+        self.check_not_inside_transaction()?;
         let _guard = lock(&self.inner.write_lock);
         let mut slot = self.inner.relaxed.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
@@ -606,6 +631,37 @@ fn immediate<T>(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> Resul
         }
     }
     result
+}
+
+thread_local! {
+    /// The stores (by [`SqliteStore::key`]) whose `transaction` closure
+    /// this thread is running.
+    static INSIDE: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Marks this thread as inside one store's `transaction` while it lives.
+struct InTransaction(usize);
+
+impl InTransaction {
+    fn enter(key: usize) -> InTransaction {
+        INSIDE.with(|k| k.borrow_mut().push(key));
+        InTransaction(key)
+    }
+
+    fn is_inside(key: usize) -> bool {
+        INSIDE.with(|k| k.borrow().contains(&key))
+    }
+}
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        INSIDE.with(|k| {
+            let mut keys = k.borrow_mut();
+            if let Some(i) = keys.iter().rposition(|&x| x == self.0) {
+                keys.remove(i);
+            }
+        });
+    }
 }
 
 /// Whether SQLite's name for a connection's file (`theirs`) is the file at
@@ -837,8 +893,9 @@ impl Store for SqliteStore {
         for event in &events {
             event.checked_payload()?;
         }
-        let now = self.now();
-        let created = self.write(|tx| insert_all(tx, events, now, &self.inner.policy))?;
+        // The clock is read once the write lock is held: times written are
+        // never older than the commit that writes them.
+        let created = self.write(|tx| insert_all(tx, events, self.now(), &self.inner.policy))?;
         self.inner.notifier.notify();
         Ok(created)
     }
@@ -857,10 +914,12 @@ impl Store for SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let now = self.now();
-        let until = clock::add(now, lease);
         let types = types_json(types);
         let mut claimed = self.write_relaxed(|tx| {
+            // Read with the lock held: a claim that waited for the lock must
+            // not be born with a lease that already ran out.
+            let now = self.now();
+            let until = clock::add(now, lease);
             tx.prepare_cached(
                 "UPDATE outbox_events
                  SET status = 'failed', completed_at = ?1, last_error = ?2,
@@ -888,12 +947,12 @@ impl Store for SqliteStore {
         if acks.is_empty() {
             return Ok(Vec::new());
         }
-        let now = clock::to_millis(self.now());
         let policy = &self.inner.policy;
         let only_extensions = acks
             .iter()
             .all(|a| matches!(a.kind, AckKind::Extend { .. }));
         let settle = |tx: &Transaction<'_>| {
+            let now = clock::to_millis(self.now());
             let mut results = Vec::with_capacity(acks.len());
             for ack in acks {
                 let l = &ack.lease;
@@ -1115,8 +1174,10 @@ impl Store for SqliteStore {
     fn stats(&self) -> Result<Stats> {
         let now = clock::to_millis(self.now());
         self.read(|conn| {
-            // One read transaction, so the counts agree with each other.
-            conn.execute_batch("BEGIN")?;
+            // One read transaction, so the counts agree with each other; it
+            // ends (rolled back) however this returns.
+            let tx = Transaction::new_unchecked(conn, TransactionBehavior::Deferred)?;
+            let conn: &Connection = &tx;
             let result = (|| {
                 let mut stats = Stats::default();
                 let mut stmt = conn.prepare_cached(
@@ -1147,7 +1208,7 @@ impl Store for SqliteStore {
                     oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
                 Ok(stats)
             })();
-            conn.execute_batch("COMMIT")?;
+            tx.finish()?;
             result
         })
     }
