@@ -439,3 +439,32 @@ fn lease_sets_how_long_a_killed_relay_holds_its_events() -> TestResult {
     assert_eq!((until - at).num_seconds(), 3);
     Ok(())
 }
+
+#[test]
+fn an_unreadable_row_does_not_stop_the_relay() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, _) = one_event(dir.path(), json!({"n": 1}))?;
+    rusqlite::Connection::open(&db)?.execute_batch(
+        "INSERT INTO outbox_events (event_type, payload) VALUES ('t', CAST(X'7B2261223A22FF227D' AS TEXT));",
+    )?;
+    store.create(NewEvent::new("t", json!({"n": 2})))?;
+    let (out, took) = exec_relay(&db, "cat >/dev/null", &["--timeout", "5s"])?;
+    assert!(took < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("column payload is not valid UTF-8"),
+        "{}",
+        stderr(&out)
+    );
+    let stats = store.stats()?;
+    assert_eq!((stats.done, stats.failed), (2, 1));
+    for args in [vec!["list"], vec!["list", "--status", "failed"]] {
+        let listed = Command::new(BIN)
+            .arg("--db")
+            .arg(&db)
+            .args(&args)
+            .output()?;
+        assert!(listed.status.success(), "{args:?}: {}", stderr(&listed));
+    }
+    Ok(())
+}

@@ -755,3 +755,120 @@ fn an_exclusively_locked_file_is_busy_not_corrupt() -> TestResult {
     assert_eq!(SqliteStore::open(&path)?.stats()?.total(), 1);
     Ok(())
 }
+
+/// Payloads often carry personal data: new files are the owner's alone,
+/// and the WAL, the shared-memory file and backups follow.
+#[test]
+fn new_files_are_private_to_their_owner() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("private.db");
+    let store = SqliteStore::open(&path)?;
+    store.create(NewEvent::new(
+        "t",
+        json!({"reset_link": "https://example.com/r/secret"}),
+    ))?;
+    let backup = dir.path().join("copy.db");
+    store.backup(&backup)?;
+    let wal = dir.path().join("private.db-wal");
+    let shm = dir.path().join("private.db-shm");
+    for file in [&path, &wal, &shm, &backup] {
+        let mode = std::fs::metadata(file)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}: {mode:o}", file.display());
+    }
+    // An existing file keeps the mode its owner chose.
+    let shared = dir.path().join("shared.db");
+    std::fs::write(&shared, b"")?;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640))?;
+    SqliteStore::open(&shared)?;
+    assert_eq!(
+        std::fs::metadata(&shared)?.permissions().mode() & 0o777,
+        0o640
+    );
+    Ok(())
+}
+
+/// A path is a path: URI parameters such as `nolock=1` cannot switch off
+/// the locking that every guarantee between processes rests on.
+#[test]
+fn uri_parameters_in_a_path_are_not_obeyed() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("x.db");
+    // As a URI this would open x.db without locks; as a path it names a
+    // file under a directory `file:` that does not exist.
+    let uri = format!("file:{}?nolock=1", target.display());
+    let opened = SqliteStore::open(&uri);
+    assert!(opened.is_err(), "a URI was opened as one");
+    assert!(!target.exists());
+    Ok(())
+}
+
+#[test]
+fn full_durability_asks_for_full_fsync() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let full = SqliteStore::open(dir.path().join("full.db"))?;
+    assert_eq!(full.pragma("fullfsync")?, "1");
+    assert_eq!(full.pragma("checkpoint_fullfsync")?, "1");
+    let normal = SqliteStore::builder(dir.path().join("normal.db"))
+        .durability(Durability::Normal)
+        .build()?;
+    assert_eq!(normal.pragma("fullfsync")?, "0");
+    Ok(())
+}
+
+/// One row that cannot be read (bytes that are not UTF-8 in a payload or an
+/// event type: plain SQL lets them in, `json_valid` accepts them) is set
+/// aside as failed with an error naming the column; every other event is
+/// delivered, and the row can be listed, shown and found by `verify`.
+#[test]
+fn an_undecodable_row_is_set_aside_and_the_rest_flows() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    store.create(NewEvent::new("t", json!({"n": 1})))?;
+    let conn = Connection::open(store.path())?;
+    // {"a":"<0xFF>"}
+    conn.execute_batch(
+        "INSERT INTO outbox_events (event_type, payload)
+           VALUES ('t', CAST(X'7B2261223A22FF227D' AS TEXT));
+         INSERT INTO outbox_events (event_type, payload)
+           VALUES (CAST(X'74FF' AS TEXT), '{}');",
+    )?;
+    store.create(NewEvent::new("t", json!({"n": 2})))?;
+    // Listing, counting and finding still work.
+    assert_eq!(store.stats()?.pending, 4);
+    assert_eq!(store.list(&sqlite_outbox::ListFilter::default())?.len(), 4);
+    let err = store.verify().expect_err("verify sees the bad rows");
+    assert_eq!(err.kind(), &ErrorKind::Corrupt);
+    let cause = std::error::Error::source(&err)
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    assert!(cause.contains("2 event row(s) cannot be read"), "{cause}");
+
+    let claimed = store.claim(10, secs(30), None)?;
+    let payloads: Vec<_> = claimed.iter().map(|e| e.payload.clone()).collect();
+    assert_eq!(payloads, vec![json!({"n": 1}), json!({"n": 2})]);
+    let failed = store.list(&sqlite_outbox::ListFilter {
+        status: Some(Status::Failed),
+        ..Default::default()
+    })?;
+    let errors: Vec<String> = failed.iter().filter_map(|e| e.last_error.clone()).collect();
+    assert_eq!(errors.len(), 2);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("column payload is not valid UTF-8")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("column event_type is not valid UTF-8")),
+        "{errors:?}"
+    );
+    // An operator can purge them.
+    assert_eq!(
+        store.cleanup_old(chrono::Utc::now() + chrono::Duration::days(1))?,
+        2
+    );
+    Ok(())
+}

@@ -14,6 +14,7 @@ use crate::event::{Event, EventId, Lease, NewEvent, Status};
 use crate::retry::RetryPolicy;
 
 pub(crate) mod memory;
+mod row;
 pub(crate) mod schema;
 pub(crate) mod sqlite;
 

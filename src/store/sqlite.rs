@@ -11,10 +11,11 @@ use crossbeam_channel::Receiver;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 use uuid::Uuid;
 
+use super::row::{decode_row, row_to_event};
 use super::schema::{prepare_file, COLUMNS};
 use super::{
     Ack, AckKind, Backlog, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE,
@@ -36,6 +37,10 @@ pub enum Durability {
     /// disk. Claims and lease extensions do not: losing one in a power cut
     /// only means the event is claimed again, which at-least-once delivery
     /// allows, and the next synced commit makes them durable anyway.
+    ///
+    /// It also sets `PRAGMA fullfsync` and `checkpoint_fullfsync`: on macOS
+    /// a plain `fsync` leaves the data in the drive's cache, and only
+    /// `F_FULLFSYNC` survives a power cut. (Other systems ignore both.)
     #[default]
     Full,
     /// `synchronous=NORMAL`: faster commits that survive a process crash,
@@ -136,15 +141,16 @@ impl SqliteStoreBuilder {
     /// - `Busy` if others kept the file locked past the busy timeout, `Io`,
     ///   `ReadOnly`, `Corrupt`.
     pub fn build(self) -> Result<SqliteStore> {
+        // No SQLITE_OPEN_URI: a path is a path. `file:x.db?nolock=1` would
+        // otherwise turn off the locking every guarantee between processes
+        // rests on.
         let flags = if self.read_only {
-            OpenFlags::SQLITE_OPEN_READ_ONLY
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
+            create_private(&self.path)?;
             OpenFlags::SQLITE_OPEN_READ_WRITE
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI
         };
         let conn = Connection::open_with_flags(&self.path, flags)?;
         conn.busy_timeout(self.busy_timeout)?;
@@ -183,6 +189,25 @@ impl SqliteStoreBuilder {
     }
 }
 
+/// Creates a missing database file readable by its owner only (0600), since
+/// payloads often carry personal data or links that act as passwords.
+/// SQLite gives its `-wal` and `-shm` files the database file's mode. An
+/// existing file keeps its mode.
+fn create_private(path: &Path) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::with_source(
+            ErrorKind::Io,
+            std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())),
+        )),
+    }
+}
+
 /// The per-connection settings, applied to every pooled connection.
 fn configure(
     conn: &mut Connection,
@@ -192,6 +217,11 @@ fn configure(
 ) -> rusqlite::Result<()> {
     conn.busy_timeout(busy_timeout)?;
     conn.pragma_update(None, "synchronous", durability.pragma())?;
+    // On macOS, fsync() does not reach the platter: only F_FULLFSYNC does.
+    // Elsewhere these are stored and ignored.
+    let full = durability == Durability::Full;
+    conn.pragma_update(None, "fullfsync", full)?;
+    conn.pragma_update(None, "checkpoint_fullfsync", full)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Let the WAL shrink back after a checkpoint instead of keeping its
     // high-water size for ever (a long reader can make it grow far past
@@ -415,27 +445,54 @@ impl SqliteStore {
         let dest = dest
             .to_str()
             .ok_or_else(|| Error::invalid("backup path is not valid UTF-8"))?;
+        // A copy is as private as the outbox: made empty with 0600 first
+        // (VACUUM INTO fills an empty file and keeps its mode).
+        create_private(Path::new(dest))?;
         let conn = self.conn()?;
-        conn.execute("VACUUM INTO ?1", [dest])?;
+        if let Err(e) = conn.execute("VACUUM INTO ?1", [dest]) {
+            let _ = std::fs::remove_file(dest);
+            return Err(e.into());
+        }
         Ok(())
     }
 
-    /// Runs `PRAGMA quick_check` and reports damage as [`ErrorKind::Corrupt`].
+    /// Runs `PRAGMA quick_check`, then reads every event row as a claim
+    /// would, and reports damage as [`ErrorKind::Corrupt`]: a file SQLite
+    /// finds sound can still hold a payload that is no longer UTF-8 or
+    /// JSON (a flipped bit, a plain-SQL writer's bytes).
     ///
     /// # Errors
     ///
-    /// `Corrupt` with SQLite's findings as the source; database errors.
+    /// `Corrupt` with the findings as the source; database errors.
     pub fn verify(&self) -> Result<()> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare("PRAGMA quick_check")?;
         let lines: Vec<String> = stmt
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        if lines.len() == 1 && lines[0] == "ok" {
-            Ok(())
-        } else {
-            Err(Error::with_source(ErrorKind::Corrupt, lines.join("; ")))
+        if lines.len() != 1 || lines[0] != "ok" {
+            return Err(Error::with_source(ErrorKind::Corrupt, lines.join("; ")));
         }
+        // SQLite's check cannot see a payload that is no longer UTF-8 or
+        // JSON: read every row as a claim would.
+        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM outbox_events"))?;
+        let mut bad = Vec::new();
+        let mut count = 0usize;
+        for row in stmt.query_map([], decode_row)? {
+            if let (event, Some(problem)) = row? {
+                count += 1;
+                if bad.len() < 5 {
+                    bad.push(format!("event seq {}: {problem}", event.seq));
+                }
+            }
+        }
+        if count > 0 {
+            return Err(Error::with_source(
+                ErrorKind::Corrupt,
+                format!("{count} event row(s) cannot be read: {}", bad.join("; ")),
+            ));
+        }
+        Ok(())
     }
 
     /// What is left to deliver for these event types (all when `None`):
@@ -755,48 +812,31 @@ fn insert_event(
     existing.ok_or_else(|| Error::invalid("idempotency conflict without a stored event"))
 }
 
-fn opt_time(v: Option<i64>) -> Option<DateTime<Utc>> {
-    v.map(clock::from_millis)
-}
-
-fn opt_uuid(v: Option<String>) -> Option<Uuid> {
-    v.and_then(|s| Uuid::parse_str(&s).ok())
-}
-
-/// Maps a row selected with [`COLUMNS`]. Never fails on stored values that
-/// another program wrote oddly: a payload serde_json cannot read arrives as
-/// a JSON string of its text.
-fn row_to_event(row: &Row<'_>) -> rusqlite::Result<Event> {
-    let id_text: String = row.get(1)?;
-    let payload_text: String = row.get(3)?;
-    let status_text: String = row.get(4)?;
-    let attempts: i64 = row.get(5)?;
-    let max_attempts: i64 = row.get(6)?;
-    Ok(Event {
-        seq: row.get(0)?,
-        id: Uuid::parse_str(&id_text)
-            .map(EventId::from)
-            .unwrap_or_else(|_| EventId::from(Uuid::nil())),
-        event_type: row.get(2)?,
-        payload: serde_json::from_str(&payload_text)
-            .unwrap_or(serde_json::Value::String(payload_text)),
-        status: status_text.parse().unwrap_or(Status::Pending),
-        attempts: u32::try_from(attempts).unwrap_or(0),
-        max_attempts: u32::try_from(max_attempts).unwrap_or(1),
-        next_attempt_at: clock::from_millis(row.get(7)?),
-        locked_at: opt_time(row.get(8)?),
-        locked_until: opt_time(row.get(9)?),
-        lease_token: row.get(10)?,
-        completed_at: opt_time(row.get(11)?),
-        delivered_at: opt_time(row.get(12)?),
-        last_error: row.get(13)?,
-        correlation_id: row.get(14)?,
-        org_id: opt_uuid(row.get(15)?),
-        user_id: opt_uuid(row.get(16)?),
-        ordering_key: row.get(17)?,
-        idempotency_key: row.get(18)?,
-        created_at: clock::from_millis(row.get(19)?),
-    })
+/// Fails, in the claim's own transaction, every claimed row that cannot be
+/// read faithfully (another program's bad text, a damaged payload): it ends
+/// `failed` with an error naming the column, and every other event keeps
+/// flowing. Returns the rest.
+fn set_aside_undecodable(
+    tx: &Transaction<'_>,
+    rows: Vec<(Event, Option<String>)>,
+    now: i64,
+) -> Result<Vec<Event>> {
+    let mut good = Vec::with_capacity(rows.len());
+    for (event, problem) in rows {
+        let Some(problem) = problem else {
+            good.push(event);
+            continue;
+        };
+        let error = format!("the stored row cannot be read: {problem}");
+        tracing::error!(seq = event.seq, error = %error, "outbox event set aside as failed");
+        tx.prepare_cached(
+            "UPDATE outbox_events SET status = 'failed', completed_at = ?2, last_error = ?3,
+               locked_at = NULL, locked_until = NULL, lease_token = NULL
+             WHERE seq = ?1",
+        )?
+        .execute(params![event.seq, now, error])?;
+    }
+    Ok(good)
 }
 
 /// An ordering-key event `e` is held back by another event `b` of its key
@@ -928,16 +968,18 @@ impl Store for SqliteStore {
             )?
             .execute(params![clock::to_millis(now), LEASE_EXPIRED_ERROR])?;
             let mut stmt = tx.prepare_cached(&CLAIM_SQL)?;
-            let rows = stmt.query_map(
-                rusqlite::named_params! {
-                    ":now": clock::to_millis(now),
-                    ":until": clock::to_millis(until),
-                    ":limit": i64::try_from(limit).unwrap_or(i64::MAX),
-                    ":types": types,
-                },
-                row_to_event,
-            )?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            let rows = stmt
+                .query_map(
+                    rusqlite::named_params! {
+                        ":now": clock::to_millis(now),
+                        ":until": clock::to_millis(until),
+                        ":limit": i64::try_from(limit).unwrap_or(i64::MAX),
+                        ":types": types,
+                    },
+                    decode_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            set_aside_undecodable(tx, rows, clock::to_millis(now))
         })?;
         claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
         Ok(claimed)
@@ -1185,10 +1227,19 @@ impl Store for SqliteStore {
                             sum(status = 'pending' AND next_attempt_at <= ?1)
                      FROM outbox_events GROUP BY event_type, status",
                 )?;
+                // Text another program wrote badly is shown, not fatal.
+                let lossy = |r: &rusqlite::Row<'_>, i| -> rusqlite::Result<String> {
+                    Ok(match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Text(b) => {
+                            String::from_utf8_lossy(b).into_owned()
+                        }
+                        other => format!("{other:?}"),
+                    })
+                };
                 let rows = stmt.query_map([now], |r| {
                     Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
+                        lossy(r, 0)?,
+                        lossy(r, 1)?,
                         r.get::<_, i64>(2)?,
                         r.get::<_, i64>(3)?,
                     ))

@@ -224,6 +224,9 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
     if let Err(e) = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)) {
         tracing::warn!("cannot catch SIGINT/SIGTERM ({e}); stop with care");
     }
+    // Rows set aside at claim time (undecodable) fail outside the
+    // dispatcher's counters: the exit status counts them from the file.
+    let failed_before = sqlite_outbox::Store::count_failed(&store).map_err(fail)?;
     let dispatcher = builder.start().map_err(fail)?;
     tracing::info!(
         db = %db.display(),
@@ -273,7 +276,10 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
     let Some(left) = waited else {
         return Ok(());
     };
-    match (m.failed, left.next_due_at) {
+    let failed_in_file = sqlite_outbox::Store::count_failed(&store)
+        .map_err(fail)?
+        .saturating_sub(failed_before);
+    match (m.failed.max(failed_in_file), left.next_due_at) {
         (0, None) => Ok(()),
         (failed, next) => Err(Failure(
             format!(
