@@ -82,6 +82,13 @@
 //! - `torture`: the `outbox-torture` crash-test driver used by the
 //!   reliability tests.
 
+// Input from outside (rows, payloads, responses, arguments) must never
+// be able to panic the library or the tool.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 // The crates whose types appear in this API, at the versions it was built
 // with: use these paths (`sqlite_outbox::rusqlite::Connection`) and an app
 // cannot end up with a second, incompatible copy.

@@ -575,3 +575,31 @@ fn sigterm_during_relay_loses_nothing() -> TestResult {
     assert!(done < 12, "the relay was stopped mid-way");
     Ok(())
 }
+
+/// Inputs that once panicked or raced: a huge --older-than, `fail` on an
+/// event that is done by then, an id typed in upper case.
+#[test]
+fn odd_operator_input_is_handled() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    let e = store.create(NewEvent::new("t", json!({})))?;
+    let out = outbox(&db, &["purge", "--older-than", "100000000d"])?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--older-than"), "{}", stderr(&out));
+
+    let upper = e.id.to_string().to_uppercase();
+    let shown = ok(&outbox(&db, &["show", &upper])?)?;
+    assert!(shown.contains(&e.id.to_string()), "{shown}");
+
+    let claimed = store.claim(1, Duration::from_secs(30), None)?;
+    store.complete(&claimed[0].lease().ok_or("no lease")?)?;
+    let out = outbox(&db, &["fail", &e.id.to_string(), "--reason", "too late"])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already done"), "{}", stderr(&out));
+    assert_eq!(
+        store.find_by_id(e.id)?.map(|e| e.status),
+        Some(Status::Done)
+    );
+    Ok(())
+}

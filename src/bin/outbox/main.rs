@@ -1,7 +1,15 @@
 //! `outbox`: operate an outbox file, and relay its events to an HTTP
 //! endpoint or a command.
 //!
-//! Exit codes: 0 success, 1 the operation failed, 2 usage error.
+//! Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 `relay
+//! --drain` stopped with events failed or retries still scheduled.
+
+// Input from outside (rows, payloads, responses, arguments) must never
+// be able to panic the library or the tool.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
