@@ -622,3 +622,44 @@ fn events_falling_due_are_claimed_after_a_late_wake_up() -> TestResult {
     dispatcher.shutdown(secs(5));
     Ok(())
 }
+
+/// Every settled event leaves the dispatcher's in-flight set: far more
+/// events than it may hold at once all get through quickly, and once idle
+/// no lease is extended or lost.
+#[test]
+fn finished_events_leave_the_in_flight_set() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("o.db"))?;
+    store.create_batch((0..40).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let (tx, rx) = unbounded();
+    // Room for 1 worker + a batch of 2 in flight at a time.
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(1)
+        .batch_size(2)
+        .lease(millis(300))
+        .handle("t", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    let started = Instant::now();
+    recv_n(&rx, 40)?;
+    assert!(started.elapsed() < secs(10), "{:?}", started.elapsed());
+    let deadline = Instant::now() + WAIT;
+    while store.stats()?.done < 40 {
+        assert!(Instant::now() < deadline, "outcomes not written");
+        std::thread::sleep(millis(5));
+    }
+    let idle = dispatcher.metrics();
+    // Three leases long: any event still held would be extended by now.
+    std::thread::sleep(millis(900));
+    let later = dispatcher.metrics();
+    assert_eq!(
+        later.extended, idle.extended,
+        "an idle dispatcher extended leases"
+    );
+    let report = dispatcher.shutdown(secs(5));
+    assert_eq!((report.metrics.lease_lost, report.metrics.done), (0, 40));
+    assert!(report.is_clean(), "{report:?}");
+    Ok(())
+}

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::journal::{self, Entry};
-use common::{shim, TestResult};
+use common::{shim, Reaper, TestResult};
 use rusqlite::Connection;
 use serde_json::json;
 use sqlite_outbox::{NewEvent, SqliteStore, Status, Store};
@@ -48,20 +48,23 @@ impl Rng {
     }
 }
 
-fn wait_all(children: Vec<Child>, limit: Duration) -> TestResult {
-    let deadline = Instant::now() + limit;
-    for mut child in children {
-        loop {
-            if let Some(status) = child.try_wait()? {
-                assert!(status.success(), "child failed: {status}");
-                break;
-            }
-            if Instant::now() > deadline {
-                child.kill().ok();
-                return Err("child did not finish in time".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+/// The guard every process test uses: a timeout kills and reaps every
+/// child, not only the one that was late.
+#[test]
+fn a_timed_out_process_test_leaves_no_process_behind() -> TestResult {
+    let children = (0..3)
+        .map(|_| Command::new("sleep").arg("30").spawn())
+        .collect::<Result<Vec<_>, _>>()?;
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let err = Reaper(children)
+        .wait_all(Duration::from_millis(200))
+        .expect_err("a timeout");
+    assert!(err.to_string().contains("in time"), "{err}");
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} is still running"
+        );
     }
     Ok(())
 }
@@ -163,7 +166,7 @@ fn two_processes_dispatch_one_file_without_running_an_event_twice() -> TestResul
             .spawn()
         })
         .collect::<Result<Vec<_>, _>>()?;
-    wait_all(children, Duration::from_secs(60))?;
+    Reaper(children).wait_all(Duration::from_secs(60))?;
     let entries = journal::read(&journals)?;
     let mut started = HashSet::new();
     for e in &entries {
@@ -209,18 +212,20 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
     )?;
 
     let j = dir.path().join("j");
-    let mut child = driver(&[
-        "dispatch",
-        "--db",
-        &s(&db),
-        "--journal",
-        &s(&j),
-        "--max-secs",
-        "60",
-    ])
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(dir.path().join("stderr"))?)
-    .spawn()?;
+    let mut child = Reaper::one(
+        driver(&[
+            "dispatch",
+            "--db",
+            &s(&db),
+            "--journal",
+            &s(&j),
+            "--max-secs",
+            "60",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr"))?)
+        .spawn()?,
+    );
     // Watch the journal until the expired lease was taken over and the other
     // events ran (or give up), then stop the child.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -235,9 +240,9 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let exited_early = child.try_wait()?;
-    child.kill()?;
-    child.wait()?;
+    let exited_early = child.child().try_wait()?;
+    child.child().kill()?;
+    child.child().wait()?;
     let stderr = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
     assert!(
         exited_early.is_none(),
@@ -303,24 +308,26 @@ pub fn producer_kill_cycles(cycles: usize) -> TestResult {
     let mut acked: Vec<(u64, u64)> = Vec::new();
     for cycle in 0..cycles {
         let out = dir.path().join(format!("out{cycle}"));
-        let mut child = driver(&[
-            "enqueue",
-            "--db",
-            &s(&db),
-            "--producer",
-            "1",
-            "--from",
-            &next.to_string(),
-            "--count",
-            "1000000",
-            "--batch",
-            "50",
-        ])
-        .stdout(std::fs::File::create(&out)?)
-        .spawn()?;
+        let mut child = Reaper::one(
+            driver(&[
+                "enqueue",
+                "--db",
+                &s(&db),
+                "--producer",
+                "1",
+                "--from",
+                &next.to_string(),
+                "--count",
+                "1000000",
+                "--batch",
+                "50",
+            ])
+            .stdout(std::fs::File::create(&out)?)
+            .spawn()?,
+        );
         std::thread::sleep(Duration::from_millis(rng.between(50, 400)));
-        child.kill()?;
-        child.wait()?;
+        child.child().kill()?;
+        child.child().wait()?;
         for line in std::fs::read_to_string(&out)?.lines() {
             let f: Vec<&str> = line.split(' ').collect();
             if f.len() == 4 && f[0] == "ok" {
@@ -416,20 +423,22 @@ pub fn worker_kill_run(
         .spawn()
     };
     let mut journal_no = 0;
-    let mut workers: Vec<Child> = Vec::new();
+    let mut workers = Reaper::default();
     for _ in 0..3 {
-        workers.push(spawn(journal_no, rng.between(1, u64::MAX - 1))?);
+        workers
+            .0
+            .push(spawn(journal_no, rng.between(1, u64::MAX - 1))?);
         journal_no += 1;
     }
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.between(200, 800)));
-        let victim = rng.between(0, workers.len() as u64 - 1) as usize;
-        workers[victim].kill()?;
-        workers[victim].wait()?;
-        workers[victim] = spawn(journal_no, rng.between(1, u64::MAX - 1))?;
+        let victim = rng.between(0, workers.0.len() as u64 - 1) as usize;
+        workers.0[victim].kill()?;
+        workers.0[victim].wait()?;
+        workers.0[victim] = spawn(journal_no, rng.between(1, u64::MAX - 1))?;
         journal_no += 1;
     }
-    wait_all(workers, Duration::from_secs(120))?;
+    workers.wait_all(Duration::from_secs(120))?;
     let journals: Vec<PathBuf> = (0..journal_no)
         .map(|n| dir.path().join(format!("j{n}")))
         .collect();
@@ -583,7 +592,7 @@ fn t3c_the_checker_catches_a_weak_ack_guard() -> TestResult {
             .spawn()
         })
         .collect::<Result<Vec<_>, _>>()?;
-    wait_all(children, Duration::from_secs(120))?;
+    Reaper(children).wait_all(Duration::from_secs(120))?;
     let r = journal::check(
         &journal::read(&journals)?,
         &expected,
@@ -910,27 +919,29 @@ fn t8_io_errors_surface_and_nothing_acknowledged_is_lost() -> TestResult {
         SqliteStore::open(&db)?;
         let arm = dir.path().join("ARM");
         let out_path = dir.path().join("out");
-        let mut child = driver(&[
-            "enqueue",
-            "--db",
-            &s(&db),
-            "--producer",
-            "1",
-            "--from",
-            "0",
-            "--count",
-            "100000000",
-            "--batch",
-            "20",
-        ])
-        .env("LD_PRELOAD", &shim)
-        .env("FAULT_OP", op)
-        .env("FAULT_SUFFIX", "-wal")
-        .env("FAULT_ERRNO", "5")
-        .env("FAULT_ARMFILE", &arm)
-        .stdout(std::fs::File::create(&out_path)?)
-        .stderr(Stdio::null())
-        .spawn()?;
+        let mut child = Reaper::one(
+            driver(&[
+                "enqueue",
+                "--db",
+                &s(&db),
+                "--producer",
+                "1",
+                "--from",
+                "0",
+                "--count",
+                "100000000",
+                "--batch",
+                "20",
+            ])
+            .env("LD_PRELOAD", &shim)
+            .env("FAULT_OP", op)
+            .env("FAULT_SUFFIX", "-wal")
+            .env("FAULT_ERRNO", "5")
+            .env("FAULT_ARMFILE", &arm)
+            .stdout(std::fs::File::create(&out_path)?)
+            .stderr(Stdio::null())
+            .spawn()?,
+        );
         for _ in 0..10 {
             std::thread::sleep(Duration::from_millis(200));
             std::fs::write(&arm, b"")?;
@@ -938,8 +949,8 @@ fn t8_io_errors_surface_and_nothing_acknowledged_is_lost() -> TestResult {
             std::fs::remove_file(&arm)?;
         }
         std::thread::sleep(Duration::from_millis(300));
-        child.kill()?;
-        child.wait()?;
+        child.child().kill()?;
+        child.child().wait()?;
         let text = std::fs::read_to_string(&out_path)?;
         let mut acked = Vec::new();
         let (mut errors, mut ok_after_error) = (0, 0);

@@ -872,3 +872,21 @@ fn an_undecodable_row_is_set_aside_and_the_rest_flows() -> TestResult {
     );
     Ok(())
 }
+
+/// The event is written through the caller's connection, inside the
+/// caller's transaction: even a DEFERRED one whose first write is the
+/// enqueue rolls the event back with the app's row.
+#[test]
+fn enqueue_first_in_a_deferred_transaction_rolls_back_with_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let mut conn = Connection::open(store.path())?;
+    conn.execute_batch("CREATE TABLE notes (body TEXT)")?;
+    let tx = conn.transaction()?;
+    let e = store.enqueue(&tx, NewEvent::new("note.created", json!({})))?;
+    tx.execute("INSERT INTO notes VALUES ('x')", [])?;
+    tx.rollback()?;
+    assert!(store.find_by_id(e.id)?.is_none());
+    assert_eq!(store.stats()?.total(), 0);
+    Ok(())
+}

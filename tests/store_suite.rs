@@ -839,6 +839,68 @@ fn mark_processing_uses_the_default_lease(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+// ---- boundaries pinned (each once caught only by chance) ------------------
+
+fn retention_keeps_an_event_created_exactly_at_the_cutoff(f: &Fixture) -> TestResult {
+    let at = f.clock.now_utc();
+    let edge = f.store.create(ev("t"))?;
+    f.store.mark_done(edge.id)?;
+    f.advance(millis(1));
+    let after = f.store.create(ev("t"))?;
+    f.store.mark_done(after.id)?;
+    // Strictly older than the cut-off goes; created at it stays.
+    assert_eq!(f.store.cleanup_old(at)?, 0);
+    assert!(f.store.find_by_id(edge.id)?.is_some());
+    assert_eq!(
+        f.store.cleanup_old(at + ChronoDuration::milliseconds(1))?,
+        1
+    );
+    assert!(f.store.find_by_id(edge.id)?.is_none());
+    assert!(f.store.find_by_id(after.id)?.is_some());
+    Ok(())
+}
+
+fn stats_report_the_oldest_of_several_due_events(f: &Fixture) -> TestResult {
+    f.store.create(ev("a"))?;
+    f.advance(secs(5));
+    f.store.create(ev("b"))?;
+    f.advance(secs(3));
+    let s = f.store.stats()?;
+    assert_eq!(s.due, 2);
+    assert_eq!(
+        s.oldest_due_age,
+        Some(secs(8)),
+        "the oldest, not the newest"
+    );
+    Ok(())
+}
+
+fn a_requeued_event_is_claimable_at_once(f: &Fixture) -> TestResult {
+    // Failed while its due time was still an hour away.
+    let e = f.store.create(ev("t").with_delay(secs(3600)))?;
+    f.store.mark_failed(e.id, "given up by an operator")?;
+    f.advance(secs(1));
+    assert_eq!(f.store.requeue_failed(Requeue::One(e.id))?, 1);
+    let back = get(f, &e)?;
+    assert_eq!(back.next_attempt_at, f.clock.now_utc(), "due now");
+    assert_eq!(f.store.claim(1, LEASE, None)?.len(), 1);
+    Ok(())
+}
+
+fn list_filters_by_user(f: &Fixture) -> TestResult {
+    let (ada, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let a = f.store.create(ev("t").with_user_id(ada))?;
+    f.store.create(ev("t").with_user_id(bob))?;
+    f.store.create(ev("t"))?;
+    let mine = ListFilter {
+        user_id: Some(ada),
+        ..ListFilter::default()
+    };
+    let ids: Vec<_> = f.store.list(&mine)?.into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec![a.id]);
+    Ok(())
+}
+
 trait NowUtc {
     fn now_utc(&self) -> chrono::DateTime<chrono::Utc>;
 }
@@ -905,4 +967,8 @@ suite!(
     payloads_round_trip,
     custom_policy_is_used,
     mark_processing_uses_the_default_lease,
+    retention_keeps_an_event_created_exactly_at_the_cutoff,
+    stats_report_the_oldest_of_several_due_events,
+    a_requeued_event_is_claimable_at_once,
+    list_filters_by_user,
 );

@@ -4,9 +4,10 @@
 pub mod journal;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use sqlite_outbox::{ManualClock, MemoryStore, RetryPolicy, SqliteStore, Store};
 use tempfile::TempDir;
@@ -87,6 +88,55 @@ pub fn shim(name: &str, dir: &Path) -> Option<PathBuf> {
         other => {
             println!("SKIPPED: cannot build {name}.so with cc ({other:?})");
             None
+        }
+    }
+}
+
+/// Child processes that are killed and waited for when this is dropped,
+/// however the test ends: a failed assertion, an early `?`, a timeout. A
+/// failing test never leaves a process behind.
+#[derive(Debug, Default)]
+pub struct Reaper(pub Vec<Child>);
+
+impl Reaper {
+    pub fn one(child: Child) -> Reaper {
+        Reaper(vec![child])
+    }
+
+    /// The first child.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.0[0]
+    }
+
+    /// Waits until every child exited successfully, at most `limit` in
+    /// all. On a timeout or a failed child, every child is killed.
+    pub fn wait_all(mut self, limit: Duration) -> TestResult {
+        let deadline = Instant::now() + limit;
+        for child in &mut self.0 {
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    if !status.success() {
+                        return Err(format!("child failed: {status}").into());
+                    }
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err("child did not finish in time".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
         }
     }
 }
