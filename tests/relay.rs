@@ -468,3 +468,52 @@ fn an_unreadable_row_does_not_stop_the_relay() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn commands_still_running_after_the_grace_are_killed_with_their_group() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({}))?;
+    let marker = dir.path().join("delivered-after-shutdown");
+    let cmd = format!("(sleep 2; touch {}) & sleep 30", marker.display());
+    let mut child = Command::new(BIN)
+        .arg("--db")
+        .arg(&db)
+        .args([
+            "relay",
+            "--exec",
+            &cmd,
+            "--timeout",
+            "60s",
+            "--grace",
+            "300ms",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored(&store, &event)?.status != Status::Processing {
+        assert!(Instant::now() < deadline, "never claimed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    send_sigterm(child.id())?;
+    let started = Instant::now();
+    let status = child.wait()?;
+    assert!(started.elapsed() < Duration::from_secs(5), "{status:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !marker.exists(),
+        "a command outlived the relay and delivered late"
+    );
+    Ok(())
+}
+
+/// SIGTERM, the way a service manager stops the relay.
+fn send_sigterm(pid: u32) -> std::io::Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    assert!(status.success());
+    Ok(())
+}

@@ -369,6 +369,10 @@ fn claims_and_maintenance_use_index_range_scans() -> TestResult {
         ("DELETE FROM outbox_events WHERE org_id = 'x'", "outbox_events_org"),
         ("DELETE FROM outbox_events WHERE user_id = 'x'", "outbox_events_user"),
         ("SELECT count(*) FROM outbox_events WHERE status = 'failed'", "outbox_events_failed"),
+        // What SqliteStore::backlog asks (relay --drain, many times a second).
+        ("SELECT EXISTS (SELECT 1 FROM outbox_events AS e WHERE e.status = 'pending' AND e.next_attempt_at <= 5)", "outbox_events_due"),
+        ("SELECT EXISTS (SELECT 1 FROM outbox_events AS e WHERE e.status = 'processing')", "outbox_events_leases"),
+        ("SELECT min(e.next_attempt_at) FROM outbox_events AS e WHERE e.status = 'pending' AND e.next_attempt_at > 5", "outbox_events_due"),
     ];
     for (sql, index) in cases {
         let p = plan(sql)?;
