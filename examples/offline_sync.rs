@@ -38,7 +38,7 @@ pub fn run(
         tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS notes (doc TEXT PRIMARY KEY, body TEXT, rev INTEGER)",
         )?;
-        Ok::<_, sqlite_outbox::Error>(())
+        Ok(())
     })?;
 
     let online = Arc::new(AtomicBool::new(false));
@@ -79,7 +79,7 @@ pub fn run(
                     NewEvent::new("note.changed", json!({"doc": doc, "rev": rev}))
                         .with_ordering_key(&doc),
                 )?;
-                Ok::<_, sqlite_outbox::Error>(())
+                Ok(())
             })?;
         }
     }

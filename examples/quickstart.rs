@@ -51,7 +51,7 @@ pub fn run(path: &str, orders: u64) -> Result<Summary, Box<dyn std::error::Error
             "CREATE TABLE IF NOT EXISTS orders (
                  id INTEGER PRIMARY KEY, customer TEXT NOT NULL, total_cents INTEGER NOT NULL)",
         )?;
-        Ok::<_, Box<dyn std::error::Error>>(())
+        Ok(())
     })?;
 
     // The dispatcher starts first, so events flow while orders are written.
@@ -102,7 +102,7 @@ pub fn run(path: &str, orders: u64) -> Result<Summary, Box<dyn std::error::Error
                 )?;
                 written += 1;
             }
-            Ok::<_, Box<dyn std::error::Error>>(())
+            Ok(())
         })?;
     }
     println!(

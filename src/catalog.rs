@@ -1,9 +1,11 @@
-//! The typed event catalogue this crate grew from: a ready set of event
-//! types for account e-mails, security notifications and credit events.
-//!
-//! Event types are plain strings, so applications may define their own; this
-//! catalogue is one such set, with names and a classification that apps and
+//! A ready-made catalogue of event types, and an example of typed event
+//! types an app can copy: account e-mails, security notifications and
+//! credit events, each with its string name, parsing, and a classification
 //! handlers can share.
+//!
+//! Event types are plain strings, so an app may use its own names or its
+//! own enum; anything that converts into a `String` can name a handler or
+//! an event.
 
 use std::fmt;
 use std::str::FromStr;
@@ -12,10 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The inherited catalogue of event types.
+/// A catalogue of event types: e-mails, notifications and credit events.
 ///
 /// ```
-/// use sqlite_outbox::{NewEvent, OutboxEventType};
+/// use sqlite_outbox::catalog::OutboxEventType;
+/// use sqlite_outbox::NewEvent;
 ///
 /// let kind: OutboxEventType = "credit.spend".parse()?;
 /// assert!(kind.is_credit_event());

@@ -239,6 +239,27 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
+/// A payload or value that could not be turned into JSON or back: invalid
+/// input, with serde_json's message as the source. Lets `?` work on
+/// `serde_json` calls inside [`crate::SqliteStore::transaction`].
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::with_source(
+            ErrorKind::InvalidInput {
+                reason: "JSON could not be read or written".into(),
+            },
+            e,
+        )
+    }
+}
+
+/// An I/O error, with the original as the source.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::with_source(ErrorKind::Io, e)
+    }
+}
+
 impl From<r2d2::Error> for Error {
     fn from(err: r2d2::Error) -> Self {
         // r2d2 reports a failed connection set-up as a timeout whose message

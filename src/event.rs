@@ -171,7 +171,7 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// An event of `event_type` (any string, e.g. `"email.invite"`, or a
-    /// [`crate::OutboxEventType`]) carrying `payload`.
+    /// [`crate::catalog::OutboxEventType`]) carrying `payload`.
     pub fn new(event_type: impl Into<String>, payload: Value) -> Self {
         NewEvent {
             id: EventId::new(),
@@ -186,6 +186,31 @@ impl NewEvent {
             run_at: None,
             delay: None,
         }
+    }
+
+    /// An event whose payload is `payload` serialised: a struct of the
+    /// app's own, say.
+    ///
+    /// ```
+    /// use serde::Serialize;
+    /// use sqlite_outbox::NewEvent;
+    ///
+    /// #[derive(Serialize)]
+    /// struct Invite<'a> { to: &'a str }
+    ///
+    /// let event = NewEvent::json("email.invite", &Invite { to: "ada@example.com" })?;
+    /// assert_eq!(event.payload()["to"], "ada@example.com");
+    /// # Ok::<(), sqlite_outbox::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`crate::ErrorKind::InvalidInput`] if `payload` cannot be serialised
+    /// (a map with non-string keys, say).
+    pub fn json<T: Serialize + ?Sized>(event_type: impl Into<String>, payload: &T) -> Result<Self> {
+        let value = serde_json::to_value(payload)
+            .map_err(|e| Error::invalid(format!("payload cannot be serialised: {e}")))?;
+        Ok(NewEvent::new(event_type, value))
     }
 
     /// An event whose payload is JSON text, checked here.
@@ -415,6 +440,41 @@ pub struct Event {
 }
 
 impl Event {
+    /// The payload as a `T`. A payload that does not fit is a permanent
+    /// failure: retrying cannot change it, so `?` in a handler fails the
+    /// event at once instead of retrying it for days.
+    ///
+    /// ```
+    /// use serde::Deserialize;
+    /// use sqlite_outbox::{Event, HandlerError};
+    ///
+    /// #[derive(Deserialize)]
+    /// struct Invite { to: String }
+    ///
+    /// fn send(event: &Event) -> Result<(), HandlerError> {
+    ///     let invite: Invite = event.payload_as()?;
+    ///     assert!(invite.to.contains('@'));
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A permanent [`crate::HandlerError`] naming the event and the
+    /// mismatch.
+    pub fn payload_as<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> std::result::Result<T, crate::HandlerError> {
+        T::deserialize(&self.payload).map_err(|e| {
+            crate::HandlerError::permanent(format!(
+                "the payload of event {} ({}) is not a {}: {e}",
+                self.id,
+                self.event_type,
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
     /// The lease under which this event was claimed, if it is processing.
     /// Every acknowledgement names it.
     pub fn lease(&self) -> Option<Lease> {

@@ -24,12 +24,12 @@
 //!     tx.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, total INTEGER)", [])?;
 //!     tx.execute("INSERT INTO orders (total) VALUES (42)", [])?;
 //!     store.enqueue(tx, NewEvent::new("order.placed", json!({"total": 42})))?;
-//!     Ok::<_, sqlite_outbox::Error>(())
+//!     Ok(())
 //! })?;
 //!
 //! let (seen_tx, seen) = crossbeam_channel::unbounded();
 //! let dispatcher = Dispatcher::builder(store.clone())
-//!     .handle("order.placed", move |event: &sqlite_outbox::Event| {
+//!     .handle("order.placed", move |event| {
 //!         seen_tx.send(event.payload["total"].clone()).ok();
 //!         Ok(())
 //!     })
@@ -99,7 +99,7 @@ pub use serde_json;
 pub use uuid;
 
 pub mod admin;
-mod catalog;
+pub mod catalog;
 mod clock;
 mod dispatch;
 mod error;
@@ -107,7 +107,6 @@ mod event;
 mod retry;
 mod store;
 
-pub use catalog::OutboxEventType;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dispatch::{
     Dispatcher, DispatcherBuilder, Handler, HandlerError, Metrics, ShutdownReport,
@@ -129,6 +128,13 @@ pub use store::sqlite::{
 pub use store::{
     Ack, Backlog, ListFilter, Requeue, Stats, Store, TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
 };
+
+/// The traits to import for the whole API: `use sqlite_outbox::prelude::*;`
+/// brings [`Store`]'s methods (`stats`, `claim`, `list`, ...) into scope on
+/// every store.
+pub mod prelude {
+    pub use crate::{Dispatcher, Event, HandlerError, NewEvent, SqliteStore, Store};
+}
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

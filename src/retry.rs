@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// How failed attempts are retried.
 ///
-/// The default is the schedule this crate inherited: after the n-th failed
+/// The default schedule: after the n-th failed
 /// attempt wait 30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h, 16 h, then
 /// 24 h for every later attempt; give up after 10 attempts. No jitter.
 ///
@@ -29,7 +29,7 @@ pub struct RetryPolicy {
     jitter: f64,
 }
 
-/// The inherited schedule, in seconds; the last entry repeats.
+/// The default schedule, in seconds; the last entry repeats.
 const DEFAULT_SCHEDULE_SECS: [u64; 10] = [
     30, 120, 600, 1_800, 3_600, 7_200, 14_400, 28_800, 57_600, 86_400,
 ];

@@ -663,3 +663,82 @@ fn finished_events_leave_the_in_flight_set() -> TestResult {
     assert!(report.is_clean(), "{report:?}");
     Ok(())
 }
+
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+struct Order {
+    id: u32,
+    total_cents: i64,
+}
+
+/// Typed payloads in and out; a payload that does not fit the type fails
+/// at once; `drain` returns when the queue is idle, on both stores.
+fn typed_payloads_and_drain(f: Fixture) -> TestResult {
+    f.store.create(NewEvent::json(
+        "order.placed",
+        &Order {
+            id: 1,
+            total_cents: 250,
+        },
+    )?)?;
+    let odd = f
+        .store
+        .create(NewEvent::new("order.placed", json!({"id": "one"})))?;
+    let later = f.store.create(
+        NewEvent::new("order.placed", json!({"id": 2, "total_cents": 5})).with_delay(secs(3600)),
+    )?;
+    let seen: Arc<Mutex<Vec<Order>>> = Arc::default();
+    let s = seen.clone();
+    let report = Dispatcher::builder(f.store.clone())
+        .handle("order.placed", move |event| {
+            let order: Order = event.payload_as()?;
+            s.lock()
+                .map_err(|_| HandlerError::retry("poisoned"))?
+                .push(order);
+            Ok(())
+        })
+        .start()?
+        .drain(secs(20));
+    assert!(report.idle, "{report:?}");
+    assert_eq!((report.metrics.done, report.metrics.failed), (1, 1));
+    assert_eq!(
+        *seen.lock().map_err(|_| "poisoned")?,
+        vec![Order {
+            id: 1,
+            total_cents: 250
+        }]
+    );
+    let odd = f.store.find_by_id(odd.id)?.ok_or("gone")?;
+    assert_eq!((odd.status, odd.attempts), (Status::Failed, 1));
+    assert!(odd.last_error.unwrap_or_default().contains("is not a"));
+    // The delayed event does not keep drain waiting.
+    assert_eq!(
+        f.store.find_by_id(later.id)?.map(|e| e.status),
+        Some(Status::Pending)
+    );
+    Ok(())
+}
+
+#[test]
+fn typed_payloads_and_drain_memory() -> TestResult {
+    typed_payloads_and_drain(Fixture::memory())
+}
+
+#[test]
+fn typed_payloads_and_drain_sqlite() -> TestResult {
+    typed_payloads_and_drain(Fixture::sqlite())
+}
+
+#[test]
+fn question_mark_works_inside_a_transaction() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("o.db"))?;
+    let result = store.transaction(|tx| {
+        store.enqueue(tx, NewEvent::new("t", json!(1)))?;
+        let parsed: serde_json::Value = serde_json::from_str("{not json")?;
+        store.enqueue(tx, NewEvent::new("t", parsed))?;
+        Ok(())
+    });
+    assert!(result.expect_err("bad JSON").is_invalid_input());
+    assert_eq!(store.stats()?.total(), 0, "rolled back");
+    Ok(())
+}

@@ -219,7 +219,7 @@ fn an_app_file_with_its_own_header_fields_keeps_them_byte_for_byte() -> TestResu
     store.transaction(|tx| {
         tx.execute("INSERT INTO notes VALUES ('with an event')", [])?;
         store.enqueue(tx, NewEvent::new("note.created", json!({"n": 2})))?;
-        Ok::<_, sqlite_outbox::Error>(())
+        Ok(())
     })?;
     let claimed = store.claim(1, secs(30), None)?;
     store.complete(&claimed[0].lease().ok_or("no lease")?)?;

@@ -7,8 +7,8 @@ use chrono::Duration as ChronoDuration;
 use common::{millis, secs, Fixture, TestResult};
 use serde_json::json;
 use sqlite_outbox::{
-    Ack, ErrorKind, Event, ListFilter, NewEvent, OutboxEventType, Requeue, RetryPolicy, Status,
-    DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    catalog::OutboxEventType, Ack, ErrorKind, Event, ListFilter, NewEvent, Requeue, RetryPolicy,
+    Status, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
 };
 use uuid::Uuid;
 
@@ -901,6 +901,26 @@ fn list_filters_by_user(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+fn backlog_says_what_is_left(f: &Fixture) -> TestResult {
+    let empty = f.store.backlog(None)?;
+    assert!(!empty.due && !empty.processing && empty.next_due_at.is_none());
+    let now = f.clock.now_utc();
+    f.store.create(ev("a").with_ordering_key("k"))?;
+    f.store.create(ev("a").with_ordering_key("k"))?;
+    f.store.create(ev("b").with_delay(secs(60)))?;
+    let b = f.store.backlog(None)?;
+    assert!(b.due && !b.processing);
+    assert_eq!(b.next_due_at, Some(now + ChronoDuration::seconds(60)));
+    assert!(!f.store.backlog(Some(&["b".into()]))?.due);
+    // The head of key k is claimed; the second waits behind it: not due.
+    let head = f.store.claim(1, LEASE, Some(&["a".into()]))?;
+    let a = f.store.backlog(Some(&["a".into()]))?;
+    assert!(!a.due && a.processing, "{a:?}");
+    f.store.complete(&head[0].lease().ok_or("lease")?)?;
+    assert!(f.store.backlog(Some(&["a".into()]))?.due);
+    Ok(())
+}
+
 trait NowUtc {
     fn now_utc(&self) -> chrono::DateTime<chrono::Utc>;
 }
@@ -971,4 +991,5 @@ suite!(
     stats_report_the_oldest_of_several_due_events,
     a_requeued_event_is_claimable_at_once,
     list_filters_by_user,
+    backlog_says_what_is_left,
 );

@@ -232,7 +232,7 @@ fn a_store_write_inside_the_stores_own_transaction_fails_at_once() -> TestResult
     let result = store.transaction(|tx| {
         store.enqueue(tx, NewEvent::new("t", json!(1)))?;
         store.create(NewEvent::new("t", json!(2)))?;
-        Ok::<_, sqlite_outbox::Error>(())
+        Ok(())
     });
     let err = result.expect_err("a second writer inside the transaction");
     assert!(err.is_invalid_input(), "{err}");
@@ -250,7 +250,7 @@ fn a_store_write_inside_the_stores_own_transaction_fails_at_once() -> TestResult
     store.transaction(|tx| {
         store.enqueue(tx, NewEvent::new("t", json!(3)))?;
         store.stats()?;
-        Ok::<_, sqlite_outbox::Error>(())
+        Ok(())
     })?;
     store.create(NewEvent::new("t", json!(4)))?;
     assert_eq!(store.stats()?.total(), 2);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::event::Event;
 use crate::retry::RetryPolicy;
 use crate::store::{Store, DEFAULT_LEASE};
 
@@ -57,10 +58,20 @@ impl fmt::Debug for DispatcherBuilder {
 }
 
 impl DispatcherBuilder {
-    /// Runs `handler` for events of `event_type` (a string, or a
-    /// [`crate::OutboxEventType`]). A later call for the same type replaces
-    /// the handler.
-    pub fn handle(mut self, event_type: impl Into<String>, handler: impl Handler) -> Self {
+    /// Runs the closure `handler` for events of `event_type` (a string, or
+    /// a [`crate::catalog::OutboxEventType`]). A later call for the same
+    /// type replaces the handler. The closure's argument needs no type:
+    /// `.handle("note.created", |event| ...)`.
+    pub fn handle<F>(self, event_type: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(&Event) -> std::result::Result<(), HandlerError> + Send + Sync + 'static,
+    {
+        self.handler(event_type, handler)
+    }
+
+    /// Like [`DispatcherBuilder::handle`], for a type that implements
+    /// [`Handler`] itself.
+    pub fn handler(mut self, event_type: impl Into<String>, handler: impl Handler) -> Self {
         self.handlers.insert(event_type.into(), Arc::new(handler));
         self
     }
@@ -68,7 +79,10 @@ impl DispatcherBuilder {
     /// Runs `handler` for events of every type without its own handler.
     /// Default: none, and then only types with a handler are claimed, so
     /// several processes can split the work by type.
-    pub fn fallback(mut self, handler: impl Handler) -> Self {
+    pub fn fallback<F>(mut self, handler: F) -> Self
+    where
+        F: Fn(&Event) -> std::result::Result<(), HandlerError> + Send + Sync + 'static,
+    {
         self.fallback = Some(Arc::new(handler));
         self
     }
@@ -200,6 +214,52 @@ impl Dispatcher {
         self.runtime.as_ref().map(|r| r.store.retry_policy())
     }
 
+    /// Runs until the queue is idle, then shuts down: returns once nothing
+    /// of this dispatcher's types is due or being handled and every outcome
+    /// is written, or once `timeout` has passed. Events scheduled for later
+    /// (retries, delayed events) do not keep it waiting. For tests, batch
+    /// programs and short-lived processes that deliver what is there and
+    /// exit.
+    ///
+    /// ```
+    /// use sqlite_outbox::prelude::*;
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let store = SqliteStore::open(dir.path().join("app.db"))?;
+    /// store.create(NewEvent::new("ping", serde_json::json!({})))?;
+    /// let report = Dispatcher::builder(store.clone())
+    ///     .handle("ping", |_event| Ok(()))
+    ///     .start()?
+    ///     .drain(Duration::from_secs(10));
+    /// assert!(report.idle);
+    /// assert_eq!(report.metrics.done, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn drain(mut self, timeout: Duration) -> ShutdownReport {
+        let Some(runtime) = self.runtime.take() else {
+            return ShutdownReport::default();
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut idle = false;
+        while std::time::Instant::now() < deadline {
+            match runtime.is_idle() {
+                Ok(true) => {
+                    idle = true;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "outbox drain could not read the backlog"),
+            }
+            runtime.wake();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut report = runtime.shutdown(left.max(Duration::from_secs(1)));
+        report.idle = idle;
+        report
+    }
+
     /// Stops claiming, lets running handlers finish until `deadline`, gives
     /// back events that were claimed but not started (without spending
     /// their attempt), writes every outcome and joins the threads.
@@ -323,6 +383,9 @@ pub struct ShutdownReport {
     pub unwritten: usize,
     /// The dispatcher's counters at the end.
     pub metrics: Metrics,
+    /// With [`Dispatcher::drain`]: the queue was idle when it stopped (not
+    /// the timeout).
+    pub idle: bool,
 }
 
 impl ShutdownReport {

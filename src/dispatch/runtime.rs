@@ -39,6 +39,8 @@ type InFlightKey = (i64, i64);
 
 pub(crate) struct Runtime {
     pub(crate) store: Arc<dyn Store>,
+    /// The event types this dispatcher claims (`None`: all).
+    pub(crate) types: Option<Arc<[String]>>,
     pub(crate) counters: Arc<Counters>,
     shared: Arc<Shared>,
     wake_tx: Sender<()>,
@@ -149,7 +151,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
         shared: shared.clone(),
         handlers: Arc::new(b.handlers),
         fallback: b.fallback,
-        types,
+        types: types.clone(),
         lease: b.lease,
         batch_size: b.batch_size,
         capacity,
@@ -222,6 +224,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
     Ok(Dispatcher {
         runtime: Some(Runtime {
             store: b.store,
+            types,
             counters,
             shared,
             wake_tx,
@@ -241,6 +244,17 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
 impl Runtime {
     pub(crate) fn wake(&self) {
         let _ = self.wake_tx.try_send(());
+    }
+
+    /// True once nothing of this dispatcher's types can be claimed now,
+    /// nothing is being handled (here or by another process), and every
+    /// outcome this dispatcher produced is written.
+    pub(crate) fn is_idle(&self) -> Result<bool> {
+        if !self.shared.inflight().is_empty() {
+            return Ok(false);
+        }
+        let backlog = self.store.backlog(self.types.as_deref())?;
+        Ok(!backlog.due && !backlog.processing)
     }
 
     pub(crate) fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
@@ -293,6 +307,7 @@ impl Runtime {
             still_running,
             unwritten,
             metrics: after,
+            idle: false,
         }
     }
 }

@@ -10,7 +10,7 @@ use crossbeam_channel::Receiver;
 use uuid::Uuid;
 
 use super::{
-    new_token, Ack, AckKind, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE,
+    new_token, Ack, AckKind, Backlog, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE,
     LEASE_EXPIRED_ERROR,
 };
 use crate::clock::{self, Clock, SystemClock};
@@ -481,6 +481,25 @@ impl Store for MemoryStore {
             })
             .filter(|t| *t > now)
             .min())
+    }
+
+    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+        let now = truncate(self.now());
+        let state = self.state();
+        let mine = || {
+            state
+                .rows
+                .values()
+                .filter(|e| type_allowed(types, &e.event_type))
+        };
+        Ok(Backlog {
+            due: mine().any(|e| e.status == Status::Pending && claimable(&state, e, now)),
+            processing: mine().any(|e| e.status == Status::Processing),
+            next_due_at: mine()
+                .filter(|e| e.status == Status::Pending && e.next_attempt_at > now)
+                .map(|e| e.next_attempt_at)
+                .min(),
+        })
     }
 
     fn has_external_changes(&self) -> Result<bool> {

@@ -49,10 +49,9 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 /// gone. A worker that stalled past its lease therefore cannot overwrite the
 /// outcome of the worker that took over.
 ///
-/// The `mark_*` operations are the unfenced, id-based operations of the
-/// system this crate grew from. They act on whatever lease is current (and
-/// cancel it), which suits operators and simple loops, not concurrent
-/// workers.
+/// The `mark_*` operations are unfenced and id-based. They act on
+/// whatever lease is current (and cancel it), which suits operators and
+/// simple single-worker loops, not concurrent workers.
 pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     /// Adds one event in its own transaction and returns it as stored. With
     /// an idempotency key that is already stored, returns the stored event
@@ -160,7 +159,7 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     }
 
     /// Claims up to `limit` due events with a lease of `lock_timeout_secs`
-    /// seconds: [`Store::claim`] for all types, under the inherited name.
+    /// seconds: [`Store::claim`] for all types, with integer arguments.
     ///
     /// # Errors
     ///
@@ -278,6 +277,17 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     ///
     /// Database errors.
     fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>>;
+
+    /// What is left to deliver for these event types (all when `None`):
+    /// whether an event can be claimed now, whether one is being handled,
+    /// and when the next scheduled one falls due. Cheap enough to ask many
+    /// times a second (the SQLite store answers from its indexes): a relay
+    /// or a batch program asks it to see when it is done.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog>;
 
     /// True if another connection or process committed since the last call
     /// (cheap: `PRAGMA data_version` for SQLite, where the first call is

@@ -249,7 +249,7 @@ fn configure(
 ///     tx.execute("CREATE TABLE IF NOT EXISTS users (email TEXT)", [])?;
 ///     tx.execute("INSERT INTO users (email) VALUES ('ada@example.com')", [])?;
 ///     store.enqueue(tx, NewEvent::new("user.created", json!({"email": "ada@example.com"})))?;
-///     Ok::<_, sqlite_outbox::Error>(())
+///     Ok(())
 /// })?;
 ///
 /// let claimed = store.claim(10, std::time::Duration::from_secs(30), None)?;
@@ -387,11 +387,27 @@ impl SqliteStore {
     /// connection and commits if it returns `Ok`, rolls back otherwise.
     /// Use it to write the app's rows and enqueue events together.
     ///
+    /// Inside `f`, `?` works on rusqlite, serde_json and I/O errors as well
+    /// as this crate's. Enqueue with `store.enqueue(tx, ...)`; any other
+    /// write of this store inside `f` fails at once (it would wait for the
+    /// lock `f`'s own transaction holds). For an error type of the app's
+    /// own, use [`SqliteStore::transaction_with`].
+    ///
     /// # Errors
     ///
     /// Whatever `f` returns, and database errors from beginning or
     /// committing (an error from the commit means the outcome is unknown).
-    pub fn transaction<T, E>(
+    pub fn transaction<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        self.transaction_with(f)
+    }
+
+    /// [`SqliteStore::transaction`] for a closure with an error type of the
+    /// app's own, which must convert from this crate's [`Error`].
+    ///
+    /// # Errors
+    ///
+    /// As [`SqliteStore::transaction`].
+    pub fn transaction_with<T, E>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E>
@@ -493,32 +509,6 @@ impl SqliteStore {
             ));
         }
         Ok(())
-    }
-
-    /// What is left to deliver for these event types (all when `None`):
-    /// whether an event can be claimed now, whether one is being handled,
-    /// and when the next scheduled one falls due. Answered from the claim
-    /// and lease indexes, however many finished events the file holds: a
-    /// relay or a batch program can ask it often to see when it is done.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    pub fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
-        let now = clock::to_millis(self.now());
-        let types = types_json(types);
-        self.read(|conn| {
-            let (due, processing, next): (bool, bool, Option<i64>) =
-                conn.prepare_cached(&BACKLOG_SQL)?.query_row(
-                    rusqlite::named_params! {":now": now, ":types": types},
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )?;
-            Ok(Backlog {
-                due,
-                processing,
-                next_due_at: next.map(clock::from_millis),
-            })
-        })
     }
 
     /// Gives up on an event that is not finished: it ends `failed` with
@@ -1321,6 +1311,23 @@ impl Store for SqliteStore {
                     |r| r.get(0),
                 )?;
             Ok(t.map(clock::from_millis))
+        })
+    }
+
+    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+        let now = clock::to_millis(self.now());
+        let types = types_json(types);
+        self.read(|conn| {
+            let (due, processing, next): (bool, bool, Option<i64>) =
+                conn.prepare_cached(&BACKLOG_SQL)?.query_row(
+                    rusqlite::named_params! {":now": now, ":types": types},
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+            Ok(Backlog {
+                due,
+                processing,
+                next_due_at: next.map(clock::from_millis),
+            })
         })
     }
 
