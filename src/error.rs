@@ -178,7 +178,28 @@ impl fmt::Debug for Error {
 }
 
 impl fmt::Display for Error {
+    /// What happened, then its cause: `disk I/O error: unable to open
+    /// database file` rather than a bare "I/O error". The cause printed here
+    /// is [`Error::cause`]; [`std::error::Error::source`] starts below it,
+    /// so an error reporter that walks the chain prints nothing twice.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_kind(f)?;
+        if let Some(cause) = &self.inner.source {
+            write!(f, ": {cause}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    /// The error this one wraps (a `rusqlite::Error`, an `std::io::Error`, a
+    /// `serde_json::Error`), for downcasting. [`Error`]'s `Display` already
+    /// includes its message.
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.inner.source.as_deref()
+    }
+
+    fn fmt_kind(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind() {
             ErrorKind::Busy => f.write_str("database is locked (busy timeout expired)"),
             ErrorKind::LeaseLost { id, attempt } => {
@@ -207,11 +228,10 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {
+    /// The cause of [`Error::cause`]: the one after the message `Display`
+    /// already shows.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.inner
-            .source
-            .as_ref()
-            .map(|e| &**e as &(dyn std::error::Error + 'static))
+        self.inner.source.as_ref().and_then(|e| e.source())
     }
 }
 
@@ -273,15 +293,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn display_does_not_repeat_the_source() {
+    fn display_says_the_cause_and_the_chain_never_repeats_it() {
         let sqlite = rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
             Some("database or disk is full".into()),
         );
         let err = Error::from(sqlite);
         assert!(err.is_disk_full());
-        assert!(std::error::Error::source(&err).is_some());
-        assert!(!err.to_string().contains("database or disk is full"));
+        assert_eq!(
+            err.to_string(),
+            "disk or database size limit is full: database or disk is full"
+        );
+        assert!(err
+            .cause()
+            .is_some_and(|c| c.downcast_ref::<rusqlite::Error>().is_some()));
+        // What a chain-walking reporter adds comes from below the cause.
+        let mut chain = Vec::new();
+        let mut next = std::error::Error::source(&err);
+        while let Some(e) = next {
+            chain.push(e.to_string());
+            next = e.source();
+        }
+        let cause = err.cause().map(|c| c.to_string()).unwrap_or_default();
+        assert!(chain.iter().all(|c| *c != cause), "{chain:?}");
     }
 
     #[test]

@@ -141,6 +141,12 @@ impl SqliteStoreBuilder {
     /// - `Busy` if others kept the file locked past the busy timeout, `Io`,
     ///   `ReadOnly`, `Corrupt`.
     pub fn build(self) -> Result<SqliteStore> {
+        if self.path.is_dir() {
+            return Err(Error::not_an_outbox(format!(
+                "{} is a directory, not a database file",
+                self.path.display()
+            )));
+        }
         // No SQLITE_OPEN_URI: a path is a path. `file:x.db?nolock=1` would
         // otherwise turn off the locking every guarantee between processes
         // rests on.

@@ -178,14 +178,9 @@ impl Failure {
     }
 }
 
+/// An error as one line: the library's `Display` already names the cause.
 fn describe(err: &sqlite_outbox::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = std::error::Error::source(err);
-    while let Some(c) = cause {
-        let _ = write!(text, ": {c}");
-        cause = c.source();
-    }
-    text
+    err.to_string()
 }
 
 fn main() -> ExitCode {
