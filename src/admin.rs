@@ -66,51 +66,20 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-/// The stable JSON shape of an event, as the CLI prints it and the relay
-/// posts it: every stored field, times in RFC 3339.
+/// The JSON shape of an event, as the CLI prints it: the serde form of
+/// [`Event`] (every stored field but the lease token, `type` for the event
+/// type, times in RFC 3339). The relay posts a documented subset of it.
 pub fn event_json(event: &Event) -> Value {
-    json!({
-        "id": event.id,
-        "seq": event.seq,
-        "type": event.event_type,
-        "payload": event.payload,
-        "status": event.status,
-        "attempts": event.attempts,
-        "max_attempts": event.max_attempts,
-        "next_attempt_at": event.next_attempt_at,
-        "locked_at": event.locked_at,
-        "locked_until": event.locked_until,
-        "completed_at": event.completed_at,
-        "delivered_at": event.delivered_at,
-        "last_error": event.last_error,
-        "correlation_id": event.correlation_id,
-        "org_id": event.org_id,
-        "user_id": event.user_id,
-        "ordering_key": event.ordering_key,
-        "idempotency_key": event.idempotency_key,
-        "created_at": event.created_at,
-    })
+    serde_json::to_value(event).unwrap_or(Value::Null)
 }
 
-/// The stable JSON shape of [`Stats`].
+/// The JSON shape of [`Stats`]: its serde form, plus `total`.
 pub fn stats_json(stats: &Stats) -> Value {
-    json!({
-        "pending": stats.pending,
-        "due": stats.due,
-        "processing": stats.processing,
-        "done": stats.done,
-        "failed": stats.failed,
-        "total": stats.total(),
-        "oldest_due_age_ms": stats.oldest_due_age.map(|d| d.as_millis() as u64),
-        "by_type": stats.by_type.iter().map(|t| json!({
-            "type": t.event_type,
-            "pending": t.pending,
-            "due": t.due,
-            "processing": t.processing,
-            "done": t.done,
-            "failed": t.failed,
-        })).collect::<Vec<_>>(),
-    })
+    let mut value = serde_json::to_value(stats).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        map.insert("total".into(), json!(stats.total()));
+    }
+    value
 }
 
 #[cfg(test)]
@@ -125,6 +94,24 @@ mod tests {
         for bad in ["", "-1s", "1.5h", "10 years", "99999999999999999999d", "h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn one_json_shape_per_thing() -> Result<()> {
+        let e = crate::NewEvent::new("t", json!({"a": 1})).into_pending(
+            7,
+            crate::clock::from_millis(1_700_000_000_000),
+            &crate::RetryPolicy::default(),
+        );
+        let v = event_json(&e);
+        assert_eq!(v, serde_json::to_value(&e)?);
+        assert_eq!(v["type"], json!("t"));
+        assert!(v.get("event_type").is_none() && v.get("lease_token").is_none());
+        assert_eq!(v["created_at"], json!("2023-11-14T22:13:20Z"));
+        let s = stats_json(&Stats::default());
+        assert!(s.get("oldest_due_age_ms").is_some() && s.get("oldest_due_age").is_none());
+        assert_eq!(s["total"], json!(0));
         Ok(())
     }
 

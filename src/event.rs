@@ -401,7 +401,8 @@ pub struct Event {
     /// Its place in enqueue order: increasing, never reused, possibly with
     /// gaps.
     pub seq: i64,
-    /// The event type, e.g. `"email.invite"`.
+    /// The event type, e.g. `"email.invite"` (`type` in JSON).
+    #[serde(rename = "type")]
     pub event_type: String,
     /// The payload.
     pub payload: Value,
@@ -417,7 +418,9 @@ pub struct Event {
     pub locked_at: Option<DateTime<Utc>>,
     /// When the current lease runs out.
     pub locked_until: Option<DateTime<Utc>>,
-    /// The token of the current lease.
+    /// The token of the current lease. Not in the JSON shape: it is the
+    /// fencing secret of whoever holds the lease.
+    #[serde(skip)]
     pub lease_token: Option<i64>,
     /// When the event became done or failed.
     pub completed_at: Option<DateTime<Utc>>,

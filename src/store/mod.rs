@@ -420,7 +420,8 @@ pub enum Requeue {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct TypeStats {
-    /// The event type.
+    /// The event type (`type` in JSON).
+    #[serde(rename = "type")]
     pub event_type: String,
     /// Pending events of this type.
     pub pending: u64,
@@ -465,8 +466,9 @@ pub struct Stats {
     pub failed: u64,
     /// Per event type, sorted by type.
     pub by_type: Vec<TypeStats>,
-    /// How long the oldest due event has been waiting since it became due.
-    #[serde(serialize_with = "ser_opt_millis")]
+    /// How long the oldest due event has been waiting since it became due
+    /// (`oldest_due_age_ms` in JSON, in milliseconds).
+    #[serde(serialize_with = "ser_opt_millis", rename = "oldest_due_age_ms")]
     pub oldest_due_age: Option<Duration>,
 }
 
