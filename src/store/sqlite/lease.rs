@@ -1,0 +1,134 @@
+//! Claims and the fenced outcomes: the two writes a worker makes.
+
+use std::time::Duration;
+
+use rusqlite::{params, Transaction};
+
+use super::sql::{
+    ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL, ACK_RELEASE_SQL, ACK_RETRY_SQL, CLAIM_SQL,
+};
+use super::{types_json, SqliteStore};
+use crate::clock;
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::store::row::decode_row;
+use crate::store::{Ack, AckKind, LEASE_EXPIRED_ERROR};
+impl SqliteStore {
+    pub(super) fn claim_events(
+        &self,
+        limit: usize,
+        lease: Duration,
+        types: Option<&[String]>,
+    ) -> Result<Vec<Event>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let types = types_json(types);
+        let mut claimed = self.write_relaxed(|tx| {
+            // Read with the lock held: a claim that waited for the lock must
+            // not be born with a lease that already ran out.
+            let now = self.now();
+            let until = clock::add(now, lease);
+            tx.prepare_cached(
+                "UPDATE outbox_events
+                 SET status = 'failed', completed_at = ?1, last_error = ?2,
+                     locked_at = NULL, locked_until = NULL, lease_token = NULL
+                 WHERE status = 'processing' AND locked_until <= ?1 AND attempts >= max_attempts",
+            )?
+            .execute(params![clock::to_millis(now), LEASE_EXPIRED_ERROR])?;
+            let mut stmt = tx.prepare_cached(&CLAIM_SQL)?;
+            let rows = stmt
+                .query_map(
+                    rusqlite::named_params! {
+                        ":now": clock::to_millis(now),
+                        ":until": clock::to_millis(until),
+                        ":limit": i64::try_from(limit).unwrap_or(i64::MAX),
+                        ":types": types,
+                    },
+                    decode_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            set_aside_undecodable(tx, rows, clock::to_millis(now))
+        })?;
+        claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
+        Ok(claimed)
+    }
+
+    pub(super) fn settle_acks(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
+        if acks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let policy = &self.inner.policy;
+        let only_extensions = acks
+            .iter()
+            .all(|a| matches!(a.kind, AckKind::Extend { .. }));
+        let settle = |tx: &Transaction<'_>| {
+            let now = clock::to_millis(self.now());
+            let mut results = Vec::with_capacity(acks.len());
+            for ack in acks {
+                let l = &ack.lease;
+                let changed = match &ack.kind {
+                    AckKind::Complete => tx
+                        .prepare_cached(ACK_DONE_SQL)?
+                        .execute(params![l.seq, l.token, now])?,
+                    AckKind::Retry { error, delay } => {
+                        let wait =
+                            delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
+                        let next = clock::to_millis(clock::add(clock::from_millis(now), wait));
+                        tx.prepare_cached(ACK_RETRY_SQL)?
+                            .execute(params![l.seq, l.token, now, error, next])?
+                    }
+                    AckKind::Fail { error } => tx
+                        .prepare_cached(ACK_FAIL_SQL)?
+                        .execute(params![l.seq, l.token, now, error])?,
+                    AckKind::Extend { by } => {
+                        let until = clock::to_millis(clock::add(clock::from_millis(now), *by));
+                        tx.prepare_cached(ACK_EXTEND_SQL)?
+                            .execute(params![l.seq, l.token, until])?
+                    }
+                    AckKind::Release => tx
+                        .prepare_cached(ACK_RELEASE_SQL)?
+                        .execute(params![l.seq, l.token])?,
+                };
+                results.push(if changed == 1 {
+                    Ok(())
+                } else {
+                    Err(Error::lease_lost(l.id, l.attempt))
+                });
+            }
+            Ok(results)
+        };
+        if only_extensions {
+            self.write_relaxed(settle)
+        } else {
+            self.write(settle)
+        }
+    }
+}
+
+/// Fails, in the claim's own transaction, every claimed row that cannot be
+/// read faithfully (another program's bad text, a damaged payload): it ends
+/// `failed` with an error naming the column, and every other event keeps
+/// flowing. Returns the rest.
+fn set_aside_undecodable(
+    tx: &Transaction<'_>,
+    rows: Vec<(Event, Option<String>)>,
+    now: i64,
+) -> Result<Vec<Event>> {
+    let mut good = Vec::with_capacity(rows.len());
+    for (event, problem) in rows {
+        let Some(problem) = problem else {
+            good.push(event);
+            continue;
+        };
+        let error = format!("the stored row cannot be read: {problem}");
+        tracing::error!(seq = event.seq, error = %error, "outbox event set aside as failed");
+        tx.prepare_cached(
+            "UPDATE outbox_events SET status = 'failed', completed_at = ?2, last_error = ?3,
+               locked_at = NULL, locked_until = NULL, lease_token = NULL
+             WHERE seq = ?1",
+        )?
+        .execute(params![event.seq, now, error])?;
+    }
+    Ok(good)
+}

@@ -1,0 +1,482 @@
+//! `SqliteStore`: the durable store, one SQLite file shared by any number of
+//! threads and processes.
+//!
+//! One file per seam: `builder` (options, connection settings), `enqueue`
+//! (the caller's transaction), `lease` (claims and fenced outcomes),
+//! `operator` (operators' reads and writes), `sql` (every statement's
+//! text); here the store itself, its connections and the `Store` impl.
+
+mod builder;
+mod enqueue;
+mod lease;
+mod operator;
+mod sql;
+
+pub use builder::{
+    Durability, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT, DEFAULT_POOL_SIZE, WAL_SIZE_LIMIT,
+};
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use crossbeam_channel::Receiver;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+use uuid::Uuid;
+
+use super::row::row_to_event;
+use super::schema::COLUMNS;
+use super::{Ack, Backlog, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE};
+use crate::clock::{self, Clock};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{Event, EventId, NewEvent};
+
+use crate::retry::RetryPolicy;
+use builder::configure;
+use enqueue::insert_all;
+use sql::{BACKLOG_SQL, TYPE_OK};
+
+/// The durable outbox: events in one SQLite file (WAL mode), shared safely by
+/// threads and processes. Clones share one connection pool.
+///
+/// ```
+/// use sqlite_outbox::{NewEvent, SqliteStore, Store};
+/// use serde_json::json;
+///
+/// let dir = tempfile::tempdir()?;
+/// let store = SqliteStore::open(dir.path().join("app.db"))?;
+///
+/// // The app's own write and the event commit together, or not at all.
+/// store.transaction(|tx| {
+///     tx.execute("CREATE TABLE IF NOT EXISTS users (email TEXT)", [])?;
+///     tx.execute("INSERT INTO users (email) VALUES ('ada@example.com')", [])?;
+///     store.enqueue(tx, NewEvent::new("user.created", json!({"email": "ada@example.com"})))?;
+///     Ok(())
+/// })?;
+///
+/// let claimed = store.claim(10, std::time::Duration::from_secs(30), None)?;
+/// assert_eq!(claimed.len(), 1);
+/// store.complete(&claimed[0].lease().expect("claimed events have a lease"))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+    flags: OpenFlags,
+    path: PathBuf,
+    /// The file's name as SQLite reports it (`sqlite3_db_filename`), to
+    /// recognise a caller's connection to the same file cheaply.
+    db_path: String,
+    clock: Arc<dyn Clock>,
+    policy: RetryPolicy,
+    notifier: Notifier,
+    /// Serialises this process's own short write transactions (claims,
+    /// acknowledgements), so that they queue here instead of sleeping in
+    /// SQLite's busy handler.
+    write_lock: Mutex<()>,
+    /// A connection that never writes, for `PRAGMA data_version`.
+    watcher: Mutex<Option<(Connection, i64)>>,
+    /// A connection with `synchronous=NORMAL` for writes whose loss in a
+    /// power cut is harmless (claims, lease extensions): see
+    /// [`Durability::Full`].
+    relaxed: Mutex<Option<Connection>>,
+    busy_timeout: Duration,
+    durability: Durability,
+    max_page_count: Option<u64>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("busy_timeout", &self.inner.busy_timeout)
+            .field("durability", &self.inner.durability)
+            .field("max_page_count", &self.inner.max_page_count)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Reads a pragma on a pooled connection, e.g. `"journal_mode"`.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub fn pragma(&self, name: &str) -> Result<String> {
+        let conn = self.conn()?;
+        let value: SqlValue = conn.pragma_query_value(None, name, |r| r.get(0))?;
+        Ok(match value {
+            SqlValue::Null => String::new(),
+            SqlValue::Integer(i) => i.to_string(),
+            SqlValue::Real(f) => f.to_string(),
+            SqlValue::Text(t) => t,
+            SqlValue::Blob(b) => format!("{b:?}"),
+        })
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
+        Ok(self.inner.pool.get()?)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.conn()?;
+        f(&conn)
+    }
+
+    /// A short write transaction of this process's own.
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        self.check_not_inside_transaction()?;
+        let _guard = lock(&self.inner.write_lock);
+        let mut conn = self.conn()?;
+        immediate(&mut conn, f)
+    }
+
+    /// A short write that need not wait for the disk: a claim or a lease
+    /// extension lost in a power cut only means the event is claimed again,
+    /// which at-least-once delivery allows. The next synced commit (an
+    /// enqueue or an outcome) makes it durable too, since the WAL is written
+    /// in order.
+    fn write_relaxed<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        if self.inner.durability != Durability::Full {
+            return self.write(f);
+        }
+        self.check_not_inside_transaction()?;
+        let _guard = lock(&self.inner.write_lock);
+        let mut slot = self.inner.relaxed.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let mut conn = Connection::open_with_flags(&self.inner.path, self.inner.flags)?;
+            configure(
+                &mut conn,
+                self.inner.busy_timeout,
+                Durability::Normal,
+                self.inner.max_page_count,
+            )?;
+            *slot = Some(conn);
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Err(Error::new(ErrorKind::Pool));
+        };
+        immediate(conn, f)
+    }
+
+    fn update_by_id(&self, id: EventId, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<()> {
+        let changed = self.write(|tx| {
+            let mut all: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(args.len() + 1);
+            let id_text = id.to_string();
+            all.push(&id_text);
+            all.extend_from_slice(args);
+            Ok(tx.prepare_cached(sql)?.execute(all.as_slice())?)
+        })?;
+        if changed == 0 {
+            return Err(Error::not_found(id));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` in a `BEGIN IMMEDIATE` transaction and commits it. When the
+/// disk is full, it also tries to give the WAL's space back (a TRUNCATE
+/// checkpoint), so that a retry can succeed once the WAL was the problem: on
+/// a small disk the WAL may never reach the size at which SQLite would
+/// checkpoint it by itself.
+fn immediate<T>(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    let result = (|| -> Result<T> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    })();
+    if let Err(err) = &result {
+        if err.is_disk_full() {
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+                tracing::warn!(error = %e, "checkpoint after a full disk failed; will retry with the next write");
+            }
+        }
+    }
+    result
+}
+
+fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn types_json(types: Option<&[String]>) -> Option<String> {
+    types.map(|t| serde_json::Value::from(t.to_vec()).to_string())
+}
+
+fn count_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl Store for SqliteStore {
+    fn claim(&self, limit: usize, lease: Duration, types: Option<&[String]>) -> Result<Vec<Event>> {
+        self.claim_events(limit, lease, types)
+    }
+
+    fn settle(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
+        self.settle_acks(acks)
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        self.read_stats()
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        self.list_events(filter)
+    }
+
+    fn requeue_failed(&self, which: Requeue) -> Result<u64> {
+        self.requeue(which)
+    }
+
+    fn create(&self, event: NewEvent) -> Result<Event> {
+        let mut created = self.create_batch(vec![event])?;
+        created
+            .pop()
+            .ok_or_else(|| Error::invalid("nothing was enqueued"))
+    }
+
+    fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        // Checked before the write lock is taken, so bad input costs no I/O.
+        for event in &events {
+            event.checked_payload()?;
+        }
+        // The clock is read once the write lock is held: times written are
+        // never older than the commit that writes them.
+        let created = self.write(|tx| insert_all(tx, events, self.now(), &self.inner.policy))?;
+        self.inner.notifier.notify();
+        Ok(created)
+    }
+
+    fn find_by_id(&self, id: EventId) -> Result<Option<Event>> {
+        self.read(|conn| {
+            let sql = format!("SELECT {COLUMNS} FROM outbox_events WHERE id = ?1");
+            Ok(conn
+                .prepare_cached(&sql)?
+                .query_row([id.to_string()], row_to_event)
+                .optional()?)
+        })
+    }
+
+    fn mark_processing(&self, id: EventId) -> Result<()> {
+        let now = self.now();
+        let until = clock::add(now, DEFAULT_LEASE);
+        let changed = self.write(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE outbox_events
+                     SET attempts = attempts + (status = 'pending'), status = 'processing',
+                         locked_at = ?2, locked_until = ?3, lease_token = random()
+                     WHERE id = ?1 AND status IN ('pending', 'processing')",
+                )?
+                .execute(params![
+                    id.to_string(),
+                    clock::to_millis(now),
+                    clock::to_millis(until)
+                ])?)
+        })?;
+        if changed == 0 {
+            return match self.find_by_id(id)? {
+                None => Err(Error::not_found(id)),
+                Some(e) => Err(Error::invalid(format!("event {id} is {}", e.status))),
+            };
+        }
+        Ok(())
+    }
+
+    fn mark_done(&self, id: EventId) -> Result<()> {
+        self.update_by_id(
+            id,
+            "UPDATE outbox_events SET status = 'done', completed_at = ?2,
+               locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = ?1",
+            &[&clock::to_millis(self.now())],
+        )
+    }
+
+    fn mark_delivered(&self, id: EventId) -> Result<()> {
+        self.update_by_id(
+            id,
+            "UPDATE outbox_events SET delivered_at = ?2 WHERE id = ?1",
+            &[&clock::to_millis(self.now())],
+        )
+    }
+
+    fn mark_retry(&self, id: EventId, error: &str) -> Result<()> {
+        let now = self.now();
+        let policy = &self.inner.policy;
+        let changed = self.write(|tx| {
+            let row: Option<(i64, i64)> = tx
+                .prepare_cached("SELECT seq, attempts FROM outbox_events WHERE id = ?1")?
+                .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((seq, attempts)) = row else {
+                return Ok(0);
+            };
+            let wait = policy.jittered_delay(u32::try_from(attempts).unwrap_or(0), seq as u64);
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE outbox_events SET last_error = ?3,
+                       status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+                       completed_at = CASE WHEN attempts >= max_attempts THEN ?2 END,
+                       next_attempt_at = CASE WHEN attempts >= max_attempts THEN next_attempt_at ELSE ?4 END,
+                       locked_at = NULL, locked_until = NULL, lease_token = NULL
+                     WHERE seq = ?1",
+                )?
+                .execute(params![
+                    seq,
+                    clock::to_millis(now),
+                    crate::event::capped_error(error),
+                    clock::to_millis(clock::add(now, wait))
+                ])?)
+        })?;
+        if changed == 0 {
+            return Err(Error::not_found(id));
+        }
+        Ok(())
+    }
+
+    fn mark_failed(&self, id: EventId, error: &str) -> Result<()> {
+        self.update_by_id(
+            id,
+            "UPDATE outbox_events SET status = 'failed', completed_at = ?2, last_error = ?3,
+               locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = ?1",
+            &[
+                &clock::to_millis(self.now()),
+                &crate::event::capped_error(error),
+            ],
+        )
+    }
+
+    fn cleanup_old(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let n = self.write(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "DELETE FROM outbox_events WHERE status IN ('done', 'failed') AND created_at < ?1",
+                )?
+                .execute([clock::to_millis(older_than)])?)
+        })?;
+        Ok(n as u64)
+    }
+
+    fn count_pending(&self) -> Result<u64> {
+        self.read(|conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT count(*) FROM outbox_events WHERE status = 'pending'")?
+                .query_row([], |r| r.get(0))?;
+            Ok(count_u64(n))
+        })
+    }
+
+    fn count_failed(&self) -> Result<u64> {
+        self.read(|conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT count(*) FROM outbox_events WHERE status = 'failed'")?
+                .query_row([], |r| r.get(0))?;
+            Ok(count_u64(n))
+        })
+    }
+
+    fn delete_by_org(&self, org_id: Uuid) -> Result<u64> {
+        let n = self.write(|tx| {
+            Ok(tx
+                .prepare_cached("DELETE FROM outbox_events WHERE org_id = ?1")?
+                .execute([org_id.to_string()])?)
+        })?;
+        Ok(n as u64)
+    }
+
+    fn delete_by_user(&self, user_id: Uuid) -> Result<u64> {
+        let n = self.write(|tx| {
+            Ok(tx
+                .prepare_cached("DELETE FROM outbox_events WHERE user_id = ?1")?
+                .execute([user_id.to_string()])?)
+        })?;
+        Ok(n as u64)
+    }
+
+    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>> {
+        let now = clock::to_millis(self.now());
+        let types = types_json(types);
+        self.read(|conn| {
+            let t: Option<i64> = conn
+                .prepare_cached(&format!(
+                    "SELECT min(t) FROM (
+                       SELECT min(e.next_attempt_at) AS t FROM outbox_events AS e
+                       WHERE e.status = 'pending' AND e.next_attempt_at > :now AND {TYPE_OK}
+                       UNION ALL
+                       SELECT min(e.locked_until) FROM outbox_events AS e
+                       WHERE e.status = 'processing' AND e.locked_until > :now AND {TYPE_OK})"
+                ))?
+                .query_row(
+                    rusqlite::named_params! {":now": now, ":types": types},
+                    |r| r.get(0),
+                )?;
+            Ok(t.map(clock::from_millis))
+        })
+    }
+
+    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+        let now = clock::to_millis(self.now());
+        let types = types_json(types);
+        self.read(|conn| {
+            let (due, processing, next): (bool, bool, Option<i64>) =
+                conn.prepare_cached(&BACKLOG_SQL)?.query_row(
+                    rusqlite::named_params! {":now": now, ":types": types},
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+            Ok(Backlog {
+                due,
+                processing,
+                next_due_at: next.map(clock::from_millis),
+            })
+        })
+    }
+
+    fn has_external_changes(&self) -> Result<bool> {
+        let mut watcher = self.inner.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        if watcher.is_none() {
+            let conn = Connection::open_with_flags(&self.inner.path, self.inner.flags)?;
+            conn.busy_timeout(self.inner.busy_timeout)?;
+            *watcher = Some((conn, i64::MIN));
+        }
+        let Some((conn, last)) = watcher.as_mut() else {
+            return Ok(true);
+        };
+        let version: i64 = conn.pragma_query_value(None, "data_version", |r| r.get(0))?;
+        let changed = version != *last;
+        *last = version;
+        Ok(changed)
+    }
+
+    fn subscribe(&self) -> Receiver<()> {
+        self.inner.notifier.subscribe()
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.policy
+    }
+}

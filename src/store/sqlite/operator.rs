@@ -1,0 +1,249 @@
+//! What operators do: look at the outbox, retry, give up, purge, check,
+//! back up.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
+
+use super::builder::create_private;
+use super::{count_u64, SqliteStore};
+use crate::clock;
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{Event, EventId, Status};
+use crate::store::row::{decode_row, row_to_event};
+use crate::store::schema::COLUMNS;
+use crate::store::{ListFilter, Requeue, Stats, Store};
+impl SqliteStore {
+    /// Writes a consistent copy of the outbox to `dest` (which must not
+    /// exist), including commits still in the WAL, using `VACUUM INTO`.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if `dest` exists; database and I/O errors.
+    pub fn backup(&self, dest: impl AsRef<Path>) -> Result<()> {
+        let dest = dest.as_ref();
+        if dest.exists() {
+            return Err(Error::invalid(format!("{} already exists", dest.display())));
+        }
+        let dest = dest
+            .to_str()
+            .ok_or_else(|| Error::invalid("backup path is not valid UTF-8"))?;
+        // A copy is as private as the outbox: made empty with 0600 first
+        // (VACUUM INTO fills an empty file and keeps its mode).
+        create_private(Path::new(dest))?;
+        let conn = self.conn()?;
+        if let Err(e) = conn.execute("VACUUM INTO ?1", [dest]) {
+            let _ = std::fs::remove_file(dest);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Runs `PRAGMA quick_check`, then reads every event row as a claim
+    /// would, and reports damage as [`ErrorKind::Corrupt`]: a file SQLite
+    /// finds sound can still hold a payload that is no longer UTF-8 or
+    /// JSON (a flipped bit, a plain-SQL writer's bytes).
+    ///
+    /// # Errors
+    ///
+    /// `Corrupt` with the findings as the source; database errors.
+    pub fn verify(&self) -> Result<()> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare("PRAGMA quick_check")?;
+        let lines: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if lines.len() != 1 || lines[0] != "ok" {
+            return Err(Error::with_source(ErrorKind::Corrupt, lines.join("; ")));
+        }
+        // SQLite's check cannot see a payload that is no longer UTF-8 or
+        // JSON: read every row as a claim would.
+        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM outbox_events"))?;
+        let mut bad = Vec::new();
+        let mut count = 0usize;
+        for row in stmt.query_map([], decode_row)? {
+            if let (event, Some(problem)) = row? {
+                count += 1;
+                if bad.len() < 5 {
+                    bad.push(format!("event seq {}: {problem}", event.seq));
+                }
+            }
+        }
+        if count > 0 {
+            return Err(Error::with_source(
+                ErrorKind::Corrupt,
+                format!("{count} event row(s) cannot be read: {}", bad.join("; ")),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Gives up on an event that is not finished: it ends `failed` with
+    /// `reason` as its last error, in one statement, so an event that was
+    /// delivered a moment before stays `done`. A worker still handling it
+    /// finds its lease gone ([`ErrorKind::LeaseLost`]).
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `InvalidInput` if the event is already done or failed;
+    /// database errors.
+    pub fn fail_unfinished(&self, id: EventId, reason: &str) -> Result<()> {
+        let now = clock::to_millis(self.now());
+        let changed = self.write(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE outbox_events SET status = 'failed', completed_at = ?2,
+                       last_error = ?3, locked_at = NULL, locked_until = NULL, lease_token = NULL
+                     WHERE id = ?1 AND status IN ('pending', 'processing')",
+                )?
+                .execute(params![
+                    id.to_string(),
+                    now,
+                    crate::event::capped_error(reason)
+                ])?)
+        })?;
+        if changed == 1 {
+            return Ok(());
+        }
+        match self.find_by_id(id)? {
+            None => Err(Error::not_found(id)),
+            Some(e) => Err(Error::invalid(format!(
+                "event {id} is already {}",
+                e.status
+            ))),
+        }
+    }
+
+    pub(super) fn read_stats(&self) -> Result<Stats> {
+        let now = clock::to_millis(self.now());
+        self.read(|conn| {
+            // One read transaction, so the counts agree with each other; it
+            // ends (rolled back) however this returns.
+            let tx = Transaction::new_unchecked(conn, TransactionBehavior::Deferred)?;
+            let conn: &Connection = &tx;
+            let result = (|| {
+                let mut stats = Stats::default();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT event_type, status, count(*),
+                            sum(status = 'pending' AND next_attempt_at <= ?1)
+                     FROM outbox_events GROUP BY event_type, status",
+                )?;
+                // Text another program wrote badly is shown, not fatal.
+                let lossy = |r: &rusqlite::Row<'_>, i| -> rusqlite::Result<String> {
+                    Ok(match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Text(b) => {
+                            String::from_utf8_lossy(b).into_owned()
+                        }
+                        other => format!("{other:?}"),
+                    })
+                };
+                let rows = stmt.query_map([now], |r| {
+                    Ok((
+                        lossy(r, 0)?,
+                        lossy(r, 1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (event_type, status, n, due) = row?;
+                    let status = status.parse().unwrap_or(Status::Pending);
+                    stats.add(&event_type, status, count_u64(n), count_u64(due));
+                }
+                let oldest: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT min(next_attempt_at) FROM outbox_events
+                         WHERE status = 'pending' AND next_attempt_at <= ?1",
+                    )?
+                    .query_row([now], |r| r.get(0))?;
+                stats.oldest_due_age =
+                    oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+                Ok(stats)
+            })();
+            tx.finish()?;
+            result
+        })
+    }
+
+    pub(super) fn list_events(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        let mut clauses = Vec::new();
+        let mut args: Vec<SqlValue> = Vec::new();
+        let mut add = |clause: &str, value: SqlValue| {
+            args.push(value);
+            clauses.push(format!("{clause} = ?{}", args.len()));
+        };
+        if let Some(s) = filter.status {
+            add("status", SqlValue::Text(s.as_str().into()));
+        }
+        if let Some(t) = &filter.event_type {
+            add("event_type", SqlValue::Text(t.clone()));
+        }
+        if let Some(o) = filter.org_id {
+            add("org_id", SqlValue::Text(o.to_string()));
+        }
+        if let Some(u) = filter.user_id {
+            add("user_id", SqlValue::Text(u.to_string()));
+        }
+        if let Some(c) = &filter.correlation_id {
+            add("correlation_id", SqlValue::Text(c.clone()));
+        }
+        let where_sql = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let order = if filter.newest_first { "DESC" } else { "ASC" };
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT {COLUMNS} FROM outbox_events {where_sql} ORDER BY seq {order} LIMIT {limit}"
+        );
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_event)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    pub(super) fn requeue(&self, which: Requeue) -> Result<u64> {
+        let now = clock::to_millis(self.now());
+        const SET: &str = "UPDATE outbox_events SET status = 'pending', attempts = 0,
+                             next_attempt_at = ?1, completed_at = NULL";
+        let n = match &which {
+            Requeue::One(id) => {
+                let n = self.write(|tx| {
+                    Ok(tx
+                        .prepare_cached(&format!("{SET} WHERE id = ?2 AND status = 'failed'"))?
+                        .execute(params![now, id.to_string()])?)
+                })?;
+                if n == 0 {
+                    return match self.find_by_id(*id)? {
+                        None => Err(Error::not_found(*id)),
+                        Some(e) => Err(Error::invalid(format!(
+                            "event {id} is {}, not failed",
+                            e.status
+                        ))),
+                    };
+                }
+                n
+            }
+            Requeue::Type(t) => self.write(|tx| {
+                Ok(tx
+                    .prepare_cached(&format!(
+                        "{SET} WHERE status = 'failed' AND event_type = ?2"
+                    ))?
+                    .execute(params![now, t])?)
+            })?,
+            Requeue::All => self.write(|tx| {
+                Ok(tx
+                    .prepare_cached(&format!("{SET} WHERE status = 'failed'"))?
+                    .execute(params![now])?)
+            })?,
+        };
+        if n > 0 {
+            self.inner.notifier.notify();
+        }
+        Ok(n as u64)
+    }
+}

@@ -1,0 +1,88 @@
+//! The SQL texts of the store, each written once. Each state change of an
+//! event is one statement here.
+
+use std::sync::LazyLock;
+
+use crate::store::schema::COLUMNS;
+pub(super) const INSERT_SQL: &str = "INSERT INTO outbox_events (id, event_type, payload, status, attempts, \
+     max_attempts, next_attempt_at, correlation_id, org_id, user_id, ordering_key, idempotency_key, \
+     created_at) VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
+
+pub(super) static SELECT_BY_KEY_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {COLUMNS} FROM outbox_events WHERE idempotency_key = ?1"));
+
+/// An ordering-key event `e` is held back by another event `b` of its key
+/// that is earlier and unfinished, or that holds a live lease (the same rule
+/// as `claimable` in the memory model).
+pub(super) const KEY_FREE: &str = "(e.ordering_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM outbox_events AS b
+        WHERE b.ordering_key = e.ordering_key
+          AND b.status IN ('pending', 'processing')
+          AND b.seq <> e.seq
+          AND (b.seq < e.seq OR (b.status = 'processing' AND b.locked_until > :now))))";
+
+pub(super) const TYPE_OK: &str =
+    "(:types IS NULL OR e.event_type IN (SELECT value FROM json_each(:types)))";
+
+pub(super) static BACKLOG_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT
+           EXISTS (SELECT 1 FROM outbox_events AS e
+                   WHERE e.status = 'pending' AND e.next_attempt_at <= :now
+                     AND {TYPE_OK} AND {KEY_FREE}),
+           EXISTS (SELECT 1 FROM outbox_events AS e WHERE e.status = 'processing' AND {TYPE_OK}),
+           (SELECT min(e.next_attempt_at) FROM outbox_events AS e
+            WHERE e.status = 'pending' AND e.next_attempt_at > :now AND {TYPE_OK})"
+    )
+});
+
+/// Expired leases are taken in the same (due time, enqueue order) as due
+/// events; the lease index finds them, and there are few (the events of a
+/// crashed or stalled worker), so sorting them is cheap.
+///
+/// `LIMIT :limit + 0` rather than `LIMIT :limit`: SQLite marks a bare
+/// parameter in a LIMIT as one that may change the plan, and then prepares
+/// the whole statement again on every execution (measured: 6 % of all
+/// instructions while dispatching).
+pub(super) static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE outbox_events
+         SET status = 'processing', attempts = attempts + 1, locked_at = :now,
+             locked_until = :until, lease_token = random()
+         WHERE seq IN (
+           SELECT seq FROM (
+             SELECT seq, next_attempt_at FROM (
+               SELECT e.seq, e.next_attempt_at FROM outbox_events AS e
+               WHERE e.status = 'pending' AND e.next_attempt_at <= :now AND {TYPE_OK} AND {KEY_FREE}
+               ORDER BY e.next_attempt_at, e.seq LIMIT :limit + 0)
+             UNION ALL
+             SELECT seq, next_attempt_at FROM (
+               SELECT e.seq, e.next_attempt_at FROM outbox_events AS e
+               WHERE e.status = 'processing' AND e.locked_until <= :now AND {TYPE_OK} AND {KEY_FREE}
+               ORDER BY e.next_attempt_at, e.seq LIMIT :limit + 0))
+           ORDER BY next_attempt_at, seq LIMIT :limit + 0)
+         RETURNING {COLUMNS}"
+    )
+});
+
+/// The acknowledgements. Each is fenced: it changes the row only while the
+/// lease named by (seq, token) is the current one.
+pub(super) const ACK_DONE_SQL: &str = "UPDATE outbox_events SET status = 'done', completed_at = ?3,
+      locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+pub(super) const ACK_RETRY_SQL: &str = "UPDATE outbox_events SET last_error = ?4,
+      status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+      completed_at = CASE WHEN attempts >= max_attempts THEN ?3 END,
+      next_attempt_at = CASE WHEN attempts >= max_attempts THEN next_attempt_at ELSE ?5 END,
+      locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+pub(super) const ACK_FAIL_SQL: &str =
+    "UPDATE outbox_events SET status = 'failed', completed_at = ?3,
+      last_error = ?4, locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+pub(super) const ACK_EXTEND_SQL: &str = "UPDATE outbox_events SET locked_until = ?3
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+pub(super) const ACK_RELEASE_SQL: &str = "UPDATE outbox_events SET status = 'pending',
+      attempts = max(attempts - 1, 0), locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
