@@ -574,6 +574,19 @@ fn stores_are_send_sync_and_debug() {
     check::<sqlite_outbox::HandlerError>();
 }
 
+#[test]
+fn a_store_debugs_as_its_file_and_settings() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::builder(dir.path().join("shown.db"))
+        .durability(Durability::Normal)
+        .build()?;
+    let shown = format!("{store:?}");
+    for part in ["SqliteStore", "shown.db", "Normal", "busy_timeout"] {
+        assert!(shown.contains(part), "{shown}");
+    }
+    Ok(())
+}
+
 /// T13: every write path takes the write lock up front (`BEGIN IMMEDIATE`),
 /// never by upgrading a read transaction, which fails at once with
 /// `SQLITE_BUSY_SNAPSHOT` under contention whatever the busy timeout.

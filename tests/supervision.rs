@@ -256,3 +256,19 @@ fn a_store_write_inside_the_stores_own_transaction_fails_at_once() -> TestResult
     assert_eq!(store.stats()?.total(), 2);
     Ok(())
 }
+
+#[test]
+fn another_stores_writes_are_fine_inside_a_transaction() -> TestResult {
+    armed();
+    let dir = tempfile::tempdir()?;
+    let app = SqliteStore::open(dir.path().join("app.db"))?;
+    let audit = SqliteStore::open(dir.path().join("audit.db"))?;
+    app.transaction(|tx| {
+        app.enqueue(tx, NewEvent::new("t", json!(1)))?;
+        // A different file: no lock of ours is held there.
+        audit.create(NewEvent::new("audit", json!(1)))?;
+        Ok(())
+    })?;
+    assert_eq!((app.stats()?.total(), audit.stats()?.total()), (1, 1));
+    Ok(())
+}
