@@ -93,7 +93,6 @@
 // with: use these paths (`sqlite_outbox::rusqlite::Connection`) and an app
 // cannot end up with a second, incompatible copy.
 pub use chrono;
-pub use crossbeam_channel;
 pub use rusqlite;
 pub use serde_json;
 pub use uuid;

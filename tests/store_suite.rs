@@ -740,29 +740,6 @@ fn list_filters_and_orders(f: &Fixture) -> TestResult {
     Ok(())
 }
 
-fn next_wakeup_reports_the_earliest_future_time(f: &Fixture) -> TestResult {
-    assert_eq!(f.store.next_wakeup(None)?, None);
-    let now = f.clock.now_utc();
-    f.store.create(ev("a").with_delay(secs(50)))?;
-    f.store.create(ev("b").with_delay(secs(20)))?;
-    f.store.create(ev("c"))?;
-    assert_eq!(
-        f.store.next_wakeup(None)?,
-        Some(now + ChronoDuration::seconds(20))
-    );
-    assert_eq!(
-        f.store.next_wakeup(Some(&["a".into()]))?,
-        Some(now + ChronoDuration::seconds(50))
-    );
-    f.store.claim(10, secs(5), Some(&["c".into()]))?;
-    assert_eq!(
-        f.store.next_wakeup(None)?,
-        Some(now + ChronoDuration::seconds(5)),
-        "a lease runs out"
-    );
-    Ok(())
-}
-
 // ---- input ------------------------------------------------------------------
 
 fn invalid_events_write_nothing(f: &Fixture) -> TestResult {
@@ -981,7 +958,6 @@ suite!(
     requeue_failed_resets_attempts,
     stats_count_per_status_and_type,
     list_filters_and_orders,
-    next_wakeup_reports_the_earliest_future_time,
     invalid_events_write_nothing,
     duplicate_ids_are_rejected_whole,
     payloads_round_trip,

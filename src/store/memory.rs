@@ -467,22 +467,6 @@ impl Store for MemoryStore {
         })
     }
 
-    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>> {
-        let now = truncate(self.now());
-        let state = self.state();
-        Ok(state
-            .rows
-            .values()
-            .filter(|e| type_allowed(types, &e.event_type))
-            .filter_map(|e| match e.status {
-                Status::Pending => Some(e.next_attempt_at),
-                Status::Processing => e.locked_until,
-                Status::Done | Status::Failed => None,
-            })
-            .filter(|t| *t > now)
-            .min())
-    }
-
     fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
         let now = truncate(self.now());
         let state = self.state();
@@ -502,6 +486,32 @@ impl Store for MemoryStore {
         })
     }
 
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.policy
+    }
+}
+
+impl super::sealed::Sealed for MemoryStore {
+    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>> {
+        let now = truncate(self.now());
+        let state = self.state();
+        Ok(state
+            .rows
+            .values()
+            .filter(|e| type_allowed(types, &e.event_type))
+            .filter_map(|e| match e.status {
+                Status::Pending => Some(e.next_attempt_at),
+                Status::Processing => e.locked_until,
+                Status::Done | Status::Failed => None,
+            })
+            .filter(|t| *t > now)
+            .min())
+    }
+
     fn has_external_changes(&self) -> Result<bool> {
         // Nothing outside this process can write to it; in-process writes
         // notify subscribers directly.
@@ -510,13 +520,5 @@ impl Store for MemoryStore {
 
     fn subscribe(&self) -> Receiver<()> {
         self.inner.notifier.subscribe()
-    }
-
-    fn clock(&self) -> &Arc<dyn Clock> {
-        &self.inner.clock
-    }
-
-    fn retry_policy(&self) -> &RetryPolicy {
-        &self.inner.policy
     }
 }

@@ -18,10 +18,39 @@ mod row;
 pub(crate) mod schema;
 pub(crate) mod sqlite;
 
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::memory::MemoryStore {}
-    impl Sealed for super::sqlite::SqliteStore {}
+/// Seals [`Store`] and carries what only the dispatcher needs from a store:
+/// the trait cannot be named outside the crate, so none of this is public
+/// API.
+pub(crate) mod sealed {
+    use chrono::{DateTime, Utc};
+    use crossbeam_channel::Receiver;
+
+    use crate::error::Result;
+
+    pub trait Sealed {
+        /// The earliest time at which something becomes claimable without any
+        /// further write: the first future due time of a pending event, or the
+        /// first lease to run out. `None` when nothing is waiting.
+        ///
+        /// # Errors
+        ///
+        /// Database errors.
+        fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>>;
+
+        /// True if another connection or process committed since the last call
+        /// (cheap: `PRAGMA data_version` for SQLite, where the first call is
+        /// true). Always false for `MemoryStore`, which only this
+        /// process can write and whose writes notify subscribers directly.
+        ///
+        /// # Errors
+        ///
+        /// Database errors.
+        fn has_external_changes(&self) -> Result<bool>;
+
+        /// A receiver that gets a message when an event is enqueued through this
+        /// store in this process (a dispatcher's wake-up call).
+        fn subscribe(&self) -> Receiver<()>;
+    }
 }
 
 /// The `last_error` of an event that failed because its lease ran out on
@@ -269,15 +298,6 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     /// Database errors.
     fn list(&self, filter: &ListFilter) -> Result<Vec<Event>>;
 
-    /// The earliest time at which something becomes claimable without any
-    /// further write: the first future due time of a pending event, or the
-    /// first lease to run out. `None` when nothing is waiting.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>>;
-
     /// What is left to deliver for these event types (all when `None`):
     /// whether an event can be claimed now, whether one is being handled,
     /// and when the next scheduled one falls due. Cheap enough to ask many
@@ -288,20 +308,6 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     ///
     /// Database errors.
     fn backlog(&self, types: Option<&[String]>) -> Result<Backlog>;
-
-    /// True if another connection or process committed since the last call
-    /// (cheap: `PRAGMA data_version` for SQLite, where the first call is
-    /// true). Always false for [`crate::MemoryStore`], which only this
-    /// process can write and whose writes notify subscribers directly.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn has_external_changes(&self) -> Result<bool>;
-
-    /// A receiver that gets a message when an event is enqueued through this
-    /// store in this process (a dispatcher's wake-up call).
-    fn subscribe(&self) -> Receiver<()>;
 
     /// The store's clock.
     fn clock(&self) -> &Arc<dyn Clock>;
@@ -599,4 +605,59 @@ impl Notifier {
 /// A fresh lease token: 64 random bits.
 pub(crate) fn new_token() -> i64 {
     Uuid::new_v4().as_u64_pair().0 as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use chrono::Duration as ChronoDuration;
+    use serde_json::json;
+
+    use super::sealed::Sealed;
+    use super::Store;
+    use crate::{Clock, ManualClock, MemoryStore, NewEvent, RetryPolicy, SqliteStore};
+
+    /// What the dispatcher's poller sleeps until, on both stores.
+    fn next_wakeup_is_the_earliest_future_time(
+        store: &impl Store,
+        clock: &ManualClock,
+    ) -> crate::Result<()> {
+        assert_eq!(store.next_wakeup(None)?, None);
+        let now = clock.now();
+        let secs = Duration::from_secs;
+        store.create(NewEvent::new("a", json!({})).with_delay(secs(50)))?;
+        store.create(NewEvent::new("b", json!({})).with_delay(secs(20)))?;
+        store.create(NewEvent::new("c", json!({})))?;
+        assert_eq!(
+            store.next_wakeup(None)?,
+            Some(now + ChronoDuration::seconds(20))
+        );
+        assert_eq!(
+            store.next_wakeup(Some(&["a".into()]))?,
+            Some(now + ChronoDuration::seconds(50))
+        );
+        store.claim(10, secs(5), Some(&["c".into()]))?;
+        assert_eq!(
+            store.next_wakeup(None)?,
+            Some(now + ChronoDuration::seconds(5)),
+            "a lease runs out"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn next_wakeup_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
+        let clock = ManualClock::new();
+        let memory = MemoryStore::with_clock(Arc::new(clock.clone()), RetryPolicy::default());
+        next_wakeup_is_the_earliest_future_time(&memory, &clock)?;
+        let dir = tempfile::tempdir()?;
+        let clock = ManualClock::new();
+        let sqlite = SqliteStore::builder(dir.path().join("o.db"))
+            .clock(Arc::new(clock.clone()))
+            .build()?;
+        next_wakeup_is_the_earliest_future_time(&sqlite, &clock)?;
+        Ok(())
+    }
 }

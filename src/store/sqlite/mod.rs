@@ -414,6 +414,33 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
+    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+        let now = clock::to_millis(self.now());
+        let types = types_json(types);
+        self.read(|conn| {
+            let (due, processing, next): (bool, bool, Option<i64>) =
+                conn.prepare_cached(&BACKLOG_SQL)?.query_row(
+                    rusqlite::named_params! {":now": now, ":types": types},
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+            Ok(Backlog {
+                due,
+                processing,
+                next_due_at: next.map(clock::from_millis),
+            })
+        })
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.policy
+    }
+}
+
+impl super::sealed::Sealed for SqliteStore {
     fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>> {
         let now = clock::to_millis(self.now());
         let types = types_json(types);
@@ -435,23 +462,6 @@ impl Store for SqliteStore {
         })
     }
 
-    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
-        let now = clock::to_millis(self.now());
-        let types = types_json(types);
-        self.read(|conn| {
-            let (due, processing, next): (bool, bool, Option<i64>) =
-                conn.prepare_cached(&BACKLOG_SQL)?.query_row(
-                    rusqlite::named_params! {":now": now, ":types": types},
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )?;
-            Ok(Backlog {
-                due,
-                processing,
-                next_due_at: next.map(clock::from_millis),
-            })
-        })
-    }
-
     fn has_external_changes(&self) -> Result<bool> {
         let mut watcher = self.inner.watcher.lock().unwrap_or_else(|p| p.into_inner());
         if watcher.is_none() {
@@ -470,13 +480,5 @@ impl Store for SqliteStore {
 
     fn subscribe(&self) -> Receiver<()> {
         self.inner.notifier.subscribe()
-    }
-
-    fn clock(&self) -> &Arc<dyn Clock> {
-        &self.inner.clock
-    }
-
-    fn retry_policy(&self) -> &RetryPolicy {
-        &self.inner.policy
     }
 }
