@@ -615,7 +615,6 @@ mod tests {
     use chrono::Duration as ChronoDuration;
     use serde_json::json;
 
-    use super::sealed::Sealed;
     use super::Store;
     use crate::{Clock, ManualClock, MemoryStore, NewEvent, RetryPolicy, SqliteStore};
 
