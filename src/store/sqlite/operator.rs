@@ -55,7 +55,7 @@ impl SqliteStore {
         let lines: Vec<String> = stmt
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        if lines.len() != 1 || lines[0] != "ok" {
+        if lines != ["ok"] {
             return Err(Error::with_source(ErrorKind::Corrupt, lines.join("; ")));
         }
         // SQLite's check cannot see a payload that is no longer UTF-8 or
