@@ -1,0 +1,113 @@
+//! Commands that change events: `enqueue`, `retry`, `fail`, `purge`,
+//! `erase`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use sqlite_outbox::admin::event_json;
+use sqlite_outbox::{NewEvent, Requeue, SqliteStore, Store};
+use uuid::Uuid;
+
+use crate::output::{open_write, output, parse_id, read_payload};
+use crate::{describe, failed, EnqueueArgs, Failure};
+
+pub(crate) fn enqueue(db: &Path, json_mode: bool, a: &EnqueueArgs) -> Result<(), Failure> {
+    let fail = failed(db);
+    let text = read_payload(&a.payload)?;
+    let mut event = NewEvent::from_json(a.event_type.clone(), &text)
+        .map_err(|e| Failure::usage(describe(&e)))?;
+    if let Some(k) = &a.ordering_key {
+        event = event.with_ordering_key(k);
+    }
+    if let Some(k) = &a.idempotency_key {
+        event = event.with_idempotency_key(k);
+    }
+    if let Some(d) = a.delay {
+        event = event.with_delay(d);
+    }
+    if let Some(o) = a.org {
+        event = event.with_org_id(o);
+    }
+    if let Some(u) = a.user {
+        event = event.with_user_id(u);
+    }
+    if let Some(c) = &a.correlation_id {
+        event = event.with_correlation_id(c);
+    }
+    if let Some(n) = a.max_attempts {
+        event = event.with_max_attempts(n);
+    }
+    let store = SqliteStore::open(db).map_err(&fail)?;
+    let stored = store.create(event).map_err(&fail)?;
+    output(json_mode, event_json(&stored), || stored.id.to_string())
+}
+
+pub(crate) fn retry(
+    db: &Path,
+    json_mode: bool,
+    id: Option<&str>,
+    failed_ones: bool,
+    event_type: Option<&str>,
+) -> Result<(), Failure> {
+    let fail = failed(db);
+    let which = match (id, failed_ones) {
+        (Some(id), false) => Requeue::One(parse_id(id)?),
+        (None, true) => match event_type {
+            Some(t) => Requeue::Type(t.to_owned()),
+            None => Requeue::All,
+        },
+        _ => return Err(Failure::usage("give either an event ID or --failed")),
+    };
+    let n = open_write(db)?.requeue_failed(which).map_err(&fail)?;
+    output(json_mode, json!({"requeued": n}), || {
+        format!("requeued {n} event(s)")
+    })
+}
+
+pub(crate) fn fail(db: &Path, json_mode: bool, id: &str, reason: &str) -> Result<(), Failure> {
+    let id = parse_id(id)?;
+    open_write(db)?
+        .fail_unfinished(id, reason)
+        .map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))?;
+    output(json_mode, json!({"failed": id}), || {
+        format!("event {id} marked failed")
+    })
+}
+
+pub(crate) fn purge(db: &Path, json_mode: bool, older_than: Duration) -> Result<(), Failure> {
+    let fail = failed(db);
+    let store = open_write(db)?;
+    let cutoff = chrono::Duration::from_std(older_than)
+        .ok()
+        .and_then(|d| sqlite_outbox::Clock::now(&sqlite_outbox::SystemClock).checked_sub_signed(d))
+        .ok_or_else(|| Failure::usage("--older-than is too large"))?;
+    let n = store.cleanup_old(cutoff).map_err(&fail)?;
+    output(json_mode, json!({"deleted": n}), || {
+        format!(
+            "deleted {n} done or failed event(s) created before {}",
+            cutoff.format("%Y-%m-%d %H:%M:%S UTC")
+        )
+    })
+}
+
+pub(crate) fn erase(
+    db: &Path,
+    json_mode: bool,
+    org: Option<Uuid>,
+    user: Option<Uuid>,
+) -> Result<(), Failure> {
+    let fail = failed(db);
+    let store = open_write(db)?;
+    let (n, whose) = match (org, user) {
+        (Some(o), _) => (
+            store.delete_by_org(o).map_err(&fail)?,
+            format!("organisation {o}"),
+        ),
+        (None, Some(u)) => (store.delete_by_user(u).map_err(&fail)?, format!("user {u}")),
+        (None, None) => return Err(Failure::usage("give --org or --user")),
+    };
+    output(json_mode, json!({"deleted": n}), || {
+        format!("deleted {n} event(s) of {whose}")
+    })
+}

@@ -1,0 +1,122 @@
+//! Commands that look: `stats`, `list`, `show`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+use sqlite_outbox::admin::{event_json, format_duration, stats_json};
+use sqlite_outbox::{ListFilter, Store};
+
+use crate::output::{open_read, output, parse_id, table};
+use crate::{failed, text, Failure, ListArgs};
+
+pub(crate) fn stats(db: &Path, json_mode: bool) -> Result<(), Failure> {
+    let fail = failed(db);
+    let stats = open_read(db)?.stats().map_err(&fail)?;
+    output(json_mode, stats_json(&stats), || {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "pending {}  (due {})  processing {}  done {}  failed {}",
+            stats.pending, stats.due, stats.processing, stats.done, stats.failed
+        );
+        let _ = writeln!(
+            t,
+            "oldest due event waiting: {}",
+            stats
+                .oldest_due_age
+                .map(format_duration)
+                .unwrap_or_else(|| "-".into())
+        );
+        if !stats.by_type.is_empty() {
+            let rows = stats
+                .by_type
+                .iter()
+                .map(|s| {
+                    vec![
+                        text::terminal_safe(&s.event_type).into_owned(),
+                        s.pending.to_string(),
+                        s.processing.to_string(),
+                        s.done.to_string(),
+                        s.failed.to_string(),
+                    ]
+                })
+                .collect();
+            t.push_str(&table(
+                &["TYPE", "PENDING", "PROCESSING", "DONE", "FAILED"],
+                rows,
+            ));
+        }
+        t.trim_end().to_owned()
+    })
+}
+
+pub(crate) fn list(db: &Path, json_mode: bool, a: &ListArgs) -> Result<(), Failure> {
+    let fail = failed(db);
+    let filter = ListFilter {
+        status: a.status,
+        event_type: a.event_type.clone(),
+        org_id: a.org,
+        user_id: a.user,
+        correlation_id: a.correlation_id.clone(),
+        limit: a.limit,
+        newest_first: a.newest,
+    };
+    let events = open_read(db)?.list(&filter).map_err(&fail)?;
+    output(
+        json_mode,
+        Value::from(events.iter().map(event_json).collect::<Vec<_>>()),
+        || {
+            let rows = events
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.id.to_string(),
+                        text::terminal_safe(&e.event_type).into_owned(),
+                        e.status.to_string(),
+                        format!("{}/{}", e.attempts, e.max_attempts),
+                        e.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        text::excerpt(e.last_error.as_deref().unwrap_or_default(), 60),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "ID",
+                    "TYPE",
+                    "STATUS",
+                    "ATTEMPTS",
+                    "CREATED (UTC)",
+                    "LAST ERROR",
+                ],
+                rows,
+            )
+            .trim_end()
+            .to_owned()
+        },
+    )
+}
+
+pub(crate) fn show(db: &Path, json_mode: bool, id: &str) -> Result<(), Failure> {
+    let fail = failed(db);
+    let id = parse_id(id)?;
+    let event = open_read(db)?
+        .find_by_id(id)
+        .map_err(&fail)?
+        .ok_or_else(|| Failure(format!("{}: no event with id {id}", db.display()), 1))?;
+    let value = event_json(&event);
+    output(json_mode, value.clone(), || {
+        let mut t = String::new();
+        if let Value::Object(map) = &value {
+            for (k, v) in map {
+                let shown = match v {
+                    Value::Null => "-".to_owned(),
+                    Value::String(s) => text::terminal_safe(s).into_owned(),
+                    other => text::terminal_safe(&other.to_string()).into_owned(),
+                };
+                let _ = writeln!(t, "{k:>16}  {shown}");
+            }
+        }
+        t.trim_end().to_owned()
+    })
+}
