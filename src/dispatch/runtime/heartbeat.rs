@@ -1,0 +1,67 @@
+//! The heartbeat: extends the leases of events still in hand before they
+//! run out, and marks those whose lease moved on so they are not extended
+//! again.
+//!
+//! Channels: stops on `stop`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use crossbeam_channel::Receiver;
+
+use super::{pause, Ctx};
+use crate::clock;
+use crate::dispatch::Counters;
+use crate::event::Lease;
+use crate::store::Ack;
+
+pub(super) fn heartbeat_loop(ctx: &Ctx, stop_rx: &Receiver<()>) {
+    let tick = (ctx.lease / 4).clamp(Duration::from_millis(5), Duration::from_secs(5));
+    loop {
+        if pause(stop_rx, tick) {
+            break;
+        }
+        let now = ctx.store.clock().now();
+        let half = clock::duration_millis(ctx.lease / 2);
+        let due: Vec<Lease> = ctx
+            .shared
+            .inflight()
+            .values()
+            .filter(|f| (f.locked_until - now).num_milliseconds() < half)
+            .map(|f| f.lease)
+            .collect();
+        if due.is_empty() {
+            continue;
+        }
+        let acks: Vec<Ack> = due.iter().map(|l| Ack::extend(*l, ctx.lease)).collect();
+        match ctx.store.settle(&acks) {
+            Ok(results) => {
+                let until = clock::add(now, ctx.lease);
+                let mut inflight = ctx.shared.inflight();
+                for (lease, result) in due.iter().zip(results) {
+                    let key = (lease.seq, lease.token);
+                    match result {
+                        Ok(()) => {
+                            Counters::add(&ctx.counters.extended, 1);
+                            if let Some(f) = inflight.get_mut(&key) {
+                                f.locked_until = until;
+                            }
+                        }
+                        Err(_) => {
+                            Counters::add(&ctx.counters.lease_lost, 1);
+                            // Keep it out of later extensions; the worker's
+                            // outcome will be refused too.
+                            if let Some(f) = inflight.get_mut(&key) {
+                                f.locked_until = DateTime::<Utc>::MAX_UTC;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                Counters::add(&ctx.counters.store_errors, 1);
+                tracing::warn!(error = %err, "outbox lease extension failed; retrying");
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The dispatcher's threads: one poller that claims, N workers that run
+//! handlers, one completer that writes outcomes in batches, and one
+//! heartbeat that extends the leases of events still in hand.
+//!
+//! ```text
+//!   poller --jobs (bounded)--> workers --outcomes--> completer --> store
+//!      ^                                                |
+//!      +------------------- nudge ----------------------+
+//! ```
+//!
+//! Lock order: the in-flight map's mutex is never held while calling the
+//! store or a handler.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+
+use super::{Counters, Dispatcher, DispatcherBuilder, Handler, ShutdownReport};
+use crate::error::{Error, Result};
+use crate::event::{Event, Lease};
+use crate::store::{Ack, Store};
+
+mod completer;
+mod heartbeat;
+mod poller;
+mod worker;
+
+use completer::completer_loop;
+use heartbeat::heartbeat_loop;
+use poller::poll_loop;
+use worker::worker_loop;
+
+type InFlightKey = (i64, i64);
+
+pub(crate) struct Runtime {
+    pub(crate) store: Arc<dyn Store>,
+    /// The event types this dispatcher claims (`None`: all).
+    pub(crate) types: Option<Arc<[String]>>,
+    pub(crate) counters: Arc<Counters>,
+    shared: Arc<Shared>,
+    wake_tx: Sender<()>,
+    stop_poller_tx: Sender<()>,
+    stop_heartbeat_tx: Sender<()>,
+    flush_tx: Sender<Instant>,
+    poller: Option<JoinHandle<()>>,
+    heartbeat: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    worker_exit_rx: Receiver<()>,
+    completer: Option<JoinHandle<usize>>,
+}
+
+struct Shared {
+    stopping: AtomicBool,
+    inflight: Mutex<HashMap<InFlightKey, InFlight>>,
+}
+
+struct InFlight {
+    lease: Lease,
+    locked_until: DateTime<Utc>,
+}
+
+impl Shared {
+    fn inflight(&self) -> MutexGuard<'_, HashMap<InFlightKey, InFlight>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Everything the threads share, cloned into each.
+#[derive(Clone)]
+struct Ctx {
+    store: Arc<dyn Store>,
+    counters: Arc<Counters>,
+    shared: Arc<Shared>,
+    handlers: Arc<HashMap<String, Arc<dyn Handler>>>,
+    fallback: Option<Arc<dyn Handler>>,
+    types: Option<Arc<[String]>>,
+    lease: Duration,
+    batch_size: usize,
+    capacity: usize,
+    poll_interval: Duration,
+}
+
+enum Kind {
+    Done,
+    Retry { last: bool, panicked: bool },
+    Fail,
+    Release,
+}
+
+struct Outcome {
+    ack: Ack,
+    kind: Kind,
+}
+
+fn spawn<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|e| Error::with_source(crate::ErrorKind::Io, e))
+}
+
+/// Runs a thread's loop, restarting it when it panics: the panic is
+/// counted, logged, and followed by a growing pause, so a loop that panics
+/// at once every time cannot spin. Returns once the loop returns.
+fn supervise(ctx: &Ctx, thread: &str, mut body: impl FnMut()) {
+    let mut pause_for = Duration::from_millis(50);
+    loop {
+        match catch_unwind(AssertUnwindSafe(&mut body)) {
+            Ok(()) => return,
+            Err(payload) => {
+                Counters::add(&ctx.counters.thread_panics, 1);
+                let message = panic_message(&*payload);
+                let _ = catch_unwind(AssertUnwindSafe(|| {
+                    tracing::error!(thread, panic = %message, "outbox thread panicked; restarting it");
+                }));
+                if ctx.shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(pause_for);
+                pause_for = (pause_for * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
+    let counters = Arc::new(Counters::default());
+    let shared = Arc::new(Shared {
+        stopping: AtomicBool::new(false),
+        inflight: Mutex::new(HashMap::new()),
+    });
+    let types: Option<Arc<[String]>> = if b.fallback.is_some() {
+        None
+    } else {
+        let mut t: Vec<String> = b.handlers.keys().cloned().collect();
+        t.sort();
+        Some(t.into())
+    };
+    let capacity = b.workers + b.batch_size;
+    let ctx = Ctx {
+        store: b.store.clone(),
+        counters: counters.clone(),
+        shared: shared.clone(),
+        handlers: Arc::new(b.handlers),
+        fallback: b.fallback,
+        types: types.clone(),
+        lease: b.lease,
+        batch_size: b.batch_size,
+        capacity,
+        poll_interval: b.poll_interval,
+    };
+
+    let (jobs_tx, jobs_rx) = bounded::<Event>(capacity);
+    let (outcomes_tx, outcomes_rx) = unbounded::<Outcome>();
+    let (wake_tx, wake_rx) = bounded::<()>(1);
+    let (nudge_tx, nudge_rx) = bounded::<()>(1);
+    let (stop_poller_tx, stop_poller_rx) = bounded::<()>(1);
+    let (stop_heartbeat_tx, stop_heartbeat_rx) = bounded::<()>(1);
+    let (flush_tx, flush_rx) = bounded::<Instant>(1);
+    let (worker_exit_tx, worker_exit_rx) = unbounded::<()>();
+    let store_wake_rx = b.store.subscribe();
+
+    let mut workers = Vec::with_capacity(b.workers);
+    for n in 0..b.workers {
+        let (ctx, jobs_rx, outcomes_tx, exit_tx) = (
+            ctx.clone(),
+            jobs_rx.clone(),
+            outcomes_tx.clone(),
+            worker_exit_tx.clone(),
+        );
+        workers.push(spawn(format!("{}-worker-{n}", b.name), move || {
+            // Counted as exited however the thread ends.
+            let _exited = OnDrop(Some(move || {
+                let _ = exit_tx.send(());
+            }));
+            supervise(&ctx, "worker", || worker_loop(&ctx, &jobs_rx, &outcomes_tx));
+        })?);
+    }
+    drop((jobs_rx, worker_exit_tx));
+
+    let completer = {
+        let ctx = ctx.clone();
+        spawn(format!("{}-completer", b.name), move || {
+            completer_loop(&ctx, &outcomes_rx, &flush_rx, &nudge_tx)
+        })?
+    };
+    drop(outcomes_tx);
+
+    let heartbeat = {
+        let ctx = ctx.clone();
+        spawn(format!("{}-heartbeat", b.name), move || {
+            supervise(&ctx, "heartbeat", || {
+                heartbeat_loop(&ctx, &stop_heartbeat_rx)
+            });
+        })?
+    };
+
+    let poller = {
+        let ctx = ctx.clone();
+        spawn(format!("{}-poller", b.name), move || {
+            supervise(&ctx, "poller", || {
+                poll_loop(
+                    &ctx,
+                    &jobs_tx,
+                    &wake_rx,
+                    &store_wake_rx,
+                    &nudge_rx,
+                    &stop_poller_rx,
+                );
+            });
+            // Workers see the queue close and exit.
+            drop(jobs_tx);
+        })?
+    };
+
+    Ok(Dispatcher {
+        runtime: Some(Runtime {
+            store: b.store,
+            types,
+            counters,
+            shared,
+            wake_tx,
+            stop_poller_tx,
+            stop_heartbeat_tx,
+            flush_tx,
+            poller: Some(poller),
+            heartbeat: Some(heartbeat),
+            workers,
+            worker_exit_rx,
+            completer: Some(completer),
+        }),
+        shutdown_timeout: b.shutdown_timeout,
+    })
+}
+
+impl Runtime {
+    pub(crate) fn wake(&self) {
+        let _ = self.wake_tx.try_send(());
+    }
+
+    /// True once nothing of this dispatcher's types can be claimed now,
+    /// nothing is being handled (here or by another process), and every
+    /// outcome this dispatcher produced is written.
+    pub(crate) fn is_idle(&self) -> Result<bool> {
+        if !self.shared.inflight().is_empty() {
+            return Ok(false);
+        }
+        let backlog = self.store.backlog(self.types.as_deref())?;
+        Ok(!backlog.due && !backlog.processing)
+    }
+
+    pub(crate) fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
+        let until = Instant::now() + deadline;
+        let before = self.counters.snapshot();
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop_poller_tx.try_send(());
+        if let Some(poller) = self.poller.take() {
+            if poller.join().is_err() {
+                tracing::error!("outbox poller thread panicked");
+            }
+        }
+        // The poller dropped the job queue: workers give back what is still
+        // queued and exit after their current handler.
+        let mut exited = 0;
+        while exited < self.workers.len() {
+            match self.worker_exit_rx.recv_deadline(until) {
+                Ok(()) => exited += 1,
+                Err(_) => break,
+            }
+        }
+        let still_running = self.workers.len() - exited;
+        for worker in self.workers.drain(..) {
+            if worker.is_finished() {
+                let _ = worker.join();
+            }
+            // Otherwise the handler outlived the deadline: the thread is
+            // left to finish; its event comes back when the lease runs out.
+        }
+        let _ = self.stop_heartbeat_tx.try_send(());
+        if let Some(heartbeat) = self.heartbeat.take() {
+            let _ = heartbeat.join();
+        }
+        let _ = self
+            .flush_tx
+            .try_send(until.max(Instant::now() + Duration::from_secs(1)));
+        let unwritten = match self.completer.take().map(JoinHandle::join) {
+            Some(Ok(n)) => n,
+            Some(Err(_)) => {
+                tracing::error!("outbox completer thread panicked");
+                0
+            }
+            None => 0,
+        };
+        let after = self.counters.snapshot();
+        ShutdownReport {
+            completed: (after.done + after.retried + after.failed)
+                - (before.done + before.retried + before.failed),
+            released: after.released - before.released,
+            still_running,
+            unwritten,
+            metrics: after,
+            idle: false,
+        }
+    }
+}
+
+/// Sleeps up to `d` unless told to stop; true if told to stop.
+fn pause(stop_rx: &Receiver<()>, d: Duration) -> bool {
+    select! {
+        recv(stop_rx) -> _ => true,
+        default(d) => false,
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
+
+/// Runs a closure when dropped, also while unwinding.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The poller: claims due events in batches and queues them for the
+//! workers. It sleeps until something can be due (an enqueue in this
+//! process, another process's commit, a retry or lease falling due) and
+//! never claims more than the workers and the queue can hold.
+//!
+//! Channels: sends claimed events on `jobs` (bounded: room is reserved
+//! before each claim); wakes on `wake` (the handle), `store_wake` (an
+//! in-process enqueue), `nudge` (the completer freed room); stops on `stop`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use crossbeam_channel::{select, Receiver, Sender};
+
+use super::{pause, Ctx, InFlight};
+use crate::dispatch::Counters;
+use crate::event::Event;
+
+/// After an in-process wake-up that found nothing (the enqueuing transaction
+/// had not committed yet), look again this often, doubling, for this long.
+const EAGER_FIRST_STEP: Duration = Duration::from_millis(1);
+const EAGER_WINDOW: Duration = Duration::from_millis(250);
+
+pub(super) fn poll_loop(
+    ctx: &Ctx,
+    jobs_tx: &Sender<Event>,
+    wake_rx: &Receiver<()>,
+    store_wake_rx: &Receiver<()>,
+    nudge_rx: &Receiver<()>,
+    stop_rx: &Receiver<()>,
+) {
+    // A wake-up source whose sender is gone (a completer that died, say)
+    // would make `select!` return at once for ever: it becomes `never`.
+    let (mut wake_rx, mut store_wake_rx, mut nudge_rx) =
+        (wake_rx.clone(), store_wake_rx.clone(), nudge_rx.clone());
+    let types = ctx.types.as_deref();
+    let mut claim_now = true;
+    let mut woken = false;
+    let mut eager: Option<(Instant, Duration)> = None;
+    let mut backoff = Duration::from_millis(10);
+    // The earliest time, known at the last claim, at which something becomes
+    // claimable without any write (a delayed or retrying event falling due,
+    // a lease running out). Kept until a claim runs again, so a late wake-up
+    // cannot skip it.
+    let mut due_at: Option<DateTime<Utc>> = None;
+    loop {
+        if ctx.shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let room = ctx.capacity.saturating_sub(ctx.shared.inflight().len());
+        let want = ctx.batch_size.min(room);
+        let mut got = 0;
+        let mut claimed = false;
+        if claim_now && want > 0 {
+            match ctx.store.claim(want, ctx.lease, types) {
+                Ok(events) => {
+                    backoff = Duration::from_millis(10);
+                    claimed = true;
+                    got = events.len();
+                    if got > 0 {
+                        Counters::add(&ctx.counters.claimed, got as u64);
+                        Counters::add(&ctx.counters.claim_batches, 1);
+                        let mut inflight = ctx.shared.inflight();
+                        for e in &events {
+                            if let (Some(lease), Some(until)) = (e.lease(), e.locked_until) {
+                                inflight.insert(
+                                    (lease.seq, lease.token),
+                                    InFlight {
+                                        lease,
+                                        locked_until: until,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    for e in events {
+                        // Room was reserved above, so this never blocks for long.
+                        if jobs_tx.send(e).is_err() {
+                            break;
+                        }
+                    }
+                }
+                Err(err) => {
+                    Counters::add(&ctx.counters.store_errors, 1);
+                    tracing::warn!(error = %err, "outbox claim failed; retrying");
+                    if pause(stop_rx, backoff) {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        if got > 0 && got == want {
+            // A full batch: more is probably waiting, so claim again before
+            // asking when the next event falls due.
+            continue;
+        }
+        if claimed {
+            due_at = match ctx.store.next_wakeup(types) {
+                Ok(at) => at,
+                // Unknown: look again at the next tick.
+                Err(_) => Some(ctx.store.clock().now()),
+            };
+        }
+        if woken && got == 0 {
+            // Woken by an enqueue whose transaction may not have committed
+            // yet: watch for its commit closely for a short while.
+            eager = Some((Instant::now() + EAGER_WINDOW, EAGER_FIRST_STEP));
+        }
+        woken = false;
+
+        let mut timeout = ctx.poll_interval;
+        if let Some(at) = due_at {
+            let until = (at - ctx.store.clock().now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                + Duration::from_millis(1);
+            timeout = timeout.min(until);
+        }
+        if let Some((end, step)) = eager {
+            if Instant::now() >= end {
+                eager = None;
+            } else if step < timeout {
+                timeout = step;
+                eager = Some((end, (step * 2).min(Duration::from_millis(32))));
+            }
+        }
+        select! {
+            recv(stop_rx) -> _ => break,
+            recv(wake_rx) -> msg => {
+                claim_now = true;
+                woken = true;
+                if msg.is_err() { wake_rx = crossbeam_channel::never(); }
+            }
+            recv(store_wake_rx) -> msg => {
+                claim_now = true;
+                woken = true;
+                if msg.is_err() { store_wake_rx = crossbeam_channel::never(); }
+            }
+            recv(nudge_rx) -> msg => {
+                claim_now = true;
+                if msg.is_err() { nudge_rx = crossbeam_channel::never(); }
+            }
+            default(timeout) => {
+                let due = due_at.is_some_and(|t| ctx.store.clock().now() >= t);
+                claim_now = due || ctx.store.has_external_changes().unwrap_or(true);
+                if claim_now {
+                    eager = None;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! A worker: takes claimed events off the queue, runs the handler for each
+//! (a panic in it is a failed attempt), and sends the outcome to the
+//! completer. Once the dispatcher is stopping, events still queued are
+//! released unstarted.
+//!
+//! Channels: receives on `jobs`; sends on `outcomes`.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{panic_message, Ctx, Kind, OnDrop, Outcome};
+use crate::dispatch::HandlerError;
+use crate::event::{Event, Lease};
+use crate::store::Ack;
+
+pub(super) fn worker_loop(ctx: &Ctx, jobs_rx: &Receiver<Event>, outcomes_tx: &Sender<Outcome>) {
+    for event in jobs_rx.iter() {
+        let Some(lease) = event.lease() else {
+            continue;
+        };
+        // If this thread dies holding the event, the event is given back
+        // (as a failed attempt) and leaves the in-flight map, so that the
+        // heartbeat stops extending a lease nobody works under.
+        let mut held = OnDrop(Some(|| {
+            let outcome = Outcome {
+                ack: Ack::retry(
+                    lease,
+                    "the dispatcher's worker thread died while handling the event",
+                    None,
+                ),
+                kind: Kind::Retry {
+                    last: event.attempts >= event.max_attempts,
+                    panicked: true,
+                },
+            };
+            if outcomes_tx.send(outcome).is_err() {
+                ctx.shared.inflight().remove(&(lease.seq, lease.token));
+            }
+        }));
+        let outcome = if ctx.shared.stopping.load(Ordering::SeqCst) {
+            Outcome {
+                ack: Ack::release(lease),
+                kind: Kind::Release,
+            }
+        } else {
+            run_handler(ctx, &event, lease)
+        };
+        held.0 = None;
+        if outcomes_tx.send(outcome).is_err() {
+            ctx.shared.inflight().remove(&(lease.seq, lease.token));
+            break;
+        }
+    }
+}
+
+fn run_handler(ctx: &Ctx, event: &Event, lease: Lease) -> Outcome {
+    let span = tracing::info_span!(
+        "outbox.deliver",
+        event_id = %event.id,
+        event_type = %event.event_type,
+        attempt = event.attempts,
+        correlation_id = event.correlation_id.as_deref().unwrap_or(""),
+    );
+    let _entered = span.enter();
+    let last = event.attempts >= event.max_attempts;
+    let handler = ctx
+        .handlers
+        .get(&event.event_type)
+        .or(ctx.fallback.as_ref());
+    let result = match handler {
+        Some(h) => catch_unwind(AssertUnwindSafe(|| h.handle(event))),
+        None => Ok(Err(HandlerError::retry(format!(
+            "no handler for event type {:?}",
+            event.event_type
+        )))),
+    };
+    match result {
+        Ok(Ok(())) => Outcome {
+            ack: Ack::complete(lease),
+            kind: Kind::Done,
+        },
+        Ok(Err(err)) => {
+            let message = err.message();
+            if err.is_permanent() {
+                tracing::warn!(error = %message, "outbox handler failed permanently");
+                Outcome {
+                    ack: Ack::fail(lease, &message),
+                    kind: Kind::Fail,
+                }
+            } else {
+                tracing::warn!(error = %message, last, "outbox handler failed");
+                Outcome {
+                    ack: Ack::retry(lease, &message, err.delay()),
+                    kind: Kind::Retry {
+                        last,
+                        panicked: false,
+                    },
+                }
+            }
+        }
+        Err(payload) => {
+            let message = format!("handler panicked: {}", panic_message(&*payload));
+            tracing::error!(error = %message, "outbox handler panicked");
+            Outcome {
+                ack: Ack::retry(lease, &message, None),
+                kind: Kind::Retry {
+                    last,
+                    panicked: true,
+                },
+            }
+        }
+    }
+}
