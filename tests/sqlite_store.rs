@@ -913,3 +913,22 @@ fn enqueue_first_in_a_deferred_transaction_rolls_back_with_it() -> TestResult {
     assert_eq!(store.stats()?.total(), 0);
     Ok(())
 }
+
+#[test]
+fn builders_refuse_what_they_cannot_honour() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let err = SqliteStore::builder(dir.path().join("o.db"))
+        .pool_size(0)
+        .build()
+        .expect_err("a pool of no connections");
+    assert!(err.is_invalid_input(), "{err}");
+    assert!(!dir.path().join("o.db").exists(), "nothing was created");
+    let store = open(dir.path())?;
+    let err = sqlite_outbox::Dispatcher::builder(store)
+        .workers(0)
+        .handle("t", |_| Ok(()))
+        .start()
+        .expect_err("no workers");
+    assert!(err.is_invalid_input(), "{err}");
+    Ok(())
+}

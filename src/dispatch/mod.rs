@@ -160,6 +160,7 @@ impl DispatcherBuilder {
 pub struct Dispatcher {
     pub(crate) runtime: Option<runtime::Runtime>,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) policy: RetryPolicy,
 }
 
 impl fmt::Debug for Dispatcher {
@@ -210,8 +211,8 @@ impl Dispatcher {
     }
 
     /// The retry policy in force (the store's).
-    pub fn retry_policy(&self) -> Option<&RetryPolicy> {
-        self.runtime.as_ref().map(|r| r.store.retry_policy())
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.policy
     }
 
     /// Runs until the queue is idle, then shuts down: returns once nothing

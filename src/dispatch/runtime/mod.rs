@@ -222,7 +222,9 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
         })?
     };
 
+    let policy = b.store.retry_policy().clone();
     Ok(Dispatcher {
+        policy,
         runtime: Some(Runtime {
             store: b.store,
             types,

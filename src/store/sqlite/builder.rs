@@ -69,9 +69,10 @@ pub const DEFAULT_POOL_SIZE: u32 = 8;
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SqliteStoreBuilder {
-    /// The largest number of open connections. Default: 8.
+    /// The largest number of open connections, at least 1 (`build` refuses
+    /// 0). Default: 8.
     pub fn pool_size(mut self, size: u32) -> Self {
-        self.pool_size = size.max(1);
+        self.pool_size = size;
         self
     }
 
@@ -119,6 +120,7 @@ impl SqliteStoreBuilder {
     ///
     /// # Errors
     ///
+    /// - `InvalidInput`: a pool size of 0.
     /// - `NotAnOutbox`: not a SQLite file, or a file that holds an
     ///   `outbox_events` or `outbox_meta` of someone else's. The file is
     ///   left unchanged.
@@ -129,6 +131,10 @@ impl SqliteStoreBuilder {
     /// - `Busy` if others kept the file locked past the busy timeout, `Io`,
     ///   `ReadOnly`, `Corrupt`.
     pub fn build(self) -> Result<SqliteStore> {
+        // Refused, not clamped: like `DispatcherBuilder::start`.
+        if self.pool_size == 0 {
+            return Err(Error::invalid("pool_size must be at least 1"));
+        }
         if self.path.is_dir() {
             return Err(Error::not_an_outbox(format!(
                 "{} is a directory, not a database file",
