@@ -77,6 +77,17 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> TestResult {
     Ok(())
 }
 
+/// Waits until `event`'s first attempt failed and it is pending again.
+fn wait_for_first_failure(store: &SqliteStore, event: &Event) -> TestResult {
+    wait_for("the outcome of the first attempt", || {
+        store
+            .find_by_id(event.id)
+            .ok()
+            .flatten()
+            .is_some_and(|e| e.attempts == 1 && e.status == Status::Pending)
+    })
+}
+
 #[test]
 fn a_worker_that_dies_gives_its_event_back_and_is_replaced() -> TestResult {
     let armed = armed();
@@ -96,14 +107,7 @@ fn a_worker_that_dies_gives_its_event_back_and_is_replaced() -> TestResult {
         })
         .start()?;
     armed.store(true, Ordering::SeqCst);
-    let first = store.clone();
-    wait_for("the poison event's outcome", || {
-        first
-            .find_by_id(poison.id)
-            .ok()
-            .flatten()
-            .is_some_and(|e| e.status == Status::Pending && e.attempts == 1)
-    })?;
+    wait_for_first_failure(&store, &poison)?;
     armed.store(false, Ordering::SeqCst);
     let e = store.find_by_id(poison.id)?.ok_or("gone")?;
     assert!(
@@ -147,13 +151,7 @@ fn an_error_whose_display_panics_is_an_ordinary_failed_attempt() -> TestResult {
         .workers(1)
         .handle("t", |_: &Event| Err(HandlerError::retry(PanicsOnDisplay)))
         .start()?;
-    let s = store.clone();
-    wait_for("the outcome", || {
-        s.find_by_id(event.id)
-            .ok()
-            .flatten()
-            .is_some_and(|e| e.attempts == 1 && e.status == Status::Pending)
-    })?;
+    wait_for_first_failure(&store, &event)?;
     let report = dispatcher.shutdown(secs(5));
     let e = store.find_by_id(event.id)?.ok_or("gone")?;
     assert_eq!(
@@ -177,13 +175,7 @@ fn the_longest_delay_with_jitter_is_written_not_panicked_on() -> TestResult {
         .workers(1)
         .handle("t", |_: &Event| Err(HandlerError::retry("not now")))
         .start()?;
-    let s = store.clone();
-    wait_for("the outcome", || {
-        s.find_by_id(event.id)
-            .ok()
-            .flatten()
-            .is_some_and(|e| e.attempts == 1 && e.status == Status::Pending)
-    })?;
+    wait_for_first_failure(&store, &event)?;
     let report = dispatcher.shutdown(secs(5));
     assert!(report.is_clean(), "{report:?}");
     let e = store.find_by_id(event.id)?.ok_or("gone")?;

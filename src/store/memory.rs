@@ -207,13 +207,6 @@ fn apply_retry(
 }
 
 impl Store for MemoryStore {
-    fn create(&self, event: NewEvent) -> Result<Event> {
-        let mut created = self.create_batch(vec![event])?;
-        created
-            .pop()
-            .ok_or_else(|| Error::invalid("nothing was enqueued"))
-    }
-
     fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
         for event in &events {
             event.checked_payload()?;

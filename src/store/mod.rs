@@ -92,7 +92,12 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     /// payload (nothing is written); `Busy`, `DiskFull`, `ReadOnly`, `Io` from
     /// the database. An error from the commit means the outcome is unknown:
     /// use an idempotency key to retry safely.
-    fn create(&self, event: NewEvent) -> Result<Event>;
+    fn create(&self, event: NewEvent) -> Result<Event> {
+        let mut created = self.create_batch(vec![event])?;
+        created
+            .pop()
+            .ok_or_else(|| crate::Error::invalid("nothing was enqueued"))
+    }
 
     /// Adds many events in one transaction: all of them or none.
     ///

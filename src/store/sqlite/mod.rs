@@ -249,13 +249,6 @@ impl Store for SqliteStore {
         self.requeue(which)
     }
 
-    fn create(&self, event: NewEvent) -> Result<Event> {
-        let mut created = self.create_batch(vec![event])?;
-        created
-            .pop()
-            .ok_or_else(|| Error::invalid("nothing was enqueued"))
-    }
-
     fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
         // Checked before the write lock is taken, so bad input costs no I/O.
         for event in &events {
