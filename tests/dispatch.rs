@@ -742,3 +742,40 @@ fn question_mark_works_inside_a_transaction() -> TestResult {
     assert_eq!(store.stats()?.total(), 0, "rolled back");
     Ok(())
 }
+
+/// A handler that runs past `max_run_time` keeps its thread, but not its
+/// lease: another worker takes the event over once the lease runs out, and
+/// the late outcome is refused.
+#[test]
+fn a_handler_past_max_run_time_loses_its_lease() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("o.db"))?;
+    let event = store.create(NewEvent::new("t", json!({})))?;
+    let (runs_tx, runs_rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(2)
+        .lease(millis(300))
+        .max_run_time(millis(400))
+        .handle("t", move |e| {
+            runs_tx.send((e.attempts, Instant::now())).ok();
+            if e.attempts == 1 {
+                // Stuck far past the limit.
+                std::thread::sleep(secs(2));
+            }
+            Ok(())
+        })
+        .start()?;
+    let (first, started) = runs_rx.recv_timeout(WAIT)?;
+    let (second, retaken) = runs_rx.recv_timeout(WAIT)?;
+    assert_eq!((first, second), (1, 2));
+    // Taken over while the stuck handler was still running.
+    assert!(retaken - started < millis(1800), "{:?}", retaken - started);
+    let report = dispatcher.shutdown(secs(5));
+    assert_eq!(report.metrics.overran, 1);
+    assert_eq!(report.metrics.lease_lost, 1, "the late outcome was refused");
+    assert_eq!(
+        store.find_by_id(event.id)?.map(|e| (e.status, e.attempts)),
+        Some((Status::Done, 2))
+    );
+    Ok(())
+}

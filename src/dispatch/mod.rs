@@ -35,6 +35,7 @@ pub struct DispatcherBuilder {
     pub(crate) workers: usize,
     pub(crate) batch_size: usize,
     pub(crate) lease: Duration,
+    pub(crate) max_run_time: Option<Duration>,
     pub(crate) poll_interval: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) name: String,
@@ -105,6 +106,17 @@ impl DispatcherBuilder {
     /// long a handler may run. Default: 60 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// The longest an event may stay in hand, from its claim, before its
+    /// lease is left to run out: after this, the event is no longer extended, so another worker or
+    /// process claims it once the lease ends, and the late handler's
+    /// outcome is refused ([`crate::ErrorKind::LeaseLost`]). The thread
+    /// itself cannot be stopped; it is reported when it finishes. Default:
+    /// no limit.
+    pub fn max_run_time(mut self, limit: Duration) -> Self {
+        self.max_run_time = Some(limit);
         self
     }
 
@@ -187,6 +199,7 @@ impl Dispatcher {
             workers: DEFAULT_WORKERS,
             batch_size: DEFAULT_BATCH_SIZE,
             lease: DEFAULT_LEASE,
+            max_run_time: None,
             poll_interval: DEFAULT_POLL_INTERVAL,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             name: "outbox".to_owned(),
@@ -320,6 +333,9 @@ pub struct Metrics {
     /// subscriber, the dispatcher itself) caught by the thread's
     /// supervisor, which released what the thread held and restarted it.
     pub thread_panics: u64,
+    /// Handlers that ran past the builder's `max_run_time`; their leases
+    /// were left to run out.
+    pub overran: u64,
     /// Outcomes given up on because the store refused them for good
     /// (read-only, corrupt, wrong schema) or a thread panicked while
     /// writing them; their events are redelivered after their leases run
@@ -341,6 +357,7 @@ pub(crate) struct Counters {
     pub(crate) claim_batches: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) thread_panics: AtomicU64,
+    pub(crate) overran: AtomicU64,
     pub(crate) dropped_outcomes: AtomicU64,
 }
 
@@ -364,6 +381,7 @@ impl Counters {
             claim_batches: get(&self.claim_batches),
             store_errors: get(&self.store_errors),
             thread_panics: get(&self.thread_panics),
+            overran: get(&self.overran),
             dropped_outcomes: get(&self.dropped_outcomes),
         }
     }

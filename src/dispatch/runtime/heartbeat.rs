@@ -23,13 +23,32 @@ pub(super) fn heartbeat_loop(ctx: &Ctx, stop_rx: &Receiver<()>) {
         }
         let now = ctx.store.clock().now();
         let half = clock::duration_millis(ctx.lease / 2);
-        let due: Vec<Lease> = ctx
-            .shared
-            .inflight()
-            .values()
-            .filter(|f| (f.locked_until - now).num_milliseconds() < half)
-            .map(|f| f.lease)
-            .collect();
+        let mut overran = Vec::new();
+        let due: Vec<Lease> = {
+            let mut inflight = ctx.shared.inflight();
+            for f in inflight.values_mut() {
+                let given_up = f.locked_until == DateTime::<Utc>::MAX_UTC;
+                if !given_up
+                    && ctx
+                        .max_run_time
+                        .is_some_and(|limit| f.claimed_at.elapsed() > limit)
+                {
+                    // Left to run out: never extended again.
+                    f.locked_until = DateTime::<Utc>::MAX_UTC;
+                    overran.push(f.lease);
+                }
+            }
+            inflight
+                .values()
+                .filter(|f| (f.locked_until - now).num_milliseconds() < half)
+                .map(|f| f.lease)
+                .collect()
+        };
+        for lease in overran {
+            Counters::add(&ctx.counters.overran, 1);
+            tracing::warn!(event_id = %lease.id, attempt = lease.attempt,
+                "outbox handler ran past max_run_time; its lease is left to run out");
+        }
         if due.is_empty() {
             continue;
         }

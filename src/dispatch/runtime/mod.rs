@@ -63,6 +63,8 @@ struct Shared {
 struct InFlight {
     lease: Lease,
     locked_until: DateTime<Utc>,
+    /// When it was claimed, for the dispatcher's `max_run_time`.
+    claimed_at: Instant,
 }
 
 impl Shared {
@@ -81,6 +83,7 @@ struct Ctx {
     fallback: Option<Arc<dyn Handler>>,
     types: Option<Arc<[String]>>,
     lease: Duration,
+    max_run_time: Option<Duration>,
     batch_size: usize,
     capacity: usize,
     poll_interval: Duration,
@@ -154,6 +157,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
         fallback: b.fallback,
         types: types.clone(),
         lease: b.lease,
+        max_run_time: b.max_run_time,
         batch_size: b.batch_size,
         capacity,
         poll_interval: b.poll_interval,

@@ -69,6 +69,7 @@ pub(super) fn poll_loop(
                                     InFlight {
                                         lease,
                                         locked_until: until,
+                                        claimed_at: Instant::now(),
                                     },
                                 );
                             }
