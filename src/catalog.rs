@@ -229,7 +229,7 @@ mod tests {
     }
 
     #[test]
-    fn serde_names_match_the_origin() {
+    fn serde_names_are_the_snake_case_variants() {
         assert_eq!(
             serde_json::to_value(T::EmailPasswordReset).ok(),
             Some(serde_json::json!("email_password_reset"))

@@ -142,7 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn default_schedule_is_the_inherited_one() {
+    fn default_schedule_is_30s_to_24h() {
         let p = RetryPolicy::default();
         let expected = [
             30, 120, 600, 1800, 3600, 7200, 14400, 28800, 57600, 86400, 86400, 86400,

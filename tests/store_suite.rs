@@ -22,7 +22,7 @@ fn get(f: &Fixture, e: &Event) -> Result<Event, Box<dyn std::error::Error>> {
     Ok(f.store.find_by_id(e.id)?.ok_or("event vanished")?)
 }
 
-// ---- the origin's tests, ported ----------------------------------------
+// ---- the basic operations ----------------------------------------------
 
 fn create_and_find_event(f: &Fixture) -> TestResult {
     let created = f.store.create(NewEvent::new(
