@@ -5,7 +5,8 @@
 //! cargo bench --bench outbox -- --quick      # smoke run
 //! cargo bench --bench outbox -- --json F     # also write the rows as JSON
 //! cargo bench --bench outbox -- --only G     # one group: enqueue, dispatch,
-//!                                            # latency, scaling, memory, idle
+//!                                            # latency, scaling, memory, idle,
+//!                                            # schema
 //! ```
 //!
 //! Every figure is paired with a raw-rusqlite baseline doing the same SQL
@@ -29,6 +30,7 @@ mod idle;
 mod latency;
 mod memory;
 mod scaling;
+mod schema;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -108,13 +110,14 @@ fn main() -> Res<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     type Group = fn(&Config, &Path, &mut Vec<Row>) -> Res<()>;
-    let groups: [(&str, Group); 6] = [
+    let groups: [(&str, Group); 7] = [
         ("enqueue", enqueue::enqueue_benches),
         ("dispatch", dispatch::dispatch_benches),
         ("latency", latency::latency_benches),
         ("scaling", scaling::scaling_benches),
         ("memory", memory::memory_benches),
         ("idle", idle::idle_benches),
+        ("schema", schema::schema_benches),
     ];
     let mut rows = Vec::new();
     for (name, run) in groups {
