@@ -216,11 +216,19 @@ fn enqueue_refuses_a_connection_to_another_file() -> TestResult {
             .expect_err("another file");
         assert!(err.is_invalid_input());
     }
-    // The same file under another name is the same file.
+    // The same file through a symbolic link is the same file (SQLite
+    // resolves it, and the WAL is the same).
     let link = dir.path().join("link.db");
     std::os::unix::fs::symlink(dir.path().join("app.db"), &link)?;
     store.enqueue(&Connection::open(&link)?, NewEvent::new("t", json!(2)))?;
     assert_eq!(store.stats()?.total(), 1);
+    // A hard link is not: SQLite would keep a second WAL beside it.
+    let hard = dir.path().join("hard.db");
+    std::fs::hard_link(dir.path().join("app.db"), &hard)?;
+    let err = store
+        .enqueue(&Connection::open(&hard)?, NewEvent::new("t", json!(3)))
+        .expect_err("a hard link");
+    assert!(err.to_string().contains("hard.db"), "{err}");
     Ok(())
 }
 

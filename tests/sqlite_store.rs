@@ -866,6 +866,11 @@ fn an_undecodable_row_is_set_aside_and_the_rest_flows() -> TestResult {
     assert_eq!(err.kind(), &ErrorKind::Corrupt);
     let cause = err.to_string();
     assert!(cause.contains("2 event row(s) cannot be read"), "{cause}");
+    assert!(
+        cause.contains("event seq 2: column payload is not valid UTF-8"),
+        "{cause}"
+    );
+    assert!(cause.contains("event seq 3: column event_type"), "{cause}");
 
     let claimed = store.claim(10, secs(30), None)?;
     let payloads: Vec<_> = claimed.iter().map(|e| e.payload.clone()).collect();
@@ -930,5 +935,64 @@ fn builders_refuse_what_they_cannot_honour() -> TestResult {
         .start()
         .expect_err("no workers");
     assert!(err.is_invalid_input(), "{err}");
+    Ok(())
+}
+
+#[test]
+fn verify_names_the_first_five_bad_rows_and_counts_all() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let conn = Connection::open(store.path())?;
+    for _ in 0..7 {
+        conn.execute(
+            "INSERT INTO outbox_events (event_type, payload) VALUES ('t', CAST(X'22FF22' AS TEXT))",
+            [],
+        )?;
+    }
+    let shown = store.verify().expect_err("seven bad rows").to_string();
+    assert!(shown.contains("7 event row(s) cannot be read"), "{shown}");
+    assert_eq!(shown.matches("event seq").count(), 5, "{shown}");
+    Ok(())
+}
+
+#[test]
+fn fail_unfinished_gives_up_only_on_unfinished_events() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let pending = store.create(NewEvent::new("t", json!(1)))?;
+    store.fail_unfinished(pending.id, "operator gave up")?;
+    let e = store.find_by_id(pending.id)?.ok_or("gone")?;
+    assert_eq!(
+        (e.status, e.last_error.as_deref()),
+        (Status::Failed, Some("operator gave up"))
+    );
+    let err = store
+        .fail_unfinished(pending.id, "again")
+        .expect_err("already failed");
+    assert!(err.to_string().contains("already failed"), "{err}");
+    let missing = sqlite_outbox::EventId::new();
+    assert!(store
+        .fail_unfinished(missing, "x")
+        .unwrap_err()
+        .is_not_found());
+    // A processing event: its worker's outcome is refused afterwards.
+    let running = store.create(NewEvent::new("t", json!(2)))?;
+    let claimed = store.claim(1, secs(30), None)?;
+    store.fail_unfinished(running.id, "stuck")?;
+    let late = store.complete(&claimed[0].lease().ok_or("lease")?);
+    assert!(late.unwrap_err().is_lease_lost());
+    Ok(())
+}
+
+#[test]
+fn a_duplicate_id_is_refused_naming_the_event() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let first = store.create(NewEvent::new("t", json!(1)))?;
+    let err = store
+        .create(NewEvent::new("t", json!(2)).with_id(first.id))
+        .expect_err("a second event with the same id");
+    assert!(err.is_invalid_input());
+    assert!(err.to_string().contains(&first.id.to_string()), "{err}");
     Ok(())
 }

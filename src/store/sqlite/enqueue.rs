@@ -1,7 +1,6 @@
 //! Enqueueing through the caller's connection and transaction, and the
 //! checks that keep it inside the caller's transaction on the right file.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -137,8 +136,12 @@ impl SqliteStore {
     /// Refuses a caller's connection that would write elsewhere or fail
     /// under load: see [`SqliteStore::enqueue`].
     fn check_callers_connection(&self, conn: &Connection) -> Result<()> {
+        // SQLite's own name for each file: absolute, through symbolic
+        // links. Only the same name means the same `-wal` file too; a hard
+        // link to the database would have a WAL of its own, so it counts
+        // as another file.
         let theirs = conn.path().unwrap_or_default();
-        if theirs != self.inner.db_path && !same_file(theirs, &self.inner.path) {
+        if theirs != self.inner.db_path {
             let shown = if theirs.is_empty() {
                 "an in-memory or temporary database"
             } else {
@@ -193,18 +196,6 @@ impl Drop for InTransaction {
                 keys.remove(i);
             }
         });
-    }
-}
-
-/// Whether SQLite's name for a connection's file (`theirs`) is the file at
-/// `ours`, through symbolic links and relative paths.
-fn same_file(theirs: &str, ours: &Path) -> bool {
-    if theirs.is_empty() {
-        return false;
-    }
-    match (std::fs::canonicalize(theirs), std::fs::canonicalize(ours)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
     }
 }
 
