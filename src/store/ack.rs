@@ -1,0 +1,81 @@
+//! Acknowledgements: what a worker says about an event it claimed, each
+//! naming the lease it was claimed under.
+
+use std::time::Duration;
+
+use crate::event::Lease;
+
+/// One acknowledgement about a claimed event, for [`crate::Store::settle`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ack {
+    pub(crate) lease: Lease,
+    pub(crate) kind: AckKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum AckKind {
+    Complete,
+    Retry {
+        error: String,
+        delay: Option<Duration>,
+    },
+    Fail {
+        error: String,
+    },
+    Extend {
+        by: Duration,
+    },
+    Release,
+}
+
+impl Ack {
+    /// See [`crate::Store::complete`].
+    pub fn complete(lease: Lease) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Complete,
+        }
+    }
+
+    /// See [`crate::Store::retry`].
+    pub fn retry(lease: Lease, error: &str, delay: Option<Duration>) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Retry {
+                error: crate::event::capped_error(error),
+                delay: delay.map(|d| d.min(crate::dispatch::MAX_RETRY_AFTER)),
+            },
+        }
+    }
+
+    /// See [`crate::Store::fail`].
+    pub fn fail(lease: Lease, error: &str) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Fail {
+                error: crate::event::capped_error(error),
+            },
+        }
+    }
+
+    /// See [`crate::Store::extend`].
+    pub fn extend(lease: Lease, by: Duration) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Extend { by },
+        }
+    }
+
+    /// See [`crate::Store::release`].
+    pub fn release(lease: Lease) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Release,
+        }
+    }
+
+    /// The lease this acknowledgement names.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+}

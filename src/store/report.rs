@@ -1,0 +1,172 @@
+//! What the operator tier takes and returns: filters, requeue choices,
+//! counts and the backlog.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::event::{Event, EventId, Status};
+
+/// Which failed events [`crate::Store::requeue_failed`] moves back to pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Requeue {
+    /// One event, by id.
+    One(EventId),
+    /// Every failed event of one type.
+    Type(String),
+    /// Every failed event.
+    All,
+}
+
+/// Counts for one event type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct TypeStats {
+    /// The event type (`type` in JSON).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Pending events of this type.
+    pub pending: u64,
+    /// Pending events of this type that are due now.
+    pub due: u64,
+    /// Processing events of this type.
+    pub processing: u64,
+    /// Done events of this type.
+    pub done: u64,
+    /// Failed events of this type.
+    pub failed: u64,
+}
+
+/// What is left to deliver, from [`crate::SqliteStore::backlog`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// An event could be claimed now: pending, due, and not held back by an
+    /// earlier event of its ordering key.
+    pub due: bool,
+    /// An event is being handled (or its lease ran out and it will be
+    /// claimed again).
+    pub processing: bool,
+    /// When the next pending event that is not due yet (a scheduled retry, a
+    /// delayed event) falls due.
+    pub next_due_at: Option<DateTime<Utc>>,
+}
+
+/// What [`crate::Store::stats`] reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Pending events, due or not.
+    pub pending: u64,
+    /// Pending events that are due now.
+    pub due: u64,
+    /// Processing events.
+    pub processing: u64,
+    /// Done events.
+    pub done: u64,
+    /// Failed events.
+    pub failed: u64,
+    /// Per event type, sorted by type.
+    pub by_type: Vec<TypeStats>,
+    /// How long the oldest due event has been waiting since it became due
+    /// (`oldest_due_age_ms` in JSON, in milliseconds).
+    #[serde(serialize_with = "ser_opt_millis", rename = "oldest_due_age_ms")]
+    pub oldest_due_age: Option<Duration>,
+}
+
+fn ser_opt_millis<S: serde::Serializer>(
+    v: &Option<Duration>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+        None => s.serialize_none(),
+    }
+}
+
+impl Stats {
+    /// The total number of events.
+    pub fn total(&self) -> u64 {
+        self.pending + self.processing + self.done + self.failed
+    }
+
+    /// Counts `n` events of `event_type` in `status`, `due` of them due now.
+    pub(crate) fn add(&mut self, event_type: &str, status: Status, n: u64, due: u64) {
+        let slot = match self
+            .by_type
+            .binary_search_by(|t| t.event_type.as_str().cmp(event_type))
+        {
+            Ok(i) => i,
+            Err(i) => {
+                self.by_type.insert(
+                    i,
+                    TypeStats {
+                        event_type: event_type.to_owned(),
+                        ..TypeStats::default()
+                    },
+                );
+                i
+            }
+        };
+        let t = &mut self.by_type[slot];
+        let (total, per_type) = match status {
+            Status::Pending => (&mut self.pending, &mut t.pending),
+            Status::Processing => (&mut self.processing, &mut t.processing),
+            Status::Done => (&mut self.done, &mut t.done),
+            Status::Failed => (&mut self.failed, &mut t.failed),
+        };
+        *total += n;
+        *per_type += n;
+        t.due += due;
+        self.due += due;
+    }
+}
+
+/// A filter for [`crate::Store::list`]. Every set field must match. Build it from
+/// `ListFilter { field: value, ..ListFilter::default() }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only events in this status.
+    pub status: Option<Status>,
+    /// Only events of this type.
+    pub event_type: Option<String>,
+    /// Only events of this organisation.
+    pub org_id: Option<Uuid>,
+    /// Only events of this user.
+    pub user_id: Option<Uuid>,
+    /// Only events with this correlation id.
+    pub correlation_id: Option<String>,
+    /// At most this many events. Default: 100.
+    pub limit: usize,
+    /// Newest first (by enqueue order) instead of oldest first. Default: false.
+    pub newest_first: bool,
+}
+
+impl Default for ListFilter {
+    fn default() -> Self {
+        ListFilter {
+            status: None,
+            event_type: None,
+            org_id: None,
+            user_id: None,
+            correlation_id: None,
+            limit: 100,
+            newest_first: false,
+        }
+    }
+}
+
+impl ListFilter {
+    pub(crate) fn matches(&self, e: &Event) -> bool {
+        self.status.is_none_or(|s| e.status == s)
+            && self.event_type.as_ref().is_none_or(|t| &e.event_type == t)
+            && self.org_id.is_none_or(|o| e.org_id == Some(o))
+            && self.user_id.is_none_or(|u| e.user_id == Some(u))
+            && self
+                .correlation_id
+                .as_ref()
+                .is_none_or(|c| e.correlation_id.as_ref() == Some(c))
+    }
+}
