@@ -39,7 +39,7 @@ pub struct TypeStats {
     pub failed: u64,
 }
 
-/// What is left to deliver, from [`crate::SqliteStore::backlog`].
+/// What is left to deliver, from [`crate::Store::backlog`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Backlog {
