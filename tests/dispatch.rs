@@ -779,3 +779,33 @@ fn a_handler_past_max_run_time_loses_its_lease() -> TestResult {
     );
     Ok(())
 }
+
+/// A requeue in this process wakes the dispatcher at once, not at its next
+/// poll; and the dispatcher reports the store's retry policy.
+#[test]
+fn a_requeue_wakes_the_dispatcher_and_the_policy_is_the_stores() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let policy = sqlite_outbox::RetryPolicy::constant(secs(7)).with_max_attempts(3);
+    let store = SqliteStore::builder(dir.path().join("o.db"))
+        .retry_policy(policy.clone())
+        .build()?;
+    let event = store.create(NewEvent::new("t", json!({})))?;
+    store.mark_failed(event.id, "given up")?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .poll_interval(secs(60))
+        .handle("t", move |e| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    assert_eq!(dispatcher.retry_policy(), &policy);
+    // Let the first claim pass, so only a wake-up can bring the event in.
+    std::thread::sleep(millis(300));
+    let asked = Instant::now();
+    store.requeue_failed(sqlite_outbox::Requeue::One(event.id))?;
+    assert_eq!(rx.recv_timeout(secs(10))?, event.id);
+    assert!(asked.elapsed() < secs(5), "{:?}", asked.elapsed());
+    dispatcher.shutdown(secs(5));
+    Ok(())
+}

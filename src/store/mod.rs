@@ -419,6 +419,26 @@ mod tests {
         Ok(())
     }
 
+    /// How the dispatcher notices other processes' commits.
+    #[test]
+    fn external_changes_are_noticed_once() -> Result<(), Box<dyn std::error::Error>> {
+        use super::sealed::Sealed;
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path().join("o.db"))?;
+        assert!(store.has_external_changes()?, "the first look");
+        assert!(!store.has_external_changes()?, "nothing since");
+        let other = rusqlite::Connection::open(store.path())?;
+        other.execute(
+            "INSERT INTO outbox_events (event_type, payload) VALUES ('t', '{}')",
+            [],
+        )?;
+        assert!(store.has_external_changes()?, "another connection wrote");
+        assert!(!store.has_external_changes()?, "and nothing since");
+        let memory = MemoryStore::new();
+        assert!(!memory.has_external_changes()?);
+        Ok(())
+    }
+
     #[test]
     fn next_wakeup_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
         let clock = ManualClock::new();
