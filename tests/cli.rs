@@ -2,8 +2,7 @@
 #![cfg(feature = "cli")]
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,39 +10,10 @@ use rusqlite::Connection;
 use serde_json::{json, Value};
 use sqlite_outbox::{NewEvent, SqliteStore, Status, Store};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_outbox");
-
-fn outbox(db: &Path, args: &[&str]) -> std::io::Result<Output> {
-    Command::new(BIN)
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .env_remove("OUTBOX_DB")
-        .stdin(Stdio::null())
-        .output()
-}
-
-fn ok(out: &Output) -> Result<String, String> {
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "exit {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn json_of(out: &Output) -> Result<Value, Box<dyn std::error::Error>> {
-    Ok(serde_json::from_str(&ok(out)?)?)
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::cli::{json_of, ok, outbox, stderr, BIN};
+use common::TestResult;
 
 #[test]
 fn operator_commands_in_tables_and_json() -> TestResult {

@@ -12,25 +12,13 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sqlite_outbox::{Event, NewEvent, SqliteStore, Status, Store};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_outbox");
+use common::cli::{outbox, stderr, BIN};
+use common::TestResult;
 
 fn relay(db: &Path, args: &[&str]) -> std::io::Result<Output> {
-    Command::new(BIN)
-        .arg("--db")
-        .arg(db)
-        .arg("relay")
-        .args(args)
-        .env_remove("OUTBOX_DB")
-        .env_remove("OUTBOX_HEADERS")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    outbox(db, &[&["relay"], args].concat())
 }
 
 /// A request as a server saw it: method, URL, headers (lowercase names).

@@ -1,6 +1,8 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod journal;
 
 use std::path::{Path, PathBuf};
