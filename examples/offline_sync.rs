@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, Event, HandlerError, NewEvent, RetryPolicy, SqliteStore, Store};
+use sqlite_outbox::{
+    Dispatcher, Event, HandlerError, NewEvent, Operator, RetryPolicy, SqliteStore,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
@@ -74,7 +76,7 @@ pub fn run(
                      ON CONFLICT (doc) DO UPDATE SET body = excluded.body, rev = excluded.rev",
                     (&doc, format!("text at revision {rev}"), rev as i64),
                 )?;
-                store.enqueue(
+                store.enqueue_tx(
                     tx,
                     NewEvent::new("note.changed", json!({"doc": doc, "rev": rev}))
                         .with_ordering_key(&doc),

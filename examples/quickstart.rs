@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, Event, HandlerError, NewEvent, RetryPolicy, SqliteStore, Store};
+use sqlite_outbox::{
+    Dispatcher, Event, HandlerError, NewEvent, Operator, RetryPolicy, SqliteStore,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -88,11 +90,11 @@ pub fn run(path: &str, orders: u64) -> Result<Summary, Box<dyn std::error::Error
                     (&customer, 1_000 + (written % 50) as i64),
                 )?;
                 let order_id = tx.last_insert_rowid();
-                store.enqueue(
+                store.enqueue_tx(
                     tx,
                     NewEvent::new("order.placed", json!({"order_id": order_id})),
                 )?;
-                store.enqueue(
+                store.enqueue_tx(
                     tx,
                     NewEvent::new(
                         "email.receipt",

@@ -4,20 +4,57 @@
 # condition, a return value) and checks that some test fails. Survivors are
 # listed, with the reason each is acceptable, in TESTING.md.
 #
-#   scripts/mutants.sh                     # everything (a few hours on 2 cores)
-#   scripts/mutants.sh -f src/store/sqlite.rs   # one file
+#   scripts/mutants.sh                  # every group below, one after another
+#   scripts/mutants.sh dispatch         # one group
+#   scripts/mutants.sh sqlite --re 'requeue|backlog'   # extra cargo-mutants arguments
 #
-# Results land in ./mutants.out (caught.txt, missed.txt, timeout.txt,
+# Each group runs the tests that exercise its files (running every test for
+# every mutant would triple the time and catch nothing more). Results land
+# in mutants.out/<group>/mutants.out (caught.txt, missed.txt, timeout.txt,
 # unviable.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null 2>&1 || cargo install cargo-mutants --locked
-files=()
+
+run_group() {
+    local group=$1
+    shift
+    local files=() tests=()
+    case "$group" in
+    store)
+        files=(-f src/store/mod.rs -f src/store/memory.rs -f src/store/ack.rs
+            -f src/store/report.rs -f src/store/row.rs)
+        tests=(--lib --test store_suite --test differential --test sqlite_store)
+        ;;
+    schema)
+        files=(-f src/store/schema.rs)
+        tests=(--lib --test sqlite_store --test migration --test guest)
+        ;;
+    sqlite)
+        files=(-f 'src/store/sqlite/*.rs')
+        tests=(--lib --test store_suite --test sqlite_store --test differential
+            --test dispatch --test supervision --test guest)
+        ;;
+    dispatch)
+        files=(-f src/dispatch/mod.rs -f src/dispatch/handler.rs
+            -f 'src/dispatch/runtime/*.rs')
+        tests=(--lib --test dispatch --test supervision --test store_suite)
+        ;;
+    *)
+        echo "unknown group: $group (store, schema, sqlite, dispatch)" >&2
+        exit 2
+        ;;
+    esac
+    mkdir -p "mutants.out/$group"
+    cargo mutants --all-features -j 1 --no-shuffle -o "mutants.out/$group" \
+        "${files[@]}" "$@" -- "${tests[@]}"
+}
+
 if [ "$#" -eq 0 ]; then
-    files=(-f 'src/store/*.rs' -f 'src/dispatch/*.rs')
+    status=0
+    for group in store schema sqlite dispatch; do
+        run_group "$group" || status=$?
+    done
+    exit "$status"
 fi
-# The quick tier's tests that exercise these modules; the long reliability
-# tier would add hours and catches nothing these do not.
-exec cargo mutants --all-features -j 1 "${files[@]}" "$@" -- \
-    --lib --test store_suite --test sqlite_store --test differential \
-    --test dispatch --test supervision --test guest --test migration
+run_group "$@"

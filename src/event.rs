@@ -424,7 +424,7 @@ pub struct Event {
     pub lease_token: Option<i64>,
     /// When the event became done or failed.
     pub completed_at: Option<DateTime<Utc>>,
-    /// When delivery was confirmed by [`crate::Store::mark_delivered`].
+    /// When delivery was confirmed by [`crate::legacy::UnfencedStore::mark_delivered`].
     pub delivered_at: Option<DateTime<Utc>>,
     /// The error of the last failed attempt.
     pub last_error: Option<String>,

@@ -2,18 +2,32 @@
 //! delivers each event at least once.
 //!
 //! An app writes its own rows and an event in one SQLite transaction
-//! ([`SqliteStore::enqueue`] takes the app's `&rusqlite::Transaction`), so the
+//! ([`SqliteStore::enqueue_tx`] takes the app's `&rusqlite::Transaction`), so the
 //! event exists if and only if the app's change committed. A [`Dispatcher`]
 //! then claims due events under leases, runs the [`Handler`] registered for
 //! each event type on a pool of threads, and records the outcome, retrying
 //! failures with backoff ([`RetryPolicy`]). Events live in a [`SqliteStore`]
-//! (durable, shared by processes) or, for tests, a [`MemoryStore`]; both
-//! implement [`Store`].
+//! (durable, shared by processes) or, for tests, a [`MemoryStore`].
+//!
+//! # The three tiers
+//!
+//! Both stores implement three traits, each a layer of the API:
+//!
+//! - [`Store`], the core: enqueue, find, claim, and the fenced
+//!   acknowledgements (`complete`, `retry`, `fail`, `extend`, `release`).
+//!   The [`Dispatcher`] needs nothing else.
+//! - [`Operator`]: `stats`, `list`, `requeue`, `cancel`, `purge`, `erase`,
+//!   the calls behind the `outbox` tool's commands of the same names.
+//! - [`legacy::UnfencedStore`]: id-based writes that take no lease
+//!   (`fetch_pending`, `mark_done`, ...), for a single worker loop or code
+//!   written against a classic outbox repository.
+//!
+//! [`prelude`] brings the first two into scope.
 //!
 //! # Quick start
 //!
 //! ```
-//! use sqlite_outbox::{Dispatcher, NewEvent, SqliteStore, Store};
+//! use sqlite_outbox::prelude::*;
 //! use serde_json::json;
 //! use std::time::Duration;
 //!
@@ -23,7 +37,7 @@
 //! store.transaction(|tx| {
 //!     tx.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, total INTEGER)", [])?;
 //!     tx.execute("INSERT INTO orders (total) VALUES (42)", [])?;
-//!     store.enqueue(tx, NewEvent::new("order.placed", json!({"total": 42})))?;
+//!     store.enqueue_tx(tx, NewEvent::new("order.placed", json!({"total": 42})))?;
 //!     Ok(())
 //! })?;
 //!
@@ -125,14 +139,22 @@ pub use store::sqlite::{
     WAL_SIZE_LIMIT,
 };
 pub use store::{
-    Ack, Backlog, ListFilter, Requeue, Stats, Store, TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    Ack, Backlog, ListFilter, Operator, Requeue, Stats, Store, Subject, TypeStats, DEFAULT_LEASE,
+    LEASE_EXPIRED_ERROR,
 };
 
-/// The traits to import for the whole API: `use sqlite_outbox::prelude::*;`
-/// brings [`Store`]'s methods (`stats`, `claim`, `list`, ...) into scope on
-/// every store.
+/// The unfenced tier: operations by event id that take no lease, with the
+/// names of a classic outbox repository. See [`legacy::UnfencedStore`].
+pub mod legacy {
+    pub use crate::store::legacy::UnfencedStore;
+}
+
+/// What most programs import: `use sqlite_outbox::prelude::*;` brings the
+/// methods of the core tier ([`Store`]: `enqueue`, `claim`, ...) and of the
+/// operator tier ([`Operator`]: `stats`, `list`, `requeue`, ...) into scope
+/// on every store, with the types they are used with.
 pub mod prelude {
-    pub use crate::{Dispatcher, Event, HandlerError, NewEvent, SqliteStore, Store};
+    pub use crate::{Dispatcher, Event, HandlerError, NewEvent, Operator, SqliteStore, Store};
 }
 
 #[cfg(doctest)]

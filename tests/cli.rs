@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use serde_json::{json, Value};
-use sqlite_outbox::{NewEvent, SqliteStore, Status, Store};
+use sqlite_outbox::{NewEvent, Operator, SqliteStore, Status, Store};
 
 mod common;
 
@@ -82,23 +82,33 @@ fn operator_commands_in_tables_and_json() -> TestResult {
     assert_eq!(shown["status"], json!("pending"));
     assert!(ok(&outbox(&db, &["show", &id])?)?.contains("email.invite"));
 
-    // fail, then retry it
-    ok(&outbox(&db, &["fail", &id, "--reason", "address bounced"])?)?;
+    // cancel, then requeue it
+    let cancelled = json_of(&outbox(
+        &db,
+        &["--json", "cancel", &id, "--reason", "address bounced"],
+    )?)?;
+    assert_eq!(cancelled["cancelled"], json!(id));
     let failed = json_of(&outbox(&db, &["--json", "show", &id])?)?;
     assert_eq!(
         (failed["status"].clone(), failed["last_error"].clone()),
         (json!("failed"), json!("address bounced"))
     );
     assert_eq!(
-        json_of(&outbox(&db, &["--json", "retry", &id])?)?["requeued"],
+        json_of(&outbox(&db, &["--json", "requeue", &id])?)?["requeued"],
         json!(1)
     );
-    ok(&outbox(&db, &["fail", &id, "--reason", "again"])?)?;
+    ok(&outbox(&db, &["cancel", &id, "--reason", "again"])?)?;
     assert_eq!(
         json_of(&outbox(
             &db,
-            &["--json", "retry", "--failed", "--type", "email.invite"]
+            &["--json", "requeue", "--failed", "--type", "email.invite"]
         )?)?["requeued"],
+        json!(1)
+    );
+    // The names of earlier versions still work.
+    ok(&outbox(&db, &["fail", &id, "--reason", "once more"])?)?;
+    assert_eq!(
+        json_of(&outbox(&db, &["--json", "retry", &id])?)?["requeued"],
         json!(1)
     );
 
@@ -151,7 +161,7 @@ fn bad_input_is_a_clear_error_and_writes_nothing() -> TestResult {
             "no event with id",
         ),
         (
-            vec!["retry", "01a21c71-edfa-732d-ae0d-5813e86758c4"],
+            vec!["requeue", "01a21c71-edfa-732d-ae0d-5813e86758c4"],
             1,
             "no event with id",
         ),
@@ -185,7 +195,7 @@ fn bad_input_is_a_clear_error_and_writes_nothing() -> TestResult {
     for args in [
         vec!["stats"],
         vec!["list"],
-        vec!["retry", "--failed"],
+        vec!["requeue", "--failed"],
         vec!["purge", "--older-than", "1d"],
     ] {
         let out = outbox(&missing, &args)?;
@@ -411,10 +421,10 @@ fn relay_exec_maps_exit_codes() -> TestResult {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("o.db");
     let store = SqliteStore::open(&db)?;
-    let good = store.create(NewEvent::new("job", json!({"kind": "good"})))?;
-    let later = store.create(NewEvent::new("job", json!({"kind": "later"})))?;
-    let never = store.create(NewEvent::new("job", json!({"kind": "never"})))?;
-    let other = store.create(NewEvent::new("other", json!({})))?;
+    let good = store.enqueue(NewEvent::new("job", json!({"kind": "good"})))?;
+    let later = store.enqueue(NewEvent::new("job", json!({"kind": "later"})))?;
+    let never = store.enqueue(NewEvent::new("job", json!({"kind": "never"})))?;
+    let other = store.enqueue(NewEvent::new("other", json!({})))?;
     let log = dir.path().join("log");
     let script = dir.path().join("handler.sh");
     std::fs::write(
@@ -455,7 +465,7 @@ fn relay_exec_maps_exit_codes() -> TestResult {
     );
     let second = relay("5s")?;
     assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
-    let get = |id| store.find_by_id(id).ok().flatten().ok_or("gone");
+    let get = |id| store.find(id).ok().flatten().ok_or("gone");
     assert_eq!(get(good.id)?.status, Status::Done);
     let l = get(later.id)?;
     assert_eq!((l.status, l.attempts), (Status::Done, 2));
@@ -478,7 +488,7 @@ fn sigterm_during_relay_loses_nothing() -> TestResult {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("o.db");
     let store = SqliteStore::open(&db)?;
-    store.create_batch(
+    store.enqueue_batch(
         (0..12)
             .map(|i| NewEvent::new("slow", json!({"i": i})))
             .collect(),
@@ -546,14 +556,14 @@ fn sigterm_during_relay_loses_nothing() -> TestResult {
     Ok(())
 }
 
-/// Inputs that once panicked or raced: a huge --older-than, `fail` on an
+/// Inputs that once panicked or raced: a huge --older-than, `cancel` on an
 /// event that is done by then, an id typed in upper case.
 #[test]
 fn odd_operator_input_is_handled() -> TestResult {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("o.db");
     let store = SqliteStore::open(&db)?;
-    let e = store.create(NewEvent::new("t", json!({})))?;
+    let e = store.enqueue(NewEvent::new("t", json!({})))?;
     let out = outbox(&db, &["purge", "--older-than", "100000000d"])?;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--older-than"), "{}", stderr(&out));
@@ -564,12 +574,9 @@ fn odd_operator_input_is_handled() -> TestResult {
 
     let claimed = store.claim(1, Duration::from_secs(30), None)?;
     store.complete(&claimed[0].lease().ok_or("no lease")?)?;
-    let out = outbox(&db, &["fail", &e.id.to_string(), "--reason", "too late"])?;
+    let out = outbox(&db, &["cancel", &e.id.to_string(), "--reason", "too late"])?;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already done"), "{}", stderr(&out));
-    assert_eq!(
-        store.find_by_id(e.id)?.map(|e| e.status),
-        Some(Status::Done)
-    );
+    assert_eq!(store.find(e.id)?.map(|e| e.status), Some(Status::Done));
     Ok(())
 }

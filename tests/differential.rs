@@ -9,8 +9,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 use sqlite_outbox::{
-    Ack, Event, ListFilter, ManualClock, MemoryStore, NewEvent, Requeue, RetryPolicy, SqliteStore,
-    Store,
+    Ack, Event, ListFilter, ManualClock, MemoryStore, NewEvent, Operator, Requeue, RetryPolicy,
+    SqliteStore, Store,
 };
 
 #[derive(Debug, Clone)]
@@ -111,7 +111,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 if let Some(k) = idempotency_key {
                     e = e.with_idempotency_key(*k);
                 }
-                let (a, b) = (model.create(e.clone()), sqlite.create(e));
+                let (a, b) = (model.enqueue(e.clone()), sqlite.enqueue(e));
                 prop_assert_eq!(outcome(&a), outcome(&b), "step {} {:?}", step, op);
                 if let (Ok(a), Ok(b)) = (a, b) {
                     prop_assert_eq!(normal(a), normal(b), "step {} {:?}", step, op);
@@ -159,15 +159,12 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Advance { secs } => clock.advance(Duration::from_secs(*secs)),
             Op::RequeueAll => {
-                let (a, b) = (
-                    model.requeue_failed(Requeue::All),
-                    sqlite.requeue_failed(Requeue::All),
-                );
+                let (a, b) = (model.requeue(Requeue::All), sqlite.requeue(Requeue::All));
                 prop_assert_eq!(a.ok(), b.ok(), "step {} {:?}", step, op);
             }
             Op::Cleanup => {
                 let cutoff = sqlite_outbox::Clock::now(&clock) - chrono::Duration::seconds(30);
-                let (a, b) = (model.cleanup_old(cutoff), sqlite.cleanup_old(cutoff));
+                let (a, b) = (model.purge(cutoff), sqlite.purge(cutoff));
                 prop_assert_eq!(a.ok(), b.ok(), "step {} {:?}", step, op);
             }
         }

@@ -12,7 +12,8 @@ use common::{millis, secs, Fixture, TestResult};
 use crossbeam_channel::{unbounded, Receiver};
 use serde_json::json;
 use sqlite_outbox::{
-    Dispatcher, Event, EventId, HandlerError, ListFilter, NewEvent, SqliteStore, Status, Store,
+    legacy::UnfencedStore, Dispatcher, Event, EventId, HandlerError, ListFilter, NewEvent,
+    Operator, SqliteStore, Status, Store,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -27,7 +28,7 @@ fn recv_n<T>(rx: &Receiver<T>, n: usize) -> Result<Vec<T>, Box<dyn std::error::E
         .collect()
 }
 
-fn all_events(store: &dyn Store) -> sqlite_outbox::Result<Vec<Event>> {
+fn all_events(store: &dyn Operator) -> sqlite_outbox::Result<Vec<Event>> {
     store.list(&ListFilter {
         limit: usize::MAX,
         ..ListFilter::default()
@@ -37,9 +38,9 @@ fn all_events(store: &dyn Store) -> sqlite_outbox::Result<Vec<Event>> {
 fn every_event_handled_exactly_once(f: Fixture) -> TestResult {
     let n = 500;
     f.store
-        .create_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
+        .enqueue_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
     let (tx, rx) = unbounded();
-    let dispatcher = Dispatcher::builder(f.store.clone())
+    let dispatcher = Dispatcher::builder(f.core())
         .workers(4)
         .batch_size(32)
         .handle("t", move |e: &Event| {
@@ -91,9 +92,9 @@ fn real_clock_sqlite() -> Result<(tempfile::TempDir, SqliteStore), Box<dyn std::
 #[test]
 fn outcomes_retry_fail_and_panic_are_recorded() -> TestResult {
     let (_dir, store) = real_clock_sqlite()?;
-    let flaky = store.create(NewEvent::new("flaky", json!({})))?;
-    let doomed = store.create(NewEvent::new("doomed", json!({})))?;
-    let panics = store.create(NewEvent::new("panics", json!({})))?;
+    let flaky = store.enqueue(NewEvent::new("flaky", json!({})))?;
+    let doomed = store.enqueue(NewEvent::new("doomed", json!({})))?;
+    let panics = store.enqueue(NewEvent::new("panics", json!({})))?;
     let (tx, rx) = unbounded::<(String, u32)>();
     let (t1, t2, t3) = (tx.clone(), tx.clone(), tx);
     let dispatcher = Dispatcher::builder(store.clone())
@@ -121,11 +122,11 @@ fn outcomes_retry_fail_and_panic_are_recorded() -> TestResult {
     // policy's 30 s, so wake it by making it due now).
     let mut seen = recv_n(&rx, 3)?;
     let deadline = Instant::now() + WAIT;
-    while store.find_by_id(panics.id)?.map(|e| e.status) != Some(Status::Pending) {
+    while store.find(panics.id)?.map(|e| e.status) != Some(Status::Pending) {
         assert!(Instant::now() < deadline, "panic outcome never written");
         std::thread::sleep(millis(5));
     }
-    let stored = store.find_by_id(panics.id)?.ok_or("panics")?;
+    let stored = store.find(panics.id)?.ok_or("panics")?;
     assert_eq!(stored.last_error.as_deref(), Some("handler panicked: boom"));
     assert_eq!(stored.attempts, 1);
     let conn = rusqlite::Connection::open(store.path())?;
@@ -148,7 +149,7 @@ fn outcomes_retry_fail_and_panic_are_recorded() -> TestResult {
             ("panics".into(), 2),
         ]
     );
-    let get = |id: EventId| store.find_by_id(id).ok().flatten().ok_or("gone");
+    let get = |id: EventId| store.find(id).ok().flatten().ok_or("gone");
     let flaky = get(flaky.id)?;
     assert_eq!((flaky.status, flaky.attempts), (Status::Done, 3));
     assert_eq!(flaky.last_error.as_deref(), Some("try again"));
@@ -172,9 +173,9 @@ fn outcomes_retry_fail_and_panic_are_recorded() -> TestResult {
 #[test]
 fn a_handler_asked_delay_sets_the_next_attempt() -> TestResult {
     let f = Fixture::memory();
-    let e = f.store.create(NewEvent::new("t", json!({})))?;
+    let e = f.store.enqueue(NewEvent::new("t", json!({})))?;
     let (tx, rx) = unbounded();
-    let dispatcher = Dispatcher::builder(f.store.clone())
+    let dispatcher = Dispatcher::builder(f.core())
         .handle("t", move |_: &Event| {
             tx.send(()).ok();
             Err(HandlerError::retry_after("429 Too Many Requests", secs(90)))
@@ -183,7 +184,7 @@ fn a_handler_asked_delay_sets_the_next_attempt() -> TestResult {
     recv_n(&rx, 1)?;
     let report = dispatcher.shutdown(secs(5));
     assert_eq!(report.metrics.retried, 1);
-    let stored = f.store.find_by_id(e.id)?.ok_or("gone")?;
+    let stored = f.store.find(e.id)?.ok_or("gone")?;
     assert_eq!(stored.status, Status::Pending);
     let now = sqlite_outbox::Clock::now(&f.clock);
     assert_eq!(stored.next_attempt_at - now, chrono::Duration::seconds(90));
@@ -195,9 +196,9 @@ fn last_attempt_failure_marks_failed() -> TestResult {
     let f = Fixture::memory();
     let e = f
         .store
-        .create(NewEvent::new("t", json!({})).with_max_attempts(1))?;
+        .enqueue(NewEvent::new("t", json!({})).with_max_attempts(1))?;
     let (tx, rx) = unbounded();
-    let dispatcher = Dispatcher::builder(f.store.clone())
+    let dispatcher = Dispatcher::builder(f.core())
         .handle("t", move |_: &Event| {
             tx.send(()).ok();
             Err(HandlerError::retry("still down"))
@@ -206,10 +207,7 @@ fn last_attempt_failure_marks_failed() -> TestResult {
     recv_n(&rx, 1)?;
     let report = dispatcher.shutdown(secs(5));
     assert_eq!((report.metrics.failed, report.metrics.retried), (1, 0));
-    assert_eq!(
-        f.store.find_by_id(e.id)?.map(|e| e.status),
-        Some(Status::Failed)
-    );
+    assert_eq!(f.store.find(e.id)?.map(|e| e.status), Some(Status::Failed));
     Ok(())
 }
 
@@ -217,7 +215,7 @@ fn last_attempt_failure_marks_failed() -> TestResult {
 fn shutdown_mid_load_loses_nothing_and_charges_no_attempt() -> TestResult {
     let (_dir, store) = real_clock_sqlite()?;
     let n = 200;
-    store.create_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    store.enqueue_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
     let handled = Arc::new(Mutex::new(Vec::<EventId>::new()));
     let (started_tx, started_rx) = unbounded();
     let h = handled.clone();
@@ -276,10 +274,10 @@ fn shutdown_mid_load_loses_nothing_and_charges_no_attempt() -> TestResult {
 #[test]
 fn shutdown_reports_handlers_still_running_at_the_deadline() -> TestResult {
     let f = Fixture::memory();
-    f.store.create(NewEvent::new("slow", json!({})))?;
+    f.store.enqueue(NewEvent::new("slow", json!({})))?;
     let (tx, rx) = unbounded();
     let (release_tx, release_rx) = unbounded::<()>();
-    let dispatcher = Dispatcher::builder(f.store.clone())
+    let dispatcher = Dispatcher::builder(f.core())
         .workers(1)
         .handle("slow", move |_: &Event| {
             tx.send(()).ok();
@@ -306,7 +304,7 @@ fn shutdown_reports_handlers_still_running_at_the_deadline() -> TestResult {
 fn two_dispatchers_share_one_file() -> TestResult {
     let (_dir, store) = real_clock_sqlite()?;
     let n = 200;
-    store.create_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    store.enqueue_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
     let running: Arc<Mutex<HashSet<EventId>>> = Arc::default();
     let (tx, rx) = unbounded::<(usize, EventId)>();
     let start = |which: usize| -> sqlite_outbox::Result<Dispatcher> {
@@ -354,7 +352,7 @@ fn per_key_order_holds_with_four_workers() -> TestResult {
             batch.push(NewEvent::new("t", json!({"k": k, "i": i})).with_ordering_key(k));
         }
     }
-    store.create_batch(batch)?;
+    store.enqueue_batch(batch)?;
     let active: Arc<Mutex<HashSet<String>>> = Arc::default();
     let (tx, rx) = unbounded::<(String, i64)>();
     let a = active.clone();
@@ -387,7 +385,7 @@ fn per_key_order_holds_with_four_workers() -> TestResult {
 #[test]
 fn long_handlers_keep_their_lease() -> TestResult {
     let (_dir, store) = real_clock_sqlite()?;
-    let e = store.create(NewEvent::new("slow", json!({})))?;
+    let e = store.enqueue(NewEvent::new("slow", json!({})))?;
     let runs = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = unbounded();
     // Long enough that a heartbeat delayed by a loaded machine still lands
@@ -420,7 +418,7 @@ fn long_handlers_keep_their_lease() -> TestResult {
         ra.metrics.extended + rb.metrics.extended >= 2,
         "{ra:?} {rb:?}"
     );
-    let done = store.find_by_id(e.id)?.ok_or("gone")?;
+    let done = store.find(e.id)?.ok_or("gone")?;
     assert_eq!((done.status, done.attempts), (Status::Done, 1));
     Ok(())
 }
@@ -441,14 +439,14 @@ fn in_process_enqueues_wake_the_dispatcher() -> TestResult {
     let bound = secs(2);
 
     let t = Instant::now();
-    store.create(NewEvent::new("t", json!("create")))?;
+    store.enqueue(NewEvent::new("t", json!("create")))?;
     assert_eq!(rx.recv_timeout(bound)?, json!("create"));
     assert!(t.elapsed() < bound);
 
     let t = Instant::now();
     store.transaction(|tx| {
         store
-            .enqueue(tx, NewEvent::new("t", json!("transaction")))
+            .enqueue_tx(tx, NewEvent::new("t", json!("transaction")))
             .map(|_| ())
     })?;
     assert_eq!(rx.recv_timeout(bound)?, json!("transaction"));
@@ -458,7 +456,7 @@ fn in_process_enqueues_wake_the_dispatcher() -> TestResult {
     let mut conn = rusqlite::Connection::open(store.path())?;
     let t = Instant::now();
     let txn = conn.transaction()?;
-    store.enqueue(&txn, NewEvent::new("t", json!("own connection")))?;
+    store.enqueue_tx(&txn, NewEvent::new("t", json!("own connection")))?;
     std::thread::sleep(millis(20));
     txn.commit()?;
     assert_eq!(rx.recv_timeout(bound)?, json!("own connection"));
@@ -491,10 +489,10 @@ fn commits_by_others_are_noticed_by_polling() -> TestResult {
 #[test]
 fn only_types_with_handlers_are_claimed() -> TestResult {
     let f = Fixture::memory();
-    let known = f.store.create(NewEvent::new("known", json!({})))?;
-    let unknown = f.store.create(NewEvent::new("unknown", json!({})))?;
+    let known = f.store.enqueue(NewEvent::new("known", json!({})))?;
+    let unknown = f.store.enqueue(NewEvent::new("unknown", json!({})))?;
     let (tx, rx) = unbounded();
-    let dispatcher = Dispatcher::builder(f.store.clone())
+    let dispatcher = Dispatcher::builder(f.core())
         .handle("known", move |e: &Event| {
             tx.send(e.id).ok();
             Ok(())
@@ -504,10 +502,10 @@ fn only_types_with_handlers_are_claimed() -> TestResult {
     dispatcher.shutdown(secs(5));
     let stats = f.store.stats()?;
     assert_eq!((stats.pending, stats.done), (1, 1));
-    assert_eq!(f.store.find_by_id(unknown.id)?.map(|e| e.attempts), Some(0));
+    assert_eq!(f.store.find(unknown.id)?.map(|e| e.attempts), Some(0));
 
     let (tx, rx) = unbounded();
-    let fallback = Dispatcher::builder(f.store.clone())
+    let fallback = Dispatcher::builder(f.core())
         .fallback(move |e: &Event| {
             tx.send(e.event_type.clone()).ok();
             Ok(())
@@ -523,13 +521,13 @@ fn dropping_a_dispatcher_stops_it() -> TestResult {
     let f = Fixture::memory();
     let (tx, rx) = unbounded();
     {
-        let _dispatcher = Dispatcher::builder(f.store.clone())
+        let _dispatcher = Dispatcher::builder(f.core())
             .handle("t", move |_: &Event| {
                 tx.send(()).ok();
                 Ok(())
             })
             .start()?;
-        f.store.create(NewEvent::new("t", json!({})))?;
+        f.store.enqueue(NewEvent::new("t", json!({})))?;
         recv_n(&rx, 1)?;
     }
     // The handler (and its sender) went away with the threads.
@@ -542,14 +540,10 @@ fn invalid_configurations_are_refused() {
     let f = Fixture::memory();
     let ok = |_: &Event| Ok(());
     for builder in [
-        Dispatcher::builder(f.store.clone()),
-        Dispatcher::builder(f.store.clone())
-            .handle("t", ok)
-            .workers(0),
-        Dispatcher::builder(f.store.clone())
-            .handle("t", ok)
-            .batch_size(0),
-        Dispatcher::builder(f.store.clone())
+        Dispatcher::builder(f.core()),
+        Dispatcher::builder(f.core()).handle("t", ok).workers(0),
+        Dispatcher::builder(f.core()).handle("t", ok).batch_size(0),
+        Dispatcher::builder(f.core())
             .handle("t", ok)
             .lease(Duration::ZERO),
     ] {
@@ -577,7 +571,7 @@ fn workers_survive_external_locks() -> TestResult {
     let locker = rusqlite::Connection::open(store.path())?;
     let mut expected = 0;
     for round in 0..3 {
-        store.create_batch(
+        store.enqueue_batch(
             (0..20)
                 .map(|i| NewEvent::new("t", json!([round, i])))
                 .collect(),
@@ -604,9 +598,9 @@ fn workers_survive_external_locks() -> TestResult {
 fn events_falling_due_are_claimed_after_a_late_wake_up() -> TestResult {
     let f = Fixture::memory();
     f.store
-        .create(NewEvent::new("t", json!({})).with_delay(secs(60)))?;
+        .enqueue(NewEvent::new("t", json!({})).with_delay(secs(60)))?;
     let (tx, rx) = unbounded();
-    let dispatcher = Dispatcher::builder(f.store.clone())
+    let dispatcher = Dispatcher::builder(f.core())
         .poll_interval(millis(20))
         .handle("t", move |e: &Event| {
             tx.send(e.id).ok();
@@ -630,7 +624,7 @@ fn events_falling_due_are_claimed_after_a_late_wake_up() -> TestResult {
 fn finished_events_leave_the_in_flight_set() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(dir.path().join("o.db"))?;
-    store.create_batch((0..40).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    store.enqueue_batch((0..40).map(|i| NewEvent::new("t", json!(i))).collect())?;
     let (tx, rx) = unbounded();
     // Room for 1 worker + a batch of 2 in flight at a time.
     let dispatcher = Dispatcher::builder(store.clone())
@@ -673,7 +667,7 @@ struct Order {
 /// Typed payloads in and out; a payload that does not fit the type fails
 /// at once; `drain` returns when the queue is idle, on both stores.
 fn typed_payloads_and_drain(f: Fixture) -> TestResult {
-    f.store.create(NewEvent::json(
+    f.store.enqueue(NewEvent::json(
         "order.placed",
         &Order {
             id: 1,
@@ -682,13 +676,13 @@ fn typed_payloads_and_drain(f: Fixture) -> TestResult {
     )?)?;
     let odd = f
         .store
-        .create(NewEvent::new("order.placed", json!({"id": "one"})))?;
-    let later = f.store.create(
+        .enqueue(NewEvent::new("order.placed", json!({"id": "one"})))?;
+    let later = f.store.enqueue(
         NewEvent::new("order.placed", json!({"id": 2, "total_cents": 5})).with_delay(secs(3600)),
     )?;
     let seen: Arc<Mutex<Vec<Order>>> = Arc::default();
     let s = seen.clone();
-    let report = Dispatcher::builder(f.store.clone())
+    let report = Dispatcher::builder(f.core())
         .handle("order.placed", move |event| {
             let order: Order = event.payload_as()?;
             s.lock()
@@ -707,12 +701,12 @@ fn typed_payloads_and_drain(f: Fixture) -> TestResult {
             total_cents: 250
         }]
     );
-    let odd = f.store.find_by_id(odd.id)?.ok_or("gone")?;
+    let odd = f.store.find(odd.id)?.ok_or("gone")?;
     assert_eq!((odd.status, odd.attempts), (Status::Failed, 1));
     assert!(odd.last_error.unwrap_or_default().contains("is not a"));
     // The delayed event does not keep drain waiting.
     assert_eq!(
-        f.store.find_by_id(later.id)?.map(|e| e.status),
+        f.store.find(later.id)?.map(|e| e.status),
         Some(Status::Pending)
     );
     Ok(())
@@ -733,9 +727,9 @@ fn question_mark_works_inside_a_transaction() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(dir.path().join("o.db"))?;
     let result = store.transaction(|tx| {
-        store.enqueue(tx, NewEvent::new("t", json!(1)))?;
+        store.enqueue_tx(tx, NewEvent::new("t", json!(1)))?;
         let parsed: serde_json::Value = serde_json::from_str("{not json")?;
-        store.enqueue(tx, NewEvent::new("t", parsed))?;
+        store.enqueue_tx(tx, NewEvent::new("t", parsed))?;
         Ok(())
     });
     assert!(result.expect_err("bad JSON").is_invalid_input());
@@ -750,7 +744,7 @@ fn question_mark_works_inside_a_transaction() -> TestResult {
 fn a_handler_past_max_run_time_loses_its_lease() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(dir.path().join("o.db"))?;
-    let event = store.create(NewEvent::new("t", json!({})))?;
+    let event = store.enqueue(NewEvent::new("t", json!({})))?;
     let (runs_tx, runs_rx) = unbounded();
     let dispatcher = Dispatcher::builder(store.clone())
         .workers(2)
@@ -774,7 +768,7 @@ fn a_handler_past_max_run_time_loses_its_lease() -> TestResult {
     assert_eq!(report.metrics.overran, 1);
     assert_eq!(report.metrics.lease_lost, 1, "the late outcome was refused");
     assert_eq!(
-        store.find_by_id(event.id)?.map(|e| (e.status, e.attempts)),
+        store.find(event.id)?.map(|e| (e.status, e.attempts)),
         Some((Status::Done, 2))
     );
     Ok(())
@@ -789,7 +783,7 @@ fn a_requeue_wakes_the_dispatcher_and_the_policy_is_the_stores() -> TestResult {
     let store = SqliteStore::builder(dir.path().join("o.db"))
         .retry_policy(policy.clone())
         .build()?;
-    let event = store.create(NewEvent::new("t", json!({})))?;
+    let event = store.enqueue(NewEvent::new("t", json!({})))?;
     store.mark_failed(event.id, "given up")?;
     let (tx, rx) = unbounded();
     let dispatcher = Dispatcher::builder(store.clone())
@@ -803,7 +797,7 @@ fn a_requeue_wakes_the_dispatcher_and_the_policy_is_the_stores() -> TestResult {
     // Let the first claim pass, so only a wake-up can bring the event in.
     std::thread::sleep(millis(300));
     let asked = Instant::now();
-    store.requeue_failed(sqlite_outbox::Requeue::One(event.id))?;
+    store.requeue(sqlite_outbox::Requeue::One(event.id))?;
     assert_eq!(rx.recv_timeout(secs(10))?, event.id);
     assert!(asked.elapsed() < secs(5), "{:?}", asked.elapsed());
     dispatcher.shutdown(secs(5));

@@ -13,7 +13,7 @@ use common::{secs, TestResult};
 use rusqlite::{Connection, TransactionBehavior};
 use rusqlite_migration::{Migrations, M};
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, Event, NewEvent, SqliteStore, Store};
+use sqlite_outbox::{Dispatcher, Event, NewEvent, Operator, SqliteStore};
 
 /// The app's migrations, as `rusqlite_migration` runs them (`user_version`).
 fn app_migrations(count: usize) -> Migrations<'static> {
@@ -55,7 +55,7 @@ fn app_alone(dir: &Path, count: usize) -> Result<AppView, Box<dyn std::error::Er
 fn add_note(store: &SqliteStore, body: &str) -> sqlite_outbox::Result<()> {
     store.transaction(|tx| {
         tx.execute("INSERT INTO notes (body) VALUES (?1)", [body])?;
-        store.enqueue(tx, NewEvent::new("note.created", json!({"body": body})))?;
+        store.enqueue_tx(tx, NewEvent::new("note.created", json!({"body": body})))?;
         Ok(())
     })
 }
@@ -175,7 +175,7 @@ fn enqueue_refuses_a_deferred_transaction_that_has_read() -> TestResult {
     let tx = conn.transaction()?;
     let _: i64 = tx.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?;
     let err = store
-        .enqueue(&tx, NewEvent::new("t", json!(1)))
+        .enqueue_tx(&tx, NewEvent::new("t", json!(1)))
         .expect_err("a deferred transaction that has read");
     assert!(err.is_invalid_input());
     assert!(err.to_string().contains("Immediate"), "{err}");
@@ -184,14 +184,14 @@ fn enqueue_refuses_a_deferred_transaction_that_has_read() -> TestResult {
     // A deferred transaction whose first statement writes is a writer.
     let tx = conn.transaction()?;
     tx.execute("INSERT INTO notes VALUES ('x')", [])?;
-    store.enqueue(&tx, NewEvent::new("t", json!(2)))?;
+    store.enqueue_tx(&tx, NewEvent::new("t", json!(2)))?;
     tx.commit()?;
     // So is an immediate one, and a plain connection (its own transaction).
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let _: i64 = tx.query_row("SELECT count(*) FROM notes", [], |r| r.get(0))?;
-    store.enqueue(&tx, NewEvent::new("t", json!(3)))?;
+    store.enqueue_tx(&tx, NewEvent::new("t", json!(3)))?;
     tx.commit()?;
-    store.enqueue(&conn, NewEvent::new("t", json!(4)))?;
+    store.enqueue_tx(&conn, NewEvent::new("t", json!(4)))?;
     assert_eq!(store.stats()?.pending, 3);
     Ok(())
 }
@@ -205,14 +205,14 @@ fn enqueue_refuses_a_connection_to_another_file() -> TestResult {
         Connection::open_in_memory()?,
     ] {
         let err = store
-            .enqueue(&other, NewEvent::new("t", json!(1)))
+            .enqueue_tx(&other, NewEvent::new("t", json!(1)))
             .expect_err("another file");
         assert!(
             err.to_string().contains("not to the outbox's file"),
             "{err}"
         );
         let err = store
-            .enqueue_batch(&other, vec![NewEvent::new("t", json!(1))])
+            .enqueue_batch_tx(&other, vec![NewEvent::new("t", json!(1))])
             .expect_err("another file");
         assert!(err.is_invalid_input());
     }
@@ -220,13 +220,13 @@ fn enqueue_refuses_a_connection_to_another_file() -> TestResult {
     // resolves it, and the WAL is the same).
     let link = dir.path().join("link.db");
     std::os::unix::fs::symlink(dir.path().join("app.db"), &link)?;
-    store.enqueue(&Connection::open(&link)?, NewEvent::new("t", json!(2)))?;
+    store.enqueue_tx(&Connection::open(&link)?, NewEvent::new("t", json!(2)))?;
     assert_eq!(store.stats()?.total(), 1);
     // A hard link is not: SQLite would keep a second WAL beside it.
     let hard = dir.path().join("hard.db");
     std::fs::hard_link(dir.path().join("app.db"), &hard)?;
     let err = store
-        .enqueue(&Connection::open(&hard)?, NewEvent::new("t", json!(3)))
+        .enqueue_tx(&Connection::open(&hard)?, NewEvent::new("t", json!(3)))
         .expect_err("a hard link");
     assert!(err.to_string().contains("hard.db"), "{err}");
     Ok(())
@@ -255,7 +255,7 @@ fn deferred_writers_beside_a_dispatcher_never_see_a_locked_database() -> TestRes
         let result = (|| -> sqlite_outbox::Result<()> {
             let tx = conn.transaction()?;
             tx.execute("INSERT INTO notes VALUES (?1)", [i])?;
-            store.enqueue(&tx, NewEvent::new("note.created", json!({"i": i})))?;
+            store.enqueue_tx(&tx, NewEvent::new("note.created", json!({"i": i})))?;
             tx.commit()?;
             Ok(())
         })();

@@ -12,7 +12,7 @@ use common::{secs, TestResult};
 use rusqlite::types::Value;
 use rusqlite::{Connection, TransactionBehavior};
 use serde_json::json;
-use sqlite_outbox::{EventId, NewEvent, SqliteStore, Store, SCHEMA_VERSION};
+use sqlite_outbox::{EventId, NewEvent, Operator, SqliteStore, Store, SCHEMA_VERSION};
 
 const V1_DDL: &str = include_str!("../migrations/001_initial.sql");
 const V1_APPLICATION_ID: i64 = 0x4F55_5442;
@@ -150,7 +150,7 @@ fn a_version_1_file_from_the_crate_is_upgraded_with_nothing_lost() -> TestResult
     assert_eq!(held.seq, 4001);
     assert!(held.lease_token.is_some());
     // New events continue the sequence.
-    assert_eq!(store.create(NewEvent::new("t", json!(1)))?.seq, 4003);
+    assert_eq!(store.enqueue(NewEvent::new("t", json!(1)))?.seq, 4003);
 
     // Opening again changes nothing.
     drop(store);
@@ -205,7 +205,7 @@ fn version_1_rows_are_repaired_where_safe_and_otherwise_kept_as_they_were() -> T
     let store = SqliteStore::open(&path)?;
 
     let upper: EventId = "0190F0E0-AAAA-7BBB-8CCC-DDDDEEEEFFFF".parse()?;
-    let e = store.find_by_id(upper)?.ok_or("the upper-case id")?;
+    let e = store.find(upper)?.ok_or("the upper-case id")?;
     assert_eq!(e.id.to_string(), "0190f0e0-aaaa-7bbb-8ccc-ddddeeeeffff");
     assert_eq!(
         e.org_id.map(|u| u.to_string()).as_deref(),
@@ -241,7 +241,7 @@ fn version_1_rows_are_repaired_where_safe_and_otherwise_kept_as_they_were() -> T
         "{err}"
     );
     // Numbers purged from the top are not given out again.
-    assert_eq!(store.create(NewEvent::new("t", json!(1)))?.seq, 11);
+    assert_eq!(store.enqueue(NewEvent::new("t", json!(1)))?.seq, 11);
     Ok(())
 }
 
@@ -249,7 +249,7 @@ fn version_1_rows_are_repaired_where_safe_and_otherwise_kept_as_they_were() -> T
 fn a_version_1_build_cannot_stamp_a_version_2_file() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("app.db");
-    SqliteStore::open(&path)?.create(NewEvent::new("t", json!(1)))?;
+    SqliteStore::open(&path)?.enqueue(NewEvent::new("t", json!(1)))?;
     let before = rows(&path)?;
     // What a version-1 build does with a file whose header fields are 0:
     // run its DDL, then stamp the header, in one transaction.

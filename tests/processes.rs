@@ -14,7 +14,7 @@ use common::journal::{self, Entry};
 use common::{shim, Reaper, TestResult};
 use rusqlite::Connection;
 use serde_json::json;
-use sqlite_outbox::{NewEvent, SqliteStore, Status, Store};
+use sqlite_outbox::{NewEvent, Operator, SqliteStore, Status, Store};
 
 const DRIVER: &str = env!("CARGO_BIN_EXE_outbox-torture");
 
@@ -119,7 +119,7 @@ fn fresh_outbox(n: usize) -> Result<Fresh, Box<dyn std::error::Error>> {
             .collect();
         ids.extend(
             store
-                .create_batch(batch)?
+                .enqueue_batch(batch)?
                 .into_iter()
                 .map(|e| e.id.to_string()),
         );
@@ -191,7 +191,7 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("o.db");
     let store = SqliteStore::open(&db)?;
-    let held = store.create(NewEvent::new("t", json!({"seq": 0})))?;
+    let held = store.enqueue(NewEvent::new("t", json!({"seq": 0})))?;
     let claimed = store.claim(1, Duration::from_secs(60), None)?;
     let lease = claimed.first().and_then(|e| e.lease()).ok_or("claim")?;
     let held_until = claimed
@@ -199,13 +199,13 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
         .and_then(|e| e.locked_until)
         .and_then(|t| t.timestamp_nanos_opt())
         .ok_or("lease time")?;
-    let crashed = store.create(NewEvent::new("t", json!({"seq": 1})))?;
+    let crashed = store.enqueue(NewEvent::new("t", json!({"seq": 1})))?;
     let crashed_claim = store.claim(1, Duration::from_millis(1500), None)?;
     let crashed_at = crashed_claim
         .first()
         .and_then(|e| e.locked_at)
         .ok_or("claim")?;
-    let others = store.create_batch(
+    let others = store.enqueue_batch(
         (2..22)
             .map(|i| NewEvent::new("t", json!({"seq": i})))
             .collect(),
@@ -266,7 +266,7 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
         .find(|(id, _)| *id == crashed.id.to_string())
         .ok_or_else(|| {
             let state = store
-                .find_by_id(crashed.id)
+                .find(crashed.id)
                 .map(|e| format!("{e:?}"))
                 .unwrap_or_default();
             format!(
@@ -285,7 +285,7 @@ fn a_new_process_does_not_steal_live_leases() -> TestResult {
     }
     store.complete(&lease)?;
     assert_eq!(
-        store.find_by_id(held.id)?.map(|e| (e.status, e.attempts)),
+        store.find(held.id)?.map(|e| (e.status, e.attempts)),
         Some((Status::Done, 1))
     );
     Ok(())
@@ -859,7 +859,7 @@ fn t7b_a_full_tmpfs_fails_cleanly_and_recovers() -> TestResult {
         let store = SqliteStore::open(mnt.join("o.db"))?;
         let mut committed = Vec::new();
         let err = loop {
-            match store.create(NewEvent::new("t", json!({"pad": "x".repeat(300)}))) {
+            match store.enqueue(NewEvent::new("t", json!({"pad": "x".repeat(300)}))) {
                 Ok(e) => committed.push(e.id),
                 Err(e) => break e,
             }
@@ -877,7 +877,7 @@ fn t7b_a_full_tmpfs_fails_cleanly_and_recovers() -> TestResult {
             }
         }
         for i in 0..50 {
-            retry(|| store.create(NewEvent::new("t", json!({"after": i}))))?;
+            retry(|| store.enqueue(NewEvent::new("t", json!({"after": i}))))?;
         }
         loop {
             let claimed = retry(|| store.claim(200, Duration::from_secs(30), None))?;
@@ -894,7 +894,7 @@ fn t7b_a_full_tmpfs_fails_cleanly_and_recovers() -> TestResult {
             }
         }
         for id in &committed {
-            assert_eq!(store.find_by_id(*id)?.map(|e| e.status), Some(Status::Done));
+            assert_eq!(store.find(*id)?.map(|e| e.status), Some(Status::Done));
         }
         store.verify()?;
         Ok(())
@@ -995,7 +995,7 @@ fn t9c_an_immutable_file_is_read_only() -> TestResult {
     let db = dir.path().join("o.db");
     {
         let store = SqliteStore::open(&db)?;
-        store.create(NewEvent::new("t", json!(1)))?;
+        store.enqueue(NewEvent::new("t", json!(1)))?;
         Connection::open(&db)?.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
     }
     let before = std::fs::read(&db)?;
@@ -1011,7 +1011,7 @@ fn t9c_an_immutable_file_is_read_only() -> TestResult {
             Err(e) => println!("T9c: read-write open refused: {e}"),
             Ok(store) => {
                 let err = store
-                    .create(NewEvent::new("t", json!(2)))
+                    .enqueue(NewEvent::new("t", json!(2)))
                     .expect_err("wrote to an immutable file");
                 assert!(
                     matches!(
@@ -1044,7 +1044,7 @@ fn t15_the_wal_shrinks_back_after_a_long_reader() -> TestResult {
     let _: i64 = reader.query_row("SELECT count(*) FROM outbox_events", [], |r| r.get(0))?;
     let pad = "x".repeat(400);
     for i in 0..2_000 {
-        store.create_batch(
+        store.enqueue_batch(
             (0..10)
                 .map(|j| NewEvent::new("t", json!({"i": i, "j": j, "pad": pad})))
                 .collect(),
@@ -1055,7 +1055,7 @@ fn t15_the_wal_shrinks_back_after_a_long_reader() -> TestResult {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut size = grown;
     while Instant::now() < deadline {
-        store.create(NewEvent::new("t", json!({"after": true})))?;
+        store.enqueue(NewEvent::new("t", json!({"after": true})))?;
         size = std::fs::metadata(&wal)?.len();
         if size <= sqlite_outbox::WAL_SIZE_LIMIT as u64 {
             break;
@@ -1088,11 +1088,11 @@ fn t15_the_wal_shrinks_back_after_a_long_reader() -> TestResult {
             Ok(())
         })
         .start()?;
-    store.create_batch((0..2).map(|i| NewEvent::new("slow", json!(i))).collect())?;
+    store.enqueue_batch((0..2).map(|i| NewEvent::new("slow", json!(i))).collect())?;
     let mut max_wal = 0;
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(1800) {
-        store.create_batch(
+        store.enqueue_batch(
             (0..10)
                 .map(|j| NewEvent::new("t", json!({"j": j, "pad": pad})))
                 .collect(),

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{Event, NewEvent, SqliteStore, Status, Store};
+use sqlite_outbox::{Event, NewEvent, Operator, SqliteStore, Status, Store};
 
 mod common;
 
@@ -109,12 +109,12 @@ fn one_event(
 ) -> Result<(PathBuf, SqliteStore, Event), Box<dyn std::error::Error>> {
     let db = dir.join("o.db");
     let store = SqliteStore::open(&db)?;
-    let event = store.create(NewEvent::new("t", payload))?;
+    let event = store.enqueue(NewEvent::new("t", payload))?;
     Ok((db, store, event))
 }
 
 fn stored(store: &SqliteStore, e: &Event) -> Result<Event, Box<dyn std::error::Error>> {
-    Ok(store.find_by_id(e.id)?.ok_or("the event is gone")?)
+    Ok(store.find(e.id)?.ok_or("the event is gone")?)
 }
 
 #[test]
@@ -223,7 +223,7 @@ fn headers_come_from_a_file_or_the_environment_and_plain_http_is_flagged() -> Te
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("o.db");
     let store = SqliteStore::open(&db)?;
-    store.create(NewEvent::new("t", json!(1)))?;
+    store.enqueue(NewEvent::new("t", json!(1)))?;
     let file = dir.path().join("headers");
     std::fs::write(&file, "# secrets\nAuthorization: Bearer from-file\n\n")?;
     let out = relay(
@@ -237,7 +237,7 @@ fn headers_come_from_a_file_or_the_environment_and_plain_http_is_flagged() -> Te
         ],
     )?;
     assert!(out.status.success(), "{}", stderr(&out));
-    store.create(NewEvent::new("t", json!(2)))?;
+    store.enqueue(NewEvent::new("t", json!(2)))?;
     let out = Command::new(BIN)
         .arg("--db")
         .arg(&db)
@@ -435,7 +435,7 @@ fn an_unreadable_row_does_not_stop_the_relay() -> TestResult {
     rusqlite::Connection::open(&db)?.execute_batch(
         "INSERT INTO outbox_events (event_type, payload) VALUES ('t', CAST(X'7B2261223A22FF227D' AS TEXT));",
     )?;
-    store.create(NewEvent::new("t", json!({"n": 2})))?;
+    store.enqueue(NewEvent::new("t", json!({"n": 2})))?;
     let (out, took) = exec_relay(&db, "cat >/dev/null", &["--timeout", "5s"])?;
     assert!(took < Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));

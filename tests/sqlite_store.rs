@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use common::{secs, TestResult};
 use rusqlite::{Connection, TransactionBehavior};
 use serde_json::json;
-use sqlite_outbox::{Durability, ErrorKind, NewEvent, SqliteStore, Status, Store, SCHEMA_VERSION};
+use sqlite_outbox::{
+    legacy::UnfencedStore, Durability, ErrorKind, NewEvent, Operator, SqliteStore, Status, Store,
+    SCHEMA_VERSION,
+};
 
 fn open(dir: &Path) -> sqlite_outbox::Result<SqliteStore> {
     SqliteStore::open(dir.join("outbox.db"))
@@ -26,17 +29,17 @@ fn enqueue_commits_and_rolls_back_with_the_callers_transaction() -> TestResult {
 
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute("INSERT INTO accounts (name) VALUES ('rolled back')", [])?;
-    let ghost = store.enqueue(&tx, NewEvent::new("account.created", json!({"n": 1})))?;
+    let ghost = store.enqueue_tx(&tx, NewEvent::new("account.created", json!({"n": 1})))?;
     tx.rollback()?;
-    assert!(store.find_by_id(ghost.id)?.is_none());
+    assert!(store.find(ghost.id)?.is_none());
     assert_eq!(store.stats()?.total(), 0);
 
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute("INSERT INTO accounts (name) VALUES ('kept')", [])?;
-    let kept = store.enqueue(&tx, NewEvent::new("account.created", json!({"n": 2})))?;
+    let kept = store.enqueue_tx(&tx, NewEvent::new("account.created", json!({"n": 2})))?;
     tx.commit()?;
     assert_eq!(
-        store.find_by_id(kept.id)?.map(|e| e.status),
+        store.find(kept.id)?.map(|e| e.status),
         Some(Status::Pending)
     );
     assert_eq!(store.stats()?.total(), 1);
@@ -50,14 +53,18 @@ fn the_transaction_helper_rolls_back_on_error() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path())?;
     let result: Result<(), sqlite_outbox::Error> = store.transaction(|tx| {
-        store.enqueue(tx, NewEvent::new("t", json!(1)))?;
+        store.enqueue_tx(tx, NewEvent::new("t", json!(1)))?;
         Err(sqlite_outbox::Error::from(
             rusqlite::Error::QueryReturnedNoRows,
         ))
     });
     assert!(result.is_err());
     assert_eq!(store.stats()?.total(), 0);
-    store.transaction(|tx| store.enqueue(tx, NewEvent::new("t", json!(2))).map(|_| ()))?;
+    store.transaction(|tx| {
+        store
+            .enqueue_tx(tx, NewEvent::new("t", json!(2)))
+            .map(|_| ())
+    })?;
     assert_eq!(store.stats()?.total(), 1);
     Ok(())
 }
@@ -67,9 +74,9 @@ fn enqueue_batch_is_all_or_nothing_outside_a_transaction() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path())?;
     let conn = Connection::open(store.path())?;
-    let first = store.enqueue(&conn, NewEvent::new("t", json!(0)))?;
+    let first = store.enqueue_tx(&conn, NewEvent::new("t", json!(0)))?;
     let err = store
-        .enqueue_batch(
+        .enqueue_batch_tx(
             &conn,
             vec![
                 NewEvent::new("t", json!(1)),
@@ -79,7 +86,7 @@ fn enqueue_batch_is_all_or_nothing_outside_a_transaction() -> TestResult {
         .unwrap_err();
     assert!(err.is_invalid_input(), "{err}");
     assert_eq!(store.stats()?.total(), 1);
-    let batch = store.enqueue_batch(
+    let batch = store.enqueue_batch_tx(
         &conn,
         (0..3).map(|i| NewEvent::new("t", json!(i))).collect(),
     )?;
@@ -224,12 +231,12 @@ fn an_app_file_with_its_own_header_fields_keeps_them_byte_for_byte() -> TestResu
     let store = SqliteStore::open(&path)?;
     store.transaction(|tx| {
         tx.execute("INSERT INTO notes VALUES ('with an event')", [])?;
-        store.enqueue(tx, NewEvent::new("note.created", json!({"n": 2})))?;
+        store.enqueue_tx(tx, NewEvent::new("note.created", json!({"n": 2})))?;
         Ok(())
     })?;
     let claimed = store.claim(1, secs(30), None)?;
     store.complete(&claimed[0].lease().ok_or("no lease")?)?;
-    store.cleanup_old(chrono::Utc::now() + chrono::Duration::days(1))?;
+    store.purge(chrono::Utc::now() + chrono::Duration::days(1))?;
     drop(store);
     SqliteStore::open(&path)?;
     assert_eq!(header(&path)?, before);
@@ -248,7 +255,7 @@ fn a_truncated_file_is_reported_not_panicked_on() -> TestResult {
         let events = (0..2000)
             .map(|i| NewEvent::new("t", json!({"pad": "x".repeat(200), "i": i})))
             .collect();
-        store.create_batch(events)?;
+        store.enqueue_batch(events)?;
         let conn = Connection::open(&path)?;
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
     }
@@ -274,7 +281,7 @@ fn an_empty_file_is_initialised() -> TestResult {
     let path = dir.path().join("empty.db");
     std::fs::write(&path, b"")?;
     let store = SqliteStore::open(&path)?;
-    store.create(NewEvent::new("t", json!(1)))?;
+    store.enqueue(NewEvent::new("t", json!(1)))?;
     assert_eq!(store.pragma("application_id")?, "0");
     Ok(())
 }
@@ -286,7 +293,7 @@ fn an_app_database_gains_the_outbox_and_keeps_its_tables() -> TestResult {
     let conn = Connection::open(&path)?;
     conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('hi');")?;
     let store = SqliteStore::open(&path)?;
-    store.create(NewEvent::new("t", json!(1)))?;
+    store.enqueue(NewEvent::new("t", json!(1)))?;
     let body: String = conn.query_row("SELECT body FROM notes", [], |r| r.get(0))?;
     assert_eq!(body, "hi");
     // Reopening is a no-op.
@@ -300,13 +307,13 @@ fn read_only_stores_read_and_refuse_writes() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("ro.db");
     let rw = SqliteStore::open(&path)?;
-    let e = rw.create(NewEvent::new("t", json!(1)))?;
+    let e = rw.enqueue(NewEvent::new("t", json!(1)))?;
     let before = std::fs::read(&path)?;
     let ro = SqliteStore::builder(&path).read_only(true).build()?;
     assert_eq!(ro.stats()?.pending, 1);
-    assert!(ro.find_by_id(e.id)?.is_some());
+    assert!(ro.find(e.id)?.is_some());
     let errors = [
-        ro.create(NewEvent::new("t", json!(2))).map(|_| ()),
+        ro.enqueue(NewEvent::new("t", json!(2))).map(|_| ()),
         ro.claim(1, secs(30), None).map(|_| ()),
         ro.mark_done(e.id),
     ];
@@ -395,7 +402,7 @@ fn claims_and_maintenance_use_index_range_scans() -> TestResult {
 fn threads_on_one_file_never_claim_the_same_live_event() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path())?;
-    store.create_batch((0..400).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    store.enqueue_batch((0..400).map(|i| NewEvent::new("t", json!(i))).collect())?;
     let barrier = Arc::new(Barrier::new(4));
     let handles: Vec<_> = (0..4)
         .map(|_| {
@@ -442,7 +449,7 @@ fn concurrent_first_opens_all_succeed() -> TestResult {
                 std::thread::spawn(move || -> sqlite_outbox::Result<()> {
                     barrier.wait();
                     let store = SqliteStore::open(&path)?;
-                    store.create(NewEvent::new("t", json!(i)))?;
+                    store.enqueue(NewEvent::new("t", json!(i)))?;
                     Ok(())
                 })
             })
@@ -462,19 +469,19 @@ fn a_locked_database_gives_busy_within_the_timeout() -> TestResult {
     let path = dir.path().join("locked.db");
     let timeout = Duration::from_millis(300);
     let store = SqliteStore::builder(&path).busy_timeout(timeout).build()?;
-    let before = store.create(NewEvent::new("t", json!(0)))?;
+    let before = store.enqueue(NewEvent::new("t", json!(0)))?;
     let locker = Connection::open(&path)?;
     locker.execute_batch("BEGIN EXCLUSIVE")?;
     let started = Instant::now();
-    let err = store.create(NewEvent::new("t", json!(1))).unwrap_err();
+    let err = store.enqueue(NewEvent::new("t", json!(1))).unwrap_err();
     let waited = started.elapsed();
     assert!(err.is_busy(), "{err:?}");
     assert!(waited >= timeout, "gave up early: {waited:?}");
     assert!(waited < timeout * 5, "hung: {waited:?}");
     // Readers are not blocked by a WAL writer, and nothing was lost.
-    assert!(store.find_by_id(before.id)?.is_some());
+    assert!(store.find(before.id)?.is_some());
     locker.execute_batch("COMMIT")?;
-    store.create(NewEvent::new("t", json!(2)))?;
+    store.enqueue(NewEvent::new("t", json!(2)))?;
     assert_eq!(store.stats()?.total(), 2);
     Ok(())
 }
@@ -490,7 +497,7 @@ fn a_full_disk_fails_cleanly_and_recovers() -> TestResult {
         .build()?;
     let mut committed = Vec::new();
     let err = loop {
-        match store.create(NewEvent::new("t", json!({"pad": "x".repeat(500)}))) {
+        match store.enqueue(NewEvent::new("t", json!({"pad": "x".repeat(500)}))) {
             Ok(e) => committed.push(e.id),
             Err(e) => break e,
         }
@@ -507,9 +514,9 @@ fn a_full_disk_fails_cleanly_and_recovers() -> TestResult {
     drop(store);
     let store = SqliteStore::open(&path)?;
     for id in &committed {
-        assert!(store.find_by_id(*id)?.is_some());
+        assert!(store.find(*id)?.is_some());
     }
-    store.create(NewEvent::new("t", json!("after")))?;
+    store.enqueue(NewEvent::new("t", json!("after")))?;
     store.verify()?;
     Ok(())
 }
@@ -521,12 +528,12 @@ fn backup_includes_commits_still_in_the_wal() -> TestResult {
     // Keep a reader open so nothing is checkpointed into the main file.
     let reader = Connection::open(store.path())?;
     reader.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
-    let events = store.create_batch((0..50).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let events = store.enqueue_batch((0..50).map(|i| NewEvent::new("t", json!(i))).collect())?;
     let copy = dir.path().join("copy.db");
     store.backup(&copy)?;
     let restored = SqliteStore::open(&copy)?;
     assert_eq!(restored.stats()?.total(), 50);
-    assert!(restored.find_by_id(events[49].id)?.is_some());
+    assert!(restored.find(events[49].id)?.is_some());
     assert!(
         store.backup(&copy).unwrap_err().is_invalid_input(),
         "never overwrites"
@@ -538,7 +545,7 @@ fn backup_includes_commits_still_in_the_wal() -> TestResult {
 fn verify_accepts_a_healthy_file() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path())?;
-    store.create(NewEvent::new("t", json!(1)))?;
+    store.enqueue(NewEvent::new("t", json!(1)))?;
     store.verify()?;
     Ok(())
 }
@@ -548,9 +555,9 @@ fn enqueue_is_idempotent_across_connections() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path())?;
     let a = Connection::open(store.path())?;
-    let first = store.enqueue(&a, NewEvent::new("t", json!(1)).with_idempotency_key("k"))?;
+    let first = store.enqueue_tx(&a, NewEvent::new("t", json!(1)).with_idempotency_key("k"))?;
     let again = store.transaction(|tx| {
-        store.enqueue(tx, NewEvent::new("t", json!(2)).with_idempotency_key("k"))
+        store.enqueue_tx(tx, NewEvent::new("t", json!(2)).with_idempotency_key("k"))
     })?;
     assert_eq!(again.id, first.id);
     assert_eq!(again.payload, json!(1));
@@ -640,7 +647,7 @@ fn a_full_disk_never_loses_a_claimed_event() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("full.db");
     let store = SqliteStore::open(&path)?;
-    let events = store.create_batch((0..20).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let events = store.enqueue_batch((0..20).map(|i| NewEvent::new("t", json!(i))).collect())?;
     let claimed = store.claim(20, secs(30), None)?;
     drop(store);
     // Fill the file to its cap with another store, then try to finish.
@@ -649,7 +656,7 @@ fn a_full_disk_never_loses_a_claimed_event() -> TestResult {
         .pool_size(1)
         .build()?;
     let filler = loop {
-        match capped.create(NewEvent::new("filler", json!({"pad": "x".repeat(1000)}))) {
+        match capped.enqueue(NewEvent::new("filler", json!({"pad": "x".repeat(1000)}))) {
             Ok(_) => {}
             Err(e) => break e,
         }
@@ -669,7 +676,7 @@ fn a_full_disk_never_loses_a_claimed_event() -> TestResult {
         )))
         .build()?;
     for e in &events {
-        let now = store.find_by_id(e.id)?.ok_or("lost")?;
+        let now = store.find(e.id)?.ok_or("lost")?;
         if acked.contains(&e.id) {
             assert_eq!(now.status, Status::Done);
         } else {
@@ -704,8 +711,8 @@ mod payloads {
                     let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
                     let store = SqliteStore::open(dir.path().join("p.db")).map_err(|e| TestCaseError::fail(e.to_string()))?;
                     let value = event.payload().clone();
-                    let stored = store.create(event).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                    let read = store.find_by_id(stored.id).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let stored = store.enqueue(event).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let read = store.find(stored.id).map_err(|e| TestCaseError::fail(e.to_string()))?;
                     prop_assert_eq!(read.map(|e| e.payload), Some(value));
                 }
             }
@@ -715,8 +722,8 @@ mod payloads {
         fn json_values_round_trip(value in arb_json()) {
             let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
             let store = SqliteStore::open(dir.path().join("p.db")).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let stored = store.create(NewEvent::new("t", value.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let read = store.find_by_id(stored.id).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let stored = store.enqueue(NewEvent::new("t", value.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let read = store.find(stored.id).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(read.map(|e| e.payload), Some(value));
         }
     }
@@ -755,7 +762,7 @@ fn a_short_lock_is_waited_out() -> TestResult {
         std::thread::sleep(Duration::from_millis(300));
         locker.execute_batch("COMMIT")
     });
-    store.create(NewEvent::new("t", json!(1)))?;
+    store.enqueue(NewEvent::new("t", json!(1)))?;
     release.join().map_err(|_| "locker panicked")??;
     assert_eq!(store.stats()?.total(), 1);
     Ok(())
@@ -767,13 +774,13 @@ fn a_short_lock_is_waited_out() -> TestResult {
 fn an_exclusively_locked_file_is_busy_not_corrupt() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("excl.db");
-    SqliteStore::open(&path)?.create(NewEvent::new("t", json!(1)))?;
+    SqliteStore::open(&path)?.enqueue(NewEvent::new("t", json!(1)))?;
     let holder = Connection::open(&path)?;
     holder.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")?;
     let err = SqliteStore::builder(&path)
         .busy_timeout(Duration::from_millis(200))
         .build()
-        .and_then(|s| s.create(NewEvent::new("t", json!(2))))
+        .and_then(|s| s.enqueue(NewEvent::new("t", json!(2))))
         .expect_err("the file is held exclusively");
     assert!(err.is_busy(), "{:?}", err.kind());
     drop(holder);
@@ -789,7 +796,7 @@ fn new_files_are_private_to_their_owner() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("private.db");
     let store = SqliteStore::open(&path)?;
-    store.create(NewEvent::new(
+    store.enqueue(NewEvent::new(
         "t",
         json!({"reset_link": "https://example.com/r/secret"}),
     ))?;
@@ -849,7 +856,7 @@ fn full_durability_asks_for_full_fsync() -> TestResult {
 fn an_undecodable_row_is_set_aside_and_the_rest_flows() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path())?;
-    store.create(NewEvent::new("t", json!({"n": 1})))?;
+    store.enqueue(NewEvent::new("t", json!({"n": 1})))?;
     let conn = Connection::open(store.path())?;
     // {"a":"<0xFF>"}
     conn.execute_batch(
@@ -858,7 +865,7 @@ fn an_undecodable_row_is_set_aside_and_the_rest_flows() -> TestResult {
          INSERT INTO outbox_events (event_type, payload)
            VALUES (CAST(X'74FF' AS TEXT), '{}');",
     )?;
-    store.create(NewEvent::new("t", json!({"n": 2})))?;
+    store.enqueue(NewEvent::new("t", json!({"n": 2})))?;
     // Listing, counting and finding still work.
     assert_eq!(store.stats()?.pending, 4);
     assert_eq!(store.list(&sqlite_outbox::ListFilter::default())?.len(), 4);
@@ -895,7 +902,7 @@ fn an_undecodable_row_is_set_aside_and_the_rest_flows() -> TestResult {
     );
     // An operator can purge them.
     assert_eq!(
-        store.cleanup_old(chrono::Utc::now() + chrono::Duration::days(1))?,
+        store.purge(chrono::Utc::now() + chrono::Duration::days(1))?,
         2
     );
     Ok(())
@@ -911,10 +918,10 @@ fn enqueue_first_in_a_deferred_transaction_rolls_back_with_it() -> TestResult {
     let mut conn = Connection::open(store.path())?;
     conn.execute_batch("CREATE TABLE notes (body TEXT)")?;
     let tx = conn.transaction()?;
-    let e = store.enqueue(&tx, NewEvent::new("note.created", json!({})))?;
+    let e = store.enqueue_tx(&tx, NewEvent::new("note.created", json!({})))?;
     tx.execute("INSERT INTO notes VALUES ('x')", [])?;
     tx.rollback()?;
-    assert!(store.find_by_id(e.id)?.is_none());
+    assert!(store.find(e.id)?.is_none());
     assert_eq!(store.stats()?.total(), 0);
     Ok(())
 }
@@ -956,41 +963,12 @@ fn verify_names_the_first_five_bad_rows_and_counts_all() -> TestResult {
 }
 
 #[test]
-fn fail_unfinished_gives_up_only_on_unfinished_events() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let store = open(dir.path())?;
-    let pending = store.create(NewEvent::new("t", json!(1)))?;
-    store.fail_unfinished(pending.id, "operator gave up")?;
-    let e = store.find_by_id(pending.id)?.ok_or("gone")?;
-    assert_eq!(
-        (e.status, e.last_error.as_deref()),
-        (Status::Failed, Some("operator gave up"))
-    );
-    let err = store
-        .fail_unfinished(pending.id, "again")
-        .expect_err("already failed");
-    assert!(err.to_string().contains("already failed"), "{err}");
-    let missing = sqlite_outbox::EventId::new();
-    assert!(store
-        .fail_unfinished(missing, "x")
-        .unwrap_err()
-        .is_not_found());
-    // A processing event: its worker's outcome is refused afterwards.
-    let running = store.create(NewEvent::new("t", json!(2)))?;
-    let claimed = store.claim(1, secs(30), None)?;
-    store.fail_unfinished(running.id, "stuck")?;
-    let late = store.complete(&claimed[0].lease().ok_or("lease")?);
-    assert!(late.unwrap_err().is_lease_lost());
-    Ok(())
-}
-
-#[test]
 fn a_duplicate_id_is_refused_naming_the_event() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path())?;
-    let first = store.create(NewEvent::new("t", json!(1)))?;
+    let first = store.enqueue(NewEvent::new("t", json!(1)))?;
     let err = store
-        .create(NewEvent::new("t", json!(2)).with_id(first.id))
+        .enqueue(NewEvent::new("t", json!(2)).with_id(first.id))
         .expect_err("a second event with the same id");
     assert!(err.is_invalid_input());
     assert!(err.to_string().contains(&first.id.to_string()), "{err}");

@@ -8,7 +8,7 @@ use common::{millis, secs, Fixture, TestResult};
 use serde_json::json;
 use sqlite_outbox::{
     catalog::OutboxEventType, Ack, ErrorKind, Event, ListFilter, NewEvent, Requeue, RetryPolicy,
-    Status, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    Status, Subject, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
 };
 use uuid::Uuid;
 
@@ -19,7 +19,7 @@ fn ev(kind: &str) -> NewEvent {
 }
 
 fn get(f: &Fixture, e: &Event) -> Result<Event, Box<dyn std::error::Error>> {
-    Ok(f.store.find_by_id(e.id)?.ok_or("event vanished")?)
+    Ok(f.store.find(e.id)?.ok_or("event vanished")?)
 }
 
 // ---- the basic operations ----------------------------------------------
@@ -173,7 +173,7 @@ fn unknown_ids_are_not_found(f: &Fixture) -> TestResult {
         f.store.mark_delivered(id),
         f.store.mark_retry(id, "x"),
         f.store.mark_failed(id, "x"),
-        f.store.requeue_failed(Requeue::One(id)).map(|_| ()),
+        f.store.requeue(Requeue::One(id)).map(|_| ()),
     ] {
         let err = result.expect_err("unknown id accepted");
         assert!(err.is_not_found(), "{err}");
@@ -184,7 +184,7 @@ fn unknown_ids_are_not_found(f: &Fixture) -> TestResult {
 // ---- claims and leases ----------------------------------------------------
 
 fn claim_sets_lease_fields(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t"))?;
+    let e = f.store.enqueue(ev("t"))?;
     let now = f.clock.now_utc();
     let claimed = f.store.claim(10, LEASE, None)?;
     assert_eq!(claimed.len(), 1);
@@ -204,7 +204,7 @@ fn claim_sets_lease_fields(f: &Fixture) -> TestResult {
 
 fn claim_is_exclusive_while_lease_lives(f: &Fixture) -> TestResult {
     for _ in 0..5 {
-        f.store.create(ev("t"))?;
+        f.store.enqueue(ev("t"))?;
     }
     let first = f.store.claim(3, LEASE, None)?;
     let second = f.store.claim(10, LEASE, None)?;
@@ -223,12 +223,12 @@ fn claim_is_exclusive_while_lease_lives(f: &Fixture) -> TestResult {
 }
 
 fn claim_orders_by_due_time_then_enqueue_order(f: &Fixture) -> TestResult {
-    let late = f.store.create(ev("t").with_delay(secs(10)))?;
-    let a = f.store.create(ev("t"))?;
-    let b = f.store.create(ev("t"))?;
+    let late = f.store.enqueue(ev("t").with_delay(secs(10)))?;
+    let a = f.store.enqueue(ev("t"))?;
+    let b = f.store.enqueue(ev("t"))?;
     let early = f
         .store
-        .create(ev("t").with_run_at(f.clock.now_utc() - ChronoDuration::seconds(5)))?;
+        .enqueue(ev("t").with_run_at(f.clock.now_utc() - ChronoDuration::seconds(5)))?;
     let claimed = f.store.claim(10, LEASE, None)?;
     let ids: Vec<_> = claimed.iter().map(|e| e.id).collect();
     assert_eq!(
@@ -248,9 +248,9 @@ fn claim_orders_by_due_time_then_enqueue_order(f: &Fixture) -> TestResult {
 /// Expired leases are reclaimed in the same (due time, enqueue order) as
 /// due events, not in lease order (found by the differential test).
 fn reclaim_follows_due_time_then_enqueue_order(f: &Fixture) -> TestResult {
-    let e0 = f.store.create(ev("t"))?;
-    let _late = f.store.create(ev("t").with_delay(secs(10)))?;
-    let e2 = f.store.create(ev("t"))?;
+    let e0 = f.store.enqueue(ev("t"))?;
+    let _late = f.store.enqueue(ev("t").with_delay(secs(10)))?;
+    let e2 = f.store.enqueue(ev("t"))?;
     f.advance(secs(10));
     assert_eq!(f.store.claim(3, secs(5), None)?.len(), 3);
     f.advance(secs(10));
@@ -263,9 +263,9 @@ fn reclaim_follows_due_time_then_enqueue_order(f: &Fixture) -> TestResult {
 }
 
 fn claim_respects_limit_and_types(f: &Fixture) -> TestResult {
-    f.store.create(ev("a"))?;
-    f.store.create(ev("b"))?;
-    f.store.create(ev("a"))?;
+    f.store.enqueue(ev("a"))?;
+    f.store.enqueue(ev("b"))?;
+    f.store.enqueue(ev("a"))?;
     assert!(f.store.claim(0, LEASE, None)?.is_empty());
     let only_b = f.store.claim(10, LEASE, Some(&["b".to_owned()]))?;
     assert_eq!(only_b.len(), 1);
@@ -280,7 +280,7 @@ fn claim_respects_limit_and_types(f: &Fixture) -> TestResult {
 }
 
 fn ack_before_expiry_is_accepted(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t"))?;
+    let e = f.store.enqueue(ev("t"))?;
     let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
     f.advance(LEASE - millis(1));
     f.store.complete(&lease)?;
@@ -307,7 +307,7 @@ fn late_acks_are_fenced(f: &Fixture) -> TestResult {
         ("release", Ack::release),
     ];
     for (name, make) in kinds {
-        let e = f.store.create(ev(name))?;
+        let e = f.store.enqueue(ev(name))?;
         let types = [name.to_owned()];
         let w1 = f.store.claim(1, LEASE, Some(&types))?[0]
             .lease()
@@ -344,17 +344,17 @@ fn late_acks_are_fenced(f: &Fixture) -> TestResult {
 /// The stale lease of a purged event must not match a new event that reuses
 /// its row id.
 fn fencing_survives_purge_and_id_reuse(f: &Fixture) -> TestResult {
-    let e1 = f.store.create(ev("t"))?;
+    let e1 = f.store.enqueue(ev("t"))?;
     let w1 = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
     f.advance(LEASE + millis(1));
     let w2 = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
     f.store.complete(&w2)?;
     assert_eq!(
         f.store
-            .cleanup_old(f.clock.now_utc() + ChronoDuration::seconds(1))?,
+            .purge(f.clock.now_utc() + ChronoDuration::seconds(1))?,
         1
     );
-    let e2 = f.store.create(ev("t"))?;
+    let e2 = f.store.enqueue(ev("t"))?;
     assert_ne!(e2.id, e1.id);
     let w3_event = f.store.claim(1, LEASE, None)?.pop().ok_or("claim e2")?;
     assert_eq!(w3_event.id, e2.id);
@@ -374,8 +374,8 @@ fn fencing_survives_purge_and_id_reuse(f: &Fixture) -> TestResult {
 }
 
 fn settle_reports_each_ack(f: &Fixture) -> TestResult {
-    let a = f.store.create(ev("t"))?;
-    let b = f.store.create(ev("t"))?;
+    let a = f.store.enqueue(ev("t"))?;
+    let b = f.store.enqueue(ev("t"))?;
     let claimed = f.store.claim(2, LEASE, None)?;
     let (la, lb) = (
         claimed[0].lease().ok_or("a")?,
@@ -392,7 +392,7 @@ fn settle_reports_each_ack(f: &Fixture) -> TestResult {
 }
 
 fn extend_keeps_the_event(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t"))?;
+    let e = f.store.enqueue(ev("t"))?;
     let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
     f.advance(secs(20));
     f.store.extend(&lease, secs(60))?;
@@ -410,7 +410,7 @@ fn extend_keeps_the_event(f: &Fixture) -> TestResult {
 }
 
 fn release_gives_back_the_attempt(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t"))?;
+    let e = f.store.enqueue(ev("t"))?;
     let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
     f.store.release(&lease)?;
     let back = get(f, &e)?;
@@ -426,7 +426,7 @@ fn release_gives_back_the_attempt(f: &Fixture) -> TestResult {
 /// An event whose worker dies on every attempt ends failed after
 /// `max_attempts` claims, instead of being handed out for ever.
 fn poison_event_fails_after_max_attempts(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t").with_max_attempts(3))?;
+    let e = f.store.enqueue(ev("t").with_max_attempts(3))?;
     for attempt in 1..=3 {
         let claimed = f.store.claim(1, LEASE, None)?;
         assert_eq!(claimed.len(), 1, "attempt {attempt}");
@@ -445,7 +445,7 @@ fn poison_event_fails_after_max_attempts(f: &Fixture) -> TestResult {
 
 fn retry_follows_the_schedule_exactly(f: &Fixture) -> TestResult {
     let schedule: [u64; 9] = [30, 120, 600, 1800, 3600, 7200, 14400, 28800, 57600];
-    let e = f.store.create(ev("t"))?;
+    let e = f.store.enqueue(ev("t"))?;
     for (i, wait) in schedule.iter().enumerate() {
         let claimed = f.store.claim(1, LEASE, None)?;
         assert_eq!(claimed.len(), 1, "attempt {}", i + 1);
@@ -479,7 +479,7 @@ fn retry_follows_the_schedule_exactly(f: &Fixture) -> TestResult {
 }
 
 fn retry_honours_a_requested_delay(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t"))?;
+    let e = f.store.enqueue(ev("t"))?;
     let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
     f.store.retry(&lease, "429", Some(secs(7)))?;
     assert_eq!(
@@ -490,7 +490,7 @@ fn retry_honours_a_requested_delay(f: &Fixture) -> TestResult {
 }
 
 fn per_event_max_attempts_overrides_policy(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t").with_max_attempts(2))?;
+    let e = f.store.enqueue(ev("t").with_max_attempts(2))?;
     assert_eq!(e.max_attempts, 2);
     for _ in 0..2 {
         let l = f
@@ -507,7 +507,7 @@ fn per_event_max_attempts_overrides_policy(f: &Fixture) -> TestResult {
 }
 
 fn fail_is_final_at_once(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t"))?;
+    let e = f.store.enqueue(ev("t"))?;
     let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
     f.store.fail(&lease, "400 bad request")?;
     let failed = get(f, &e)?;
@@ -520,12 +520,12 @@ fn fail_is_final_at_once(f: &Fixture) -> TestResult {
 // ---- keys -------------------------------------------------------------------
 
 fn idempotency_key_returns_the_first_event(f: &Fixture) -> TestResult {
-    let first = f.store.create(ev("t").with_idempotency_key("order-1"))?;
+    let first = f.store.enqueue(ev("t").with_idempotency_key("order-1"))?;
     let second = f
         .store
-        .create(NewEvent::new("other", json!(2)).with_idempotency_key("order-1"))?;
+        .enqueue(NewEvent::new("other", json!(2)).with_idempotency_key("order-1"))?;
     assert_eq!(second, first);
-    let batch = f.store.create_batch(vec![
+    let batch = f.store.enqueue_batch(vec![
         ev("t").with_idempotency_key("order-2"),
         ev("t").with_idempotency_key("order-2"),
         ev("t").with_idempotency_key("order-1"),
@@ -537,11 +537,11 @@ fn idempotency_key_returns_the_first_event(f: &Fixture) -> TestResult {
 }
 
 fn ordering_key_serialises_events(f: &Fixture) -> TestResult {
-    let k1 = f.store.create(ev("t").with_ordering_key("doc-1"))?;
-    let k2 = f.store.create(ev("t").with_ordering_key("doc-1"))?;
-    let k3 = f.store.create(ev("t").with_ordering_key("doc-1"))?;
-    let free = f.store.create(ev("t"))?;
-    let other = f.store.create(ev("t").with_ordering_key("doc-2"))?;
+    let k1 = f.store.enqueue(ev("t").with_ordering_key("doc-1"))?;
+    let k2 = f.store.enqueue(ev("t").with_ordering_key("doc-1"))?;
+    let k3 = f.store.enqueue(ev("t").with_ordering_key("doc-1"))?;
+    let free = f.store.enqueue(ev("t"))?;
+    let other = f.store.enqueue(ev("t").with_ordering_key("doc-2"))?;
     let ids = |v: Vec<Event>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
 
     let first = f.store.claim(10, LEASE, None)?;
@@ -568,8 +568,8 @@ fn ordering_key_serialises_events(f: &Fixture) -> TestResult {
 }
 
 fn ordering_key_holds_while_head_is_processing(f: &Fixture) -> TestResult {
-    let a = f.store.create(ev("t").with_ordering_key("k"))?;
-    let b = f.store.create(ev("t").with_ordering_key("k"))?;
+    let a = f.store.enqueue(ev("t").with_ordering_key("k"))?;
+    let b = f.store.enqueue(ev("t").with_ordering_key("k"))?;
     let claimed = f.store.claim(1, LEASE, None)?;
     assert_eq!(claimed[0].id, a.id);
     assert!(f.store.claim(10, LEASE, None)?.is_empty(), "b waits for a");
@@ -586,13 +586,13 @@ fn ordering_key_holds_while_head_is_processing(f: &Fixture) -> TestResult {
 }
 
 fn requeued_head_waits_for_a_live_successor(f: &Fixture) -> TestResult {
-    let a = f.store.create(ev("t").with_ordering_key("k"))?;
-    let b = f.store.create(ev("t").with_ordering_key("k"))?;
+    let a = f.store.enqueue(ev("t").with_ordering_key("k"))?;
+    let b = f.store.enqueue(ev("t").with_ordering_key("k"))?;
     let la = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
     f.store.fail(&la, "x")?;
     let lb = f.store.claim(1, LEASE, None)?.pop().ok_or("b")?;
     assert_eq!(lb.id, b.id);
-    f.store.requeue_failed(Requeue::One(a.id))?;
+    f.store.requeue(Requeue::One(a.id))?;
     assert!(
         f.store.claim(10, LEASE, None)?.is_empty(),
         "b holds a live lease on k"
@@ -606,79 +606,123 @@ fn requeued_head_waits_for_a_live_successor(f: &Fixture) -> TestResult {
 
 fn retention_removes_only_old_finished_events(f: &Fixture) -> TestResult {
     let start = f.clock.now_utc();
-    let old_done = f.store.create(ev("t"))?;
-    let old_failed = f.store.create(ev("t"))?;
-    let old_pending = f.store.create(ev("t"))?;
-    let old_processing = f.store.create(ev("t").with_delay(secs(1)))?;
+    let old_done = f.store.enqueue(ev("t"))?;
+    let old_failed = f.store.enqueue(ev("t"))?;
+    let old_pending = f.store.enqueue(ev("t"))?;
+    let old_processing = f.store.enqueue(ev("t").with_delay(secs(1)))?;
     f.store.mark_done(old_done.id)?;
     f.store.mark_failed(old_failed.id, "x")?;
     f.advance(secs(10));
-    let fresh_done = f.store.create(ev("t"))?;
+    let fresh_done = f.store.enqueue(ev("t"))?;
     f.store.mark_done(fresh_done.id)?;
     f.store.mark_processing(old_processing.id)?;
-    let removed = f.store.cleanup_old(start + ChronoDuration::seconds(5))?;
+    let removed = f.store.purge(start + ChronoDuration::seconds(5))?;
     assert_eq!(removed, 2);
-    assert!(f.store.find_by_id(old_done.id)?.is_none());
-    assert!(f.store.find_by_id(old_failed.id)?.is_none());
+    assert!(f.store.find(old_done.id)?.is_none());
+    assert!(f.store.find(old_failed.id)?.is_none());
     for kept in [&old_pending, &old_processing, &fresh_done] {
-        assert!(f.store.find_by_id(kept.id)?.is_some());
+        assert!(f.store.find(kept.id)?.is_some());
     }
     Ok(())
 }
 
 fn erase_by_org_and_user_removes_exactly_theirs(f: &Fixture) -> TestResult {
     let (org, other_org, user) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    let o1 = f.store.create(ev("t").with_org_id(org))?;
+    let o1 = f.store.enqueue(ev("t").with_org_id(org))?;
     let o2 = f
         .store
-        .create(ev("t").with_org_id(org).with_user_id(user))?;
+        .enqueue(ev("t").with_org_id(org).with_user_id(user))?;
     f.store.mark_done(o2.id)?;
-    let keep = f.store.create(ev("t").with_org_id(other_org))?;
-    let u1 = f.store.create(ev("t").with_user_id(user))?;
-    let none = f.store.create(ev("t"))?;
-    assert_eq!(f.store.delete_by_org(org)?, 2);
-    assert!(f.store.find_by_id(o1.id)?.is_none());
-    assert!(f.store.find_by_id(o2.id)?.is_none());
-    assert_eq!(f.store.delete_by_user(user)?, 1);
-    assert!(f.store.find_by_id(u1.id)?.is_none());
-    assert!(f.store.find_by_id(keep.id)?.is_some());
-    assert!(f.store.find_by_id(none.id)?.is_some());
+    let keep = f.store.enqueue(ev("t").with_org_id(other_org))?;
+    let u1 = f.store.enqueue(ev("t").with_user_id(user))?;
+    let none = f.store.enqueue(ev("t"))?;
+    assert_eq!(f.store.erase(Subject::Org(org))?, 2);
+    assert!(f.store.find(o1.id)?.is_none());
+    assert!(f.store.find(o2.id)?.is_none());
+    assert_eq!(f.store.erase(Subject::User(user))?, 1);
+    assert!(f.store.find(u1.id)?.is_none());
+    assert!(f.store.find(keep.id)?.is_some());
+    assert!(f.store.find(none.id)?.is_some());
     assert_eq!(f.store.delete_by_org(Uuid::new_v4())?, 0);
     Ok(())
 }
 
 fn requeue_failed_resets_attempts(f: &Fixture) -> TestResult {
-    let a = f.store.create(ev("a"))?;
-    let b = f.store.create(ev("b"))?;
-    let c = f.store.create(ev("a"))?;
+    let a = f.store.enqueue(ev("a"))?;
+    let b = f.store.enqueue(ev("b"))?;
+    let c = f.store.enqueue(ev("a"))?;
     for e in f.store.claim(10, LEASE, None)? {
         f.store.fail(&e.lease().ok_or("lease")?, "down")?;
     }
-    let pending = f.store.create(ev("a"))?;
+    let pending = f.store.enqueue(ev("a"))?;
     assert!(f
         .store
-        .requeue_failed(Requeue::One(pending.id))
+        .requeue(Requeue::One(pending.id))
         .unwrap_err()
         .is_invalid_input());
-    assert_eq!(f.store.requeue_failed(Requeue::One(a.id))?, 1);
+    assert_eq!(f.store.requeue(Requeue::One(a.id))?, 1);
     let back = get(f, &a)?;
     assert_eq!((back.status, back.attempts), (Status::Pending, 0));
     assert_eq!(back.last_error.as_deref(), Some("down"), "history kept");
     assert_eq!(back.completed_at, None);
-    assert_eq!(f.store.requeue_failed(Requeue::Type("a".into()))?, 1);
+    assert_eq!(f.store.requeue(Requeue::Type("a".into()))?, 1);
     assert_eq!(get(f, &c)?.status, Status::Pending);
-    assert_eq!(f.store.requeue_failed(Requeue::All)?, 1);
+    assert_eq!(f.store.requeue(Requeue::All)?, 1);
     assert_eq!(get(f, &b)?.status, Status::Pending);
     assert_eq!(f.store.count_failed()?, 0);
     Ok(())
 }
 
+fn cancel_gives_up_only_on_unfinished_events(f: &Fixture) -> TestResult {
+    let pending = f.store.enqueue(ev("t"))?;
+    f.store.cancel(pending.id, "operator gave up")?;
+    let e = get(f, &pending)?;
+    assert_eq!(
+        (e.status, e.last_error.as_deref()),
+        (Status::Failed, Some("operator gave up"))
+    );
+    assert!(e.completed_at.is_some());
+    let err = f
+        .store
+        .cancel(pending.id, "again")
+        .expect_err("already failed");
+    assert!(
+        err.is_invalid_input() && err.to_string().contains("already failed"),
+        "{err}"
+    );
+    assert_eq!(
+        get(f, &pending)?.last_error.as_deref(),
+        Some("operator gave up")
+    );
+    let missing = sqlite_outbox::EventId::new();
+    assert!(f.store.cancel(missing, "x").unwrap_err().is_not_found());
+    // A processing event: its worker's outcome is refused afterwards.
+    let running = f.store.enqueue(ev("t"))?;
+    let claimed = f.store.claim(1, secs(30), None)?;
+    f.store.cancel(running.id, "stuck")?;
+    let late = f.store.complete(&claimed[0].lease().ok_or("lease")?);
+    assert!(late.unwrap_err().is_lease_lost());
+    assert_eq!(get(f, &running)?.status, Status::Failed);
+    // A done event stays done.
+    let done = f.store.enqueue(ev("t"))?;
+    let claimed = f.store.claim(1, secs(30), None)?;
+    f.store.complete(&claimed[0].lease().ok_or("lease")?)?;
+    assert!(f
+        .store
+        .cancel(done.id, "late")
+        .unwrap_err()
+        .is_invalid_input());
+    let e = get(f, &done)?;
+    assert_eq!((e.status, e.last_error), (Status::Done, None));
+    Ok(())
+}
+
 fn stats_count_per_status_and_type(f: &Fixture) -> TestResult {
     let start = f.clock.now_utc();
-    let a = f.store.create(ev("a"))?;
-    f.store.create(ev("a"))?;
-    f.store.create(ev("b").with_delay(secs(100)))?;
-    let c = f.store.create(ev("c"))?;
+    let a = f.store.enqueue(ev("a"))?;
+    f.store.enqueue(ev("a"))?;
+    f.store.enqueue(ev("b").with_delay(secs(100)))?;
+    let c = f.store.enqueue(ev("c"))?;
     f.store.mark_done(a.id)?;
     f.store.mark_failed(c.id, "x")?;
     f.advance(secs(7));
@@ -708,9 +752,9 @@ fn list_filters_and_orders(f: &Fixture) -> TestResult {
     let org = Uuid::new_v4();
     let a = f
         .store
-        .create(ev("a").with_org_id(org).with_correlation_id("r1"))?;
-    let b = f.store.create(ev("b").with_org_id(org))?;
-    let c = f.store.create(ev("a"))?;
+        .enqueue(ev("a").with_org_id(org).with_correlation_id("r1"))?;
+    let b = f.store.enqueue(ev("b").with_org_id(org))?;
+    let c = f.store.enqueue(ev("a"))?;
     f.store.mark_failed(c.id, "x")?;
     let ids = |v: Vec<Event>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
     let all = ListFilter::default();
@@ -752,12 +796,12 @@ fn invalid_events_write_nothing(f: &Fixture) -> TestResult {
         NewEvent::new("t", json!({})).with_max_attempts(0),
     ];
     for event in bad {
-        let err = f.store.create(event).unwrap_err();
+        let err = f.store.enqueue(event).unwrap_err();
         assert!(err.is_invalid_input(), "{err}");
     }
     let err = f
         .store
-        .create_batch(vec![ev("ok"), NewEvent::new("", json!(1))])
+        .enqueue_batch(vec![ev("ok"), NewEvent::new("", json!(1))])
         .unwrap_err();
     assert!(err.is_invalid_input());
     assert_eq!(f.store.stats()?.total(), 0, "nothing was written");
@@ -765,10 +809,10 @@ fn invalid_events_write_nothing(f: &Fixture) -> TestResult {
 }
 
 fn duplicate_ids_are_rejected_whole(f: &Fixture) -> TestResult {
-    let first = f.store.create(ev("t"))?;
+    let first = f.store.enqueue(ev("t"))?;
     let err = f
         .store
-        .create_batch(vec![ev("t"), ev("t").with_id(first.id)])
+        .enqueue_batch(vec![ev("t"), ev("t").with_id(first.id)])
         .unwrap_err();
     assert!(err.is_invalid_input(), "{err}");
     assert_eq!(f.store.stats()?.total(), 1, "the batch was all or nothing");
@@ -777,7 +821,7 @@ fn duplicate_ids_are_rejected_whole(f: &Fixture) -> TestResult {
 
 fn payloads_round_trip(f: &Fixture) -> TestResult {
     let payload = json!({"n": 1.5, "s": "héllo \u{1F600}", "a": [null, true, {"x": -7}], "big": 9007199254740993u64});
-    let e = f.store.create(NewEvent::new("t", payload.clone()))?;
+    let e = f.store.enqueue(NewEvent::new("t", payload.clone()))?;
     assert_eq!(get(f, &e)?.payload, payload);
     Ok(())
 }
@@ -787,7 +831,7 @@ fn custom_policy_is_used(_: &Fixture) -> TestResult {
         Fixture::memory_with(RetryPolicy::constant(secs(5)).with_max_attempts(2)),
         Fixture::sqlite_with(RetryPolicy::constant(secs(5)).with_max_attempts(2)),
     ] {
-        let e = f.store.create(ev("t"))?;
+        let e = f.store.enqueue(ev("t"))?;
         assert_eq!(e.max_attempts, 2);
         let l = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
         f.store.retry(&l, "x", None)?;
@@ -800,7 +844,7 @@ fn custom_policy_is_used(_: &Fixture) -> TestResult {
 }
 
 fn mark_processing_uses_the_default_lease(f: &Fixture) -> TestResult {
-    let e = f.store.create(ev("t"))?;
+    let e = f.store.enqueue(ev("t"))?;
     f.store.mark_processing(e.id)?;
     let p = get(f, &e)?;
     assert_eq!(
@@ -820,27 +864,24 @@ fn mark_processing_uses_the_default_lease(f: &Fixture) -> TestResult {
 
 fn retention_keeps_an_event_created_exactly_at_the_cutoff(f: &Fixture) -> TestResult {
     let at = f.clock.now_utc();
-    let edge = f.store.create(ev("t"))?;
+    let edge = f.store.enqueue(ev("t"))?;
     f.store.mark_done(edge.id)?;
     f.advance(millis(1));
-    let after = f.store.create(ev("t"))?;
+    let after = f.store.enqueue(ev("t"))?;
     f.store.mark_done(after.id)?;
     // Strictly older than the cut-off goes; created at it stays.
-    assert_eq!(f.store.cleanup_old(at)?, 0);
-    assert!(f.store.find_by_id(edge.id)?.is_some());
-    assert_eq!(
-        f.store.cleanup_old(at + ChronoDuration::milliseconds(1))?,
-        1
-    );
-    assert!(f.store.find_by_id(edge.id)?.is_none());
-    assert!(f.store.find_by_id(after.id)?.is_some());
+    assert_eq!(f.store.purge(at)?, 0);
+    assert!(f.store.find(edge.id)?.is_some());
+    assert_eq!(f.store.purge(at + ChronoDuration::milliseconds(1))?, 1);
+    assert!(f.store.find(edge.id)?.is_none());
+    assert!(f.store.find(after.id)?.is_some());
     Ok(())
 }
 
 fn stats_report_the_oldest_of_several_due_events(f: &Fixture) -> TestResult {
-    f.store.create(ev("a"))?;
+    f.store.enqueue(ev("a"))?;
     f.advance(secs(5));
-    f.store.create(ev("b"))?;
+    f.store.enqueue(ev("b"))?;
     f.advance(secs(3));
     let s = f.store.stats()?;
     assert_eq!(s.due, 2);
@@ -854,10 +895,10 @@ fn stats_report_the_oldest_of_several_due_events(f: &Fixture) -> TestResult {
 
 fn a_requeued_event_is_claimable_at_once(f: &Fixture) -> TestResult {
     // Failed while its due time was still an hour away.
-    let e = f.store.create(ev("t").with_delay(secs(3600)))?;
+    let e = f.store.enqueue(ev("t").with_delay(secs(3600)))?;
     f.store.mark_failed(e.id, "given up by an operator")?;
     f.advance(secs(1));
-    assert_eq!(f.store.requeue_failed(Requeue::One(e.id))?, 1);
+    assert_eq!(f.store.requeue(Requeue::One(e.id))?, 1);
     let back = get(f, &e)?;
     assert_eq!(back.next_attempt_at, f.clock.now_utc(), "due now");
     assert_eq!(f.store.claim(1, LEASE, None)?.len(), 1);
@@ -866,9 +907,9 @@ fn a_requeued_event_is_claimable_at_once(f: &Fixture) -> TestResult {
 
 fn list_filters_by_user(f: &Fixture) -> TestResult {
     let (ada, bob) = (Uuid::new_v4(), Uuid::new_v4());
-    let a = f.store.create(ev("t").with_user_id(ada))?;
-    f.store.create(ev("t").with_user_id(bob))?;
-    f.store.create(ev("t"))?;
+    let a = f.store.enqueue(ev("t").with_user_id(ada))?;
+    f.store.enqueue(ev("t").with_user_id(bob))?;
+    f.store.enqueue(ev("t"))?;
     let mine = ListFilter {
         user_id: Some(ada),
         ..ListFilter::default()
@@ -882,9 +923,9 @@ fn backlog_says_what_is_left(f: &Fixture) -> TestResult {
     let empty = f.store.backlog(None)?;
     assert!(!empty.due && !empty.processing && empty.next_due_at.is_none());
     let now = f.clock.now_utc();
-    f.store.create(ev("a").with_ordering_key("k"))?;
-    f.store.create(ev("a").with_ordering_key("k"))?;
-    f.store.create(ev("b").with_delay(secs(60)))?;
+    f.store.enqueue(ev("a").with_ordering_key("k"))?;
+    f.store.enqueue(ev("a").with_ordering_key("k"))?;
+    f.store.enqueue(ev("b").with_delay(secs(60)))?;
     let b = f.store.backlog(None)?;
     assert!(b.due && !b.processing);
     assert_eq!(b.next_due_at, Some(now + ChronoDuration::seconds(60)));
@@ -956,6 +997,7 @@ suite!(
     retention_removes_only_old_finished_events,
     erase_by_org_and_user_removes_exactly_theirs,
     requeue_failed_resets_attempts,
+    cancel_gives_up_only_on_unfinished_events,
     stats_count_per_status_and_type,
     list_filters_and_orders,
     invalid_events_write_nothing,

@@ -18,7 +18,7 @@ use common::{secs, TestResult};
 use rusqlite::{Connection, TransactionBehavior};
 use serde_json::json;
 use sqlite_outbox::{
-    Dispatcher, Event, HandlerError, NewEvent, RetryPolicy, SqliteStore, Status, Store,
+    Dispatcher, Event, HandlerError, NewEvent, Operator, RetryPolicy, SqliteStore, Status, Store,
 };
 
 /// Panics on every event whose message mentions `poison`, while armed.
@@ -81,7 +81,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> TestResult {
 fn wait_for_first_failure(store: &SqliteStore, event: &Event) -> TestResult {
     wait_for("the outcome of the first attempt", || {
         store
-            .find_by_id(event.id)
+            .find(event.id)
             .ok()
             .flatten()
             .is_some_and(|e| e.attempts == 1 && e.status == Status::Pending)
@@ -93,7 +93,7 @@ fn a_worker_that_dies_gives_its_event_back_and_is_replaced() -> TestResult {
     let armed = armed();
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(dir.path().join("o.db"))?;
-    let poison = store.create(NewEvent::new("t", json!({"n": 0})))?;
+    let poison = store.enqueue(NewEvent::new("t", json!({"n": 0})))?;
     // One worker: the events after the poison one prove it was replaced.
     let dispatcher = Dispatcher::builder(store.clone())
         .workers(1)
@@ -109,7 +109,7 @@ fn a_worker_that_dies_gives_its_event_back_and_is_replaced() -> TestResult {
     armed.store(true, Ordering::SeqCst);
     wait_for_first_failure(&store, &poison)?;
     armed.store(false, Ordering::SeqCst);
-    let e = store.find_by_id(poison.id)?.ok_or("gone")?;
+    let e = store.find(poison.id)?.ok_or("gone")?;
     assert!(
         e.last_error
             .unwrap_or_default()
@@ -119,7 +119,7 @@ fn a_worker_that_dies_gives_its_event_back_and_is_replaced() -> TestResult {
     assert_eq!(e.locked_until, None, "no lease is kept for a dead thread");
     // The replaced worker delivers what comes next.
     for n in 1..=5 {
-        store.create(NewEvent::new("t", json!({"n": n})))?;
+        store.enqueue(NewEvent::new("t", json!({"n": n})))?;
     }
     let next = store.clone();
     wait_for("the next five events", || {
@@ -146,14 +146,14 @@ fn an_error_whose_display_panics_is_an_ordinary_failed_attempt() -> TestResult {
     armed();
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(dir.path().join("o.db"))?;
-    let event = store.create(NewEvent::new("t", json!({})))?;
+    let event = store.enqueue(NewEvent::new("t", json!({})))?;
     let dispatcher = Dispatcher::builder(store.clone())
         .workers(1)
         .handle("t", |_: &Event| Err(HandlerError::retry(PanicsOnDisplay)))
         .start()?;
     wait_for_first_failure(&store, &event)?;
     let report = dispatcher.shutdown(secs(5));
-    let e = store.find_by_id(event.id)?.ok_or("gone")?;
+    let e = store.find(event.id)?.ok_or("gone")?;
     assert_eq!(
         e.last_error.as_deref(),
         Some("the handler's error panicked while being displayed")
@@ -170,7 +170,7 @@ fn the_longest_delay_with_jitter_is_written_not_panicked_on() -> TestResult {
     let store = SqliteStore::builder(dir.path().join("o.db"))
         .retry_policy(RetryPolicy::constant(Duration::MAX).with_jitter(0.5))
         .build()?;
-    let event = store.create(NewEvent::new("t", json!({})))?;
+    let event = store.enqueue(NewEvent::new("t", json!({})))?;
     let dispatcher = Dispatcher::builder(store.clone())
         .workers(1)
         .handle("t", |_: &Event| Err(HandlerError::retry("not now")))
@@ -178,7 +178,7 @@ fn the_longest_delay_with_jitter_is_written_not_panicked_on() -> TestResult {
     wait_for_first_failure(&store, &event)?;
     let report = dispatcher.shutdown(secs(5));
     assert!(report.is_clean(), "{report:?}");
-    let e = store.find_by_id(event.id)?.ok_or("gone")?;
+    let e = store.find(event.id)?.ok_or("gone")?;
     assert_eq!(
         e.next_attempt_at.to_rfc3339(),
         "9999-12-31T23:59:59.999+00:00"
@@ -191,7 +191,7 @@ fn a_claim_that_waited_for_the_lock_is_not_born_expired() -> TestResult {
     armed();
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(dir.path().join("o.db"))?;
-    store.create(NewEvent::new("t", json!({})))?;
+    store.enqueue(NewEvent::new("t", json!({})))?;
     let mut blocker = Connection::open(store.path())?;
     let tx = blocker.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let claimer = {
@@ -222,8 +222,8 @@ fn a_store_write_inside_the_stores_own_transaction_fails_at_once() -> TestResult
     let store = SqliteStore::open(dir.path().join("o.db"))?;
     let started = Instant::now();
     let result = store.transaction(|tx| {
-        store.enqueue(tx, NewEvent::new("t", json!(1)))?;
-        store.create(NewEvent::new("t", json!(2)))?;
+        store.enqueue_tx(tx, NewEvent::new("t", json!(1)))?;
+        store.enqueue(NewEvent::new("t", json!(2)))?;
         Ok(())
     });
     let err = result.expect_err("a second writer inside the transaction");
@@ -240,11 +240,11 @@ fn a_store_write_inside_the_stores_own_transaction_fails_at_once() -> TestResult
     assert_eq!(store.stats()?.total(), 0, "the transaction rolled back");
     // Reads are fine inside, and writes after it.
     store.transaction(|tx| {
-        store.enqueue(tx, NewEvent::new("t", json!(3)))?;
+        store.enqueue_tx(tx, NewEvent::new("t", json!(3)))?;
         store.stats()?;
         Ok(())
     })?;
-    store.create(NewEvent::new("t", json!(4)))?;
+    store.enqueue(NewEvent::new("t", json!(4)))?;
     assert_eq!(store.stats()?.total(), 2);
     Ok(())
 }
@@ -256,9 +256,9 @@ fn another_stores_writes_are_fine_inside_a_transaction() -> TestResult {
     let app = SqliteStore::open(dir.path().join("app.db"))?;
     let audit = SqliteStore::open(dir.path().join("audit.db"))?;
     app.transaction(|tx| {
-        app.enqueue(tx, NewEvent::new("t", json!(1)))?;
+        app.enqueue_tx(tx, NewEvent::new("t", json!(1)))?;
         // A different file: no lock of ours is held there.
-        audit.create(NewEvent::new("audit", json!(1)))?;
+        audit.enqueue(NewEvent::new("audit", json!(1)))?;
         Ok(())
     })?;
     assert_eq!((app.stats()?.total(), audit.stats()?.total()), (1, 1));

@@ -62,7 +62,7 @@ fn every_delivery_has_a_span_with_the_event_fields() -> Result<(), Box<dyn std::
     })?;
     let store = MemoryStore::new();
     let event =
-        store.create(NewEvent::new("email.invite", json!({})).with_correlation_id("req-7"))?;
+        store.enqueue(NewEvent::new("email.invite", json!({})).with_correlation_id("req-7"))?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let dispatcher = Dispatcher::builder(store.clone())
         .handle("email.invite", move |_: &Event| {

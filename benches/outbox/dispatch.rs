@@ -12,7 +12,7 @@ pub(crate) fn dispatch_ours(
 ) -> Res<f64> {
     let store = our_db(path, durability)?;
     for chunk in 0..n / 1000 {
-        store.create_batch((0..1000).map(|i| event(chunk * 1000 + i)).collect())?;
+        store.enqueue_batch((0..1000).map(|i| event(chunk * 1000 + i)).collect())?;
     }
     let t = Instant::now();
     let dispatcher = Dispatcher::builder(store.clone())

@@ -19,7 +19,7 @@ pub(crate) fn enqueue_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> 
                     store.transaction(|tx| {
                         tx.prepare_cached("INSERT INTO app (v) VALUES (?1)")?
                             .execute([i as i64])?;
-                        store.enqueue(tx, event(r * per + i))?;
+                        store.enqueue_tx(tx, event(r * per + i))?;
                         Ok::<_, sqlite_outbox::Error>(())
                     })?;
                 }
@@ -54,7 +54,7 @@ pub(crate) fn enqueue_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> 
         |r| {
             for b in 0..batches / rounds {
                 store.transaction(|tx| {
-                    store.enqueue_batch(
+                    store.enqueue_batch_tx(
                         tx,
                         (0..100)
                             .map(|i| event(r * 1_000_000 + b * 100 + i))
@@ -98,7 +98,7 @@ pub(crate) fn enqueue_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> 
                     std::thread::spawn(move || -> sqlite_outbox::Result<()> {
                         for i in 0..n / 8 {
                             store.transaction(|tx| {
-                                store.enqueue(tx, event(t * n + i)).map(|_| ())
+                                store.enqueue_tx(tx, event(t * n + i)).map(|_| ())
                             })?;
                         }
                         Ok(())

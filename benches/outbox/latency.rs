@@ -69,7 +69,7 @@ pub(crate) fn latency_bench(
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        let e = store.create(event(i))?;
+        let e = store.enqueue(event(i))?;
         committed.insert(e.id.to_string(), now_ns());
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -127,7 +127,7 @@ pub(crate) fn child_enqueue(path: &str, n: usize, per_sec: u64) -> Res<()> {
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        let e = store.create(event(i))?;
+        let e = store.enqueue(event(i))?;
         out.push_str(&format!("{} {}\n", e.id, now_ns()));
     }
     print!("{out}");

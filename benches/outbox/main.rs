@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, TransactionBehavior};
 use serde_json::json;
-use sqlite_outbox::{Ack, Dispatcher, Durability, Event, NewEvent, SqliteStore, Store, SCHEMA_SQL};
+use sqlite_outbox::{
+    Ack, Dispatcher, Durability, Event, NewEvent, Operator, SqliteStore, Store, SCHEMA_SQL,
+};
 
 mod dispatch;
 mod enqueue;

@@ -241,7 +241,7 @@ impl Dispatcher {
     ///
     /// let dir = tempfile::tempdir()?;
     /// let store = SqliteStore::open(dir.path().join("app.db"))?;
-    /// store.create(NewEvent::new("ping", serde_json::json!({})))?;
+    /// store.enqueue(NewEvent::new("ping", serde_json::json!({})))?;
     /// let report = Dispatcher::builder(store.clone())
     ///     .handle("ping", |_event| Ok(()))
     ///     .start()?

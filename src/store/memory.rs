@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use crossbeam_channel::Receiver;
-use uuid::Uuid;
 
+use super::legacy::UnfencedStore;
 use super::{
-    new_token, Ack, AckKind, Backlog, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE,
-    LEASE_EXPIRED_ERROR,
+    new_token, Ack, AckKind, Backlog, ListFilter, Notifier, Operator, Requeue, Stats, Store,
+    Subject, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
 };
 use crate::clock::{self, Clock, SystemClock};
 use crate::error::{Error, Result};
@@ -207,7 +207,7 @@ fn apply_retry(
 }
 
 impl Store for MemoryStore {
-    fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+    fn enqueue_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
         for event in &events {
             event.checked_payload()?;
         }
@@ -244,7 +244,7 @@ impl Store for MemoryStore {
         Ok(created)
     }
 
-    fn find_by_id(&self, id: EventId) -> Result<Option<Event>> {
+    fn find(&self, id: EventId) -> Result<Option<Event>> {
         let state = self.state();
         Ok(state
             .by_id
@@ -320,6 +320,135 @@ impl Store for MemoryStore {
         Ok(results)
     }
 
+    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+        let now = truncate(self.now());
+        let state = self.state();
+        let mine = || {
+            state
+                .rows
+                .values()
+                .filter(|e| type_allowed(types, &e.event_type))
+        };
+        Ok(Backlog {
+            due: mine().any(|e| e.status == Status::Pending && claimable(&state, e, now)),
+            processing: mine().any(|e| e.status == Status::Processing),
+            next_due_at: mine()
+                .filter(|e| e.status == Status::Pending && e.next_attempt_at > now)
+                .map(|e| e.next_attempt_at)
+                .min(),
+        })
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.policy
+    }
+}
+
+impl Operator for MemoryStore {
+    fn stats(&self) -> Result<Stats> {
+        let now = truncate(self.now());
+        let state = self.state();
+        let mut stats = Stats::default();
+        let mut oldest_due: Option<DateTime<Utc>> = None;
+        for e in state.rows.values() {
+            let due = e.status == Status::Pending && e.next_attempt_at <= now;
+            stats.add(&e.event_type, e.status, 1, u64::from(due));
+            if due {
+                oldest_due =
+                    Some(oldest_due.map_or(e.next_attempt_at, |t| t.min(e.next_attempt_at)));
+            }
+        }
+        stats.oldest_due_age = oldest_due.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO));
+        Ok(stats)
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        let state = self.state();
+        let matching = state.rows.values().filter(|e| filter.matches(e)).cloned();
+        Ok(if filter.newest_first {
+            matching.rev().take(filter.limit).collect()
+        } else {
+            matching.take(filter.limit).collect()
+        })
+    }
+
+    fn requeue(&self, which: Requeue) -> Result<u64> {
+        let now = truncate(self.now());
+        let requeue = |e: &mut Event| {
+            e.status = Status::Pending;
+            e.attempts = 0;
+            e.next_attempt_at = now;
+            e.completed_at = None;
+        };
+        let n = match which {
+            Requeue::One(id) => self.with_event(id, |e, _| {
+                if e.status != Status::Failed {
+                    return Err(Error::invalid(format!(
+                        "event {id} is {}, not failed",
+                        e.status
+                    )));
+                }
+                requeue(e);
+                Ok(1)
+            })?,
+            Requeue::Type(_) | Requeue::All => {
+                let only = match &which {
+                    Requeue::Type(t) => Some(t.clone()),
+                    _ => None,
+                };
+                let mut state = self.state();
+                let mut n = 0;
+                for e in state.rows.values_mut() {
+                    if e.status == Status::Failed
+                        && only.as_ref().is_none_or(|t| &e.event_type == t)
+                    {
+                        requeue(e);
+                        n += 1;
+                    }
+                }
+                n
+            }
+        };
+        if n > 0 {
+            self.inner.notifier.notify();
+        }
+        Ok(n)
+    }
+
+    fn purge(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let cutoff = truncate(older_than);
+        Ok(self.remove_where(|e| {
+            !(matches!(e.status, Status::Done | Status::Failed) && e.created_at < cutoff)
+        }))
+    }
+
+    fn erase(&self, subject: Subject) -> Result<u64> {
+        Ok(match subject {
+            Subject::Org(org) => self.remove_where(|e| e.org_id != Some(org)),
+            Subject::User(user) => self.remove_where(|e| e.user_id != Some(user)),
+        })
+    }
+
+    fn cancel(&self, id: EventId, reason: &str) -> Result<()> {
+        self.with_event(id, |e, now| {
+            if matches!(e.status, Status::Done | Status::Failed) {
+                return Err(Error::invalid(format!(
+                    "event {id} is already {}",
+                    e.status
+                )));
+            }
+            e.last_error = Some(crate::event::capped_error(reason));
+            finish(e, Status::Failed, now);
+            Ok(())
+        })
+    }
+}
+
+impl UnfencedStore for MemoryStore {
     fn mark_processing(&self, id: EventId) -> Result<()> {
         self.with_event(id, |e, now| {
             match e.status {
@@ -367,124 +496,12 @@ impl Store for MemoryStore {
         })
     }
 
-    fn cleanup_old(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        let cutoff = truncate(older_than);
-        Ok(self.remove_where(|e| {
-            !(matches!(e.status, Status::Done | Status::Failed) && e.created_at < cutoff)
-        }))
-    }
-
     fn count_pending(&self) -> Result<u64> {
         Ok(self.stats()?.pending)
     }
 
     fn count_failed(&self) -> Result<u64> {
         Ok(self.stats()?.failed)
-    }
-
-    fn delete_by_org(&self, org_id: Uuid) -> Result<u64> {
-        Ok(self.remove_where(|e| e.org_id != Some(org_id)))
-    }
-
-    fn delete_by_user(&self, user_id: Uuid) -> Result<u64> {
-        Ok(self.remove_where(|e| e.user_id != Some(user_id)))
-    }
-
-    fn requeue_failed(&self, which: Requeue) -> Result<u64> {
-        let now = truncate(self.now());
-        let requeue = |e: &mut Event| {
-            e.status = Status::Pending;
-            e.attempts = 0;
-            e.next_attempt_at = now;
-            e.completed_at = None;
-        };
-        let n = match which {
-            Requeue::One(id) => self.with_event(id, |e, _| {
-                if e.status != Status::Failed {
-                    return Err(Error::invalid(format!(
-                        "event {id} is {}, not failed",
-                        e.status
-                    )));
-                }
-                requeue(e);
-                Ok(1)
-            })?,
-            Requeue::Type(_) | Requeue::All => {
-                let only = match &which {
-                    Requeue::Type(t) => Some(t.clone()),
-                    _ => None,
-                };
-                let mut state = self.state();
-                let mut n = 0;
-                for e in state.rows.values_mut() {
-                    if e.status == Status::Failed
-                        && only.as_ref().is_none_or(|t| &e.event_type == t)
-                    {
-                        requeue(e);
-                        n += 1;
-                    }
-                }
-                n
-            }
-        };
-        if n > 0 {
-            self.inner.notifier.notify();
-        }
-        Ok(n)
-    }
-
-    fn stats(&self) -> Result<Stats> {
-        let now = truncate(self.now());
-        let state = self.state();
-        let mut stats = Stats::default();
-        let mut oldest_due: Option<DateTime<Utc>> = None;
-        for e in state.rows.values() {
-            let due = e.status == Status::Pending && e.next_attempt_at <= now;
-            stats.add(&e.event_type, e.status, 1, u64::from(due));
-            if due {
-                oldest_due =
-                    Some(oldest_due.map_or(e.next_attempt_at, |t| t.min(e.next_attempt_at)));
-            }
-        }
-        stats.oldest_due_age = oldest_due.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO));
-        Ok(stats)
-    }
-
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
-        let state = self.state();
-        let matching = state.rows.values().filter(|e| filter.matches(e)).cloned();
-        Ok(if filter.newest_first {
-            matching.rev().take(filter.limit).collect()
-        } else {
-            matching.take(filter.limit).collect()
-        })
-    }
-
-    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
-        let now = truncate(self.now());
-        let state = self.state();
-        let mine = || {
-            state
-                .rows
-                .values()
-                .filter(|e| type_allowed(types, &e.event_type))
-        };
-        Ok(Backlog {
-            due: mine().any(|e| e.status == Status::Pending && claimable(&state, e, now)),
-            processing: mine().any(|e| e.status == Status::Processing),
-            next_due_at: mine()
-                .filter(|e| e.status == Status::Pending && e.next_attempt_at > now)
-                .map(|e| e.next_attempt_at)
-                .min(),
-        })
-    }
-
-    fn clock(&self) -> &Arc<dyn Clock> {
-        &self.inner.clock
-    }
-
-    fn retry_policy(&self) -> &RetryPolicy {
-        &self.inner.policy
     }
 }
 

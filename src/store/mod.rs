@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use crossbeam_channel::{Receiver, Sender};
 use uuid::Uuid;
 
@@ -15,10 +14,13 @@ use crate::retry::RetryPolicy;
 
 pub use ack::Ack;
 pub(crate) use ack::AckKind;
+pub use operator::{Operator, Subject};
 pub use report::{Backlog, ListFilter, Requeue, Stats, TypeStats};
 
 mod ack;
+pub(crate) mod legacy;
 pub(crate) mod memory;
+mod operator;
 mod report;
 mod row;
 pub(crate) mod schema;
@@ -64,14 +66,27 @@ pub(crate) mod sealed {
 pub const LEASE_EXPIRED_ERROR: &str =
     "lease expired on the last attempt (the worker crashed or stalled)";
 
-/// The default lease for [`Store::mark_processing`], which takes none: 60 s.
+/// The default lease for [`crate::legacy::UnfencedStore::mark_processing`],
+/// which takes none: 60 s.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
-/// Where events live. Implemented by [`crate::SqliteStore`] (durable, shared
-/// between processes) and [`crate::MemoryStore`] (the reference model, for
-/// tests); both behave identically and pass one test suite.
+/// Where events live, and what a worker does with them: the core tier.
+/// Implemented by [`crate::SqliteStore`] (durable, shared between
+/// processes) and [`crate::MemoryStore`] (the reference model, for tests);
+/// both behave identically and pass one test suite.
 ///
-/// The trait is sealed: it cannot be implemented outside this crate.
+/// The API has three tiers, one trait each:
+///
+/// - [`Store`] (this trait): enqueue, find, claim and settle. All a worker,
+///   a relay or the [`crate::Dispatcher`] needs.
+/// - [`Operator`]: what a person or a maintenance job does with a
+///   queue: stats, list, requeue, cancel, purge, erase.
+/// - [`crate::legacy::UnfencedStore`]: id-based operations that do not
+///   check leases, for single-worker loops and code written against a
+///   classic repository interface.
+///
+/// `use sqlite_outbox::prelude::*;` brings the first two into scope. The
+/// traits are sealed: they cannot be implemented outside this crate.
 ///
 /// # Leases and fencing
 ///
@@ -83,14 +98,11 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 /// nothing, when the event was claimed again after the lease expired, or is
 /// gone. A worker that stalled past its lease therefore cannot overwrite the
 /// outcome of the worker that took over.
-///
-/// The `mark_*` operations are unfenced and id-based. They act on
-/// whatever lease is current (and cancel it), which suits operators and
-/// simple single-worker loops, not concurrent workers.
 pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     /// Adds one event in its own transaction and returns it as stored. With
     /// an idempotency key that is already stored, returns the stored event
-    /// and adds nothing.
+    /// and adds nothing. To enqueue inside the app's own transaction, use
+    /// [`crate::SqliteStore::enqueue_tx`].
     ///
     /// # Errors
     ///
@@ -98,8 +110,8 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     /// payload (nothing is written); `Busy`, `DiskFull`, `ReadOnly`, `Io` from
     /// the database. An error from the commit means the outcome is unknown:
     /// use an idempotency key to retry safely.
-    fn create(&self, event: NewEvent) -> Result<Event> {
-        let mut created = self.create_batch(vec![event])?;
+    fn enqueue(&self, event: NewEvent) -> Result<Event> {
+        let mut created = self.enqueue_batch(vec![event])?;
         created
             .pop()
             .ok_or_else(|| crate::Error::invalid("nothing was enqueued"))
@@ -109,15 +121,15 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     ///
     /// # Errors
     ///
-    /// As [`Store::create`]; one invalid event rejects the whole batch.
-    fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>>;
+    /// As [`Store::enqueue`]; one invalid event rejects the whole batch.
+    fn enqueue_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>>;
 
     /// The event with this id, if any.
     ///
     /// # Errors
     ///
     /// Database errors only.
-    fn find_by_id(&self, id: EventId) -> Result<Option<Event>>;
+    fn find(&self, id: EventId) -> Result<Option<Event>>;
 
     /// Claims up to `limit` events in one atomic write and returns them with
     /// their leases, in (due time, enqueue order).
@@ -197,117 +209,6 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     fn release(&self, lease: &Lease) -> Result<()> {
         settle_one(self, Ack::release(*lease))
     }
-
-    /// Claims up to `limit` due events with a lease of `lock_timeout_secs`
-    /// seconds: [`Store::claim`] for all types, with integer arguments.
-    ///
-    /// # Errors
-    ///
-    /// As [`Store::claim`].
-    fn fetch_pending(&self, limit: u32, lock_timeout_secs: u64) -> Result<Vec<Event>> {
-        self.claim(limit as usize, Duration::from_secs(lock_timeout_secs), None)
-    }
-
-    /// Marks an event `processing` under a fresh [`DEFAULT_LEASE`] and counts
-    /// an attempt. An event that is already processing (fetched by
-    /// [`Store::fetch_pending`]) keeps its attempt count: the claim counted
-    /// it already.
-    ///
-    /// # Errors
-    ///
-    /// `NotFound`; `InvalidInput` if the event is done or failed.
-    fn mark_processing(&self, id: EventId) -> Result<()>;
-
-    /// Marks an event `done`, whatever its lease.
-    ///
-    /// # Errors
-    ///
-    /// `NotFound`; database errors.
-    fn mark_done(&self, id: EventId) -> Result<()>;
-
-    /// Records that the event's effect was confirmed delivered
-    /// (`delivered_at`), without changing its status.
-    ///
-    /// # Errors
-    ///
-    /// `NotFound`; database errors.
-    fn mark_delivered(&self, id: EventId) -> Result<()>;
-
-    /// Records a failed attempt, whatever its lease: pending again after the
-    /// policy's delay, or `failed` once `max_attempts` is reached.
-    ///
-    /// # Errors
-    ///
-    /// `NotFound`; database errors.
-    fn mark_retry(&self, id: EventId, error: &str) -> Result<()>;
-
-    /// Marks an event `failed` with `error`, whatever its lease.
-    ///
-    /// # Errors
-    ///
-    /// `NotFound`; database errors.
-    fn mark_failed(&self, id: EventId, error: &str) -> Result<()>;
-
-    /// Deletes done and failed events created before `older_than`; returns
-    /// how many.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn cleanup_old(&self, older_than: DateTime<Utc>) -> Result<u64>;
-
-    /// How many events are pending (due or not).
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn count_pending(&self) -> Result<u64>;
-
-    /// How many events have failed.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn count_failed(&self) -> Result<u64>;
-
-    /// Deletes every event of an organisation, in any status; returns how
-    /// many.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn delete_by_org(&self, org_id: Uuid) -> Result<u64>;
-
-    /// Deletes every event of a user, in any status; returns how many.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn delete_by_user(&self, user_id: Uuid) -> Result<u64>;
-
-    /// Moves failed events back to pending, due now, with `attempts` reset
-    /// to 0 (the last error is kept); returns how many.
-    ///
-    /// # Errors
-    ///
-    /// `NotFound` for [`Requeue::One`] of a missing event; `InvalidInput` if
-    /// that event is not failed; database errors.
-    fn requeue_failed(&self, which: Requeue) -> Result<u64>;
-
-    /// Counts per status and per event type, and the age of the oldest due
-    /// event.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn stats(&self) -> Result<Stats>;
-
-    /// Events matching `filter`, at most `filter.limit`.
-    ///
-    /// # Errors
-    ///
-    /// Database errors.
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>>;
 
     /// What is left to deliver for these event types (all when `None`):
     /// whether an event can be claimed now, whether one is being handled,
@@ -399,9 +300,9 @@ mod tests {
         assert_eq!(store.next_wakeup(None)?, None);
         let now = clock.now();
         let secs = Duration::from_secs;
-        store.create(NewEvent::new("a", json!({})).with_delay(secs(50)))?;
-        store.create(NewEvent::new("b", json!({})).with_delay(secs(20)))?;
-        store.create(NewEvent::new("c", json!({})))?;
+        store.enqueue(NewEvent::new("a", json!({})).with_delay(secs(50)))?;
+        store.enqueue(NewEvent::new("b", json!({})).with_delay(secs(20)))?;
+        store.enqueue(NewEvent::new("c", json!({})))?;
         assert_eq!(
             store.next_wakeup(None)?,
             Some(now + ChronoDuration::seconds(20))

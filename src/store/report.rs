@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::event::{Event, EventId, Status};
 
-/// Which failed events [`crate::Store::requeue_failed`] moves back to pending.
+/// Which failed events [`crate::Operator::requeue`] moves back to pending.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Requeue {
@@ -54,7 +54,7 @@ pub struct Backlog {
     pub next_due_at: Option<DateTime<Utc>>,
 }
 
-/// What [`crate::Store::stats`] reports.
+/// What [`crate::Operator::stats`] reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Stats {
@@ -124,7 +124,7 @@ impl Stats {
     }
 }
 
-/// A filter for [`crate::Store::list`]. Every set field must match. Build it from
+/// A filter for [`crate::Operator::list`]. Every set field must match. Build it from
 /// `ListFilter { field: value, ..ListFilter::default() }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListFilter {

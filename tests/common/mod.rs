@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
+use sqlite_outbox::legacy::UnfencedStore;
 use sqlite_outbox::{ManualClock, MemoryStore, RetryPolicy, SqliteStore, Store};
 use tempfile::TempDir;
 
@@ -18,7 +19,8 @@ pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// A store on a manual clock, and what the test needs to drive it.
 pub struct Fixture {
-    pub store: Arc<dyn Store>,
+    /// All three tiers of the API.
+    pub store: Arc<dyn UnfencedStore>,
     pub clock: ManualClock,
     pub sqlite: Option<SqliteStore>,
     pub dir: Option<TempDir>,
@@ -58,6 +60,11 @@ impl Fixture {
             sqlite: Some(store),
             dir: Some(dir),
         }
+    }
+
+    /// The store as the dispatcher takes it (the core tier).
+    pub fn core(&self) -> Arc<dyn Store> {
+        self.store.clone()
     }
 
     pub fn advance(&self, d: Duration) {

@@ -37,7 +37,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, Durability, Event, HandlerError, NewEvent, SqliteStore, Store};
+use sqlite_outbox::{
+    Dispatcher, Durability, Event, HandlerError, NewEvent, Operator, SqliteStore, Store,
+};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -205,7 +207,7 @@ fn enqueue_batch(
                 )
             })
             .collect();
-        store.enqueue_batch(tx, events)?;
+        store.enqueue_batch_tx(tx, events)?;
         Ok(())
     })
 }

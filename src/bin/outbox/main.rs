@@ -59,8 +59,9 @@ enum Command {
     },
     /// Enqueue one event.
     Enqueue(EnqueueArgs),
-    /// Move failed events back to pending.
-    Retry {
+    /// Move failed events back to pending, due now, attempts reset.
+    #[command(alias = "retry")]
+    Requeue {
         /// One failed event.
         id: Option<String>,
         /// Every failed event (optionally of one --type).
@@ -70,8 +71,9 @@ enum Command {
         #[arg(long = "type", requires = "failed")]
         event_type: Option<String>,
     },
-    /// Give up on a pending event.
-    Fail {
+    /// Give up on a pending or processing event: it becomes failed.
+    #[command(alias = "fail")]
+    Cancel {
         /// The event id.
         id: String,
         /// Why (kept as its last error).
@@ -216,12 +218,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::List(a) => commands::inspect::list(db, json, a),
         Command::Show { id } => commands::inspect::show(db, json, id),
         Command::Enqueue(a) => commands::change::enqueue(db, json, a),
-        Command::Retry {
+        Command::Requeue {
             id,
             failed,
             event_type,
-        } => commands::change::retry(db, json, id.as_deref(), *failed, event_type.as_deref()),
-        Command::Fail { id, reason } => commands::change::fail(db, json, id, reason),
+        } => commands::change::requeue(db, json, id.as_deref(), *failed, event_type.as_deref()),
+        Command::Cancel { id, reason } => commands::change::cancel(db, json, id, reason),
         Command::Purge { older_than } => commands::change::purge(db, json, *older_than),
         Command::Erase { org, user } => commands::change::erase(db, json, *org, *user),
         Command::Relay(a) => relay::run(db, json, a),

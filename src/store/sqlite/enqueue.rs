@@ -25,7 +25,7 @@ impl SqliteStore {
     /// as a reader; once it has read something, turning it into a writer
     /// fails at once with "database is locked" whenever another connection
     /// (a dispatcher, say) wrote in between, and no busy timeout helps. So
-    /// `enqueue` refuses a transaction that has read but not yet written,
+    /// `enqueue_tx` refuses a transaction that has read but not yet written,
     /// every time rather than only under load. A DEFERRED transaction whose
     /// first statement writes is fine.
     ///
@@ -39,7 +39,7 @@ impl SqliteStore {
     /// has read but not written (see above). Database errors from the
     /// insert. An error from the caller's later commit means the outcome is
     /// unknown: use an idempotency key to retry safely.
-    pub fn enqueue(&self, conn: &Connection, event: NewEvent) -> Result<Event> {
+    pub fn enqueue_tx(&self, conn: &Connection, event: NewEvent) -> Result<Event> {
         self.check_callers_connection(conn)?;
         let mut stored = insert_all(conn, vec![event], self.now(), &self.inner.policy)?;
         self.inner.notifier.notify();
@@ -53,8 +53,8 @@ impl SqliteStore {
     ///
     /// # Errors
     ///
-    /// As [`SqliteStore::enqueue`]; one invalid event rejects them all.
-    pub fn enqueue_batch(&self, conn: &Connection, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+    /// As [`SqliteStore::enqueue_tx`]; one invalid event rejects them all.
+    pub fn enqueue_batch_tx(&self, conn: &Connection, events: Vec<NewEvent>) -> Result<Vec<Event>> {
         self.check_callers_connection(conn)?;
         let (now, policy) = (self.now(), &self.inner.policy);
         let stored = if conn.is_autocommit() {
@@ -74,7 +74,7 @@ impl SqliteStore {
     /// Use it to write the app's rows and enqueue events together.
     ///
     /// Inside `f`, `?` works on rusqlite, serde_json and I/O errors as well
-    /// as this crate's. Enqueue with `store.enqueue(tx, ...)`; any other
+    /// as this crate's. Enqueue with `store.enqueue_tx(tx, ...)`; any other
     /// write of this store inside `f` fails at once (it would wait for the
     /// lock `f`'s own transaction holds). For an error type of the app's
     /// own, use [`SqliteStore::transaction_with`].
@@ -126,7 +126,7 @@ impl SqliteStore {
             return Err(Error::invalid(
                 "a store write was called inside SqliteStore::transaction, whose own \
                  transaction holds the write lock; inside the closure use \
-                 store.enqueue(tx, ...) or store.enqueue_batch(tx, ...), and call other \
+                 store.enqueue_tx(tx, ...) or store.enqueue_batch_tx(tx, ...), and call other \
                  store methods after it",
             ));
         }
@@ -134,7 +134,7 @@ impl SqliteStore {
     }
 
     /// Refuses a caller's connection that would write elsewhere or fail
-    /// under load: see [`SqliteStore::enqueue`].
+    /// under load: see [`SqliteStore::enqueue_tx`].
     fn check_callers_connection(&self, conn: &Connection) -> Result<()> {
         // SQLite's own name for each file: absolute, through symbolic
         // links. Only the same name means the same `-wal` file too; a hard

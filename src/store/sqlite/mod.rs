@@ -9,6 +9,7 @@
 mod builder;
 mod enqueue;
 mod lease;
+mod legacy;
 mod operator;
 mod sql;
 
@@ -25,14 +26,11 @@ use chrono::{DateTime, Utc};
 use crossbeam_channel::Receiver;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
-};
-use uuid::Uuid;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::row::row_to_event;
 use super::schema::COLUMNS;
-use super::{Ack, Backlog, ListFilter, Notifier, Requeue, Stats, Store, DEFAULT_LEASE};
+use super::{Ack, Backlog, Notifier, Store};
 use crate::clock::{self, Clock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, EventId, NewEvent};
@@ -56,7 +54,7 @@ use sql::{BACKLOG_SQL, TYPE_OK};
 /// store.transaction(|tx| {
 ///     tx.execute("CREATE TABLE IF NOT EXISTS users (email TEXT)", [])?;
 ///     tx.execute("INSERT INTO users (email) VALUES ('ada@example.com')", [])?;
-///     store.enqueue(tx, NewEvent::new("user.created", json!({"email": "ada@example.com"})))?;
+///     store.enqueue_tx(tx, NewEvent::new("user.created", json!({"email": "ada@example.com"})))?;
 ///     Ok(())
 /// })?;
 ///
@@ -237,19 +235,7 @@ impl Store for SqliteStore {
         self.settle_acks(acks)
     }
 
-    fn stats(&self) -> Result<Stats> {
-        self.read_stats()
-    }
-
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
-        self.list_events(filter)
-    }
-
-    fn requeue_failed(&self, which: Requeue) -> Result<u64> {
-        self.requeue(which)
-    }
-
-    fn create_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+    fn enqueue_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
         // Checked before the write lock is taken, so bad input costs no I/O.
         for event in &events {
             event.checked_payload()?;
@@ -261,7 +247,7 @@ impl Store for SqliteStore {
         Ok(created)
     }
 
-    fn find_by_id(&self, id: EventId) -> Result<Option<Event>> {
+    fn find(&self, id: EventId) -> Result<Option<Event>> {
         self.read(|conn| {
             let sql = format!("SELECT {COLUMNS} FROM outbox_events WHERE id = ?1");
             Ok(conn
@@ -269,142 +255,6 @@ impl Store for SqliteStore {
                 .query_row([id.to_string()], row_to_event)
                 .optional()?)
         })
-    }
-
-    fn mark_processing(&self, id: EventId) -> Result<()> {
-        let now = self.now();
-        let until = clock::add(now, DEFAULT_LEASE);
-        let changed = self.write(|tx| {
-            Ok(tx
-                .prepare_cached(
-                    "UPDATE outbox_events
-                     SET attempts = attempts + (status = 'pending'), status = 'processing',
-                         locked_at = ?2, locked_until = ?3, lease_token = random()
-                     WHERE id = ?1 AND status IN ('pending', 'processing')",
-                )?
-                .execute(params![
-                    id.to_string(),
-                    clock::to_millis(now),
-                    clock::to_millis(until)
-                ])?)
-        })?;
-        if changed == 0 {
-            return match self.find_by_id(id)? {
-                None => Err(Error::not_found(id)),
-                Some(e) => Err(Error::invalid(format!("event {id} is {}", e.status))),
-            };
-        }
-        Ok(())
-    }
-
-    fn mark_done(&self, id: EventId) -> Result<()> {
-        self.update_by_id(
-            id,
-            "UPDATE outbox_events SET status = 'done', completed_at = ?2,
-               locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = ?1",
-            &[&clock::to_millis(self.now())],
-        )
-    }
-
-    fn mark_delivered(&self, id: EventId) -> Result<()> {
-        self.update_by_id(
-            id,
-            "UPDATE outbox_events SET delivered_at = ?2 WHERE id = ?1",
-            &[&clock::to_millis(self.now())],
-        )
-    }
-
-    fn mark_retry(&self, id: EventId, error: &str) -> Result<()> {
-        let now = self.now();
-        let policy = &self.inner.policy;
-        let changed = self.write(|tx| {
-            let row: Option<(i64, i64)> = tx
-                .prepare_cached("SELECT seq, attempts FROM outbox_events WHERE id = ?1")?
-                .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            let Some((seq, attempts)) = row else {
-                return Ok(0);
-            };
-            let wait = policy.jittered_delay(u32::try_from(attempts).unwrap_or(0), seq as u64);
-            Ok(tx
-                .prepare_cached(
-                    "UPDATE outbox_events SET last_error = ?3,
-                       status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-                       completed_at = CASE WHEN attempts >= max_attempts THEN ?2 END,
-                       next_attempt_at = CASE WHEN attempts >= max_attempts THEN next_attempt_at ELSE ?4 END,
-                       locked_at = NULL, locked_until = NULL, lease_token = NULL
-                     WHERE seq = ?1",
-                )?
-                .execute(params![
-                    seq,
-                    clock::to_millis(now),
-                    crate::event::capped_error(error),
-                    clock::to_millis(clock::add(now, wait))
-                ])?)
-        })?;
-        if changed == 0 {
-            return Err(Error::not_found(id));
-        }
-        Ok(())
-    }
-
-    fn mark_failed(&self, id: EventId, error: &str) -> Result<()> {
-        self.update_by_id(
-            id,
-            "UPDATE outbox_events SET status = 'failed', completed_at = ?2, last_error = ?3,
-               locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = ?1",
-            &[
-                &clock::to_millis(self.now()),
-                &crate::event::capped_error(error),
-            ],
-        )
-    }
-
-    fn cleanup_old(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        let n = self.write(|tx| {
-            Ok(tx
-                .prepare_cached(
-                    "DELETE FROM outbox_events WHERE status IN ('done', 'failed') AND created_at < ?1",
-                )?
-                .execute([clock::to_millis(older_than)])?)
-        })?;
-        Ok(n as u64)
-    }
-
-    fn count_pending(&self) -> Result<u64> {
-        self.read(|conn| {
-            let n: i64 = conn
-                .prepare_cached("SELECT count(*) FROM outbox_events WHERE status = 'pending'")?
-                .query_row([], |r| r.get(0))?;
-            Ok(count_u64(n))
-        })
-    }
-
-    fn count_failed(&self) -> Result<u64> {
-        self.read(|conn| {
-            let n: i64 = conn
-                .prepare_cached("SELECT count(*) FROM outbox_events WHERE status = 'failed'")?
-                .query_row([], |r| r.get(0))?;
-            Ok(count_u64(n))
-        })
-    }
-
-    fn delete_by_org(&self, org_id: Uuid) -> Result<u64> {
-        let n = self.write(|tx| {
-            Ok(tx
-                .prepare_cached("DELETE FROM outbox_events WHERE org_id = ?1")?
-                .execute([org_id.to_string()])?)
-        })?;
-        Ok(n as u64)
-    }
-
-    fn delete_by_user(&self, user_id: Uuid) -> Result<u64> {
-        let n = self.write(|tx| {
-            Ok(tx
-                .prepare_cached("DELETE FROM outbox_events WHERE user_id = ?1")?
-                .execute([user_id.to_string()])?)
-        })?;
-        Ok(n as u64)
     }
 
     fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {

@@ -1,8 +1,10 @@
-//! What operators do: look at the outbox, retry, give up, purge, check,
-//! back up.
+//! What operators do: look at the outbox, requeue, cancel, purge, erase,
+//! check, back up.
 
 use std::path::Path;
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
@@ -14,7 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, EventId, Status};
 use crate::store::row::{decode_row, row_to_event};
 use crate::store::schema::COLUMNS;
-use crate::store::{ListFilter, Requeue, Stats, Store};
+use crate::store::{ListFilter, Operator, Requeue, Stats, Store, Subject};
 impl SqliteStore {
     /// Writes a consistent copy of the outbox to `dest` (which must not
     /// exist), including commits still in the WAL, using `VACUUM INTO`.
@@ -79,17 +81,10 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
 
-    /// Gives up on an event that is not finished: it ends `failed` with
-    /// `reason` as its last error, in one statement, so an event that was
-    /// delivered a moment before stays `done`. A worker still handling it
-    /// finds its lease gone ([`ErrorKind::LeaseLost`]).
-    ///
-    /// # Errors
-    ///
-    /// `NotFound`; `InvalidInput` if the event is already done or failed;
-    /// database errors.
-    pub fn fail_unfinished(&self, id: EventId, reason: &str) -> Result<()> {
+impl Operator for SqliteStore {
+    fn cancel(&self, id: EventId, reason: &str) -> Result<()> {
         let now = clock::to_millis(self.now());
         let changed = self.write(|tx| {
             Ok(tx
@@ -107,7 +102,7 @@ impl SqliteStore {
         if changed == 1 {
             return Ok(());
         }
-        match self.find_by_id(id)? {
+        match self.find(id)? {
             None => Err(Error::not_found(id)),
             Some(e) => Err(Error::invalid(format!(
                 "event {id} is already {}",
@@ -116,7 +111,7 @@ impl SqliteStore {
         }
     }
 
-    pub(super) fn read_stats(&self) -> Result<Stats> {
+    fn stats(&self) -> Result<Stats> {
         let now = clock::to_millis(self.now());
         self.read(|conn| {
             // One read transaction, so the counts agree with each other; it
@@ -167,7 +162,7 @@ impl SqliteStore {
         })
     }
 
-    pub(super) fn list_events(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
         let mut clauses = Vec::new();
         let mut args: Vec<SqlValue> = Vec::new();
         let mut add = |clause: &str, value: SqlValue| {
@@ -206,7 +201,7 @@ impl SqliteStore {
         })
     }
 
-    pub(super) fn requeue(&self, which: Requeue) -> Result<u64> {
+    fn requeue(&self, which: Requeue) -> Result<u64> {
         let now = clock::to_millis(self.now());
         const SET: &str = "UPDATE outbox_events SET status = 'pending', attempts = 0,
                              next_attempt_at = ?1, completed_at = NULL";
@@ -218,7 +213,7 @@ impl SqliteStore {
                         .execute(params![now, id.to_string()])?)
                 })?;
                 if n == 0 {
-                    return match self.find_by_id(*id)? {
+                    return match self.find(*id)? {
                         None => Err(Error::not_found(*id)),
                         Some(e) => Err(Error::invalid(format!(
                             "event {id} is {}, not failed",
@@ -244,6 +239,25 @@ impl SqliteStore {
         if n > 0 {
             self.inner.notifier.notify();
         }
+        Ok(n as u64)
+    }
+    fn purge(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let n = self.write(|tx| {
+            Ok(tx
+                .prepare_cached(
+                    "DELETE FROM outbox_events WHERE status IN ('done', 'failed') AND created_at < ?1",
+                )?
+                .execute([clock::to_millis(older_than)])?)
+        })?;
+        Ok(n as u64)
+    }
+
+    fn erase(&self, subject: Subject) -> Result<u64> {
+        let (sql, id) = match subject {
+            Subject::Org(org) => ("DELETE FROM outbox_events WHERE org_id = ?1", org),
+            Subject::User(user) => ("DELETE FROM outbox_events WHERE user_id = ?1", user),
+        };
+        let n = self.write(|tx| Ok(tx.prepare_cached(sql)?.execute([id.to_string()])?))?;
         Ok(n as u64)
     }
 }

@@ -1,4 +1,4 @@
-//! Commands that change events: `enqueue`, `retry`, `fail`, `purge`,
+//! Commands that change events: `enqueue`, `requeue`, `cancel`, `purge`,
 //! `erase`.
 
 use std::path::Path;
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sqlite_outbox::admin::event_json;
-use sqlite_outbox::{NewEvent, Requeue, SqliteStore, Store};
+use sqlite_outbox::{NewEvent, Operator, Requeue, SqliteStore, Store, Subject};
 use uuid::Uuid;
 
 use crate::output::{open_write, output, parse_id, read_payload};
@@ -39,11 +39,11 @@ pub(crate) fn enqueue(db: &Path, json_mode: bool, a: &EnqueueArgs) -> Result<(),
         event = event.with_max_attempts(n);
     }
     let store = SqliteStore::open(db).map_err(&fail)?;
-    let stored = store.create(event).map_err(&fail)?;
+    let stored = store.enqueue(event).map_err(&fail)?;
     output(json_mode, event_json(&stored), || stored.id.to_string())
 }
 
-pub(crate) fn retry(
+pub(crate) fn requeue(
     db: &Path,
     json_mode: bool,
     id: Option<&str>,
@@ -59,19 +59,19 @@ pub(crate) fn retry(
         },
         _ => return Err(Failure::usage("give either an event ID or --failed")),
     };
-    let n = open_write(db)?.requeue_failed(which).map_err(&fail)?;
+    let n = open_write(db)?.requeue(which).map_err(&fail)?;
     output(json_mode, json!({"requeued": n}), || {
         format!("requeued {n} event(s)")
     })
 }
 
-pub(crate) fn fail(db: &Path, json_mode: bool, id: &str, reason: &str) -> Result<(), Failure> {
+pub(crate) fn cancel(db: &Path, json_mode: bool, id: &str, reason: &str) -> Result<(), Failure> {
     let id = parse_id(id)?;
     open_write(db)?
-        .fail_unfinished(id, reason)
+        .cancel(id, reason)
         .map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))?;
-    output(json_mode, json!({"failed": id}), || {
-        format!("event {id} marked failed")
+    output(json_mode, json!({"cancelled": id}), || {
+        format!("event {id} cancelled: it is failed now")
     })
 }
 
@@ -82,7 +82,7 @@ pub(crate) fn purge(db: &Path, json_mode: bool, older_than: Duration) -> Result<
         .ok()
         .and_then(|d| sqlite_outbox::Clock::now(&sqlite_outbox::SystemClock).checked_sub_signed(d))
         .ok_or_else(|| Failure::usage("--older-than is too large"))?;
-    let n = store.cleanup_old(cutoff).map_err(&fail)?;
+    let n = store.purge(cutoff).map_err(&fail)?;
     output(json_mode, json!({"deleted": n}), || {
         format!(
             "deleted {n} done or failed event(s) created before {}",
@@ -101,10 +101,13 @@ pub(crate) fn erase(
     let store = open_write(db)?;
     let (n, whose) = match (org, user) {
         (Some(o), _) => (
-            store.delete_by_org(o).map_err(&fail)?,
+            store.erase(Subject::Org(o)).map_err(&fail)?,
             format!("organisation {o}"),
         ),
-        (None, Some(u)) => (store.delete_by_user(u).map_err(&fail)?, format!("user {u}")),
+        (None, Some(u)) => (
+            store.erase(Subject::User(u)).map_err(&fail)?,
+            format!("user {u}"),
+        ),
         (None, None) => return Err(Failure::usage("give --org or --user")),
     };
     output(json_mode, json!({"deleted": n}), || {

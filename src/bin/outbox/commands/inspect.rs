@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 use sqlite_outbox::admin::{event_json, format_duration, stats_json};
-use sqlite_outbox::{ListFilter, Store};
+use sqlite_outbox::{ListFilter, Operator, Store};
 
 use crate::output::{open_read, output, parse_id, table};
 use crate::{failed, text, Failure, ListArgs};
@@ -101,7 +101,7 @@ pub(crate) fn show(db: &Path, json_mode: bool, id: &str) -> Result<(), Failure> 
     let fail = failed(db);
     let id = parse_id(id)?;
     let event = open_read(db)?
-        .find_by_id(id)
+        .find(id)
         .map_err(&fail)?
         .ok_or_else(|| Failure(format!("{}: no event with id {id}", db.display()), 1))?;
     let value = event_json(&event);

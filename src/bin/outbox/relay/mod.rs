@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{json, Value};
 use sqlite_outbox::admin::format_duration;
-use sqlite_outbox::{Dispatcher, Event, HandlerError, RetryPolicy, SqliteStore, Store};
+use sqlite_outbox::{Dispatcher, Event, HandlerError, Operator, RetryPolicy, SqliteStore, Store};
 
 use crate::{describe, duration_arg, Failure};
 
@@ -226,7 +226,7 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
     }
     // Rows set aside at claim time (undecodable) fail outside the
     // dispatcher's counters: the exit status counts them from the file.
-    let failed_before = store.count_failed().map_err(fail)?;
+    let failed_before = store.stats().map_err(fail)?.failed;
     let dispatcher = builder.start().map_err(fail)?;
     tracing::info!(
         db = %db.display(),
@@ -277,8 +277,9 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
         return Ok(());
     };
     let failed_in_file = store
-        .count_failed()
+        .stats()
         .map_err(fail)?
+        .failed
         .saturating_sub(failed_before);
     match (m.failed.max(failed_in_file), left.next_due_at) {
         (0, None) => Ok(()),

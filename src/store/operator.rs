@@ -1,0 +1,83 @@
+//! The operator tier: what a person, the `outbox` tool or a maintenance job
+//! does with a queue.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::report::{ListFilter, Requeue, Stats};
+use super::Store;
+use crate::error::Result;
+use crate::event::{Event, EventId};
+
+/// Whose events [`Operator::erase`] deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Subject {
+    /// Every event of an organisation (`org_id`).
+    Org(Uuid),
+    /// Every event of a user (`user_id`).
+    User(Uuid),
+}
+
+/// Looking at a queue and changing it by hand: the operator tier. These
+/// calls act by id or by filter and take no lease; a worker that holds a
+/// lease on an event an operator changed finds it gone
+/// ([`crate::ErrorKind::LeaseLost`]) and writes nothing.
+///
+/// The `outbox` command-line tool is a thin layer over this trait: its
+/// `stats`, `list`, `requeue`, `cancel`, `purge` and `erase` commands call
+/// the methods of the same names.
+pub trait Operator: Store {
+    /// Counts per status and per event type, and the age of the oldest due
+    /// event.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn stats(&self) -> Result<Stats>;
+
+    /// Events matching `filter`, at most `filter.limit`.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>>;
+
+    /// Moves failed events back to pending, due now, with `attempts` reset
+    /// to 0 (the last error is kept); returns how many.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` for [`Requeue::One`] of a missing event; `InvalidInput` if
+    /// that event is not failed; database errors.
+    fn requeue(&self, which: Requeue) -> Result<u64>;
+
+    /// Gives up on an event that is not finished (pending or processing):
+    /// it becomes `failed` with `reason` as its last error and is not
+    /// delivered again unless requeued. One statement, so an event that
+    /// was delivered a moment before stays `done`.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `InvalidInput` if the event is already done or failed;
+    /// database errors.
+    fn cancel(&self, id: EventId, reason: &str) -> Result<()>;
+
+    /// Deletes done and failed events created before `older_than` (an event
+    /// created exactly at `older_than` is kept); returns how many. Pending
+    /// and processing events are never purged.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn purge(&self, older_than: DateTime<Utc>) -> Result<u64>;
+
+    /// Deletes every event of an organisation or a user, in any status;
+    /// returns how many. For erasure requests: nothing of theirs is left in
+    /// the outbox afterwards (run `VACUUM` to remove it from free pages).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn erase(&self, subject: Subject) -> Result<u64>;
+}
