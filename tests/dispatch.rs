@@ -486,6 +486,98 @@ fn commits_by_others_are_noticed_by_polling() -> TestResult {
     Ok(())
 }
 
+/// With polling an hour apart, only `wake` makes the dispatcher see a row
+/// written with plain SQL.
+#[test]
+fn wake_makes_the_dispatcher_look_now() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .poll_interval(secs(3600))
+        .handle("t", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    // One delivery through the store, then the poller sleeps for an hour.
+    store.enqueue(NewEvent::new("t", json!({})))?;
+    recv_n(&rx, 1)?;
+    let deadline = Instant::now() + WAIT;
+    while dispatcher.metrics().done == 0 {
+        assert!(Instant::now() < deadline, "the outcome was never written");
+        std::thread::sleep(millis(5));
+    }
+    std::thread::sleep(millis(100));
+    let conn = rusqlite::Connection::open(store.path())?;
+    conn.execute(
+        "INSERT INTO outbox_events (event_type, payload) VALUES ('t', '{}')",
+        [],
+    )?;
+    dispatcher.wake();
+    recv_n(&rx, 1)?;
+    let report = dispatcher.shutdown(secs(5));
+    assert!(report.is_clean(), "{report:?}");
+    Ok(())
+}
+
+/// `metrics` is live while the dispatcher runs, and `Debug` shows the
+/// settings and the state.
+#[test]
+fn metrics_and_debug_describe_a_running_dispatcher() -> TestResult {
+    let f = Fixture::memory();
+    let builder = Dispatcher::builder(f.core())
+        .workers(3)
+        .handle("b.type", |_: &Event| Ok(()))
+        .handle("a.type", |_: &Event| Ok(()));
+    let shown = format!("{builder:?}");
+    assert!(
+        shown.contains("workers: 3") && shown.contains(r#"handlers: ["a.type", "b.type"]"#),
+        "{shown}"
+    );
+    let dispatcher = builder.start()?;
+    f.store.enqueue(NewEvent::new("a.type", json!({})))?;
+    let deadline = Instant::now() + WAIT;
+    while dispatcher.metrics().done < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the delivery"
+        );
+        std::thread::sleep(millis(5));
+    }
+    assert_eq!(dispatcher.metrics().claimed, 1);
+    let shown = format!("{dispatcher:?}");
+    assert!(
+        shown.contains("running: true") && shown.contains("done: 1"),
+        "{shown}"
+    );
+    let report = dispatcher.shutdown(secs(5));
+    assert_eq!(report.metrics.done, 1);
+    Ok(())
+}
+
+/// Dropping the handle is a shutdown: it waits for the running handler and
+/// writes its outcome before it returns.
+#[test]
+fn dropping_a_dispatcher_writes_the_outcome_first() -> TestResult {
+    let f = Fixture::memory();
+    let event = f.store.enqueue(NewEvent::new("slow", json!({})))?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(f.core())
+        .handle("slow", move |_: &Event| {
+            tx.send(()).ok();
+            std::thread::sleep(millis(300));
+            Ok(())
+        })
+        .start()?;
+    recv_n(&rx, 1)?;
+    drop(dispatcher);
+    assert_eq!(
+        f.store.find(event.id)?.map(|e| e.status),
+        Some(Status::Done)
+    );
+    Ok(())
+}
+
 #[test]
 fn only_types_with_handlers_are_claimed() -> TestResult {
     let f = Fixture::memory();
