@@ -38,7 +38,8 @@ run_group() {
     dispatch)
         files=(-f src/dispatch/mod.rs -f src/dispatch/handler.rs
             -f 'src/dispatch/runtime/*.rs')
-        tests=(--lib --test dispatch --test supervision --test store_suite)
+        tests=(--lib --test dispatch --test supervision --test store_suite
+            --test tracing_spans)
         ;;
     *)
         echo "unknown group: $group (store, schema, sqlite, dispatch)" >&2

@@ -1,6 +1,6 @@
 //! Each delivery runs in a `tracing` span carrying the event's id, type,
-//! attempt and correlation id. (Its own test binary: it installs a global
-//! subscriber, which the library itself never does.)
+//! attempt and correlation id, and what goes wrong is logged. (Its own test
+//! binary: it installs subscribers, which the library itself never does.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,9 +14,11 @@ use tracing::{Metadata, Subscriber};
 
 type Spans = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
 
-/// Records every span's name and fields.
+/// Records every span's name and fields, and every event's level and
+/// fields.
 struct Capture {
     spans: Spans,
+    events: Spans,
     next: AtomicU64,
 }
 
@@ -48,7 +50,13 @@ impl Subscriber for Capture {
 
     fn record(&self, _: &Id, _: &Record<'_>) {}
     fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, _: &tracing::Event<'_>) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields(Vec::new());
+        event.record(&mut fields);
+        if let Ok(mut events) = self.events.lock() {
+            events.push((event.metadata().level().to_string(), fields.0));
+        }
+    }
     fn enter(&self, _: &Id) {}
     fn exit(&self, _: &Id) {}
 }
@@ -58,6 +66,7 @@ fn every_delivery_has_a_span_with_the_event_fields() -> Result<(), Box<dyn std::
     let spans: Spans = Arc::default();
     tracing::subscriber::set_global_default(Capture {
         spans: spans.clone(),
+        events: Arc::default(),
         next: AtomicU64::new(0),
     })?;
     let store = MemoryStore::new();
@@ -75,12 +84,53 @@ fn every_delivery_has_a_span_with_the_event_fields() -> Result<(), Box<dyn std::
     let spans = spans.lock().map_err(|_| "poisoned")?;
     let (_, fields) = spans
         .iter()
-        .find(|(name, _)| name == "outbox.deliver")
+        .find(|(name, fields)| {
+            // The other test's dispatcher threads report here too.
+            name == "outbox.deliver"
+                && fields.contains(&("event_type".to_owned(), "email.invite".to_owned()))
+        })
         .ok_or("no delivery span")?;
     let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
     assert_eq!(get("event_id"), Some(event.id.to_string().as_str()));
     assert_eq!(get("event_type"), Some("email.invite"));
     assert_eq!(get("attempt"), Some("1"));
     assert_eq!(get("correlation_id"), Some("req-7"));
+    Ok(())
+}
+
+/// Dropping a dispatcher whose handler outlives the shutdown deadline says
+/// so in a warning, with the count.
+#[test]
+fn a_drop_that_leaves_a_handler_running_warns() -> Result<(), Box<dyn std::error::Error>> {
+    let events: Spans = Arc::default();
+    let capture = Capture {
+        spans: Arc::default(),
+        events: events.clone(),
+        next: AtomicU64::new(0),
+    };
+    let store = MemoryStore::new();
+    store.enqueue(NewEvent::new("stuck", json!({})))?;
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let (release, released) = crossbeam_channel::unbounded::<()>();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .shutdown_timeout(Duration::from_millis(100))
+        .handle("stuck", move |_: &Event| {
+            started_tx.send(()).ok();
+            released.recv_timeout(Duration::from_secs(30)).ok();
+            Ok(())
+        })
+        .start()?;
+    started.recv_timeout(Duration::from_secs(10))?;
+    tracing::subscriber::with_default(capture, || drop(dispatcher));
+    release.send(()).ok();
+    let events = events.lock().map_err(|_| "poisoned")?;
+    let warned = events.iter().any(|(level, fields)| {
+        level == "WARN"
+            && fields.contains(&("still_running".to_owned(), "1".to_owned()))
+            && fields
+                .iter()
+                .any(|(k, v)| k == "message" && v.contains("still running"))
+    });
+    assert!(warned, "{events:?}");
     Ok(())
 }
