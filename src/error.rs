@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::event::EventId;
+use crate::id::{EventId, ParseEventIdError};
 
 /// A specialised `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -270,6 +270,13 @@ impl From<serde_json::Error> for Error {
             },
             e,
         )
+    }
+}
+
+/// Text that is not an event id: invalid input, saying which text.
+impl From<ParseEventIdError> for Error {
+    fn from(e: ParseEventIdError) -> Self {
+        Error::invalid(e.to_string())
     }
 }
 

@@ -117,6 +117,7 @@ mod clock;
 mod dispatch;
 mod error;
 mod event;
+mod id;
 mod retry;
 mod store;
 
@@ -128,9 +129,10 @@ pub use dispatch::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
-    Event, EventId, Lease, NewEvent, Status, MAX_ERROR_LEN, MAX_EVENT_TYPE_LEN, MAX_KEY_LEN,
+    Event, Lease, NewEvent, Status, MAX_ERROR_LEN, MAX_EVENT_TYPE_LEN, MAX_KEY_LEN,
     MAX_PAYLOAD_BYTES,
 };
+pub use id::{EventId, ParseEventIdError};
 pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
 pub use store::memory::MemoryStore;
 pub use store::schema::{SCHEMA_SQL, SCHEMA_VERSION};

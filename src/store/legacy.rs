@@ -5,7 +5,8 @@ use uuid::Uuid;
 
 use super::{Operator, Subject};
 use crate::error::Result;
-use crate::event::{Event, EventId, NewEvent};
+use crate::event::{Event, NewEvent};
+use crate::id::EventId;
 
 /// Operations by event id that act on whatever lease is current (and
 /// cancel it), with the names of a classic outbox repository: `create`,

@@ -15,7 +15,8 @@ use super::{
 };
 use crate::clock::{self, Clock, SystemClock};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventId, NewEvent, Status};
+use crate::event::{Event, NewEvent, Status};
+use crate::id::EventId;
 use crate::retry::RetryPolicy;
 
 /// An outbox held in memory: the reference model of [`Store`], with exactly

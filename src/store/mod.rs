@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::event::{Event, EventId, Lease, NewEvent};
+use crate::event::{Event, Lease, NewEvent};
+use crate::id::EventId;
 use crate::retry::RetryPolicy;
 
 pub use ack::Ack;

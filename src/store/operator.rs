@@ -7,7 +7,8 @@ use uuid::Uuid;
 use super::report::{ListFilter, Requeue, Stats};
 use super::Store;
 use crate::error::Result;
-use crate::event::{Event, EventId};
+use crate::event::Event;
+use crate::id::EventId;
 
 /// Whose events [`Operator::erase`] deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

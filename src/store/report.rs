@@ -6,7 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::event::{Event, EventId, Status};
+use crate::event::{Event, Status};
+use crate::id::EventId;
 
 /// Which failed events [`crate::Operator::requeue`] moves back to pending.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,8 @@ use rusqlite::Row;
 use uuid::Uuid;
 
 use crate::clock;
-use crate::event::{Event, EventId, Status};
+use crate::event::{Event, Status};
+use crate::id::EventId;
 use crate::store::schema::COLUMNS;
 
 // Positions in `schema::COLUMNS`.

@@ -53,7 +53,7 @@ pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 
 pub(crate) fn parse_id(text: &str) -> Result<EventId, Failure> {
     text.parse()
-        .map_err(|e: sqlite_outbox::Error| Failure::usage(e.to_string()))
+        .map_err(|e: sqlite_outbox::ParseEventIdError| Failure::usage(e.to_string()))
 }
 
 pub(crate) fn read_payload(arg: &str) -> Result<String, Failure> {

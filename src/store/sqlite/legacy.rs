@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension};
 use super::{count_u64, SqliteStore};
 use crate::clock;
 use crate::error::{Error, Result};
-use crate::event::EventId;
+use crate::id::EventId;
 use crate::store::legacy::UnfencedStore;
 use crate::store::{Store, DEFAULT_LEASE};
 

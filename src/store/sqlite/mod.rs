@@ -33,7 +33,8 @@ use super::schema::COLUMNS;
 use super::{Ack, Backlog, Notifier, Store};
 use crate::clock::{self, Clock};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{Event, EventId, NewEvent};
+use crate::event::{Event, NewEvent};
+use crate::id::EventId;
 
 use crate::retry::RetryPolicy;
 use builder::configure;
