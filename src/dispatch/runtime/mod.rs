@@ -136,32 +136,19 @@ fn supervise(ctx: &Ctx, thread: &str, mut body: impl FnMut()) {
 }
 
 pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
-    let counters = Arc::new(Counters::default());
-    let shared = Arc::new(Shared {
-        stopping: AtomicBool::new(false),
-        inflight: Mutex::new(HashMap::new()),
-    });
-    let types: Option<Arc<[String]>> = if b.fallback.is_some() {
-        None
-    } else {
-        let mut t: Vec<String> = b.handlers.keys().cloned().collect();
-        t.sort();
-        Some(t.into())
-    };
-    let capacity = b.workers + b.batch_size;
-    let ctx = Ctx {
-        store: b.store.clone(),
-        counters: counters.clone(),
-        shared: shared.clone(),
-        handlers: Arc::new(b.handlers),
-        fallback: b.fallback,
-        types: types.clone(),
-        lease: b.lease,
-        max_run_time: b.max_run_time,
-        batch_size: b.batch_size,
-        capacity,
-        poll_interval: b.poll_interval,
-    };
+    let (store, name, workers_n, shutdown_timeout) = (
+        b.store.clone(),
+        b.name.clone(),
+        b.workers,
+        b.shutdown_timeout,
+    );
+    let ctx = context(b);
+    let (counters, shared, types, capacity) = (
+        ctx.counters.clone(),
+        ctx.shared.clone(),
+        ctx.types.clone(),
+        ctx.capacity,
+    );
 
     let (jobs_tx, jobs_rx) = bounded::<Event>(capacity);
     let (outcomes_tx, outcomes_rx) = unbounded::<Outcome>();
@@ -171,29 +158,20 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
     let (stop_heartbeat_tx, stop_heartbeat_rx) = bounded::<()>(1);
     let (flush_tx, flush_rx) = bounded::<Instant>(1);
     let (worker_exit_tx, worker_exit_rx) = unbounded::<()>();
-    let store_wake_rx = b.store.subscribe();
+    let store_wake_rx = store.subscribe();
 
-    let mut workers = Vec::with_capacity(b.workers);
-    for n in 0..b.workers {
-        let (ctx, jobs_rx, outcomes_tx, exit_tx) = (
-            ctx.clone(),
-            jobs_rx.clone(),
-            outcomes_tx.clone(),
-            worker_exit_tx.clone(),
-        );
-        workers.push(spawn(format!("{}-worker-{n}", b.name), move || {
-            // Counted as exited however the thread ends.
-            let _exited = OnDrop(Some(move || {
-                let _ = exit_tx.send(());
-            }));
-            supervise(&ctx, "worker", || worker_loop(&ctx, &jobs_rx, &outcomes_tx));
-        })?);
-    }
-    drop((jobs_rx, worker_exit_tx));
+    let workers = spawn_workers(
+        &name,
+        workers_n,
+        &ctx,
+        jobs_rx,
+        &outcomes_tx,
+        worker_exit_tx,
+    )?;
 
     let completer = {
         let ctx = ctx.clone();
-        spawn(format!("{}-completer", b.name), move || {
+        spawn(format!("{name}-completer"), move || {
             completer_loop(&ctx, &outcomes_rx, &flush_rx, &nudge_tx)
         })?
     };
@@ -201,7 +179,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
 
     let heartbeat = {
         let ctx = ctx.clone();
-        spawn(format!("{}-heartbeat", b.name), move || {
+        spawn(format!("{name}-heartbeat"), move || {
             supervise(&ctx, "heartbeat", || {
                 heartbeat_loop(&ctx, &stop_heartbeat_rx)
             });
@@ -210,7 +188,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
 
     let poller = {
         let ctx = ctx.clone();
-        spawn(format!("{}-poller", b.name), move || {
+        spawn(format!("{name}-poller"), move || {
             supervise(&ctx, "poller", || {
                 poll_loop(
                     &ctx,
@@ -226,11 +204,11 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
         })?
     };
 
-    let policy = b.store.retry_policy().clone();
+    let policy = store.retry_policy().clone();
     Ok(Dispatcher {
         policy,
         runtime: Some(Runtime {
-            store: b.store,
+            store,
             types,
             counters,
             shared,
@@ -244,8 +222,65 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
             worker_exit_rx,
             completer: Some(completer),
         }),
-        shutdown_timeout: b.shutdown_timeout,
+        shutdown_timeout,
     })
+}
+
+/// What every thread of one dispatcher shares, from its builder.
+fn context(b: DispatcherBuilder) -> Ctx {
+    let types: Option<Arc<[String]>> = if b.fallback.is_some() {
+        None
+    } else {
+        let mut t: Vec<String> = b.handlers.keys().cloned().collect();
+        t.sort();
+        Some(t.into())
+    };
+    Ctx {
+        store: b.store,
+        counters: Arc::new(Counters::default()),
+        shared: Arc::new(Shared {
+            stopping: AtomicBool::new(false),
+            inflight: Mutex::new(HashMap::new()),
+        }),
+        handlers: Arc::new(b.handlers),
+        fallback: b.fallback,
+        types,
+        lease: b.lease,
+        max_run_time: b.max_run_time,
+        batch_size: b.batch_size,
+        // Claimed events wait in the queue or run: one batch plus one per
+        // worker.
+        capacity: b.workers + b.batch_size,
+        poll_interval: b.poll_interval,
+    }
+}
+
+/// Starts `n` workers on the job queue; each reports on `exit_tx` when its
+/// thread ends, however it ends.
+fn spawn_workers(
+    name: &str,
+    n: usize,
+    ctx: &Ctx,
+    jobs_rx: Receiver<Event>,
+    outcomes_tx: &Sender<Outcome>,
+    exit_tx: Sender<()>,
+) -> Result<Vec<JoinHandle<()>>> {
+    let mut workers = Vec::with_capacity(n);
+    for i in 0..n {
+        let (ctx, jobs_rx, outcomes_tx, exit_tx) = (
+            ctx.clone(),
+            jobs_rx.clone(),
+            outcomes_tx.clone(),
+            exit_tx.clone(),
+        );
+        workers.push(spawn(format!("{name}-worker-{i}"), move || {
+            let _exited = OnDrop(Some(move || {
+                let _ = exit_tx.send(());
+            }));
+            supervise(&ctx, "worker", || worker_loop(&ctx, &jobs_rx, &outcomes_tx));
+        })?);
+    }
+    Ok(workers)
 }
 
 impl Runtime {

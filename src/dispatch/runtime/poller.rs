@@ -53,34 +53,11 @@ pub(super) fn poll_loop(
         let mut got = 0;
         let mut claimed = false;
         if claim_now && want > 0 {
-            match ctx.store.claim(want, ctx.lease, types) {
-                Ok(events) => {
+            match claim_batch(ctx, jobs_tx, want) {
+                Ok(n) => {
                     backoff = Duration::from_millis(10);
                     claimed = true;
-                    got = events.len();
-                    if got > 0 {
-                        Counters::add(&ctx.counters.claimed, got as u64);
-                        Counters::add(&ctx.counters.claim_batches, 1);
-                        let mut inflight = ctx.shared.inflight();
-                        for e in &events {
-                            if let (Some(lease), Some(until)) = (e.lease(), e.locked_until) {
-                                inflight.insert(
-                                    (lease.seq, lease.token),
-                                    InFlight {
-                                        lease,
-                                        locked_until: until,
-                                        claimed_at: Instant::now(),
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    for e in events {
-                        // Room was reserved above, so this never blocks for long.
-                        if jobs_tx.send(e).is_err() {
-                            break;
-                        }
-                    }
+                    got = n;
                 }
                 Err(err) => {
                     Counters::add(&ctx.counters.store_errors, 1);
@@ -112,22 +89,7 @@ pub(super) fn poll_loop(
         }
         woken = false;
 
-        let mut timeout = ctx.poll_interval;
-        if let Some(at) = due_at {
-            let until = (at - ctx.store.clock().now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                + Duration::from_millis(1);
-            timeout = timeout.min(until);
-        }
-        if let Some((end, step)) = eager {
-            if Instant::now() >= end {
-                eager = None;
-            } else if step < timeout {
-                timeout = step;
-                eager = Some((end, (step * 2).min(Duration::from_millis(32))));
-            }
-        }
+        let timeout = sleep_for(ctx, due_at, &mut eager);
         select! {
             recv(stop_rx) -> _ => break,
             recv(wake_rx) -> msg => {
@@ -153,4 +115,62 @@ pub(super) fn poll_loop(
             }
         }
     }
+}
+
+/// Claims up to `want` events, records them as in flight and queues them
+/// for the workers; returns how many.
+fn claim_batch(ctx: &Ctx, jobs_tx: &Sender<Event>, want: usize) -> crate::Result<usize> {
+    let events = ctx.store.claim(want, ctx.lease, ctx.types.as_deref())?;
+    let got = events.len();
+    if got > 0 {
+        Counters::add(&ctx.counters.claimed, got as u64);
+        Counters::add(&ctx.counters.claim_batches, 1);
+        let mut inflight = ctx.shared.inflight();
+        for e in &events {
+            if let (Some(lease), Some(until)) = (e.lease(), e.locked_until) {
+                inflight.insert(
+                    (lease.seq, lease.token),
+                    InFlight {
+                        lease,
+                        locked_until: until,
+                        claimed_at: Instant::now(),
+                    },
+                );
+            }
+        }
+    }
+    for e in events {
+        // Room was reserved by the caller, so this never blocks for long.
+        if jobs_tx.send(e).is_err() {
+            break;
+        }
+    }
+    Ok(got)
+}
+
+/// How long to sleep before looking again: the poll interval, cut short by
+/// the next due time and by the eager look-out after an in-process wake-up
+/// (which this advances).
+fn sleep_for(
+    ctx: &Ctx,
+    due_at: Option<DateTime<Utc>>,
+    eager: &mut Option<(Instant, Duration)>,
+) -> Duration {
+    let mut timeout = ctx.poll_interval;
+    if let Some(at) = due_at {
+        let until = (at - ctx.store.clock().now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            + Duration::from_millis(1);
+        timeout = timeout.min(until);
+    }
+    if let Some((end, step)) = *eager {
+        if Instant::now() >= end {
+            *eager = None;
+        } else if step < timeout {
+            timeout = step;
+            *eager = Some((end, (step * 2).min(Duration::from_millis(32))));
+        }
+    }
+    timeout
 }

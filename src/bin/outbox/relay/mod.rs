@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{json, Value};
 use sqlite_outbox::admin::format_duration;
-use sqlite_outbox::{Dispatcher, Event, HandlerError, Operator, RetryPolicy, SqliteStore, Store};
+use sqlite_outbox::{
+    Backlog, Dispatcher, DispatcherBuilder, Event, HandlerError, Operator, RetryPolicy,
+    ShutdownReport, SqliteStore, Store,
+};
 
 use crate::{describe, duration_arg, Failure};
 
@@ -163,60 +166,11 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
     }
     // Everything the operator gave is checked before anything is claimed.
     let running = Arc::new(exec::Running::default());
-    let (handler, target): (Arc<DeliverFn>, String) = match (&a.http, &a.exec) {
-        (Some(url), _) => {
-            let url = http::parse_endpoint(url).map_err(Failure::usage)?;
-            let headers = collect_headers(a)?;
-            if http::sends_credentials_in_the_clear(&url, &headers) {
-                tracing::warn!(
-                    "credentials (a user, a query or extra headers) will go over plain http to {}",
-                    crate::text::redact_url(&url)
-                );
-            }
-            let target = crate::text::redact_url(&url);
-            (Arc::new(http::handler(url, headers, a.timeout)), target)
-        }
-        (None, Some(cmd)) => {
-            let program = cmd.split_whitespace().next().unwrap_or("").to_owned();
-            let h = exec::handler(
-                cmd.clone(),
-                a.permanent_exit_code,
-                a.timeout,
-                running.clone(),
-            );
-            (
-                Arc::new(h),
-                format!("command {}", crate::text::terminal_safe(&program)),
-            )
-        }
-        (None, None) => return Err(Failure::usage("give --http URL or --exec CMD")),
-    };
-    let mut policy = if a.backoff.is_empty() {
-        RetryPolicy::default()
-    } else {
-        RetryPolicy::with_schedule(a.backoff.iter().copied())
-    };
-    if let Some(n) = a.max_attempts {
-        policy = policy.with_max_attempts(n);
-    }
+    let (handler, target) = delivery(a, &running)?;
     let store = SqliteStore::builder(db)
-        .retry_policy(policy)
+        .retry_policy(policy(a))
         .build()
         .map_err(fail)?;
-    let mut builder = Dispatcher::builder(store.clone())
-        .workers(a.workers)
-        .poll_interval(a.poll)
-        .lease(a.lease)
-        .name("relay");
-    if a.types.is_empty() {
-        let h = handler.clone();
-        builder = builder.fallback(move |e: &Event| h(e));
-    } else {
-        for t in &a.types {
-            let h = handler.clone();
-            builder = builder.handle(t.clone(), move |e: &Event| h(e));
-        }
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     // Without a handler SIGINT kills the process; with one, in-flight
@@ -227,7 +181,7 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
     // Rows set aside at claim time (undecodable) fail outside the
     // dispatcher's counters: the exit status counts them from the file.
     let failed_before = store.stats().map_err(fail)?.failed;
-    let dispatcher = builder.start().map_err(fail)?;
+    let dispatcher = dispatcher(&store, a, &handler).start().map_err(fail)?;
     tracing::info!(
         db = %db.display(),
         to = %target,
@@ -246,33 +200,7 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
             "commands still running after the grace period were killed"
         );
     }
-    let m = report.metrics;
-    tracing::info!(
-        delivered = m.done,
-        retried = m.retried,
-        failed = m.failed,
-        released = report.released,
-        "relay stopped"
-    );
-    let summary = json!({
-        "delivered": m.done,
-        "retried": m.retried,
-        "failed": m.failed,
-        "released": report.released,
-        "still_running": report.still_running,
-        "next_retry_at": waited.and_then(|b| b.next_due_at),
-    });
-    if json_mode {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&summary).unwrap_or_default()
-        );
-    } else {
-        println!(
-            "delivered {}, retried {}, failed {}, released {}, still running {}",
-            m.done, m.retried, m.failed, report.released, report.still_running
-        );
-    }
+    print_summary(json_mode, &report, waited.as_ref());
     let Some(left) = waited else {
         return Ok(());
     };
@@ -281,7 +209,7 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
         .map_err(fail)?
         .failed
         .saturating_sub(failed_before);
-    match (m.failed.max(failed_in_file), left.next_due_at) {
+    match (report.metrics.failed.max(failed_in_file), left.next_due_at) {
         (0, None) => Ok(()),
         (failed, next) => Err(Failure(
             format!(
@@ -294,6 +222,106 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
             ),
             EXIT_UNFINISHED,
         )),
+    }
+}
+
+/// The delivery the operator asked for, and how to name its target in logs
+/// (credentials redacted, control characters escaped).
+fn delivery(
+    a: &RelayArgs,
+    running: &Arc<exec::Running>,
+) -> Result<(Arc<DeliverFn>, String), Failure> {
+    match (&a.http, &a.exec) {
+        (Some(url), _) => {
+            let url = http::parse_endpoint(url).map_err(Failure::usage)?;
+            let headers = collect_headers(a)?;
+            if http::sends_credentials_in_the_clear(&url, &headers) {
+                tracing::warn!(
+                    "credentials (a user, a query or extra headers) will go over plain http to {}",
+                    crate::text::redact_url(&url)
+                );
+            }
+            let target = crate::text::redact_url(&url);
+            Ok((Arc::new(http::handler(url, headers, a.timeout)), target))
+        }
+        (None, Some(cmd)) => {
+            let program = cmd.split_whitespace().next().unwrap_or("").to_owned();
+            let h = exec::handler(
+                cmd.clone(),
+                a.permanent_exit_code,
+                a.timeout,
+                running.clone(),
+            );
+            Ok((
+                Arc::new(h),
+                format!("command {}", crate::text::terminal_safe(&program)),
+            ))
+        }
+        (None, None) => Err(Failure::usage("give --http URL or --exec CMD")),
+    }
+}
+
+/// The retry schedule: `--backoff` and `--max-attempts` over the default.
+fn policy(a: &RelayArgs) -> RetryPolicy {
+    let policy = if a.backoff.is_empty() {
+        RetryPolicy::default()
+    } else {
+        RetryPolicy::with_schedule(a.backoff.iter().copied())
+    };
+    match a.max_attempts {
+        Some(n) => policy.with_max_attempts(n),
+        None => policy,
+    }
+}
+
+/// A dispatcher that hands the chosen types (all when none were given) to
+/// the delivery.
+fn dispatcher(store: &SqliteStore, a: &RelayArgs, handler: &Arc<DeliverFn>) -> DispatcherBuilder {
+    let mut builder = Dispatcher::builder(store.clone())
+        .workers(a.workers)
+        .poll_interval(a.poll)
+        .lease(a.lease)
+        .name("relay");
+    if a.types.is_empty() {
+        let h = handler.clone();
+        builder = builder.fallback(move |e: &Event| h(e));
+    } else {
+        for t in &a.types {
+            let h = handler.clone();
+            builder = builder.handle(t.clone(), move |e: &Event| h(e));
+        }
+    }
+    builder
+}
+
+/// The last line (or JSON object) of a run.
+fn print_summary(json_mode: bool, report: &ShutdownReport, waited: Option<&Backlog>) {
+    let m = &report.metrics;
+    tracing::info!(
+        delivered = m.done,
+        retried = m.retried,
+        failed = m.failed,
+        released = report.released,
+        "relay stopped"
+    );
+    if json_mode {
+        let summary = json!({
+            "delivered": m.done,
+            "retried": m.retried,
+            "failed": m.failed,
+            "released": report.released,
+            "still_running": report.still_running,
+            "next_retry_at": waited.and_then(|b| b.next_due_at),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "delivered {}, retried {}, failed {}, released {}, still running {}",
+            m.done, m.retried, m.failed, report.released, report.still_running
+        );
     }
 }
 
