@@ -39,7 +39,7 @@ pub struct Summary {
 /// Writes `orders` orders with their events to `path` and delivers them.
 pub fn run(path: &str, orders: u64) -> Result<Summary, Box<dyn std::error::Error>> {
     // Short retry delays so that retries show within the demo.
-    let policy = RetryPolicy::with_schedule([
+    let policy = RetryPolicy::from_schedule([
         Duration::from_millis(50),
         Duration::from_millis(100),
         Duration::from_millis(200),

@@ -134,7 +134,7 @@ pub use event::{
 };
 pub use id::{EventId, ParseEventIdError};
 pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
-pub use store::memory::MemoryStore;
+pub use store::memory::{MemoryStore, MemoryStoreBuilder};
 pub use store::schema::{SCHEMA_SQL, SCHEMA_VERSION};
 pub use store::sqlite::{
     Durability, SqliteStore, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT, DEFAULT_POOL_SIZE,

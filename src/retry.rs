@@ -54,7 +54,7 @@ impl RetryPolicy {
     /// A policy with a custom schedule: entry `n - 1` is the wait after the
     /// n-th failed attempt, and the last entry repeats. An empty schedule
     /// retries at once. `max_attempts` keeps its default (10).
-    pub fn with_schedule(schedule: impl IntoIterator<Item = Duration>) -> Self {
+    pub fn from_schedule(schedule: impl IntoIterator<Item = Duration>) -> Self {
         RetryPolicy {
             schedule: schedule.into_iter().collect(),
             ..RetryPolicy::default()
@@ -63,7 +63,7 @@ impl RetryPolicy {
 
     /// A policy that waits the same `delay` after every failure.
     pub fn constant(delay: Duration) -> Self {
-        RetryPolicy::with_schedule([delay])
+        RetryPolicy::from_schedule([delay])
     }
 
     /// Give up after this many attempts (at least 1). Default: 10. Events
@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn empty_schedule_retries_at_once() {
-        let p = RetryPolicy::with_schedule([]);
+        let p = RetryPolicy::from_schedule([]);
         assert_eq!(p.delay_for(3), Some(Duration::ZERO));
     }
 

@@ -83,8 +83,11 @@ fn outcome<T>(r: &sqlite_outbox::Result<T>) -> String {
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let fail = |e: &dyn std::fmt::Display| TestCaseError::fail(e.to_string());
     let clock = ManualClock::new();
-    let policy = RetryPolicy::with_schedule([Duration::from_secs(3), Duration::from_secs(20)]);
-    let model = MemoryStore::with_clock(Arc::new(clock.clone()), policy.clone());
+    let policy = RetryPolicy::from_schedule([Duration::from_secs(3), Duration::from_secs(20)]);
+    let model = MemoryStore::builder()
+        .clock(Arc::new(clock.clone()))
+        .retry_policy(policy.clone())
+        .build();
     let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
     let sqlite = SqliteStore::builder(dir.path().join("d.db"))
         .clock(Arc::new(clock.clone()))

@@ -42,6 +42,40 @@ struct State {
     last_seq: i64,
 }
 
+/// Options for a [`MemoryStore`], from [`MemoryStore::builder`].
+#[derive(Debug)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct MemoryStoreBuilder {
+    clock: Arc<dyn Clock>,
+    policy: RetryPolicy,
+}
+
+impl MemoryStoreBuilder {
+    /// The clock for due times and leases. Default: the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The retry policy. Default: [`RetryPolicy::default`].
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The empty store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                clock: self.clock,
+                policy: self.policy,
+                notifier: Notifier::default(),
+            }),
+        }
+    }
+}
+
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryStore")
@@ -60,18 +94,29 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// An empty store on the system clock with the default retry policy.
     pub fn new() -> Self {
-        MemoryStore::with_clock(Arc::new(SystemClock), RetryPolicy::default())
+        MemoryStore::builder().build()
     }
 
-    /// An empty store with this clock and retry policy.
-    pub fn with_clock(clock: Arc<dyn Clock>, policy: RetryPolicy) -> Self {
-        MemoryStore {
-            inner: Arc::new(Inner {
-                state: Mutex::new(State::default()),
-                clock,
-                policy,
-                notifier: Notifier::default(),
-            }),
+    /// A builder for an empty store, to set its clock (a
+    /// [`crate::ManualClock`] in tests of backoff and leases) or its retry
+    /// policy, as [`crate::SqliteStore::builder`] does for a file.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use sqlite_outbox::{ManualClock, MemoryStore, RetryPolicy};
+    ///
+    /// let clock = ManualClock::new();
+    /// let store = MemoryStore::builder()
+    ///     .clock(Arc::new(clock.clone()))
+    ///     .retry_policy(RetryPolicy::constant(Duration::from_secs(5)))
+    ///     .build();
+    /// # let _ = store;
+    /// ```
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            clock: Arc::new(SystemClock),
+            policy: RetryPolicy::default(),
         }
     }
 

@@ -291,7 +291,7 @@ mod tests {
     use serde_json::json;
 
     use super::Store;
-    use crate::{Clock, ManualClock, MemoryStore, NewEvent, RetryPolicy, SqliteStore};
+    use crate::{Clock, ManualClock, MemoryStore, NewEvent, SqliteStore};
 
     /// What the dispatcher's poller sleeps until, on both stores.
     fn next_wakeup_is_the_earliest_future_time(
@@ -344,7 +344,9 @@ mod tests {
     #[test]
     fn next_wakeup_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
         let clock = ManualClock::new();
-        let memory = MemoryStore::with_clock(Arc::new(clock.clone()), RetryPolicy::default());
+        let memory = MemoryStore::builder()
+            .clock(Arc::new(clock.clone()))
+            .build();
         next_wakeup_is_the_earliest_future_time(&memory, &clock)?;
         let dir = tempfile::tempdir()?;
         let clock = ManualClock::new();

@@ -33,7 +33,10 @@ impl Fixture {
 
     pub fn memory_with(policy: RetryPolicy) -> Self {
         let clock = ManualClock::new();
-        let store = MemoryStore::with_clock(Arc::new(clock.clone()), policy);
+        let store = MemoryStore::builder()
+            .clock(Arc::new(clock.clone()))
+            .retry_policy(policy)
+            .build();
         Fixture {
             store: Arc::new(store),
             clock,

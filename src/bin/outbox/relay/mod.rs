@@ -266,7 +266,7 @@ fn policy(a: &RelayArgs) -> RetryPolicy {
     let policy = if a.backoff.is_empty() {
         RetryPolicy::default()
     } else {
-        RetryPolicy::with_schedule(a.backoff.iter().copied())
+        RetryPolicy::from_schedule(a.backoff.iter().copied())
     };
     match a.max_attempts {
         Some(n) => policy.with_max_attempts(n),
