@@ -121,16 +121,34 @@ fn a_drop_that_leaves_a_handler_running_warns() -> Result<(), Box<dyn std::error
         })
         .start()?;
     started.recv_timeout(Duration::from_secs(10))?;
-    tracing::subscriber::with_default(capture, || drop(dispatcher));
-    release.send(()).ok();
-    let events = events.lock().map_err(|_| "poisoned")?;
-    let warned = events.iter().any(|(level, fields)| {
-        level == "WARN"
-            && fields.contains(&("still_running".to_owned(), "1".to_owned()))
-            && fields
-                .iter()
-                .any(|(k, v)| k == "message" && v.contains("still running"))
+    // A clean drop first: nothing to warn about.
+    let idle = Dispatcher::builder(MemoryStore::new())
+        .handle("other", |_: &Event| Ok(()))
+        .start()?;
+    let warnings = |events: &Spans| -> Result<Vec<String>, Box<dyn std::error::Error>> {
+        let events = events.lock().map_err(|_| "poisoned")?;
+        Ok(events
+            .iter()
+            .filter(|(level, fields)| {
+                level == "WARN"
+                    && fields
+                        .iter()
+                        .any(|(k, v)| k == "message" && v.contains("still running"))
+            })
+            .map(|(_, fields)| format!("{fields:?}"))
+            .collect())
+    };
+    tracing::subscriber::with_default(capture, || {
+        drop(idle);
+        assert_eq!(warnings(&events).ok(), Some(vec![]), "a clean drop warned");
+        drop(dispatcher);
     });
-    assert!(warned, "{events:?}");
+    release.send(()).ok();
+    let warned = warnings(&events)?;
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].contains(r#"("still_running", "1")"#),
+        "{warned:?}"
+    );
     Ok(())
 }

@@ -180,9 +180,28 @@ mod tests {
     }
 
     #[test]
+    fn display_is_the_message_and_debug_shows_the_action() {
+        let err = HandlerError::permanent("no such user");
+        assert_eq!(err.to_string(), "no such user");
+        let shown = format!("{err:?}");
+        assert!(
+            shown.starts_with("HandlerError") && shown.contains("Permanent"),
+            "{shown}"
+        );
+        let shown = format!(
+            "{:?}",
+            HandlerError::retry_after("busy", Duration::from_secs(7))
+        );
+        assert!(shown.contains("7s"), "{shown}");
+    }
+
+    #[test]
     fn retry_after_is_clamped_and_messages_capped() {
         let err = HandlerError::retry_after("x".repeat(100_000), Duration::MAX);
         assert_eq!(err.delay(), Some(MAX_RETRY_AFTER));
+        // As documented: a day, the longest step of the default schedule.
+        assert_eq!(MAX_RETRY_AFTER, Duration::from_secs(86_400));
+        assert_eq!(MAX_RETRY_AFTER, crate::RetryPolicy::default().backoff(100));
         assert_eq!(err.message().len(), crate::MAX_ERROR_LEN);
     }
 
