@@ -111,6 +111,12 @@ fn spawn<T: Send + 'static>(
         .map_err(|e| Error::with_source(crate::ErrorKind::Io, e))
 }
 
+/// The pause after the next panic of a supervised loop: twice the last,
+/// at most 5 s.
+fn next_pause(last: Duration) -> Duration {
+    (last * 2).min(Duration::from_secs(5))
+}
+
 /// Runs a thread's loop, restarting it when it panics: the panic is
 /// counted, logged, and followed by a growing pause, so a loop that panics
 /// at once every time cannot spin. Returns once the loop returns.
@@ -129,7 +135,7 @@ fn supervise(ctx: &Ctx, thread: &str, mut body: impl FnMut()) {
                     return;
                 }
                 std::thread::sleep(pause_for);
-                pause_for = (pause_for * 2).min(Duration::from_secs(5));
+                pause_for = next_pause(pause_for);
             }
         }
     }
@@ -380,5 +386,25 @@ impl<F: FnOnce()> Drop for OnDrop<F> {
         if let Some(f) = self.0.take() {
             f();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_after_panics_slow_down_to_five_seconds() {
+        let mut pause = Duration::from_millis(50);
+        let mut seen = Vec::new();
+        for _ in 0..9 {
+            pause = next_pause(pause);
+            seen.push(pause.as_millis());
+        }
+        assert_eq!(
+            seen,
+            [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000],
+            "a loop that panics every time cannot spin"
+        );
     }
 }
