@@ -156,7 +156,10 @@ pub mod legacy {
 /// operator tier ([`Operator`]: `stats`, `list`, `requeue`, ...) into scope
 /// on every store, with the types they are used with.
 pub mod prelude {
-    pub use crate::{Dispatcher, Event, HandlerError, NewEvent, Operator, SqliteStore, Store};
+    pub use crate::{
+        Dispatcher, Event, EventId, HandlerError, ListFilter, MemoryStore, NewEvent, Operator,
+        Requeue, RetryPolicy, SqliteStore, Status, Store, Subject,
+    };
 }
 
 #[cfg(doctest)]
