@@ -578,6 +578,37 @@ fn dropping_a_dispatcher_writes_the_outcome_first() -> TestResult {
     Ok(())
 }
 
+/// A dispatcher holds at most one batch more than its workers can run, so
+/// other processes' dispatchers are not starved of claimed-but-idle events.
+#[test]
+fn claims_stop_at_workers_plus_one_batch() -> TestResult {
+    let f = Fixture::memory();
+    f.store
+        .enqueue_batch((0..20).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let (release, released) = unbounded::<()>();
+    let dispatcher = Dispatcher::builder(f.core())
+        .workers(2)
+        .batch_size(3)
+        .handle("t", move |_: &Event| {
+            released.recv_timeout(WAIT).ok();
+            Ok(())
+        })
+        .start()?;
+    let deadline = Instant::now() + WAIT;
+    while f.store.stats()?.processing < 5 {
+        assert!(Instant::now() < deadline, "never claimed 5");
+        std::thread::sleep(millis(5));
+    }
+    std::thread::sleep(millis(200));
+    assert_eq!(f.store.stats()?.processing, 5, "2 running + a batch of 3");
+    for _ in 0..20 {
+        release.send(())?;
+    }
+    let report = dispatcher.drain(WAIT);
+    assert_eq!(report.metrics.done, 20);
+    Ok(())
+}
+
 #[test]
 fn only_types_with_handlers_are_claimed() -> TestResult {
     let f = Fixture::memory();
