@@ -57,6 +57,7 @@ pub struct HandlerError {
 enum Action {
     Retry(Option<Duration>),
     Permanent,
+    Unavailable,
 }
 
 impl HandlerError {
@@ -87,16 +88,35 @@ impl HandlerError {
         }
     }
 
+    /// The destination cannot be reached (no network, connection refused,
+    /// a name that does not resolve, a timeout before anything was sent):
+    /// the event is not at fault. It goes back as it was, its attempt not
+    /// spent and its place in its ordering key kept, and the dispatcher
+    /// holds back every event of its destination, probing it with one
+    /// event at a time (after 1 s, doubling to 5 min) until one gets
+    /// through. See [`crate::DispatcherBuilder::destination`].
+    pub fn unavailable(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            error: error.into(),
+            action: Action::Unavailable,
+        }
+    }
+
     /// True if the event should fail without another attempt.
     pub fn is_permanent(&self) -> bool {
         self.action == Action::Permanent
+    }
+
+    /// True if the handler said the destination cannot be reached.
+    pub fn is_unavailable(&self) -> bool {
+        self.action == Action::Unavailable
     }
 
     /// The delay the handler asked for, if any.
     pub fn delay(&self) -> Option<Duration> {
         match self.action {
             Action::Retry(delay) => delay,
-            Action::Permanent => None,
+            Action::Permanent | Action::Unavailable => None,
         }
     }
 

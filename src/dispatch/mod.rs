@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +11,15 @@ use crate::event::Event;
 use crate::retry::RetryPolicy;
 use crate::store::{Store, DEFAULT_LEASE};
 
+mod destinations;
 mod handler;
+mod metrics;
 mod runtime;
 
+pub use destinations::{DestinationState, Hold, FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL};
 pub use handler::{Handler, HandlerError, MAX_RETRY_AFTER};
+pub(crate) use metrics::Counters;
+pub use metrics::{Metrics, ShutdownReport};
 
 /// Default number of worker threads.
 pub const DEFAULT_WORKERS: usize = 4;
@@ -31,6 +35,8 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct DispatcherBuilder {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) handlers: HashMap<String, Arc<dyn Handler>>,
+    /// Event type → destination, for types sent to a shared destination.
+    pub(crate) routes: HashMap<String, String>,
     pub(crate) fallback: Option<Arc<dyn Handler>>,
     pub(crate) workers: usize,
     pub(crate) batch_size: usize,
@@ -85,6 +91,22 @@ impl DispatcherBuilder {
         F: Fn(&Event) -> std::result::Result<(), HandlerError> + Send + Sync + 'static,
     {
         self.fallback = Some(Arc::new(handler));
+        self
+    }
+
+    /// Sends events of these types to one destination named `name` (a
+    /// host, say): when a handler answers [`HandlerError::unavailable`] for
+    /// one of them, all of them are held back together and probed as one.
+    /// Default: each event type is its own destination.
+    pub fn destination<T: Into<String>>(
+        mut self,
+        name: impl Into<String>,
+        event_types: impl IntoIterator<Item = T>,
+    ) -> Self {
+        let name = name.into();
+        for t in event_types {
+            self.routes.insert(t.into(), name.clone());
+        }
         self
     }
 
@@ -195,6 +217,7 @@ impl Dispatcher {
         DispatcherBuilder {
             store: store.into(),
             handlers: HashMap::new(),
+            routes: HashMap::new(),
             fallback: None,
             workers: DEFAULT_WORKERS,
             batch_size: DEFAULT_BATCH_SIZE,
@@ -221,6 +244,62 @@ impl Dispatcher {
         if let Some(r) = &self.runtime {
             r.wake();
         }
+    }
+
+    /// Holds back every event of `destination` (an event type, or a name
+    /// given with [`DispatcherBuilder::destination`]) until
+    /// [`Dispatcher::resume`]: nothing of it is claimed or probed, and no
+    /// attempt is spent. For an app that knows a server is down, or wants
+    /// to stop sending somewhere for a while. Events already running
+    /// finish; those claimed but not started go back.
+    pub fn pause(&self, destination: &str) {
+        if let Some(r) = &self.runtime {
+            r.destinations.pause(destination);
+        }
+    }
+
+    /// Delivers the events of `destination` again, whether it was paused
+    /// or found unreachable, at once: its events waiting out a retry's
+    /// backoff are made due now (their attempts kept).
+    pub fn resume(&self, destination: &str) {
+        if let Some(r) = &self.runtime {
+            r.destinations.resume(destination);
+            let types = r.destinations.types_of(destination);
+            r.skip_backoff(Some(&types));
+        }
+    }
+
+    /// Tells the dispatcher whether the device is online, from the
+    /// operating system's connectivity callbacks, say. Offline, nothing is
+    /// claimed and nothing is probed: no CPU, no attempts. Back online,
+    /// every destination held back is released, events waiting out a
+    /// retry's backoff are made due now (their attempts kept), and delivery
+    /// starts at once.
+    pub fn set_online(&self, online: bool) {
+        if let Some(r) = &self.runtime {
+            r.destinations.set_online(online);
+            if online {
+                let types = r.types.clone();
+                r.skip_backoff(types.as_deref());
+            }
+        }
+    }
+
+    /// The destinations held back now (paused, or unreachable and being
+    /// probed), by name.
+    pub fn destinations(&self) -> Vec<DestinationState> {
+        self.runtime
+            .as_ref()
+            .map(|r| r.destinations.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// False after [`Dispatcher::set_online`]`(false)`, until it is set
+    /// back.
+    pub fn is_online(&self) -> bool {
+        self.runtime
+            .as_ref()
+            .is_some_and(|r| !r.destinations.is_offline())
     }
 
     /// The retry policy in force (the store's).
@@ -300,120 +379,5 @@ impl Drop for Dispatcher {
                 );
             }
         }
-    }
-}
-
-/// Counters of a dispatcher since it started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub struct Metrics {
-    /// Events claimed.
-    pub claimed: u64,
-    /// Events recorded done.
-    pub done: u64,
-    /// Failed attempts recorded for a later retry.
-    pub retried: u64,
-    /// Events recorded failed (permanent errors and last attempts).
-    pub failed: u64,
-    /// Handler runs that panicked (also counted as retried or failed).
-    pub panicked: u64,
-    /// Outcomes or extensions refused because the lease had moved on.
-    pub lease_lost: u64,
-    /// Lease extensions written.
-    pub extended: u64,
-    /// Claimed events given back unstarted.
-    pub released: u64,
-    /// Transactions that wrote outcomes (each may carry many).
-    pub settle_batches: u64,
-    /// Claim transactions that returned at least one event.
-    pub claim_batches: u64,
-    /// Database errors met (and retried) by the dispatcher's loops.
-    pub store_errors: u64,
-    /// Panics outside a handler (in a `Display` of an error, a `tracing`
-    /// subscriber, the dispatcher itself) caught by the thread's
-    /// supervisor, which released what the thread held and restarted it.
-    pub thread_panics: u64,
-    /// Handlers that ran past the builder's `max_run_time`; their leases
-    /// were left to run out.
-    pub overran: u64,
-    /// Outcomes given up on because the store refused them for good
-    /// (read-only, corrupt, wrong schema) or a thread panicked while
-    /// writing them; their events are redelivered after their leases run
-    /// out.
-    pub dropped_outcomes: u64,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) claimed: AtomicU64,
-    pub(crate) done: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) panicked: AtomicU64,
-    pub(crate) lease_lost: AtomicU64,
-    pub(crate) extended: AtomicU64,
-    pub(crate) released: AtomicU64,
-    pub(crate) settle_batches: AtomicU64,
-    pub(crate) claim_batches: AtomicU64,
-    pub(crate) store_errors: AtomicU64,
-    pub(crate) thread_panics: AtomicU64,
-    pub(crate) overran: AtomicU64,
-    pub(crate) dropped_outcomes: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub(crate) fn snapshot(&self) -> Metrics {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Metrics {
-            claimed: get(&self.claimed),
-            done: get(&self.done),
-            retried: get(&self.retried),
-            failed: get(&self.failed),
-            panicked: get(&self.panicked),
-            lease_lost: get(&self.lease_lost),
-            extended: get(&self.extended),
-            released: get(&self.released),
-            settle_batches: get(&self.settle_batches),
-            claim_batches: get(&self.claim_batches),
-            store_errors: get(&self.store_errors),
-            thread_panics: get(&self.thread_panics),
-            overran: get(&self.overran),
-            dropped_outcomes: get(&self.dropped_outcomes),
-        }
-    }
-}
-
-/// What [`Dispatcher::shutdown`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub struct ShutdownReport {
-    /// Outcomes (done, retry, failed) written after shutdown began.
-    pub completed: u64,
-    /// Claimed events given back unstarted, their attempt not spent.
-    pub released: u64,
-    /// Handlers still running at the deadline.
-    pub still_running: usize,
-    /// Outcomes that could not be written (the store kept failing); their
-    /// events are redelivered after their leases run out.
-    pub unwritten: usize,
-    /// The dispatcher's counters at the end.
-    pub metrics: Metrics,
-    /// With [`Dispatcher::drain`]: the queue was idle when it stopped (not
-    /// the timeout).
-    pub idle: bool,
-}
-
-impl ShutdownReport {
-    /// True if every handler finished, every outcome was written and no
-    /// thread of the dispatcher panicked.
-    pub fn is_clean(&self) -> bool {
-        self.still_running == 0
-            && self.unwritten == 0
-            && self.metrics.thread_panics == 0
-            && self.metrics.dropped_outcomes == 0
     }
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use crossbeam_channel::Receiver;
 
 use super::legacy::UnfencedStore;
+use super::sealed::TypeFilter;
 use super::{
     new_token, Ack, AckKind, Backlog, ListFilter, Notifier, Operator, Requeue, Stats, Store,
     Subject, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
@@ -199,10 +200,6 @@ fn truncate(at: DateTime<Utc>) -> DateTime<Utc> {
     clock::from_millis(clock::to_millis(at))
 }
 
-fn type_allowed(types: Option<&[String]>, event_type: &str) -> bool {
-    types.is_none_or(|t| t.iter().any(|x| x == event_type))
-}
-
 /// The claimability rule, written once for the model; the SQL in
 /// `sqlite.rs` states the same rule.
 fn claimable(state: &State, e: &Event, now: DateTime<Utc>) -> bool {
@@ -299,39 +296,6 @@ impl Store for MemoryStore {
             .cloned())
     }
 
-    fn claim(&self, limit: usize, lease: Duration, types: Option<&[String]>) -> Result<Vec<Event>> {
-        let now = truncate(self.now());
-        let until = truncate(clock::add(now, lease));
-        let mut state = self.state();
-        for e in state.rows.values_mut() {
-            let expired = e.status == Status::Processing && e.locked_until.is_none_or(|t| t <= now);
-            if expired && e.attempts >= e.max_attempts {
-                e.last_error = Some(LEASE_EXPIRED_ERROR.to_owned());
-                finish(e, Status::Failed, now);
-            }
-        }
-        let mut picked: Vec<(DateTime<Utc>, i64)> = state
-            .rows
-            .values()
-            .filter(|e| type_allowed(types, &e.event_type) && claimable(&state, e, now))
-            .map(|e| (e.next_attempt_at, e.seq))
-            .collect();
-        picked.sort();
-        picked.truncate(limit);
-        let mut claimed = Vec::with_capacity(picked.len());
-        for (_, seq) in picked {
-            if let Some(e) = state.rows.get_mut(&seq) {
-                e.status = Status::Processing;
-                e.attempts = e.attempts.saturating_add(1);
-                e.locked_at = Some(now);
-                e.locked_until = Some(until);
-                e.lease_token = Some(new_token());
-                claimed.push(e.clone());
-            }
-        }
-        Ok(claimed)
-    }
-
     fn settle(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
         let now = truncate(self.now());
         let mut state = self.state();
@@ -366,23 +330,24 @@ impl Store for MemoryStore {
         Ok(results)
     }
 
-    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+    fn skip_backoff(&self, types: Option<&[String]>) -> Result<u64> {
         let now = truncate(self.now());
-        let state = self.state();
-        let mine = || {
-            state
-                .rows
-                .values()
-                .filter(|e| type_allowed(types, &e.event_type))
-        };
-        Ok(Backlog {
-            due: mine().any(|e| e.status == Status::Pending && claimable(&state, e, now)),
-            processing: mine().any(|e| e.status == Status::Processing),
-            next_due_at: mine()
-                .filter(|e| e.status == Status::Pending && e.next_attempt_at > now)
-                .map(|e| e.next_attempt_at)
-                .min(),
-        })
+        let filter = TypeFilter::only(types);
+        let mut n = 0;
+        for e in self.state().rows.values_mut() {
+            if e.status == Status::Pending
+                && e.attempts > 0
+                && e.next_attempt_at > now
+                && filter.allows(&e.event_type)
+            {
+                e.next_attempt_at = now;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.inner.notifier.notify();
+        }
+        Ok(n)
     }
 
     fn clock(&self) -> &Arc<dyn Clock> {
@@ -552,13 +517,65 @@ impl UnfencedStore for MemoryStore {
 }
 
 impl super::sealed::Sealed for MemoryStore {
-    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>> {
+    fn claim_where(
+        &self,
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<Vec<Event>> {
+        let now = truncate(self.now());
+        let until = truncate(clock::add(now, lease));
+        let mut state = self.state();
+        for e in state.rows.values_mut() {
+            let expired = e.status == Status::Processing && e.locked_until.is_none_or(|t| t <= now);
+            if expired && e.attempts >= e.max_attempts {
+                e.last_error = Some(LEASE_EXPIRED_ERROR.to_owned());
+                finish(e, Status::Failed, now);
+            }
+        }
+        let mut picked: Vec<(DateTime<Utc>, i64)> = state
+            .rows
+            .values()
+            .filter(|e| filter.allows(&e.event_type) && claimable(&state, e, now))
+            .map(|e| (e.next_attempt_at, e.seq))
+            .collect();
+        picked.sort();
+        picked.truncate(limit);
+        let mut claimed = Vec::with_capacity(picked.len());
+        for (_, seq) in picked {
+            if let Some(e) = state.rows.get_mut(&seq) {
+                e.status = Status::Processing;
+                e.attempts = e.attempts.saturating_add(1);
+                e.locked_at = Some(now);
+                e.locked_until = Some(until);
+                e.lease_token = Some(new_token());
+                claimed.push(e.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    fn backlog_where(&self, filter: &TypeFilter<'_>) -> Result<Backlog> {
+        let now = truncate(self.now());
+        let state = self.state();
+        let mine = || state.rows.values().filter(|e| filter.allows(&e.event_type));
+        Ok(Backlog {
+            due: mine().any(|e| e.status == Status::Pending && claimable(&state, e, now)),
+            processing: mine().any(|e| e.status == Status::Processing),
+            next_due_at: mine()
+                .filter(|e| e.status == Status::Pending && e.next_attempt_at > now)
+                .map(|e| e.next_attempt_at)
+                .min(),
+        })
+    }
+
+    fn next_wakeup(&self, filter: &TypeFilter<'_>) -> Result<Option<DateTime<Utc>>> {
         let now = truncate(self.now());
         let state = self.state();
         Ok(state
             .rows
             .values()
-            .filter(|e| type_allowed(types, &e.event_type))
+            .filter(|e| filter.allows(&e.event_type))
             .filter_map(|e| match e.status {
                 Status::Pending => Some(e.next_attempt_at),
                 Status::Processing => e.locked_until,

@@ -31,20 +31,65 @@ pub(crate) mod sqlite;
 /// the trait cannot be named outside the crate, so none of this is public
 /// API.
 pub(crate) mod sealed {
+    use std::time::Duration;
+
     use chrono::{DateTime, Utc};
     use crossbeam_channel::Receiver;
 
+    use super::Backlog;
     use crate::error::Result;
+    use crate::event::Event;
+
+    /// Which event types a claim, a wake-up time or a backlog looks at: those
+    /// in `only` (all when `None`), minus those in `skip` (the types of
+    /// destinations the dispatcher holds back).
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct TypeFilter<'a> {
+        pub only: Option<&'a [String]>,
+        pub skip: &'a [String],
+    }
+
+    impl<'a> TypeFilter<'a> {
+        /// Only these types (all when `None`), none skipped.
+        pub fn only(only: Option<&'a [String]>) -> Self {
+            TypeFilter { only, skip: &[] }
+        }
+
+        pub fn allows(&self, event_type: &str) -> bool {
+            self.only.is_none_or(|t| t.iter().any(|x| x == event_type))
+                && !self.skip.iter().any(|x| x == event_type)
+        }
+    }
 
     pub trait Sealed {
-        /// The earliest time at which something becomes claimable without any
-        /// further write: the first future due time of a pending event, or the
-        /// first lease to run out. `None` when nothing is waiting.
+        /// [`super::Store::claim`] of the types `filter` allows.
+        ///
+        /// # Errors
+        ///
+        /// Database errors; nothing is claimed then.
+        fn claim_where(
+            &self,
+            limit: usize,
+            lease: Duration,
+            filter: &TypeFilter<'_>,
+        ) -> Result<Vec<Event>>;
+
+        /// [`super::Store::backlog`] of the types `filter` allows.
         ///
         /// # Errors
         ///
         /// Database errors.
-        fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>>;
+        fn backlog_where(&self, filter: &TypeFilter<'_>) -> Result<Backlog>;
+
+        /// The earliest time at which something of the types `filter`
+        /// allows becomes claimable without any further write: the first
+        /// future due time of a pending event, or the first lease to run
+        /// out. `None` when nothing is waiting.
+        ///
+        /// # Errors
+        ///
+        /// Database errors.
+        fn next_wakeup(&self, filter: &TypeFilter<'_>) -> Result<Option<DateTime<Utc>>>;
 
         /// True if another connection or process committed since the last call
         /// (cheap: `PRAGMA data_version` for SQLite, where the first call is
@@ -150,7 +195,9 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     /// # Errors
     ///
     /// Database errors; nothing is claimed then.
-    fn claim(&self, limit: usize, lease: Duration, types: Option<&[String]>) -> Result<Vec<Event>>;
+    fn claim(&self, limit: usize, lease: Duration, types: Option<&[String]>) -> Result<Vec<Event>> {
+        self.claim_where(limit, lease, &sealed::TypeFilter::only(types))
+    }
 
     /// Writes many acknowledgements in one transaction, each fenced by its
     /// lease. The outer error is a database failure (nothing was written);
@@ -220,7 +267,20 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     /// # Errors
     ///
     /// Database errors.
-    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog>;
+    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+        self.backlog_where(&sealed::TypeFilter::only(types))
+    }
+
+    /// Makes pending events that are waiting out a retry's backoff due now,
+    /// keeping their attempts: for the moment an app knows its network is
+    /// back. Events that have not been tried yet keep their due time (a
+    /// delay the app asked for). Of these event types (all when `None`);
+    /// returns how many.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn skip_backoff(&self, types: Option<&[String]>) -> Result<u64>;
 
     /// The store's clock.
     fn clock(&self) -> &Arc<dyn Clock>;
@@ -290,6 +350,7 @@ mod tests {
     use chrono::Duration as ChronoDuration;
     use serde_json::json;
 
+    use super::sealed::TypeFilter;
     use super::Store;
     use crate::{Clock, ManualClock, MemoryStore, NewEvent, SqliteStore};
 
@@ -298,23 +359,35 @@ mod tests {
         store: &impl Store,
         clock: &ManualClock,
     ) -> crate::Result<()> {
-        assert_eq!(store.next_wakeup(None)?, None);
+        let all = TypeFilter::default();
+        assert_eq!(store.next_wakeup(&all)?, None);
         let now = clock.now();
         let secs = Duration::from_secs;
         store.enqueue(NewEvent::new("a", json!({})).with_delay(secs(50)))?;
         store.enqueue(NewEvent::new("b", json!({})).with_delay(secs(20)))?;
         store.enqueue(NewEvent::new("c", json!({})))?;
         assert_eq!(
-            store.next_wakeup(None)?,
+            store.next_wakeup(&all)?,
             Some(now + ChronoDuration::seconds(20))
         );
+        let a = ["a".to_owned()];
         assert_eq!(
-            store.next_wakeup(Some(&["a".into()]))?,
+            store.next_wakeup(&TypeFilter::only(Some(&a)))?,
             Some(now + ChronoDuration::seconds(50))
+        );
+        let b = ["b".to_owned()];
+        let skip_b = TypeFilter {
+            only: None,
+            skip: &b,
+        };
+        assert_eq!(
+            store.next_wakeup(&skip_b)?,
+            Some(now + ChronoDuration::seconds(50)),
+            "skipped types are not waited for"
         );
         store.claim(10, secs(5), Some(&["c".into()]))?;
         assert_eq!(
-            store.next_wakeup(None)?,
+            store.next_wakeup(&all)?,
             Some(now + ChronoDuration::seconds(5)),
             "a lease runs out"
         );

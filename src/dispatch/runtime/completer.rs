@@ -140,6 +140,7 @@ fn write_batch(ctx: &Ctx, batch: &mut Vec<Outcome>, give_up_at: Option<Instant>)
                 Kind::Done => Counters::add(&c.done, 1),
                 Kind::Fail => Counters::add(&c.failed, 1),
                 Kind::Release => Counters::add(&c.released, 1),
+                Kind::HeldBack => Counters::add(&c.held_back, 1),
                 Kind::Retry { last, panicked } => {
                     Counters::add(if last { &c.failed } else { &c.retried }, 1);
                     if panicked {

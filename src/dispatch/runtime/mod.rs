@@ -21,9 +21,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 
+use super::destinations::Destinations;
 use super::{Counters, Dispatcher, DispatcherBuilder, Handler, ShutdownReport};
 use crate::error::{Error, Result};
 use crate::event::{Event, Lease};
+use crate::store::sealed::TypeFilter;
 use crate::store::{Ack, Store};
 
 mod completer;
@@ -43,6 +45,7 @@ pub(crate) struct Runtime {
     /// The event types this dispatcher claims (`None`: all).
     pub(crate) types: Option<Arc<[String]>>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) destinations: Arc<Destinations>,
     shared: Arc<Shared>,
     wake_tx: Sender<()>,
     stop_poller_tx: Sender<()>,
@@ -81,6 +84,7 @@ struct Ctx {
     shared: Arc<Shared>,
     handlers: Arc<HashMap<String, Arc<dyn Handler>>>,
     fallback: Option<Arc<dyn Handler>>,
+    destinations: Arc<Destinations>,
     types: Option<Arc<[String]>>,
     lease: Duration,
     max_run_time: Option<Duration>,
@@ -91,9 +95,14 @@ struct Ctx {
 
 enum Kind {
     Done,
-    Retry { last: bool, panicked: bool },
+    Retry {
+        last: bool,
+        panicked: bool,
+    },
     Fail,
     Release,
+    /// Given back because its destination is held back.
+    HeldBack,
 }
 
 struct Outcome {
@@ -149,11 +158,12 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
         b.shutdown_timeout,
     );
     let ctx = context(b);
-    let (counters, shared, types, capacity) = (
+    let (counters, shared, types, capacity, destinations) = (
         ctx.counters.clone(),
         ctx.shared.clone(),
         ctx.types.clone(),
         ctx.capacity,
+        ctx.destinations.clone(),
     );
 
     let (jobs_tx, jobs_rx) = bounded::<Event>(capacity);
@@ -217,6 +227,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
             store,
             types,
             counters,
+            destinations,
             shared,
             wake_tx,
             stop_poller_tx,
@@ -241,7 +252,9 @@ fn context(b: DispatcherBuilder) -> Ctx {
         t.sort();
         Some(t.into())
     };
+    let destinations = Arc::new(Destinations::new(b.routes, b.store.clock().clone()));
     Ctx {
+        destinations,
         store: b.store,
         counters: Arc::new(Counters::default()),
         shared: Arc::new(Shared {
@@ -294,6 +307,14 @@ impl Runtime {
         let _ = self.wake_tx.try_send(());
     }
 
+    /// Makes waiting retries of these types due now, and looks for them.
+    pub(crate) fn skip_backoff(&self, types: Option<&[String]>) {
+        if let Err(e) = self.store.skip_backoff(types) {
+            tracing::warn!(error = %e, "outbox could not make waiting events due");
+        }
+        self.wake();
+    }
+
     /// True once nothing of this dispatcher's types can be claimed now,
     /// nothing is being handled (here or by another process), and every
     /// outcome this dispatcher produced is written.
@@ -301,7 +322,15 @@ impl Runtime {
         if !self.shared.inflight().is_empty() {
             return Ok(false);
         }
-        let backlog = self.store.backlog(self.types.as_deref())?;
+        if self.destinations.is_offline() {
+            return Ok(true);
+        }
+        // Events of destinations held back wait for a later run.
+        let skip = self.destinations.skipped_types();
+        let backlog = self.store.backlog_where(&TypeFilter {
+            only: self.types.as_deref(),
+            skip: &skip,
+        })?;
         Ok(!backlog.due && !backlog.processing)
     }
 

@@ -15,7 +15,8 @@ use crossbeam_channel::{select, Receiver, Sender};
 
 use super::{pause, Ctx, InFlight};
 use crate::dispatch::Counters;
-use crate::event::Event;
+use crate::event::{Event, Lease};
+use crate::store::sealed::TypeFilter;
 
 /// After an in-process wake-up that found nothing (the enqueuing transaction
 /// had not committed yet), look again this often, doubling, for this long.
@@ -52,12 +53,18 @@ pub(super) fn poll_loop(
         let want = ctx.batch_size.min(room);
         let mut got = 0;
         let mut claimed = false;
-        if claim_now && want > 0 {
-            match claim_batch(ctx, jobs_tx, want) {
-                Ok(n) => {
+        let offline = ctx.destinations.is_offline();
+        let skip = ctx.destinations.skipped_types();
+        let filter = TypeFilter {
+            only: types,
+            skip: &skip,
+        };
+        if claim_now && want > 0 && !offline {
+            match claim_batch(ctx, jobs_tx, want, &filter, &|_| {}) {
+                Ok(leases) => {
                     backoff = Duration::from_millis(10);
                     claimed = true;
-                    got = n;
+                    got = leases.len();
                 }
                 Err(err) => {
                     Counters::add(&ctx.counters.store_errors, 1);
@@ -70,13 +77,19 @@ pub(super) fn poll_loop(
                 }
             }
         }
+        if let Err(err) = send_probes(ctx, jobs_tx) {
+            Counters::add(&ctx.counters.store_errors, 1);
+            tracing::warn!(error = %err, "outbox probe claim failed; retrying");
+        }
         if got > 0 && got == want {
             // A full batch: more is probably waiting, so claim again before
             // asking when the next event falls due.
             continue;
         }
-        if claimed {
-            due_at = match ctx.store.next_wakeup(types) {
+        if offline {
+            due_at = None;
+        } else if claimed {
+            due_at = match ctx.store.next_wakeup(&filter) {
                 Ok(at) => at,
                 // Unknown: look again at the next tick.
                 Err(_) => Some(ctx.store.clock().now()),
@@ -89,7 +102,11 @@ pub(super) fn poll_loop(
         }
         woken = false;
 
-        let timeout = sleep_for(ctx, due_at, &mut eager);
+        let wake_at = match (due_at, ctx.destinations.next_probe_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = sleep_for(ctx, wake_at, &mut eager);
         select! {
             recv(stop_rx) -> _ => break,
             recv(wake_rx) -> msg => {
@@ -117,17 +134,26 @@ pub(super) fn poll_loop(
     }
 }
 
-/// Claims up to `want` events, records them as in flight and queues them
-/// for the workers; returns how many.
-fn claim_batch(ctx: &Ctx, jobs_tx: &Sender<Event>, want: usize) -> crate::Result<usize> {
-    let events = ctx.store.claim(want, ctx.lease, ctx.types.as_deref())?;
-    let got = events.len();
-    if got > 0 {
-        Counters::add(&ctx.counters.claimed, got as u64);
+/// Claims up to `want` events of the types `filter` allows, records them
+/// as in flight, tells `on_claim` and queues them for the workers; returns
+/// their leases.
+fn claim_batch(
+    ctx: &Ctx,
+    jobs_tx: &Sender<Event>,
+    want: usize,
+    filter: &TypeFilter<'_>,
+    on_claim: &dyn Fn(&Lease),
+) -> crate::Result<Vec<Lease>> {
+    let events = ctx.store.claim_where(want, ctx.lease, filter)?;
+    let mut leases = Vec::with_capacity(events.len());
+    if !events.is_empty() {
+        Counters::add(&ctx.counters.claimed, events.len() as u64);
         Counters::add(&ctx.counters.claim_batches, 1);
         let mut inflight = ctx.shared.inflight();
         for e in &events {
             if let (Some(lease), Some(until)) = (e.lease(), e.locked_until) {
+                on_claim(&lease);
+                leases.push(lease);
                 inflight.insert(
                     (lease.seq, lease.token),
                     InFlight {
@@ -145,7 +171,36 @@ fn claim_batch(ctx: &Ctx, jobs_tx: &Sender<Event>, want: usize) -> crate::Result
             break;
         }
     }
-    Ok(got)
+    Ok(leases)
+}
+
+/// Sends one event to each held-back destination whose probe is due (if
+/// there is room): the first that gets through brings the destination back.
+/// A destination with nothing waiting is simply let go.
+fn send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) -> crate::Result<()> {
+    for destination in ctx.destinations.probes_due() {
+        if ctx.shared.inflight().len() >= ctx.capacity {
+            return Ok(());
+        }
+        let mut types = ctx.destinations.types_of(&destination);
+        if let Some(mine) = ctx.types.as_deref() {
+            types.retain(|t| mine.contains(t));
+        }
+        let filter = TypeFilter {
+            only: Some(&types),
+            skip: &[],
+        };
+        // Marked as the probe before a worker can see it, so that it runs.
+        let sent = claim_batch(ctx, jobs_tx, 1, &filter, &|lease| {
+            ctx.destinations.probe_sent(&destination, lease);
+        })?;
+        if sent.is_empty() {
+            ctx.destinations.nothing_to_probe(&destination);
+        } else {
+            tracing::debug!(destination = %destination, "outbox probing destination");
+        }
+    }
+    Ok(())
 }
 
 /// How long to sleep before looking again: the poll interval, cut short by

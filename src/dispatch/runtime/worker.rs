@@ -40,12 +40,24 @@ pub(super) fn worker_loop(ctx: &Ctx, jobs_rx: &Receiver<Event>, outcomes_tx: &Se
             }
         }));
         let outcome = if ctx.shared.stopping.load(Ordering::SeqCst) {
+            ctx.destinations.probe_returned(&event.event_type, &lease);
             Outcome {
                 ack: Ack::release(lease),
                 kind: Kind::Release,
             }
+        } else if !ctx.destinations.may_run(&event.event_type, &lease) {
+            // Claimed before its destination was held back: back it goes,
+            // unrun, its attempt not spent.
+            Outcome {
+                ack: Ack::release(lease),
+                kind: Kind::HeldBack,
+            }
         } else {
-            run_handler(ctx, &event, lease)
+            let outcome = run_handler(ctx, &event, lease);
+            if !matches!(outcome.kind, Kind::HeldBack) {
+                reached(ctx, &event.event_type, &lease);
+            }
+            outcome
         };
         held.0 = None;
         if outcomes_tx.send(outcome).is_err() {
@@ -81,6 +93,15 @@ fn run_handler(ctx: &Ctx, event: &Event, lease: Lease) -> Outcome {
             ack: Ack::complete(lease),
             kind: Kind::Done,
         },
+        Ok(Err(err)) if err.is_unavailable() => {
+            let message = err.message();
+            ctx.destinations
+                .unreachable(&event.event_type, &lease, &message);
+            Outcome {
+                ack: Ack::release(lease),
+                kind: Kind::HeldBack,
+            }
+        }
         Ok(Err(err)) => {
             let message = err.message();
             if err.is_permanent() {
@@ -111,5 +132,17 @@ fn run_handler(ctx: &Ctx, event: &Event, lease: Lease) -> Outcome {
                 },
             }
         }
+    }
+}
+
+/// The handler got past its destination: if that destination was held back
+/// as unreachable, its waiting events are made due now and flow again.
+fn reached(ctx: &Ctx, event_type: &str, lease: &Lease) {
+    let Some(destination) = ctx.destinations.reached(event_type, lease) else {
+        return;
+    };
+    let types = ctx.destinations.types_of(&destination);
+    if let Err(e) = ctx.store.skip_backoff(Some(&types)) {
+        tracing::warn!(error = %e, destination = %destination, "outbox could not make waiting events due");
     }
 }

@@ -7,23 +7,24 @@ use rusqlite::{params, Transaction};
 use super::sql::{
     ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL, ACK_RELEASE_SQL, ACK_RETRY_SQL, CLAIM_SQL,
 };
-use super::{types_json, SqliteStore};
+use super::{skip, types_json, SqliteStore};
 use crate::clock;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::store::row::decode_row;
+use crate::store::sealed::TypeFilter;
 use crate::store::{Ack, AckKind, LEASE_EXPIRED_ERROR};
 impl SqliteStore {
     pub(super) fn claim_events(
         &self,
         limit: usize,
         lease: Duration,
-        types: Option<&[String]>,
+        filter: &TypeFilter<'_>,
     ) -> Result<Vec<Event>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let types = types_json(types);
+        let (types, skip) = (types_json(filter.only), types_json(skip(filter)));
         let mut claimed = self.write_relaxed(|tx| {
             // Read with the lock held: a claim that waited for the lock must
             // not be born with a lease that already ran out.
@@ -44,6 +45,7 @@ impl SqliteStore {
                         ":until": clock::to_millis(until),
                         ":limit": i64::try_from(limit).unwrap_or(i64::MAX),
                         ":types": types,
+                        ":skip": skip,
                     },
                     decode_row,
                 )?

@@ -30,6 +30,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, Transactio
 
 use super::row::row_to_event;
 use super::schema::COLUMNS;
+use super::sealed::TypeFilter;
 use super::{Ack, Backlog, Notifier, Store};
 use crate::clock::{self, Clock};
 use crate::error::{Error, ErrorKind, Result};
@@ -223,15 +224,17 @@ fn types_json(types: Option<&[String]>) -> Option<String> {
     types.map(|t| serde_json::Value::from(t.to_vec()).to_string())
 }
 
+/// The skipped types, `None` when there are none (the SQL then skips the
+/// test).
+fn skip<'a>(filter: &TypeFilter<'a>) -> Option<&'a [String]> {
+    (!filter.skip.is_empty()).then_some(filter.skip)
+}
+
 fn count_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
 impl Store for SqliteStore {
-    fn claim(&self, limit: usize, lease: Duration, types: Option<&[String]>) -> Result<Vec<Event>> {
-        self.claim_events(limit, lease, types)
-    }
-
     fn settle(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
         self.settle_acks(acks)
     }
@@ -258,21 +261,22 @@ impl Store for SqliteStore {
         })
     }
 
-    fn backlog(&self, types: Option<&[String]>) -> Result<Backlog> {
+    fn skip_backoff(&self, types: Option<&[String]>) -> Result<u64> {
         let now = clock::to_millis(self.now());
         let types = types_json(types);
-        self.read(|conn| {
-            let (due, processing, next): (bool, bool, Option<i64>) =
-                conn.prepare_cached(&BACKLOG_SQL)?.query_row(
-                    rusqlite::named_params! {":now": now, ":types": types},
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )?;
-            Ok(Backlog {
-                due,
-                processing,
-                next_due_at: next.map(clock::from_millis),
-            })
-        })
+        let n = self.write(|tx| {
+            Ok(tx
+                .prepare_cached(&format!(
+                    "UPDATE outbox_events AS e SET next_attempt_at = :now
+                     WHERE e.status = 'pending' AND e.attempts > 0 AND e.next_attempt_at > :now
+                       AND {TYPE_OK}"
+                ))?
+                .execute(rusqlite::named_params! {":now": now, ":types": types})?)
+        })?;
+        if n > 0 {
+            self.inner.notifier.notify();
+        }
+        Ok(n as u64)
     }
 
     fn clock(&self) -> &Arc<dyn Clock> {
@@ -285,9 +289,35 @@ impl Store for SqliteStore {
 }
 
 impl super::sealed::Sealed for SqliteStore {
-    fn next_wakeup(&self, types: Option<&[String]>) -> Result<Option<DateTime<Utc>>> {
+    fn claim_where(
+        &self,
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<Vec<Event>> {
+        self.claim_events(limit, lease, filter)
+    }
+
+    fn backlog_where(&self, filter: &TypeFilter<'_>) -> Result<Backlog> {
         let now = clock::to_millis(self.now());
-        let types = types_json(types);
+        let (types, skip) = (types_json(filter.only), types_json(skip(filter)));
+        self.read(|conn| {
+            let (due, processing, next): (bool, bool, Option<i64>) =
+                conn.prepare_cached(&BACKLOG_SQL)?.query_row(
+                    rusqlite::named_params! {":now": now, ":types": types, ":skip": skip},
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+            Ok(Backlog {
+                due,
+                processing,
+                next_due_at: next.map(clock::from_millis),
+            })
+        })
+    }
+
+    fn next_wakeup(&self, filter: &TypeFilter<'_>) -> Result<Option<DateTime<Utc>>> {
+        let now = clock::to_millis(self.now());
+        let (types, skip) = (types_json(filter.only), types_json(skip(filter)));
         self.read(|conn| {
             let t: Option<i64> = conn
                 .prepare_cached(&format!(
@@ -299,7 +329,7 @@ impl super::sealed::Sealed for SqliteStore {
                        WHERE e.status = 'processing' AND e.locked_until > :now AND {TYPE_OK})"
                 ))?
                 .query_row(
-                    rusqlite::named_params! {":now": now, ":types": types},
+                    rusqlite::named_params! {":now": now, ":types": types, ":skip": skip},
                     |r| r.get(0),
                 )?;
             Ok(t.map(clock::from_millis))

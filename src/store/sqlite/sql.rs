@@ -22,8 +22,11 @@ pub(super) const KEY_FREE: &str = "(e.ordering_key IS NULL OR NOT EXISTS (
           AND b.seq <> e.seq
           AND (b.seq < e.seq OR (b.status = 'processing' AND b.locked_until > :now))))";
 
+/// The event types asked for (all when `:types` is NULL), minus those in
+/// `:skip` (none when NULL).
 pub(super) const TYPE_OK: &str =
-    "(:types IS NULL OR e.event_type IN (SELECT value FROM json_each(:types)))";
+    "(:types IS NULL OR e.event_type IN (SELECT value FROM json_each(:types)))
+     AND (:skip IS NULL OR e.event_type NOT IN (SELECT value FROM json_each(:skip)))";
 
 pub(super) static BACKLOG_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(

@@ -1,0 +1,446 @@
+//! Destinations: where a dispatcher's events go, and whether each can be
+//! reached now.
+//!
+//! A handler that answers [`crate::HandlerError::unavailable`] marks its
+//! event's destination unreachable: the event goes back without spending
+//! its attempt, and no event of that destination is claimed until a probe
+//! (one event, on a backoff of 1 s doubling to 5 min) gets through. The app
+//! can also pause and resume a destination, or take the whole dispatcher
+//! offline, from what it knows about the network.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::clock::{self, Clock};
+use crate::event::Lease;
+
+/// The first wait before probing a destination that became unreachable.
+pub const FIRST_PROBE_AFTER: Duration = Duration::from_secs(1);
+
+/// The longest wait between two probes of an unreachable destination.
+pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// Why a destination is held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Hold {
+    /// A handler said it cannot be reached; it is probed on a backoff.
+    Unreachable,
+    /// The app paused it ([`crate::Dispatcher::pause`]); it waits for
+    /// [`crate::Dispatcher::resume`], without probes.
+    Paused,
+}
+
+/// A destination that a dispatcher holds back, from
+/// [`crate::Dispatcher::destinations`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct DestinationState {
+    /// The destination: an event type, or a name given with
+    /// [`crate::DispatcherBuilder::destination`].
+    pub name: String,
+    /// Why it is held back.
+    pub hold: Hold,
+    /// Since when.
+    pub since: DateTime<Utc>,
+    /// When it is probed next (`None` while paused or while a probe runs).
+    pub next_probe_at: Option<DateTime<Utc>>,
+    /// What the last handler said about it.
+    pub last_error: Option<String>,
+}
+
+struct Held {
+    paused: bool,
+    since: DateTime<Utc>,
+    last_error: Option<String>,
+    backoff: Duration,
+    next_probe: DateTime<Utc>,
+    /// The lease of the event out as a probe, if one is.
+    probe: Option<(i64, i64)>,
+    /// Probes sent so far, to vary the jitter.
+    probes: u64,
+}
+
+/// The destinations of one dispatcher: the builder's routes and what is
+/// held back.
+pub(crate) struct Destinations {
+    /// Event type → destination, for types the builder routed; any other
+    /// type is its own destination.
+    routes: HashMap<String, String>,
+    clock: Arc<dyn Clock>,
+    offline: AtomicBool,
+    held: Mutex<HashMap<String, Held>>,
+}
+
+impl Destinations {
+    pub(crate) fn new(routes: HashMap<String, String>, clock: Arc<dyn Clock>) -> Self {
+        Destinations {
+            routes,
+            clock,
+            offline: AtomicBool::new(false),
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The destination of an event type.
+    pub(crate) fn of<'a>(&'a self, event_type: &'a str) -> &'a str {
+        self.routes
+            .get(event_type)
+            .map_or(event_type, String::as_str)
+    }
+
+    /// The event types that go to `destination`.
+    pub(crate) fn types_of(&self, destination: &str) -> Vec<String> {
+        let mut types: Vec<String> = self
+            .routes
+            .iter()
+            .filter(|(_, d)| d.as_str() == destination)
+            .map(|(t, _)| t.clone())
+            .collect();
+        if !self.routes.contains_key(destination) {
+            types.push(destination.to_owned());
+        }
+        types.sort();
+        types
+    }
+
+    /// The event types not to claim now: those of every destination held
+    /// back.
+    pub(crate) fn skipped_types(&self) -> Vec<String> {
+        let held: Vec<String> = self.held().keys().cloned().collect();
+        let mut types: Vec<String> = held.iter().flat_map(|d| self.types_of(d)).collect();
+        types.sort();
+        types.dedup();
+        types
+    }
+
+    pub(crate) fn is_offline(&self) -> bool {
+        self.offline.load(Ordering::SeqCst)
+    }
+
+    /// Whether a claimed event may go to its handler now: its destination
+    /// is not held back, or the event is that destination's probe.
+    pub(crate) fn may_run(&self, event_type: &str, lease: &Lease) -> bool {
+        if self.is_offline() {
+            return false;
+        }
+        match self.held().get(self.of(event_type)) {
+            None => true,
+            Some(h) => h.probe == Some((lease.seq, lease.token)),
+        }
+    }
+
+    /// A handler said the destination of `event_type` cannot be reached.
+    pub(crate) fn unreachable(&self, event_type: &str, lease: &Lease, error: &str) {
+        let destination = self.of(event_type).to_owned();
+        let now = self.clock.now();
+        let mut held = self.held();
+        let h = held.entry(destination.clone()).or_insert_with(|| Held {
+            paused: false,
+            since: now,
+            last_error: None,
+            backoff: Duration::ZERO,
+            next_probe: now,
+            probe: None,
+            probes: 0,
+        });
+        h.last_error = Some(error.to_owned());
+        let first = h.backoff.is_zero();
+        let was_probe = h.probe == Some((lease.seq, lease.token));
+        if !first && !was_probe {
+            // Another event that was already running: the state stands.
+            return;
+        }
+        h.probe = None;
+        h.backoff = if first {
+            FIRST_PROBE_AFTER
+        } else {
+            next_probe_interval(h.backoff)
+        };
+        h.next_probe = clock::add(now, jittered(h.backoff, &destination, h.probes));
+        let wait = (h.next_probe - now).to_std().unwrap_or(Duration::ZERO);
+        if first {
+            tracing::warn!(
+                destination = %destination,
+                error = %error,
+                next_probe_in = ?wait,
+                "outbox destination unreachable; holding its events back"
+            );
+        } else {
+            tracing::debug!(
+                destination = %destination,
+                error = %error,
+                next_probe_in = ?wait,
+                "outbox destination still unreachable"
+            );
+        }
+    }
+
+    /// A handler got an answer from the destination of `event_type` (or
+    /// failed for a reason of its own): if it was held back as unreachable,
+    /// it is available again. Returns the destination that came back.
+    pub(crate) fn reached(&self, event_type: &str, lease: &Lease) -> Option<String> {
+        let destination = self.of(event_type);
+        let mut held = self.held();
+        let h = held.get_mut(destination)?;
+        if h.paused {
+            if h.probe == Some((lease.seq, lease.token)) {
+                h.probe = None;
+            }
+            return None;
+        }
+        let since = h.since;
+        held.remove(destination);
+        tracing::info!(
+            destination = %destination,
+            unreachable_for = ?(self.clock.now() - since).to_std().unwrap_or(Duration::ZERO),
+            "outbox destination reachable again"
+        );
+        Some(destination.to_owned())
+    }
+
+    /// The destinations whose next probe is due and not out yet.
+    pub(crate) fn probes_due(&self) -> Vec<String> {
+        if self.is_offline() {
+            return Vec::new();
+        }
+        let now = self.clock.now();
+        self.held()
+            .iter()
+            .filter(|(_, h)| !h.paused && h.probe.is_none() && h.next_probe <= now)
+            .map(|(d, _)| d.clone())
+            .collect()
+    }
+
+    /// A probe of `destination` was claimed under `lease`.
+    pub(crate) fn probe_sent(&self, destination: &str, lease: &Lease) {
+        if let Some(h) = self.held().get_mut(destination) {
+            h.probe = Some((lease.seq, lease.token));
+            h.probes += 1;
+        }
+    }
+
+    /// A probe found nothing to deliver: nothing waits for the
+    /// destination, so it is not held back any more (the next event finds
+    /// out whether it can be reached).
+    pub(crate) fn nothing_to_probe(&self, destination: &str) {
+        let mut held = self.held();
+        if held.get(destination).is_some_and(|h| !h.paused) {
+            held.remove(destination);
+        }
+    }
+
+    /// The probe under `lease` was given back unrun (the dispatcher is
+    /// stopping): the next one may go.
+    pub(crate) fn probe_returned(&self, event_type: &str, lease: &Lease) {
+        if let Some(h) = self.held().get_mut(self.of(event_type)) {
+            if h.probe == Some((lease.seq, lease.token)) {
+                h.probe = None;
+            }
+        }
+    }
+
+    /// When the next probe falls due, if any.
+    pub(crate) fn next_probe_at(&self) -> Option<DateTime<Utc>> {
+        if self.is_offline() {
+            return None;
+        }
+        self.held()
+            .values()
+            .filter(|h| !h.paused && h.probe.is_none())
+            .map(|h| h.next_probe)
+            .min()
+    }
+
+    pub(crate) fn pause(&self, destination: &str) {
+        let now = self.clock.now();
+        let mut held = self.held();
+        let h = held.entry(destination.to_owned()).or_insert_with(|| Held {
+            paused: true,
+            since: now,
+            last_error: None,
+            backoff: Duration::ZERO,
+            next_probe: now,
+            probe: None,
+            probes: 0,
+        });
+        h.paused = true;
+        tracing::info!(destination = %destination, "outbox destination paused");
+    }
+
+    /// Returns whether `destination` was held back.
+    pub(crate) fn resume(&self, destination: &str) -> bool {
+        let was = self.held().remove(destination).is_some();
+        if was {
+            tracing::info!(destination = %destination, "outbox destination resumed");
+        }
+        was
+    }
+
+    /// Offline: nothing is claimed and nothing probed. Online: everything
+    /// held back is released at once.
+    pub(crate) fn set_online(&self, online: bool) {
+        let was_offline = self.offline.swap(!online, Ordering::SeqCst);
+        if online {
+            self.held().clear();
+        }
+        if was_offline == online {
+            tracing::info!(online, "outbox dispatcher connectivity changed");
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<DestinationState> {
+        let mut list: Vec<DestinationState> = self
+            .held()
+            .iter()
+            .map(|(name, h)| DestinationState {
+                name: name.clone(),
+                hold: if h.paused {
+                    Hold::Paused
+                } else {
+                    Hold::Unreachable
+                },
+                since: h.since,
+                next_probe_at: (!h.paused && h.probe.is_none()).then_some(h.next_probe),
+                last_error: h.last_error.clone(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+}
+
+/// The wait after a probe that failed: twice the last, at most
+/// [`MAX_PROBE_INTERVAL`].
+fn next_probe_interval(last: Duration) -> Duration {
+    (last * 2).min(MAX_PROBE_INTERVAL)
+}
+
+/// `d` spread by up to a tenth either way, the same for the same
+/// destination and probe count, so that destinations that went down
+/// together are not probed in lockstep.
+fn jittered(d: Duration, destination: &str, probes: u64) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (destination, probes).hash(&mut hasher);
+    // A fraction in [-0.1, 0.1].
+    let unit = (hasher.finish() % 2001) as f64 / 1000.0 - 1.0;
+    d.mul_f64(1.0 + unit / 10.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ManualClock;
+
+    fn lease(seq: i64) -> Lease {
+        Lease {
+            seq,
+            id: crate::EventId::new(),
+            token: seq * 7,
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn probe_intervals_double_to_five_minutes() {
+        let mut d = FIRST_PROBE_AFTER;
+        let mut seen = vec![d.as_secs()];
+        while d < MAX_PROBE_INTERVAL {
+            d = next_probe_interval(d);
+            seen.push(d.as_secs());
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(next_probe_interval(MAX_PROBE_INTERVAL), MAX_PROBE_INTERVAL);
+        for probes in 0..100 {
+            let j = jittered(Duration::from_secs(100), "api", probes);
+            assert!(
+                j >= Duration::from_secs(90) && j <= Duration::from_secs(110),
+                "{j:?}"
+            );
+        }
+        assert_ne!(
+            jittered(Duration::from_secs(100), "a", 0),
+            jittered(Duration::from_secs(100), "b", 0)
+        );
+    }
+
+    #[test]
+    fn routes_group_types_and_other_types_stand_alone() {
+        let routes = HashMap::from([
+            ("note.created".to_owned(), "api".to_owned()),
+            ("note.deleted".to_owned(), "api".to_owned()),
+        ]);
+        let d = Destinations::new(routes, Arc::new(ManualClock::new()));
+        assert_eq!(d.of("note.created"), "api");
+        assert_eq!(d.of("mail.sent"), "mail.sent");
+        assert_eq!(d.types_of("api"), ["api", "note.created", "note.deleted"]);
+        assert_eq!(d.types_of("mail.sent"), ["mail.sent"]);
+        d.unreachable("note.deleted", &lease(1), "refused");
+        assert_eq!(d.skipped_types(), ["api", "note.created", "note.deleted"]);
+        assert!(!d.may_run("note.created", &lease(2)));
+        assert!(d.may_run("mail.sent", &lease(3)));
+    }
+
+    #[test]
+    fn only_the_probe_runs_and_its_answer_decides() {
+        let clock = ManualClock::new();
+        let d = Destinations::new(HashMap::new(), Arc::new(clock.clone()));
+        d.unreachable("t", &lease(1), "refused");
+        // A second event that was already running does not move the probe.
+        d.unreachable("t", &lease(2), "refused again");
+        let first = d.next_probe_at().expect("a probe is planned");
+        assert!(d.probes_due().is_empty());
+        clock.advance(Duration::from_millis(1100));
+        assert_eq!(d.probes_due(), ["t"]);
+        d.probe_sent("t", &lease(3));
+        assert!(d.probes_due().is_empty(), "one probe at a time");
+        assert_eq!(d.next_probe_at(), None);
+        assert!(d.may_run("t", &lease(3)) && !d.may_run("t", &lease(4)));
+        d.unreachable("t", &lease(3), "still refused");
+        let second = d.next_probe_at().expect("the next probe");
+        assert!(
+            second - first >= chrono::Duration::milliseconds(1700),
+            "backs off"
+        );
+        let state = d.snapshot();
+        assert_eq!(state[0].hold, Hold::Unreachable);
+        assert_eq!(state[0].last_error.as_deref(), Some("still refused"));
+        clock.advance(Duration::from_secs(3));
+        d.probe_sent("t", &lease(5));
+        assert_eq!(d.reached("t", &lease(5)).as_deref(), Some("t"));
+        assert!(d.snapshot().is_empty() && d.skipped_types().is_empty());
+    }
+
+    #[test]
+    fn paused_destinations_wait_for_resume_and_offline_stops_all() {
+        let clock = ManualClock::new();
+        let d = Destinations::new(HashMap::new(), Arc::new(clock.clone()));
+        d.pause("t");
+        clock.advance(Duration::from_secs(3600));
+        assert!(d.probes_due().is_empty(), "no probes while paused");
+        assert_eq!(
+            d.reached("t", &lease(1)),
+            None,
+            "a late answer does not resume"
+        );
+        assert_eq!(d.snapshot()[0].hold, Hold::Paused);
+        assert!(d.resume("t") && !d.resume("t"));
+        d.set_online(false);
+        assert!(d.is_offline() && !d.may_run("other", &lease(2)));
+        d.unreachable("x", &lease(3), "down");
+        clock.advance(Duration::from_secs(10));
+        assert!(d.probes_due().is_empty() && d.next_probe_at().is_none());
+        d.set_online(true);
+        assert!(d.snapshot().is_empty() && d.may_run("x", &lease(4)));
+    }
+}
