@@ -36,6 +36,9 @@ enum Op {
     },
     RequeueAll,
     Cleanup,
+    SkipBackoff {
+        only_a: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,6 +63,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => prop::sample::select(vec![1u64, 10, 40]).prop_map(|secs| Op::Advance { secs }),
         1 => Just(Op::RequeueAll),
         1 => Just(Op::Cleanup),
+        1 => any::<bool>().prop_map(|only_a| Op::SkipBackoff { only_a }),
     ]
 }
 
@@ -168,6 +172,12 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Cleanup => {
                 let cutoff = sqlite_outbox::Clock::now(&clock) - chrono::Duration::seconds(30);
                 let (a, b) = (model.purge(cutoff), sqlite.purge(cutoff));
+                prop_assert_eq!(a.ok(), b.ok(), "step {} {:?}", step, op);
+            }
+            Op::SkipBackoff { only_a } => {
+                let a_only = ["a".to_owned()];
+                let types = only_a.then_some(&a_only[..]);
+                let (a, b) = (model.skip_backoff(types), sqlite.skip_backoff(types));
                 prop_assert_eq!(a.ok(), b.ok(), "step {} {:?}", step, op);
             }
         }

@@ -673,6 +673,31 @@ fn requeue_failed_resets_attempts(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+/// Waiting retries become due at once, attempts kept; delayed events that
+/// were never tried keep their time.
+fn skip_backoff_makes_waiting_retries_due(f: &Fixture) -> TestResult {
+    let a = f.store.enqueue(ev("a"))?;
+    let b = f.store.enqueue(ev("b"))?;
+    let delayed = f.store.enqueue(ev("a").with_delay(secs(600)))?;
+    for e in f.store.claim(10, LEASE, None)? {
+        f.store.retry(&e.lease().ok_or("lease")?, "timeout", None)?;
+    }
+    let before = get(f, &a)?;
+    assert!(before.next_attempt_at > f.clock.now_utc(), "in backoff");
+    assert_eq!(f.store.skip_backoff(Some(&["a".to_owned()]))?, 1);
+    let now = f.clock.now_utc();
+    let after = get(f, &a)?;
+    assert_eq!((after.next_attempt_at, after.attempts), (now, 1));
+    assert_eq!(after.last_error.as_deref(), Some("timeout"));
+    assert!(get(f, &b)?.next_attempt_at > now, "another type waits");
+    assert_eq!(get(f, &delayed)?.next_attempt_at, delayed.next_attempt_at);
+    assert_eq!(f.store.skip_backoff(None)?, 1, "b, not the delayed one");
+    assert_eq!(f.store.skip_backoff(None)?, 0);
+    let claimed = f.store.claim(10, LEASE, None)?;
+    assert_eq!(claimed.len(), 2);
+    Ok(())
+}
+
 fn cancel_gives_up_only_on_unfinished_events(f: &Fixture) -> TestResult {
     let pending = f.store.enqueue(ev("t"))?;
     f.store.cancel(pending.id, "operator gave up")?;
@@ -998,6 +1023,7 @@ suite!(
     erase_by_org_and_user_removes_exactly_theirs,
     requeue_failed_resets_attempts,
     cancel_gives_up_only_on_unfinished_events,
+    skip_backoff_makes_waiting_retries_due,
     stats_count_per_status_and_type,
     list_filters_and_orders,
     invalid_events_write_nothing,

@@ -202,7 +202,7 @@ fn truncate(at: DateTime<Utc>) -> DateTime<Utc> {
 
 /// The claimability rule, written once for the model; the SQL in
 /// `sqlite.rs` states the same rule.
-fn claimable(state: &State, e: &Event, now: DateTime<Utc>) -> bool {
+fn claimable(keys: &KeyIndex<'_>, e: &Event, now: DateTime<Utc>) -> bool {
     let due = match e.status {
         Status::Pending => e.next_attempt_at <= now,
         Status::Processing => e.locked_until.is_none_or(|t| t <= now),
@@ -214,12 +214,41 @@ fn claimable(state: &State, e: &Event, now: DateTime<Utc>) -> bool {
     let Some(key) = &e.ordering_key else {
         return true;
     };
-    !state.rows.values().any(|b| {
-        b.seq != e.seq
-            && b.ordering_key.as_ref() == Some(key)
-            && ((b.seq < e.seq && matches!(b.status, Status::Pending | Status::Processing))
-                || (b.status == Status::Processing && b.locked_until.is_some_and(|t| t > now)))
-    })
+    // Held back by an earlier unfinished event of its key, or by another
+    // event of its key under a live lease (`e` itself is due, so its own
+    // lease is not live).
+    keys.get(key.as_str())
+        .is_none_or(|k| k.first_unfinished >= e.seq && k.live == 0)
+}
+
+/// Per ordering key: the first unfinished event and how many hold a live
+/// lease. Built once per claim, so that a claim is not quadratic.
+type KeyIndex<'a> = HashMap<&'a str, KeyState>;
+
+struct KeyState {
+    first_unfinished: i64,
+    live: usize,
+}
+
+fn key_index(state: &State, now: DateTime<Utc>) -> KeyIndex<'_> {
+    let mut keys: KeyIndex<'_> = HashMap::new();
+    for b in state.rows.values() {
+        let Some(key) = &b.ordering_key else {
+            continue;
+        };
+        if !matches!(b.status, Status::Pending | Status::Processing) {
+            continue;
+        }
+        let k = keys.entry(key.as_str()).or_insert(KeyState {
+            first_unfinished: b.seq,
+            live: 0,
+        });
+        k.first_unfinished = k.first_unfinished.min(b.seq);
+        if b.status == Status::Processing && b.locked_until.is_some_and(|t| t > now) {
+            k.live += 1;
+        }
+    }
+    keys
 }
 
 fn finish(e: &mut Event, status: Status, now: DateTime<Utc>) {
@@ -533,12 +562,14 @@ impl super::sealed::Sealed for MemoryStore {
                 finish(e, Status::Failed, now);
             }
         }
+        let keys = key_index(&state, now);
         let mut picked: Vec<(DateTime<Utc>, i64)> = state
             .rows
             .values()
-            .filter(|e| filter.allows(&e.event_type) && claimable(&state, e, now))
+            .filter(|e| filter.allows(&e.event_type) && claimable(&keys, e, now))
             .map(|e| (e.next_attempt_at, e.seq))
             .collect();
+        drop(keys);
         picked.sort();
         picked.truncate(limit);
         let mut claimed = Vec::with_capacity(picked.len());
@@ -558,9 +589,10 @@ impl super::sealed::Sealed for MemoryStore {
     fn backlog_where(&self, filter: &TypeFilter<'_>) -> Result<Backlog> {
         let now = truncate(self.now());
         let state = self.state();
+        let keys = key_index(&state, now);
         let mine = || state.rows.values().filter(|e| filter.allows(&e.event_type));
         Ok(Backlog {
-            due: mine().any(|e| e.status == Status::Pending && claimable(&state, e, now)),
+            due: mine().any(|e| e.status == Status::Pending && claimable(&keys, e, now)),
             processing: mine().any(|e| e.status == Status::Processing),
             next_due_at: mine()
                 .filter(|e| e.status == Status::Pending && e.next_attempt_at > now)
