@@ -44,7 +44,14 @@ impl Server {
     fn start(
         answer: impl Fn() -> Answer + Send + 'static,
     ) -> Result<Server, Box<dyn std::error::Error>> {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").map_err(|e| e.to_string())?);
+        Server::start_on("127.0.0.1:0", answer)
+    }
+
+    fn start_on(
+        addr: &str,
+        answer: impl Fn() -> Answer + Send + 'static,
+    ) -> Result<Server, Box<dyn std::error::Error>> {
+        let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| e.to_string())?);
         let port = server
             .server_addr()
             .to_ip()
@@ -503,5 +510,78 @@ fn send_sigterm(pid: u32) -> std::io::Result<()> {
         .args(["-TERM", &pid.to_string()])
         .status()?;
     assert!(status.success());
+    Ok(())
+}
+
+/// An endpoint that is down: nothing is spent, a `--drain` run stops at
+/// once saying so (exit 3), and a running relay probes it, says so once,
+/// and delivers everything when it comes up.
+#[test]
+fn an_endpoint_that_is_down_spends_nothing_and_is_delivered_to_when_back() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    for i in 0..5 {
+        store.enqueue(NewEvent::new("t", json!({ "n": i })))?;
+    }
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}/events");
+
+    let started = Instant::now();
+    let out = relay(&db, &["--http", &url, "--drain"])?;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stderr(&out).contains("is unreachable since"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("5 event(s) wait"), "{}", stderr(&out));
+    let pending = store.list(&sqlite_outbox::ListFilter::default())?;
+    assert!(pending
+        .iter()
+        .all(|e| e.status == Status::Pending && e.attempts == 0));
+
+    let mut child = common::Reaper::one(
+        Command::new(BIN)
+            .arg("--db")
+            .arg(&db)
+            .args(["relay", "--http", &url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?,
+    );
+    let mut pipe = child.child().stderr.take().ok_or("no stderr")?;
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut log);
+        log
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let server = Server::start_on(&format!("127.0.0.1:{port}"), || (200, vec![], vec![]))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.stats()?.done < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered after the endpoint came up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.seen().len(), 5, "each delivered once");
+    let done = store.list(&sqlite_outbox::ListFilter::default())?;
+    assert!(done.iter().all(|e| e.attempts == 1), "{done:?}");
+    send_sigterm(child.child().id())?;
+    child.wait_all(Duration::from_secs(30))?;
+    let log = reader.join().map_err(|_| "the reader panicked")?;
+    assert_eq!(
+        log.matches("destination unreachable").count(),
+        1,
+        "said once, not per event: {log}"
+    );
+    assert!(log.contains("reachable again"), "{log}");
     Ok(())
 }

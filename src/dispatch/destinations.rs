@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::{self, Clock};
 use crate::event::Lease;
+use crate::store::sealed::TypeFilter;
 
 /// The first wait before probing a destination that became unreachable.
 pub const FIRST_PROBE_AFTER: Duration = Duration::from_secs(1);
@@ -69,18 +70,25 @@ struct Held {
 /// The destinations of one dispatcher: the builder's routes and what is
 /// held back.
 pub(crate) struct Destinations {
-    /// Event type → destination, for types the builder routed; any other
-    /// type is its own destination.
+    /// Event type → destination, for types the builder routed.
     routes: HashMap<String, String>,
+    /// The destination of every other type; without one, each other type
+    /// is its own destination.
+    default: Option<String>,
     clock: Arc<dyn Clock>,
     offline: AtomicBool,
     held: Mutex<HashMap<String, Held>>,
 }
 
 impl Destinations {
-    pub(crate) fn new(routes: HashMap<String, String>, clock: Arc<dyn Clock>) -> Self {
+    pub(crate) fn new(
+        routes: HashMap<String, String>,
+        default: Option<String>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Destinations {
             routes,
+            default,
             clock,
             offline: AtomicBool::new(false),
             held: Mutex::new(HashMap::new()),
@@ -93,34 +101,92 @@ impl Destinations {
 
     /// The destination of an event type.
     pub(crate) fn of<'a>(&'a self, event_type: &'a str) -> &'a str {
-        self.routes
-            .get(event_type)
-            .map_or(event_type, String::as_str)
+        match (self.routes.get(event_type), &self.default) {
+            (Some(d), _) | (None, Some(d)) => d,
+            (None, None) => event_type,
+        }
     }
 
-    /// The event types that go to `destination`.
-    pub(crate) fn types_of(&self, destination: &str) -> Vec<String> {
+    fn is_default(&self, destination: &str) -> bool {
+        self.default.as_deref() == Some(destination)
+    }
+
+    /// The event types that go to `destination`, out of `mine` (the
+    /// dispatcher's types; all when `None`). `None` means every type of
+    /// `mine` not routed elsewhere: the default destination's.
+    pub(crate) fn types_of(
+        &self,
+        destination: &str,
+        mine: Option<&[String]>,
+    ) -> Option<Vec<String>> {
+        if self.is_default(destination) {
+            return mine.map(|m| {
+                m.iter()
+                    .filter(|t| !self.routes.contains_key(*t))
+                    .cloned()
+                    .collect()
+            });
+        }
         let mut types: Vec<String> = self
             .routes
             .iter()
             .filter(|(_, d)| d.as_str() == destination)
             .map(|(t, _)| t.clone())
             .collect();
-        if !self.routes.contains_key(destination) {
+        if self.default.is_none() && !self.routes.contains_key(destination) {
             types.push(destination.to_owned());
         }
+        if let Some(mine) = mine {
+            types.retain(|t| mine.contains(t));
+        }
         types.sort();
-        types
+        Some(types)
     }
 
-    /// The event types not to claim now: those of every destination held
-    /// back.
-    pub(crate) fn skipped_types(&self) -> Vec<String> {
+    /// What to claim now, out of `mine`: every type whose destination is
+    /// not held back.
+    pub(crate) fn claimable(&self, mine: Option<&[String]>) -> Selection {
         let held: Vec<String> = self.held().keys().cloned().collect();
-        let mut types: Vec<String> = held.iter().flat_map(|d| self.types_of(d)).collect();
-        types.sort();
-        types.dedup();
-        types
+        let mut skip: Vec<String> = held
+            .iter()
+            .filter(|d| !self.is_default(d))
+            .filter_map(|d| self.types_of(d, None))
+            .flatten()
+            .collect();
+        skip.sort();
+        skip.dedup();
+        let only = if held.iter().any(|d| self.is_default(d)) {
+            // The default destination covers every type not routed: only
+            // routed types to destinations still open remain.
+            let mut open: Vec<String> = self
+                .routes
+                .iter()
+                .filter(|(t, d)| !held.contains(d) && mine.is_none_or(|m| m.contains(t)))
+                .map(|(t, _)| t.clone())
+                .collect();
+            open.sort();
+            Some(open)
+        } else {
+            mine.map(<[String]>::to_vec)
+        };
+        Selection { only, skip }
+    }
+
+    /// What a probe of `destination` may claim, out of `mine`.
+    pub(crate) fn probe_selection(&self, destination: &str, mine: Option<&[String]>) -> Selection {
+        if self.is_default(destination) {
+            let mut skip: Vec<String> = self.routes.keys().cloned().collect();
+            skip.sort();
+            Selection {
+                only: mine.map(<[String]>::to_vec),
+                skip,
+            }
+        } else {
+            Selection {
+                only: self.types_of(destination, mine),
+                skip: Vec::new(),
+            }
+        }
     }
 
     pub(crate) fn is_offline(&self) -> bool {
@@ -319,6 +385,23 @@ impl Destinations {
     }
 }
 
+/// Which event types to look at: those in `only` (all when `None`), minus
+/// those in `skip`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Selection {
+    pub(crate) only: Option<Vec<String>>,
+    pub(crate) skip: Vec<String>,
+}
+
+impl Selection {
+    pub(crate) fn filter(&self) -> TypeFilter<'_> {
+        TypeFilter {
+            only: self.only.as_deref(),
+            skip: &self.skip,
+        }
+    }
+}
+
 /// The wait after a probe that failed: twice the last, at most
 /// [`MAX_PROBE_INTERVAL`].
 fn next_probe_interval(last: Duration) -> Duration {
@@ -380,21 +463,60 @@ mod tests {
             ("note.created".to_owned(), "api".to_owned()),
             ("note.deleted".to_owned(), "api".to_owned()),
         ]);
-        let d = Destinations::new(routes, Arc::new(ManualClock::new()));
+        let d = Destinations::new(routes, None, Arc::new(ManualClock::new()));
         assert_eq!(d.of("note.created"), "api");
         assert_eq!(d.of("mail.sent"), "mail.sent");
-        assert_eq!(d.types_of("api"), ["api", "note.created", "note.deleted"]);
-        assert_eq!(d.types_of("mail.sent"), ["mail.sent"]);
+        let api = ["api", "note.created", "note.deleted"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(d.types_of("api", None), Some(api.clone()));
+        assert_eq!(
+            d.types_of("mail.sent", None),
+            Some(vec!["mail.sent".to_owned()])
+        );
+        let mine = ["note.created".to_owned()];
+        assert_eq!(d.types_of("api", Some(&mine)), Some(mine.to_vec()));
         d.unreachable("note.deleted", &lease(1), "refused");
-        assert_eq!(d.skipped_types(), ["api", "note.created", "note.deleted"]);
+        assert_eq!(
+            d.claimable(None),
+            Selection {
+                only: None,
+                skip: api.clone()
+            }
+        );
         assert!(!d.may_run("note.created", &lease(2)));
         assert!(d.may_run("mail.sent", &lease(3)));
     }
 
     #[test]
+    fn a_default_destination_takes_every_type_not_routed() {
+        let routes = HashMap::from([("mail.sent".to_owned(), "smtp".to_owned())]);
+        let d = Destinations::new(routes, Some("api".to_owned()), Arc::new(ManualClock::new()));
+        assert_eq!((d.of("anything"), d.of("mail.sent")), ("api", "smtp"));
+        d.unreachable("anything", &lease(1), "refused");
+        assert_eq!(
+            d.claimable(None),
+            Selection {
+                only: Some(vec!["mail.sent".to_owned()]),
+                skip: Vec::new()
+            },
+            "only the routed type still flows"
+        );
+        assert_eq!(
+            d.probe_selection("api", None),
+            Selection {
+                only: None,
+                skip: vec!["mail.sent".to_owned()]
+            }
+        );
+        d.unreachable("mail.sent", &lease(2), "refused");
+        assert_eq!(d.claimable(None).only, Some(Vec::new()), "nothing flows");
+    }
+
+    #[test]
     fn only_the_probe_runs_and_its_answer_decides() {
         let clock = ManualClock::new();
-        let d = Destinations::new(HashMap::new(), Arc::new(clock.clone()));
+        let d = Destinations::new(HashMap::new(), None, Arc::new(clock.clone()));
         d.unreachable("t", &lease(1), "refused");
         // A second event that was already running does not move the probe.
         d.unreachable("t", &lease(2), "refused again");
@@ -418,13 +540,20 @@ mod tests {
         clock.advance(Duration::from_secs(3));
         d.probe_sent("t", &lease(5));
         assert_eq!(d.reached("t", &lease(5)).as_deref(), Some("t"));
-        assert!(d.snapshot().is_empty() && d.skipped_types().is_empty());
+        assert!(d.snapshot().is_empty());
+        assert_eq!(
+            d.claimable(None),
+            Selection {
+                only: None,
+                skip: Vec::new()
+            }
+        );
     }
 
     #[test]
     fn paused_destinations_wait_for_resume_and_offline_stops_all() {
         let clock = ManualClock::new();
-        let d = Destinations::new(HashMap::new(), Arc::new(clock.clone()));
+        let d = Destinations::new(HashMap::new(), None, Arc::new(clock.clone()));
         d.pause("t");
         clock.advance(Duration::from_secs(3600));
         assert!(d.probes_due().is_empty(), "no probes while paused");

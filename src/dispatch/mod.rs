@@ -37,6 +37,7 @@ pub struct DispatcherBuilder {
     pub(crate) handlers: HashMap<String, Arc<dyn Handler>>,
     /// Event type → destination, for types sent to a shared destination.
     pub(crate) routes: HashMap<String, String>,
+    pub(crate) default_destination: Option<String>,
     pub(crate) fallback: Option<Arc<dyn Handler>>,
     pub(crate) workers: usize,
     pub(crate) batch_size: usize,
@@ -107,6 +108,15 @@ impl DispatcherBuilder {
         for t in event_types {
             self.routes.insert(t.into(), name.clone());
         }
+        self
+    }
+
+    /// Sends events of every type not routed with
+    /// [`DispatcherBuilder::destination`] to one destination named `name`:
+    /// for a dispatcher that delivers everything to one place (a relay to
+    /// one endpoint, say), so that one probe stands for all of it.
+    pub fn default_destination(mut self, name: impl Into<String>) -> Self {
+        self.default_destination = Some(name.into());
         self
     }
 
@@ -218,6 +228,7 @@ impl Dispatcher {
             store: store.into(),
             handlers: HashMap::new(),
             routes: HashMap::new(),
+            default_destination: None,
             fallback: None,
             workers: DEFAULT_WORKERS,
             batch_size: DEFAULT_BATCH_SIZE,
@@ -264,8 +275,8 @@ impl Dispatcher {
     pub fn resume(&self, destination: &str) {
         if let Some(r) = &self.runtime {
             r.destinations.resume(destination);
-            let types = r.destinations.types_of(destination);
-            r.skip_backoff(Some(&types));
+            let types = r.destinations.types_of(destination, r.types.as_deref());
+            r.skip_backoff(types.as_deref());
         }
     }
 

@@ -25,7 +25,6 @@ use super::destinations::Destinations;
 use super::{Counters, Dispatcher, DispatcherBuilder, Handler, ShutdownReport};
 use crate::error::{Error, Result};
 use crate::event::{Event, Lease};
-use crate::store::sealed::TypeFilter;
 use crate::store::{Ack, Store};
 
 mod completer;
@@ -252,7 +251,11 @@ fn context(b: DispatcherBuilder) -> Ctx {
         t.sort();
         Some(t.into())
     };
-    let destinations = Arc::new(Destinations::new(b.routes, b.store.clock().clone()));
+    let destinations = Arc::new(Destinations::new(
+        b.routes,
+        b.default_destination,
+        b.store.clock().clone(),
+    ));
     Ctx {
         destinations,
         store: b.store,
@@ -326,11 +329,8 @@ impl Runtime {
             return Ok(true);
         }
         // Events of destinations held back wait for a later run.
-        let skip = self.destinations.skipped_types();
-        let backlog = self.store.backlog_where(&TypeFilter {
-            only: self.types.as_deref(),
-            skip: &skip,
-        })?;
+        let selection = self.destinations.claimable(self.types.as_deref());
+        let backlog = self.store.backlog_where(&selection.filter())?;
         Ok(!backlog.due && !backlog.processing)
     }
 

@@ -54,11 +54,8 @@ pub(super) fn poll_loop(
         let mut got = 0;
         let mut claimed = false;
         let offline = ctx.destinations.is_offline();
-        let skip = ctx.destinations.skipped_types();
-        let filter = TypeFilter {
-            only: types,
-            skip: &skip,
-        };
+        let selection = ctx.destinations.claimable(types);
+        let filter = selection.filter();
         if claim_now && want > 0 && !offline {
             match claim_batch(ctx, jobs_tx, want, &filter, &|_| {}) {
                 Ok(leases) => {
@@ -182,14 +179,10 @@ fn send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) -> crate::Result<()> {
         if ctx.shared.inflight().len() >= ctx.capacity {
             return Ok(());
         }
-        let mut types = ctx.destinations.types_of(&destination);
-        if let Some(mine) = ctx.types.as_deref() {
-            types.retain(|t| mine.contains(t));
-        }
-        let filter = TypeFilter {
-            only: Some(&types),
-            skip: &[],
-        };
+        let selection = ctx
+            .destinations
+            .probe_selection(&destination, ctx.types.as_deref());
+        let filter = selection.filter();
         // Marked as the probe before a worker can see it, so that it runs.
         let sent = claim_batch(ctx, jobs_tx, 1, &filter, &|lease| {
             ctx.destinations.probe_sent(&destination, lease);

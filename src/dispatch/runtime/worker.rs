@@ -141,8 +141,10 @@ fn reached(ctx: &Ctx, event_type: &str, lease: &Lease) {
     let Some(destination) = ctx.destinations.reached(event_type, lease) else {
         return;
     };
-    let types = ctx.destinations.types_of(&destination);
-    if let Err(e) = ctx.store.skip_backoff(Some(&types)) {
+    let types = ctx
+        .destinations
+        .types_of(&destination, ctx.types.as_deref());
+    if let Err(e) = ctx.store.skip_backoff(types.as_deref()) {
         tracing::warn!(error = %e, destination = %destination, "outbox could not make waiting events due");
     }
 }

@@ -115,15 +115,34 @@ pub(crate) fn handler(
             }
             Err(ureq::Error::Transport(t)) => {
                 let what = t.message().map(str::to_owned).unwrap_or_default();
-                let msg = format!(
-                    "transport error ({}) at {}: {what}",
-                    t.kind(),
-                    redact_url(&url)
+                let msg = redact(
+                    &format!(
+                        "transport error ({}) at {}: {what}",
+                        t.kind(),
+                        redact_url(&url)
+                    ),
+                    &url,
                 );
-                Err(HandlerError::retry(redact(&msg, &url)))
+                Err(if unreachable(t.kind()) {
+                    HandlerError::unavailable(msg)
+                } else {
+                    HandlerError::retry(msg)
+                })
             }
         }
     }
+}
+
+/// Errors that happen before the request could reach the endpoint: no
+/// name, no route, nobody listening, no proxy. The endpoint is unreachable,
+/// and the event is not at fault. Anything later (a reset or a timeout
+/// while the request was sent or answered) may have reached it, and counts
+/// as an attempt.
+fn unreachable(kind: ureq::ErrorKind) -> bool {
+    matches!(
+        kind,
+        ureq::ErrorKind::Dns | ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::ProxyConnect
+    )
 }
 
 #[cfg(test)]

@@ -181,7 +181,12 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
     // Rows set aside at claim time (undecodable) fail outside the
     // dispatcher's counters: the exit status counts them from the file.
     let failed_before = store.stats().map_err(fail)?.failed;
-    let dispatcher = dispatcher(&store, a, &handler).start().map_err(fail)?;
+    // One endpoint or command: one destination, so one probe stands for
+    // all of it while it cannot be reached.
+    let dispatcher = dispatcher(&store, a, &handler)
+        .default_destination(target.clone())
+        .start()
+        .map_err(fail)?;
     tracing::info!(
         db = %db.display(),
         to = %target,
@@ -192,6 +197,7 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
     );
     let types = (!a.types.is_empty()).then(|| a.types.clone());
     let waited = watch(&store, &dispatcher, &stop, a, types.as_deref()).map_err(fail)?;
+    let unreachable = dispatcher.destinations().into_iter().next();
     let report = dispatcher.shutdown(a.grace);
     let killed = running.kill_all();
     if killed > 0 {
@@ -204,6 +210,18 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
     let Some(left) = waited else {
         return Ok(());
     };
+    if let Some(held) = unreachable {
+        let waiting = store.stats().map_err(fail)?.pending;
+        return Err(Failure(
+            format!(
+                "{} is unreachable since {} ({}); {waiting} event(s) wait for a later run",
+                held.name,
+                held.since.format("%Y-%m-%d %H:%M:%S UTC"),
+                crate::text::terminal_safe(held.last_error.as_deref().unwrap_or("no answer"))
+            ),
+            EXIT_UNFINISHED,
+        ));
+    }
     let failed_in_file = store
         .stats()
         .map_err(fail)?
@@ -349,9 +367,14 @@ fn watch(
         std::thread::sleep(Duration::from_millis(50));
         let m = dispatcher.metrics();
         if a.drain {
-            let in_hand = m
-                .claimed
-                .saturating_sub(m.done + m.retried + m.failed + m.released + m.lease_lost);
+            let in_hand = m.claimed.saturating_sub(
+                m.done + m.retried + m.failed + m.released + m.held_back + m.lease_lost,
+            );
+            if in_hand == 0 && !dispatcher.destinations().is_empty() {
+                // The endpoint cannot be reached: what is left waits for a
+                // later run.
+                break Some(store.backlog(types)?);
+            }
             if in_hand == 0 {
                 let backlog = store.backlog(types)?;
                 let soon = backlog.next_due_at.is_some_and(|t| {
