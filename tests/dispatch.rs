@@ -609,6 +609,58 @@ fn claims_stop_at_workers_plus_one_batch() -> TestResult {
     Ok(())
 }
 
+/// The report counts what happened during the shutdown only, and a
+/// shutdown whose handlers are done returns without waiting out its
+/// deadline.
+#[test]
+fn shutdown_reports_only_what_happened_during_it() -> TestResult {
+    let f = Fixture::memory();
+    let (release, released) = unbounded::<()>();
+    let dispatcher = Dispatcher::builder(f.core())
+        .workers(1)
+        .batch_size(4)
+        .handle("fast", |_: &Event| Ok(()))
+        .handle("slow", move |_: &Event| {
+            released.recv_timeout(WAIT).ok();
+            Ok(())
+        })
+        .start()?;
+    f.store
+        .enqueue_batch((0..3).map(|i| NewEvent::new("fast", json!(i))).collect())?;
+    let deadline = Instant::now() + WAIT;
+    while dispatcher.metrics().done < 3 {
+        assert!(Instant::now() < deadline, "the fast ones were not done");
+        std::thread::sleep(millis(5));
+    }
+    f.store
+        .enqueue_batch((0..3).map(|i| NewEvent::new("slow", json!(i))).collect())?;
+    while f.store.stats()?.processing < 3 {
+        assert!(Instant::now() < deadline, "the slow ones were not claimed");
+        std::thread::sleep(millis(5));
+    }
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(millis(200));
+        release.send(()).ok();
+    });
+    let started = Instant::now();
+    let report = dispatcher.shutdown(secs(20));
+    releaser.join().map_err(|_| "releaser panicked")?;
+    assert!(
+        started.elapsed() < secs(10),
+        "waited out the deadline: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (report.completed, report.released, report.still_running),
+        (1, 2, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.metrics.done, 4);
+    let stats = f.store.stats()?;
+    assert_eq!((stats.done, stats.pending), (4, 2));
+    Ok(())
+}
+
 #[test]
 fn only_types_with_handlers_are_claimed() -> TestResult {
     let f = Fixture::memory();
