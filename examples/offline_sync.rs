@@ -2,6 +2,13 @@
 //! it comes back, each document's changes are pushed in the order they were
 //! made.
 //!
+//! The default retry policy, no busy loop: while the server cannot be
+//! reached the handler says so (`HandlerError::unavailable`), the event goes
+//! back without spending an attempt, and the dispatcher only probes the
+//! server now and then. When the app learns that the network is back (an OS
+//! connectivity callback, here a flag) it says `set_online(true)` and
+//! everything flows at once.
+//!
 //! ```text
 //! cargo run --example offline_sync
 //! ```
@@ -12,9 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{
-    Dispatcher, Event, HandlerError, NewEvent, Operator, RetryPolicy, SqliteStore,
-};
+use sqlite_outbox::{Dispatcher, Event, HandlerError, NewEvent, Operator, SqliteStore};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
@@ -25,6 +30,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// What the sync server received, per document, in order.
+type Server = Arc<Mutex<BTreeMap<String, Vec<u64>>>>;
+
 /// Edits `docs` documents `edits` times each while offline, then goes
 /// online and returns, per document, the revisions in the order the server
 /// received them.
@@ -33,9 +41,7 @@ pub fn run(
     docs: usize,
     edits: usize,
 ) -> Result<BTreeMap<String, Vec<u64>>, Box<dyn std::error::Error>> {
-    // Retry quickly while offline; never give up on a sync event.
-    let policy = RetryPolicy::constant(Duration::from_millis(20)).with_max_attempts(u32::MAX);
-    let store = SqliteStore::builder(path).retry_policy(policy).build()?;
+    let store = SqliteStore::open(path)?;
     store.transaction(|tx| {
         tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS notes (doc TEXT PRIMARY KEY, body TEXT, rev INTEGER)",
@@ -43,16 +49,17 @@ pub fn run(
         Ok(())
     })?;
 
-    let online = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicU64::new(0));
-    let server: Arc<Mutex<BTreeMap<String, Vec<u64>>>> = Arc::default();
-    let (on, refused_count, srv) = (online.clone(), refused.clone(), server.clone());
+    let network_up = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let server: Server = Arc::default();
+    let (up, call_count, srv) = (network_up.clone(), calls.clone(), server.clone());
     let dispatcher = Dispatcher::builder(store.clone())
         .workers(4)
         .handle("note.changed", move |event: &Event| {
-            if !on.load(Ordering::SeqCst) {
-                refused_count.fetch_add(1, Ordering::Relaxed);
-                return Err(HandlerError::retry("offline: no route to server"));
+            call_count.fetch_add(1, Ordering::Relaxed);
+            if !up.load(Ordering::SeqCst) {
+                // Not the event's fault: no attempt is spent.
+                return Err(HandlerError::unavailable("no route to the sync server"));
             }
             let doc = event.payload["doc"].as_str().unwrap_or_default().to_owned();
             let rev = event.payload["rev"].as_u64().unwrap_or(0);
@@ -85,30 +92,38 @@ pub fn run(
             })?;
         }
     }
-    std::thread::sleep(Duration::from_millis(150));
-    println!(
-        "offline: {} pending, {} push attempts refused",
-        store.stats()?.pending,
-        refused.load(Ordering::Relaxed)
-    );
-
-    online.store(true, Ordering::SeqCst);
+    // Let the dispatcher find out that the server is down.
     let started = Instant::now();
-    while store.stats()?.done < (docs * edits) as u64 {
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err("sync did not drain within 60 s".into());
+    while dispatcher.destinations().is_empty() || store.stats()?.processing > 0 {
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err("the dispatcher never noticed the network was down".into());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let down = &dispatcher.destinations()[0];
     println!(
-        "online: drained {} events in {:.2?}",
-        docs * edits,
-        started.elapsed()
+        "offline: {} pending, {} handler calls, {} attempts spent; {} held back: {}",
+        store.stats()?.pending,
+        calls.load(Ordering::Relaxed),
+        dispatcher.metrics().retried,
+        down.name,
+        down.last_error.as_deref().unwrap_or("")
     );
-    let report = dispatcher.shutdown(Duration::from_secs(5));
-    if !report.is_clean() {
-        return Err(format!("unclean shutdown: {report:?}").into());
+
+    // The OS says the network is back.
+    network_up.store(true, Ordering::SeqCst);
+    dispatcher.set_online(true);
+    let started = Instant::now();
+    let report = dispatcher.drain(Duration::from_secs(60));
+    if !report.idle || !report.is_clean() || report.metrics.failed > 0 {
+        return Err(format!("sync did not finish: {report:?}").into());
     }
+    println!(
+        "online: delivered {} events in {:.2?}, {} handler calls in all",
+        store.stats()?.done,
+        started.elapsed(),
+        calls.load(Ordering::Relaxed)
+    );
     let pushed = server.lock().map_err(|_| "server state poisoned")?.clone();
     Ok(pushed)
 }
