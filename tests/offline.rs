@@ -339,6 +339,39 @@ fn a_week_offline_loses_and_spends_nothing(f: Fixture) -> TestResult {
     Ok(())
 }
 
+/// A month offline keeps everything; with `max_age`, events older than it
+/// are given up unrun when the dispatcher next sees them.
+fn max_age_gives_up_on_old_events_unrun(f: Fixture) -> TestResult {
+    let api = Remote::default();
+    let old = f
+        .store
+        .enqueue(NewEvent::new("api.push", json!({"n": 1})))?;
+    f.advance(secs(3 * 24 * 3600));
+    let fresh = f
+        .store
+        .enqueue(NewEvent::new("api.push", json!({"n": 2})))?;
+    f.advance(secs(3600));
+    let report = Dispatcher::builder(f.core())
+        .max_age(secs(2 * 24 * 3600))
+        .handle("api.push", api.handler())
+        .start()?
+        .drain(WAIT);
+    assert_eq!((report.metrics.failed, report.metrics.done), (1, 1));
+    assert_eq!(api.calls(), 1, "the old one is not run");
+    let gone = f.store.find(old.id)?.ok_or("gone")?;
+    assert_eq!(gone.status, Status::Failed);
+    let note = gone.last_error.unwrap_or_default();
+    assert!(
+        note.contains("3d 1h old") && note.contains("max_age of 2d 0h"),
+        "{note}"
+    );
+    assert_eq!(
+        f.store.find(fresh.id)?.map(|e| e.status),
+        Some(Status::Done)
+    );
+    Ok(())
+}
+
 #[test]
 fn probe_schedule_constants() {
     assert_eq!(FIRST_PROBE_AFTER, secs(1));
@@ -362,4 +395,5 @@ both_stores!(
     a_shared_destination_holds_all_its_types,
     drain_does_not_wait_for_an_unreachable_destination,
     a_week_offline_loses_and_spends_nothing,
+    max_age_gives_up_on_old_events_unrun,
 );

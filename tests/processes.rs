@@ -184,6 +184,96 @@ fn two_processes_dispatch_one_file_without_running_an_event_twice() -> TestResul
     Ok(())
 }
 
+/// A dispatcher killed (`SIGKILL`) while its destination is unreachable
+/// loses nothing and spends nothing: the next process, with the
+/// destination back, delivers every event, each on its first counted
+/// attempt (the few in hand at the kill on their second).
+#[test]
+fn a_dispatcher_killed_while_its_destination_is_down_loses_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    let events = store.enqueue_batch(
+        (0..200)
+            .map(|i| NewEvent::new("t", json!({"seq": i})).with_ordering_key(format!("k{}", i % 7)))
+            .collect(),
+    )?;
+    let expected: HashSet<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let marker = dir.path().join("down");
+    std::fs::write(&marker, b"")?;
+    let first = dir.path().join("j1");
+    let mut child = Reaper::one(
+        driver(&[
+            "dispatch",
+            "--db",
+            &s(&db),
+            "--journal",
+            &s(&first),
+            "--lease-ms",
+            "1000",
+            "--unreachable-while",
+            &s(&marker),
+            "--max-secs",
+            "60",
+        ])
+        .stdout(Stdio::null())
+        .spawn()?,
+    );
+    // Kill it once it has found the destination down and given its events
+    // back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let said = std::fs::read_to_string(&first).unwrap_or_default();
+        let given_back = store.stats()?.processing == 0;
+        if said.contains("hunavail") && given_back {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never found the destination down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.child().kill()?;
+    child.child().wait()?;
+    let waiting = store.list(&sqlite_outbox::ListFilter {
+        limit: usize::MAX,
+        ..Default::default()
+    })?;
+    assert_eq!(waiting.len(), 200);
+    assert!(
+        waiting
+            .iter()
+            .all(|e| e.status == Status::Pending && e.attempts == 0),
+        "nothing spent while down"
+    );
+    std::fs::remove_file(&marker)?;
+    let second = dir.path().join("j2");
+    Reaper::one(
+        driver(&[
+            "dispatch",
+            "--db",
+            &s(&db),
+            "--journal",
+            &s(&second),
+            "--exit-when-idle",
+        ])
+        .stdout(Stdio::null())
+        .spawn()?,
+    )
+    .wait_all(Duration::from_secs(60))?;
+    assert_eq!(done_ids(&store)?, expected, "every event delivered");
+    let done = store.list(&sqlite_outbox::ListFilter {
+        limit: usize::MAX,
+        ..Default::default()
+    })?;
+    assert!(
+        done.iter().all(|e| e.attempts == 1),
+        "one counted attempt each"
+    );
+    Ok(())
+}
+
 /// T16: a process that starts later never takes over a live lease, and
 /// takes over an expired one only after it expired.
 #[test]

@@ -38,6 +38,7 @@ pub struct DispatcherBuilder {
     /// Event type → destination, for types sent to a shared destination.
     pub(crate) routes: HashMap<String, String>,
     pub(crate) default_destination: Option<String>,
+    pub(crate) max_age: Option<Duration>,
     pub(crate) fallback: Option<Arc<dyn Handler>>,
     pub(crate) workers: usize,
     pub(crate) batch_size: usize,
@@ -152,6 +153,17 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Gives up on an event once it is older than `age` (from its
+    /// enqueue): when it is next claimed it fails with a note saying so,
+    /// and its handler is not run. For sync events that are worthless after
+    /// a while offline. Default: none; an event waits as long as it takes,
+    /// and an outbox that is offline for a month keeps everything it
+    /// queued.
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
     /// How often commits by other processes are looked for (a cheap
     /// `PRAGMA data_version` read). In-process enqueues wake the dispatcher
     /// at once. Default: 500 ms.
@@ -229,6 +241,7 @@ impl Dispatcher {
             handlers: HashMap::new(),
             routes: HashMap::new(),
             default_destination: None,
+            max_age: None,
             fallback: None,
             workers: DEFAULT_WORKERS,
             batch_size: DEFAULT_BATCH_SIZE,

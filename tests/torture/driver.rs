@@ -7,6 +7,7 @@
 //! outbox-torture work     --db P --journal J [--threads K] [--lease-ms T] [--handler-ms LO..HI]
 //!                         [--overrun-pct X] [--fail-pct Y] [--seed S] [--exit-when-idle]
 //! outbox-torture dispatch --db P --journal J [--workers K] [--handler-ms LO..HI] [--exit-when-idle]
+//!                         [--unreachable-while FILE]
 //! outbox-torture power    --db P --producer N --from S [--batch B] [--sync full|normal]
 //! outbox-torture open     --db P
 //! ```
@@ -32,6 +33,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -396,19 +398,26 @@ fn power(args: &Args) -> Res<()> {
     }
 }
 
-/// A real dispatcher whose handler journals each start.
+/// A real dispatcher whose handler journals each start. With
+/// `--unreachable-while FILE`, the handler answers "unreachable" (journal
+/// line `hunavail ID ATTEMPT`) while FILE exists.
 fn dispatch(args: &Args) -> Res<()> {
     let store = open_store(args)?;
     let journal = Journal::open(args.str("journal")?)?;
     let handler = args.range("handler-ms")?;
     let workers = args.num("workers", 4)? as usize;
     let lease = Duration::from_millis(args.num("lease-ms", 60_000)?);
+    let unreachable_while = args.0.get("unreachable-while").map(PathBuf::from);
     let j = journal.clone();
     let dispatcher = Dispatcher::builder(store.clone())
         .workers(workers)
         .lease(lease)
         .poll_interval(Duration::from_millis(20))
         .fallback(move |e: &Event| -> Result<(), HandlerError> {
+            if unreachable_while.as_ref().is_some_and(|f| f.exists()) {
+                j.line(format_args!("hunavail {} {}", e.id, e.attempts));
+                return Err(HandlerError::unavailable("the marker file says so"));
+            }
             j.line(format_args!("hstart {} {} {}", e.id, e.attempts, now_ns()));
             let seq = e.payload["seq"].as_u64().unwrap_or(0);
             let ms = handler.0 + seq % (handler.1.saturating_sub(handler.0) + 1);

@@ -87,6 +87,7 @@ struct Ctx {
     types: Option<Arc<[String]>>,
     lease: Duration,
     max_run_time: Option<Duration>,
+    max_age: Option<Duration>,
     batch_size: usize,
     capacity: usize,
     poll_interval: Duration,
@@ -269,6 +270,7 @@ fn context(b: DispatcherBuilder) -> Ctx {
         types,
         lease: b.lease,
         max_run_time: b.max_run_time,
+        max_age: b.max_age,
         batch_size: b.batch_size,
         // Claimed events wait in the queue or run: one batch plus one per
         // worker.

@@ -45,6 +45,12 @@ pub(super) fn worker_loop(ctx: &Ctx, jobs_rx: &Receiver<Event>, outcomes_tx: &Se
                 ack: Ack::release(lease),
                 kind: Kind::Release,
             }
+        } else if let Some(note) = too_old(ctx, &event) {
+            tracing::warn!(event_id = %event.id, "{note}");
+            Outcome {
+                ack: Ack::fail(lease, &note),
+                kind: Kind::Fail,
+            }
         } else if !ctx.destinations.may_run(&event.event_type, &lease) {
             // Claimed before its destination was held back: back it goes,
             // unrun, its attempt not spent.
@@ -147,4 +153,18 @@ fn reached(ctx: &Ctx, event_type: &str, lease: &Lease) {
     if let Err(e) = ctx.store.skip_backoff(types.as_deref()) {
         tracing::warn!(error = %e, destination = %destination, "outbox could not make waiting events due");
     }
+}
+
+/// Why an event is given up on unrun, if it is older than the builder's
+/// `max_age`.
+fn too_old(ctx: &Ctx, event: &Event) -> Option<String> {
+    let max = ctx.max_age?;
+    let age = (ctx.store.clock().now() - event.created_at).to_std().ok()?;
+    (age > max).then(|| {
+        format!(
+            "given up: {} old, older than the dispatcher's max_age of {}",
+            crate::admin::format_duration(age),
+            crate::admin::format_duration(max)
+        )
+    })
 }
