@@ -6,7 +6,7 @@
 //! cargo bench --bench outbox -- --json F     # also write the rows as JSON
 //! cargo bench --bench outbox -- --only G     # one group: enqueue, dispatch,
 //!                                            # latency, scaling, memory, idle,
-//!                                            # schema
+//!                                            # offline, schema
 //! ```
 //!
 //! Every figure is paired with a raw-rusqlite baseline doing the same SQL
@@ -31,6 +31,7 @@ mod enqueue;
 mod idle;
 mod latency;
 mod memory;
+mod offline;
 mod scaling;
 mod schema;
 
@@ -112,13 +113,14 @@ fn main() -> Res<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     type Group = fn(&Config, &Path, &mut Vec<Row>) -> Res<()>;
-    let groups: [(&str, Group); 7] = [
+    let groups: [(&str, Group); 8] = [
         ("enqueue", enqueue::enqueue_benches),
         ("dispatch", dispatch::dispatch_benches),
         ("latency", latency::latency_benches),
         ("scaling", scaling::scaling_benches),
         ("memory", memory::memory_benches),
         ("idle", idle::idle_benches),
+        ("offline", offline::offline_benches),
         ("schema", schema::schema_benches),
     ];
     let mut rows = Vec::new();
