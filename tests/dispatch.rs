@@ -766,6 +766,48 @@ fn workers_survive_external_locks() -> TestResult {
     Ok(())
 }
 
+/// Outcomes that cannot be written by the shutdown's deadline (another
+/// connection holds the write lock) are counted as unwritten, and their
+/// events come back once their leases run out.
+#[test]
+fn outcomes_not_written_by_the_deadline_are_reported() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::builder(dir.path().join("o.db"))
+        .busy_timeout(millis(100))
+        .build()?;
+    store.enqueue_batch((0..3).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let (started_tx, started) = unbounded();
+    let (release, released) = unbounded::<()>();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(3)
+        .lease(secs(2))
+        .handle("t", move |_: &Event| {
+            started_tx.send(()).ok();
+            released.recv_timeout(WAIT).ok();
+            Ok(())
+        })
+        .start()?;
+    recv_n(&started, 3)?;
+    let locker = rusqlite::Connection::open(store.path())?;
+    locker.execute_batch("BEGIN EXCLUSIVE")?;
+    for _ in 0..3 {
+        release.send(())?;
+    }
+    let report = dispatcher.shutdown(secs(1));
+    locker.execute_batch("ROLLBACK")?;
+    assert_eq!(report.unwritten, 3, "{report:?}");
+    assert!(!report.is_clean());
+    assert_eq!(store.stats()?.processing, 3, "nothing was written");
+    // Their leases run out and a new dispatcher delivers them.
+    let report = Dispatcher::builder(store.clone())
+        .poll_interval(millis(50))
+        .handle("t", |_: &Event| Ok(()))
+        .start()?
+        .drain(WAIT);
+    assert_eq!(store.stats()?.done, 3, "{report:?}");
+    Ok(())
+}
+
 /// Events that fall due by the passing of time alone (a delay, a retry, a
 /// lease running out) are claimed even when the poller wakes after the
 /// moment itself; nothing else writes to tell it.

@@ -47,7 +47,9 @@ pub(super) fn completer_loop(
             }
         }
         if !batch.is_empty() {
-            let written = catch_unwind(AssertUnwindSafe(|| write_batch(ctx, &mut batch, flush_by)));
+            let written = catch_unwind(AssertUnwindSafe(|| {
+                write_batch(ctx, &mut batch, &mut flush_by, flush_rx)
+            }));
             match written {
                 Ok(true) => {}
                 // Gave up at the deadline.
@@ -97,8 +99,16 @@ fn is_lasting(err: &Error) -> bool {
 }
 
 /// Writes `batch`, retrying database errors; false if still failing at
-/// `give_up_at`. Errors that will not go away drop the batch at once.
-fn write_batch(ctx: &Ctx, batch: &mut Vec<Outcome>, give_up_at: Option<Instant>) -> bool {
+/// `give_up_at`. A shutdown that begins while this retries sets
+/// `give_up_at` through `flush_rx`, so a database that stays locked cannot
+/// hold a shutdown past its deadline. Errors that will not go away drop the
+/// batch at once.
+fn write_batch(
+    ctx: &Ctx,
+    batch: &mut Vec<Outcome>,
+    give_up_at: &mut Option<Instant>,
+    flush_rx: &Receiver<Instant>,
+) -> bool {
     let acks: Vec<Ack> = batch.iter().map(|o| o.ack.clone()).collect();
     let mut backoff = Duration::from_millis(5);
     let results = loop {
@@ -114,6 +124,9 @@ fn write_batch(ctx: &Ctx, batch: &mut Vec<Outcome>, give_up_at: Option<Instant>)
             Err(err) => {
                 Counters::add(&ctx.counters.store_errors, 1);
                 tracing::warn!(error = %err, outcomes = acks.len(), "outbox could not write outcomes; retrying");
+                if let Ok(deadline) = flush_rx.try_recv() {
+                    *give_up_at = Some(deadline);
+                }
                 if give_up_at.is_some_and(|t| Instant::now() >= t) {
                     return false;
                 }
