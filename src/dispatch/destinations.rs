@@ -169,7 +169,17 @@ impl Destinations {
         } else {
             mine.map(<[String]>::to_vec)
         };
-        Selection { only, skip }
+        match only {
+            // A list of types to claim needs no list to skip.
+            Some(mut only) => {
+                only.retain(|t| !skip.contains(t));
+                Selection {
+                    only: Some(only),
+                    skip: Vec::new(),
+                }
+            }
+            None => Selection { only: None, skip },
+        }
     }
 
     /// What a probe of `destination` may claim, out of `mine`.
@@ -394,6 +404,12 @@ pub(crate) struct Selection {
 }
 
 impl Selection {
+    /// True if no type at all can be claimed (every destination is held
+    /// back): then there is nothing to look for until a probe or a resume.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.only.as_ref().is_some_and(Vec::is_empty)
+    }
+
     pub(crate) fn filter(&self) -> TypeFilter<'_> {
         TypeFilter {
             only: self.only.as_deref(),

@@ -327,11 +327,11 @@ impl Runtime {
         if !self.shared.inflight().is_empty() {
             return Ok(false);
         }
-        if self.destinations.is_offline() {
-            return Ok(true);
-        }
         // Events of destinations held back wait for a later run.
         let selection = self.destinations.claimable(self.types.as_deref());
+        if self.destinations.is_offline() || selection.is_empty() {
+            return Ok(true);
+        }
         let backlog = self.store.backlog_where(&selection.filter())?;
         Ok(!backlog.due && !backlog.processing)
     }

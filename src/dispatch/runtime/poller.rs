@@ -53,8 +53,10 @@ pub(super) fn poll_loop(
         let want = ctx.batch_size.min(room);
         let mut got = 0;
         let mut claimed = false;
-        let offline = ctx.destinations.is_offline();
         let selection = ctx.destinations.claimable(types);
+        // Offline, or every destination held back: nothing to claim or wait
+        // for until a probe, a resume or going online.
+        let offline = ctx.destinations.is_offline() || selection.is_empty();
         let filter = selection.filter();
         if claim_now && want > 0 && !offline {
             match claim_batch(ctx, jobs_tx, want, &filter, &|_| {}) {
