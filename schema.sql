@@ -1,4 +1,4 @@
--- sqlite-outbox schema, version 2: the layout of a fresh outbox.
+-- sqlite-outbox schema, version 3: the layout of a fresh outbox.
 --
 -- A public contract. Programs in other languages insert rows into
 -- `outbox_events` with plain SQL, inside their own transactions. An insert
@@ -139,6 +139,10 @@ CREATE INDEX outbox_events_ordering
 CREATE UNIQUE INDEX outbox_events_idempotency
     ON outbox_events (idempotency_key) WHERE idempotency_key IS NOT NULL;
 
+-- Claims of given event types: each type's due events in due order.
+CREATE INDEX outbox_events_due_by_type
+    ON outbox_events (event_type, next_attempt_at, seq) WHERE status = 'pending';
+
 -- Erasure of an organisation's or a user's events.
 CREATE INDEX outbox_events_org
     ON outbox_events (org_id) WHERE org_id IS NOT NULL;
@@ -156,10 +160,35 @@ CREATE VIEW outbox_events_failed AS
     SELECT seq, id, event_type, attempts, max_attempts, completed_at, last_error
     FROM outbox_events WHERE status = 'failed' ORDER BY completed_at DESC;
 
+-- Destinations a dispatcher holds back, as it last said: a row while one
+-- is unreachable (probed on a backoff) or paused by the app; no row while
+-- it flows. Times are integer UTC milliseconds.
+CREATE TABLE outbox_destinations (
+    name          TEXT NOT NULL PRIMARY KEY
+                  CONSTRAINT outbox_destinations_name_text
+                  CHECK (typeof(name) = 'text' AND length(CAST(name AS BLOB)) BETWEEN 1 AND 255),
+    hold          TEXT NOT NULL
+                  CONSTRAINT outbox_destinations_hold_known
+                  CHECK (hold IN ('unreachable', 'paused')),
+    since         INTEGER NOT NULL
+                  CONSTRAINT outbox_destinations_since_integer
+                  CHECK (typeof(since) = 'integer'),
+    next_probe_at INTEGER
+                  CONSTRAINT outbox_destinations_next_probe_integer
+                  CHECK (next_probe_at IS NULL OR typeof(next_probe_at) = 'integer'),
+    last_error    TEXT
+                  CONSTRAINT outbox_destinations_last_error_text
+                  CHECK (last_error IS NULL
+                         OR (typeof(last_error) = 'text' AND length(CAST(last_error AS BLOB)) <= 4096)),
+    updated_at    INTEGER NOT NULL
+                  CONSTRAINT outbox_destinations_updated_integer
+                  CHECK (typeof(updated_at) = 'integer')
+);
+
 -- The outbox's own bookkeeping; `schema_version` is the layout of the
--- outbox_* objects (this file is version 2).
+-- outbox_* objects (this file is version 3).
 CREATE TABLE outbox_meta (
     key   TEXT NOT NULL PRIMARY KEY,
     value NOT NULL
 );
-INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 2);
+INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 3);

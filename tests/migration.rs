@@ -160,6 +160,37 @@ fn a_version_1_file_from_the_crate_is_upgraded_with_nothing_lost() -> TestResult
     Ok(())
 }
 
+/// A version-2 file (what 0.1 development builds wrote before the
+/// destinations) gains the index and the table, keeps its rows, and ends
+/// with exactly the schema of a fresh file.
+#[test]
+fn a_version_2_file_moves_to_version_3() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (fresh, old) = (dir.path().join("fresh.db"), dir.path().join("v2.db"));
+    SqliteStore::open(&fresh)?;
+    let kept = {
+        let store = SqliteStore::open(&old)?;
+        store.enqueue(NewEvent::new("t", json!({"kept": true})))?
+    };
+    let conn = Connection::open(&old)?;
+    conn.execute_batch(
+        "DROP INDEX outbox_events_due_by_type;
+         DROP TABLE outbox_destinations;
+         UPDATE outbox_meta SET value = 2 WHERE key = 'schema_version';",
+    )?;
+    drop(conn);
+    assert_eq!(header(&old)?, (0, 0, Some(2)));
+    let store = SqliteStore::open(&old)?;
+    assert_eq!(header(&old)?, (0, 0, Some(SCHEMA_VERSION)));
+    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(schema_of(&fresh)?, schema_of(&old)?);
+    assert_eq!(
+        store.find(kept.id)?.map(|e| e.payload),
+        Some(json!({"kept": true}))
+    );
+    Ok(())
+}
+
 #[test]
 fn a_migrated_file_has_exactly_the_schema_of_a_fresh_one() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -169,7 +200,7 @@ fn a_migrated_file_has_exactly_the_schema_of_a_fresh_one() -> TestResult {
     SqliteStore::open(&old)?;
     let fresh_schema = schema_of(&fresh)?;
     assert_eq!(fresh_schema, schema_of(&old)?);
-    assert_eq!(fresh_schema.len(), 11, "{fresh_schema:?}");
+    assert_eq!(fresh_schema.len(), 13, "{fresh_schema:?}");
     // And schema.sql is what `outbox schema` prints: the same objects.
     let conn = Connection::open_in_memory()?;
     conn.execute_batch(sqlite_outbox::SCHEMA_SQL)?;

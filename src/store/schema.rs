@@ -19,11 +19,14 @@ pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
 /// The schema version this crate writes and understands, kept in the
 /// `outbox_meta` table (`key = 'schema_version'`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The forward-only steps, as `(version reached, SQL)`: each brings a file
 /// from the version before to this one, in one write transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(2, include_str!("../../migrations/002_guest.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (2, include_str!("../../migrations/002_guest.sql")),
+    (3, include_str!("../../migrations/003_destinations.sql")),
+];
 
 /// What schema version 1 wrote into `PRAGMA application_id` ("OUTB").
 const V1_APPLICATION_ID: i64 = 0x4F55_5442;
@@ -116,6 +119,8 @@ fn classify(info: &FileInfo) -> Result<Needs> {
                 supported: SCHEMA_VERSION,
             })),
             SCHEMA_VERSION => Ok(Needs::Nothing),
+            // Versions before 2 lived in the header, never in outbox_meta.
+            v if v >= 2 => Ok(Needs::Migrate(v)),
             v => Err(Error::new(ErrorKind::SchemaMismatch {
                 reason: format!("outbox_meta names schema version {v}, which no release wrote"),
             })),

@@ -5,7 +5,8 @@ use std::time::Duration;
 use rusqlite::{params, Transaction};
 
 use super::sql::{
-    ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL, ACK_RELEASE_SQL, ACK_RETRY_SQL, CLAIM_SQL,
+    claim_by_types_sql, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL, ACK_RELEASE_SQL, ACK_RETRY_SQL,
+    CLAIM_SQL, MAX_TYPED_CLAIM,
 };
 use super::{skip, types_json, SqliteStore};
 use crate::clock;
@@ -37,18 +38,32 @@ impl SqliteStore {
                  WHERE status = 'processing' AND locked_until <= ?1 AND attempts >= max_attempts",
             )?
             .execute(params![clock::to_millis(now), LEASE_EXPIRED_ERROR])?;
-            let mut stmt = tx.prepare_cached(&CLAIM_SQL)?;
+            let (now_ms, until_ms) = (clock::to_millis(now), clock::to_millis(until));
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
+                (":now", &now_ms),
+                (":until", &until_ms),
+                (":limit", &limit),
+                (":types", &types),
+                (":skip", &skip),
+            ];
+            let (sql, names) = match filter.only {
+                Some(only)
+                    if (1..=MAX_TYPED_CLAIM).contains(&only.len()) && filter.skip.is_empty() =>
+                {
+                    let names: Vec<String> = (0..only.len()).map(|i| format!(":t{i}")).collect();
+                    (claim_by_types_sql(only.len()), names)
+                }
+                _ => (CLAIM_SQL.as_str(), Vec::new()),
+            };
+            if let Some(only) = filter.only {
+                for (name, t) in names.iter().zip(only) {
+                    args.push((name.as_str(), t));
+                }
+            }
+            let mut stmt = tx.prepare_cached(sql)?;
             let rows = stmt
-                .query_map(
-                    rusqlite::named_params! {
-                        ":now": clock::to_millis(now),
-                        ":until": clock::to_millis(until),
-                        ":limit": i64::try_from(limit).unwrap_or(i64::MAX),
-                        ":types": types,
-                        ":skip": skip,
-                    },
-                    decode_row,
-                )?
+                .query_map(&args[..], decode_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             set_aside_undecodable(tx, rows, clock::to_millis(now))
         })?;
