@@ -121,6 +121,13 @@ fn unreachable_spends_nothing_and_a_probe_brings_it_back(f: Fixture) -> TestResu
     let state = &dispatcher.destinations()[0];
     assert_eq!(state.name, "api.push");
     assert_eq!(state.last_error.as_deref(), Some("connection refused"));
+    // Written down for `stats`, here and in other processes.
+    let written = f.store.stats()?.destinations;
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert_eq!(
+        (written[0].name.as_str(), written[0].hold, written[0].since),
+        ("api.push", Hold::Unreachable, state.since)
+    );
     // Nothing is spun while it is down, however long the app waits.
     std::thread::sleep(millis(300));
     assert_eq!(api.calls(), first_calls, "no calls before the probe is due");
@@ -144,6 +151,7 @@ fn unreachable_spends_nothing_and_a_probe_brings_it_back(f: Fixture) -> TestResu
     api.down.store(false, Ordering::SeqCst);
     next_probe(&f, &dispatcher, "api.push")?;
     wait_until("api delivered", || api.accepted() == 40)?;
+    assert!(f.store.stats()?.destinations.is_empty(), "no longer held");
     let report = dispatcher.drain(WAIT);
     assert!(report.idle && report.is_clean(), "{report:?}");
     assert_eq!((report.metrics.failed, report.metrics.retried), (0, 0));
@@ -186,6 +194,7 @@ fn paused_and_offline_claim_nothing_until_told(f: Fixture) -> TestResult {
     std::thread::sleep(millis(300));
     assert_eq!(api.calls(), 0, "a paused destination is not probed");
     assert_eq!(dispatcher.destinations()[0].hold, Hold::Paused);
+    assert_eq!(f.store.stats()?.destinations[0].hold, Hold::Paused);
     dispatcher.resume("api.push");
     wait_until("delivered after resume", || api.accepted() == 1)?;
     assert!(dispatcher.destinations().is_empty());
@@ -260,6 +269,10 @@ fn drain_does_not_wait_for_an_unreachable_destination(f: Fixture) -> TestResult 
         .start()?
         .drain(WAIT);
     assert!(report.idle, "{report:?}");
+    assert!(
+        f.store.stats()?.destinations.is_empty(),
+        "a dispatcher that stopped holds nothing back"
+    );
     assert!(started.elapsed() < secs(10), "{:?}", started.elapsed());
     let e = &all(&f, Status::Pending)?[0];
     assert_eq!(e.attempts, 0);

@@ -209,12 +209,14 @@ fn credentials_never_reach_errors_or_logs() -> TestResult {
         .port();
     let url = format!("http://ada:pw-s3cret@127.0.0.1:{closed}/hook?token=t0k3n-value");
     let out = relay(&db, &["--http", &url, "--drain"])?;
-    let e = stored(&store, &event)?;
-    let err = e.last_error.unwrap_or_default();
+    // Nobody listens: the endpoint is unreachable, which the exit message
+    // and the log say (the event itself is untouched).
+    assert_eq!(stored(&store, &event)?.attempts, 0);
+    let err = stderr(&out);
     assert!(err.contains("transport error"), "{err}");
+    assert!(err.contains("is unreachable since"), "{err}");
     for shown in [
         &err,
-        &stderr(&out),
         &String::from_utf8_lossy(&out.stdout).into_owned(),
     ] {
         for secret in ["pw-s3cret", "t0k3n-value", "ada:"] {
@@ -561,7 +563,23 @@ fn an_endpoint_that_is_down_spends_nothing_and_is_delivered_to_when_back() -> Te
         let _ = std::io::Read::read_to_string(&mut pipe, &mut log);
         log
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // Another process sees that the relay holds the endpoint back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let stats = common::cli::json_of(&outbox(&db, &["--json", "stats"])?)?;
+        if let Some(d) = stats["destinations"].as_array().and_then(|d| d.first()) {
+            break d.clone();
+        }
+        assert!(Instant::now() < deadline, "never written down: {stats}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(held["name"], json!(url));
+    assert_eq!(held["hold"], json!("unreachable"));
+    let shown = common::cli::ok(&outbox(&db, &["stats"])?)?;
+    assert!(
+        shown.contains("held back by a dispatcher") && shown.contains("unreachable"),
+        "{shown}"
+    );
     let server = Server::start_on(&format!("127.0.0.1:{port}"), || (200, vec![], vec![]))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while store.stats()?.done < 5 {
@@ -583,5 +601,11 @@ fn an_endpoint_that_is_down_spends_nothing_and_is_delivered_to_when_back() -> Te
         "said once, not per event: {log}"
     );
     assert!(log.contains("reachable again"), "{log}");
+    let stats = common::cli::json_of(&outbox(&db, &["--json", "stats"])?)?;
+    assert_eq!(
+        stats["destinations"],
+        json!([]),
+        "nothing held back any more"
+    );
     Ok(())
 }

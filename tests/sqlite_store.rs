@@ -974,3 +974,26 @@ fn a_duplicate_id_is_refused_naming_the_event() -> TestResult {
     assert!(err.to_string().contains(&first.id.to_string()), "{err}");
     Ok(())
 }
+
+/// Rows another program wrote into `outbox_destinations` that do not read
+/// as a destination are left out of `stats`; they do not break it.
+#[test]
+fn foreign_destination_rows_are_shown_or_left_out_not_fatal() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let conn = Connection::open(store.path())?;
+    conn.execute_batch(
+        "PRAGMA ignore_check_constraints = ON;
+         INSERT INTO outbox_destinations (name, hold, since, updated_at)
+           VALUES ('bogus-hold', 'sideways', 1700000000000, 1700000000000);
+         INSERT INTO outbox_destinations (name, hold, since, updated_at)
+           VALUES ('text-time', 'paused', 'yesterday', 1700000000000);
+         INSERT INTO outbox_destinations (name, hold, since, next_probe_at, last_error, updated_at)
+           VALUES ('fine', 'unreachable', 1700000000000, 1700000060000, CAST(x'ff41' AS TEXT), 1700000000000);",
+    )?;
+    let shown = store.stats()?.destinations;
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0].name, "fine");
+    assert_eq!(shown[0].last_error.as_deref(), Some("\u{fffd}A"));
+    Ok(())
+}

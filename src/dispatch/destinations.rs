@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::clock::{self, Clock};
+use crate::clock;
 use crate::event::Lease;
 use crate::store::sealed::TypeFilter;
+use crate::store::Store;
+pub use crate::store::{DestinationState, Hold};
 
 /// The first wait before probing a destination that became unreachable.
 pub const FIRST_PROBE_AFTER: Duration = Duration::from_secs(1);
@@ -25,39 +27,10 @@ pub const FIRST_PROBE_AFTER: Duration = Duration::from_secs(1);
 /// The longest wait between two probes of an unreachable destination.
 pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
-/// Why a destination is held back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum Hold {
-    /// A handler said it cannot be reached; it is probed on a backoff.
-    Unreachable,
-    /// The app paused it ([`crate::Dispatcher::pause`]); it waits for
-    /// [`crate::Dispatcher::resume`], without probes.
-    Paused,
-}
-
-/// A destination that a dispatcher holds back, from
-/// [`crate::Dispatcher::destinations`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub struct DestinationState {
-    /// The destination: an event type, or a name given with
-    /// [`crate::DispatcherBuilder::destination`].
-    pub name: String,
-    /// Why it is held back.
-    pub hold: Hold,
-    /// Since when.
-    pub since: DateTime<Utc>,
-    /// When it is probed next (`None` while paused or while a probe runs).
-    pub next_probe_at: Option<DateTime<Utc>>,
-    /// What the last handler said about it.
-    pub last_error: Option<String>,
-}
-
 struct Held {
     paused: bool,
     since: DateTime<Utc>,
+    updated: DateTime<Utc>,
     last_error: Option<String>,
     backoff: Duration,
     next_probe: DateTime<Utc>,
@@ -75,7 +48,8 @@ pub(crate) struct Destinations {
     /// The destination of every other type; without one, each other type
     /// is its own destination.
     default: Option<String>,
-    clock: Arc<dyn Clock>,
+    /// Where the state is written down for `stats` (and its clock).
+    store: Arc<dyn Store>,
     offline: AtomicBool,
     held: Mutex<HashMap<String, Held>>,
 }
@@ -84,12 +58,12 @@ impl Destinations {
     pub(crate) fn new(
         routes: HashMap<String, String>,
         default: Option<String>,
-        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
     ) -> Self {
         Destinations {
             routes,
             default,
-            clock,
+            store,
             offline: AtomicBool::new(false),
             held: Mutex::new(HashMap::new()),
         }
@@ -218,11 +192,12 @@ impl Destinations {
     /// A handler said the destination of `event_type` cannot be reached.
     pub(crate) fn unreachable(&self, event_type: &str, lease: &Lease, error: &str) {
         let destination = self.of(event_type).to_owned();
-        let now = self.clock.now();
+        let now = self.store.clock().now();
         let mut held = self.held();
         let h = held.entry(destination.clone()).or_insert_with(|| Held {
             paused: false,
             since: now,
+            updated: now,
             last_error: None,
             backoff: Duration::ZERO,
             next_probe: now,
@@ -237,6 +212,7 @@ impl Destinations {
             return;
         }
         h.probe = None;
+        h.updated = now;
         h.backoff = if first {
             FIRST_PROBE_AFTER
         } else {
@@ -244,6 +220,8 @@ impl Destinations {
         };
         h.next_probe = clock::add(now, jittered(h.backoff, &destination, h.probes));
         let wait = (h.next_probe - now).to_std().unwrap_or(Duration::ZERO);
+        drop(held);
+        self.persist(&destination);
         if first {
             tracing::warn!(
                 destination = %destination,
@@ -276,9 +254,11 @@ impl Destinations {
         }
         let since = h.since;
         held.remove(destination);
+        drop(held);
+        self.persist(destination);
         tracing::info!(
             destination = %destination,
-            unreachable_for = ?(self.clock.now() - since).to_std().unwrap_or(Duration::ZERO),
+            unreachable_for = ?(self.store.clock().now() - since).to_std().unwrap_or(Duration::ZERO),
             "outbox destination reachable again"
         );
         Some(destination.to_owned())
@@ -289,7 +269,7 @@ impl Destinations {
         if self.is_offline() {
             return Vec::new();
         }
-        let now = self.clock.now();
+        let now = self.store.clock().now();
         self.held()
             .iter()
             .filter(|(_, h)| !h.paused && h.probe.is_none() && h.next_probe <= now)
@@ -309,9 +289,12 @@ impl Destinations {
     /// destination, so it is not held back any more (the next event finds
     /// out whether it can be reached).
     pub(crate) fn nothing_to_probe(&self, destination: &str) {
-        let mut held = self.held();
-        if held.get(destination).is_some_and(|h| !h.paused) {
-            held.remove(destination);
+        let removed = {
+            let mut held = self.held();
+            held.get(destination).is_some_and(|h| !h.paused) && held.remove(destination).is_some()
+        };
+        if removed {
+            self.persist(destination);
         }
     }
 
@@ -338,11 +321,12 @@ impl Destinations {
     }
 
     pub(crate) fn pause(&self, destination: &str) {
-        let now = self.clock.now();
+        let now = self.store.clock().now();
         let mut held = self.held();
         let h = held.entry(destination.to_owned()).or_insert_with(|| Held {
             paused: true,
             since: now,
+            updated: now,
             last_error: None,
             backoff: Duration::ZERO,
             next_probe: now,
@@ -350,6 +334,9 @@ impl Destinations {
             probes: 0,
         });
         h.paused = true;
+        h.updated = now;
+        drop(held);
+        self.persist(destination);
         tracing::info!(destination = %destination, "outbox destination paused");
     }
 
@@ -357,6 +344,7 @@ impl Destinations {
     pub(crate) fn resume(&self, destination: &str) -> bool {
         let was = self.held().remove(destination).is_some();
         if was {
+            self.persist(destination);
             tracing::info!(destination = %destination, "outbox destination resumed");
         }
         was
@@ -367,6 +355,7 @@ impl Destinations {
     pub(crate) fn set_online(&self, online: bool) {
         let was_offline = self.offline.swap(!online, Ordering::SeqCst);
         if online {
+            self.forget_all();
             self.held().clear();
         }
         if was_offline == online {
@@ -378,20 +367,45 @@ impl Destinations {
         let mut list: Vec<DestinationState> = self
             .held()
             .iter()
-            .map(|(name, h)| DestinationState {
-                name: name.clone(),
-                hold: if h.paused {
-                    Hold::Paused
-                } else {
-                    Hold::Unreachable
-                },
-                since: h.since,
-                next_probe_at: (!h.paused && h.probe.is_none()).then_some(h.next_probe),
-                last_error: h.last_error.clone(),
-            })
+            .map(|(name, h)| state_of(name, h))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
+    }
+
+    /// Writes the state of `name` down (or that it is no longer held).
+    /// Advisory: a failure is logged, and delivery goes on.
+    fn persist(&self, name: &str) {
+        let state = self.held().get(name).map(|h| state_of(name, h));
+        if let Err(e) = self.store.record_destination(name, state.as_ref()) {
+            tracing::debug!(error = %e, destination = %name, "outbox could not write down a destination's state");
+        }
+    }
+
+    /// Writes down that none of this dispatcher's destinations is held
+    /// back any more (it is stopping).
+    pub(crate) fn forget_all(&self) {
+        let names: Vec<String> = self.held().keys().cloned().collect();
+        for name in names {
+            if let Err(e) = self.store.record_destination(&name, None) {
+                tracing::debug!(error = %e, destination = %name, "outbox could not clear a destination's state");
+            }
+        }
+    }
+}
+
+fn state_of(name: &str, h: &Held) -> DestinationState {
+    DestinationState {
+        name: name.to_owned(),
+        hold: if h.paused {
+            Hold::Paused
+        } else {
+            Hold::Unreachable
+        },
+        since: h.since,
+        next_probe_at: (!h.paused && h.probe.is_none()).then_some(h.next_probe),
+        last_error: h.last_error.clone(),
+        updated_at: h.updated,
     }
 }
 
@@ -441,6 +455,14 @@ mod tests {
     use super::*;
     use crate::ManualClock;
 
+    fn store(clock: &ManualClock) -> Arc<dyn Store> {
+        Arc::new(
+            crate::MemoryStore::builder()
+                .clock(Arc::new(clock.clone()))
+                .build(),
+        )
+    }
+
     fn lease(seq: i64) -> Lease {
         Lease {
             seq,
@@ -479,7 +501,7 @@ mod tests {
             ("note.created".to_owned(), "api".to_owned()),
             ("note.deleted".to_owned(), "api".to_owned()),
         ]);
-        let d = Destinations::new(routes, None, Arc::new(ManualClock::new()));
+        let d = Destinations::new(routes, None, store(&ManualClock::new()));
         assert_eq!(d.of("note.created"), "api");
         assert_eq!(d.of("mail.sent"), "mail.sent");
         let api = ["api", "note.created", "note.deleted"]
@@ -507,7 +529,7 @@ mod tests {
     #[test]
     fn a_default_destination_takes_every_type_not_routed() {
         let routes = HashMap::from([("mail.sent".to_owned(), "smtp".to_owned())]);
-        let d = Destinations::new(routes, Some("api".to_owned()), Arc::new(ManualClock::new()));
+        let d = Destinations::new(routes, Some("api".to_owned()), store(&ManualClock::new()));
         assert_eq!((d.of("anything"), d.of("mail.sent")), ("api", "smtp"));
         d.unreachable("anything", &lease(1), "refused");
         assert_eq!(
@@ -532,7 +554,7 @@ mod tests {
     #[test]
     fn only_the_probe_runs_and_its_answer_decides() {
         let clock = ManualClock::new();
-        let d = Destinations::new(HashMap::new(), None, Arc::new(clock.clone()));
+        let d = Destinations::new(HashMap::new(), None, store(&clock));
         d.unreachable("t", &lease(1), "refused");
         // A second event that was already running does not move the probe.
         d.unreachable("t", &lease(2), "refused again");
@@ -569,7 +591,7 @@ mod tests {
     #[test]
     fn paused_destinations_wait_for_resume_and_offline_stops_all() {
         let clock = ManualClock::new();
-        let d = Destinations::new(HashMap::new(), None, Arc::new(clock.clone()));
+        let d = Destinations::new(HashMap::new(), None, store(&clock));
         d.pause("t");
         clock.advance(Duration::from_secs(3600));
         assert!(d.probes_due().is_empty(), "no probes while paused");

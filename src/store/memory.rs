@@ -11,8 +11,8 @@ use crossbeam_channel::Receiver;
 use super::legacy::UnfencedStore;
 use super::sealed::TypeFilter;
 use super::{
-    new_token, Ack, AckKind, Backlog, ListFilter, Notifier, Operator, Requeue, Stats, Store,
-    Subject, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    new_token, Ack, AckKind, Backlog, DestinationState, ListFilter, Notifier, Operator, Requeue,
+    Stats, Store, Subject, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
 };
 use crate::clock::{self, Clock, SystemClock};
 use crate::error::{Error, Result};
@@ -30,6 +30,7 @@ pub struct MemoryStore {
 
 struct Inner {
     state: Mutex<State>,
+    destinations: Mutex<BTreeMap<String, DestinationState>>,
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
     notifier: Notifier,
@@ -69,6 +70,7 @@ impl MemoryStoreBuilder {
         MemoryStore {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
+                destinations: Mutex::default(),
                 clock: self.clock,
                 policy: self.policy,
                 notifier: Notifier::default(),
@@ -403,6 +405,15 @@ impl Operator for MemoryStore {
             }
         }
         stats.oldest_due_age = oldest_due.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO));
+        drop(state);
+        stats.destinations = self
+            .inner
+            .destinations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         Ok(stats)
     }
 
@@ -546,6 +557,19 @@ impl UnfencedStore for MemoryStore {
 }
 
 impl super::sealed::Sealed for MemoryStore {
+    fn record_destination(&self, name: &str, state: Option<&DestinationState>) -> Result<()> {
+        let mut map = self
+            .inner
+            .destinations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match state {
+            Some(s) => map.insert(name.to_owned(), s.clone()),
+            None => map.remove(name),
+        };
+        Ok(())
+    }
+
     fn claim_where(
         &self,
         limit: usize,

@@ -16,7 +16,7 @@ use crate::retry::RetryPolicy;
 pub use ack::Ack;
 pub(crate) use ack::AckKind;
 pub use operator::{Operator, Subject};
-pub use report::{Backlog, ListFilter, Requeue, Stats, TypeStats};
+pub use report::{Backlog, DestinationState, Hold, ListFilter, Requeue, Stats, TypeStats};
 
 mod ack;
 pub(crate) mod legacy;
@@ -104,6 +104,19 @@ pub(crate) mod sealed {
         /// A receiver that gets a message when an event is enqueued through this
         /// store in this process (a dispatcher's wake-up call).
         fn subscribe(&self) -> Receiver<()>;
+
+        /// Writes down that a dispatcher holds `name` back (`Some`), or no
+        /// longer does (`None`), for [`crate::Operator::stats`] in this and
+        /// other processes.
+        ///
+        /// # Errors
+        ///
+        /// Database errors.
+        fn record_destination(
+            &self,
+            name: &str,
+            state: Option<&crate::store::DestinationState>,
+        ) -> Result<()>;
     }
 }
 

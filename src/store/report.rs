@@ -75,6 +75,10 @@ pub struct Stats {
     /// (`oldest_due_age_ms` in JSON, in milliseconds).
     #[serde(serialize_with = "ser_opt_millis", rename = "oldest_due_age_ms")]
     pub oldest_due_age: Option<Duration>,
+    /// The destinations that running dispatchers hold back (unreachable or
+    /// paused), as they last wrote them down, by name. A dispatcher that
+    /// was killed leaves its rows: `updated_at` tells how old they are.
+    pub destinations: Vec<DestinationState>,
 }
 
 fn ser_opt_millis<S: serde::Serializer>(
@@ -170,4 +174,47 @@ impl ListFilter {
                 .as_ref()
                 .is_none_or(|c| e.correlation_id.as_ref() == Some(c))
     }
+}
+
+/// Why a destination is held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Hold {
+    /// A handler said it cannot be reached; it is probed on a backoff.
+    Unreachable,
+    /// The app paused it ([`crate::Dispatcher::pause`]); it waits for
+    /// [`crate::Dispatcher::resume`], without probes.
+    Paused,
+}
+
+impl Hold {
+    /// The name stored in the database.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Hold::Unreachable => "unreachable",
+            Hold::Paused => "paused",
+        }
+    }
+}
+
+/// A destination that a dispatcher holds back, from
+/// [`crate::Dispatcher::destinations`], or as a running dispatcher wrote it
+/// down for other processes ([`Stats::destinations`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct DestinationState {
+    /// The destination: an event type, or a name given with
+    /// [`crate::DispatcherBuilder::destination`].
+    pub name: String,
+    /// Why it is held back.
+    pub hold: Hold,
+    /// Since when.
+    pub since: DateTime<Utc>,
+    /// When it is probed next (`None` while paused or while a probe runs).
+    pub next_probe_at: Option<DateTime<Utc>>,
+    /// What the last handler said about it.
+    pub last_error: Option<String>,
+    /// When the dispatcher last changed this state.
+    pub updated_at: DateTime<Utc>,
 }

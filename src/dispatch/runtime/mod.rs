@@ -255,7 +255,7 @@ fn context(b: DispatcherBuilder) -> Ctx {
     let destinations = Arc::new(Destinations::new(
         b.routes,
         b.default_destination,
-        b.store.clock().clone(),
+        b.store.clone(),
     ));
     Ctx {
         destinations,
@@ -378,6 +378,8 @@ impl Runtime {
             }
             None => 0,
         };
+        // What this dispatcher held back is no longer held by anyone.
+        self.destinations.forget_all();
         let after = self.counters.snapshot();
         ShutdownReport {
             completed: (after.done + after.retried + after.failed)

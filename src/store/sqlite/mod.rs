@@ -31,7 +31,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, Transactio
 use super::row::row_to_event;
 use super::schema::COLUMNS;
 use super::sealed::TypeFilter;
-use super::{Ack, Backlog, Notifier, Store};
+use super::{Ack, Backlog, DestinationState, Notifier, Store};
 use crate::clock::{self, Clock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, NewEvent};
@@ -289,6 +289,34 @@ impl Store for SqliteStore {
 }
 
 impl super::sealed::Sealed for SqliteStore {
+    fn record_destination(&self, name: &str, state: Option<&DestinationState>) -> Result<()> {
+        self.write_relaxed(|tx| {
+            match state {
+                Some(s) => tx
+                    .prepare_cached(
+                        "INSERT INTO outbox_destinations
+                           (name, hold, since, next_probe_at, last_error, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (name) DO UPDATE SET hold = excluded.hold,
+                           since = excluded.since, next_probe_at = excluded.next_probe_at,
+                           last_error = excluded.last_error, updated_at = excluded.updated_at",
+                    )?
+                    .execute(rusqlite::params![
+                        name,
+                        s.hold.as_str(),
+                        clock::to_millis(s.since),
+                        s.next_probe_at.map(clock::to_millis),
+                        s.last_error.as_deref().map(crate::event::capped_error),
+                        clock::to_millis(s.updated_at),
+                    ])?,
+                None => tx
+                    .prepare_cached("DELETE FROM outbox_destinations WHERE name = ?1")?
+                    .execute([name])?,
+            };
+            Ok(())
+        })
+    }
+
     fn claim_where(
         &self,
         limit: usize,

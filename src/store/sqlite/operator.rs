@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::builder::create_private;
@@ -17,7 +17,7 @@ use crate::event::{Event, Status};
 use crate::id::EventId;
 use crate::store::row::{decode_row, row_to_event};
 use crate::store::schema::COLUMNS;
-use crate::store::{ListFilter, Operator, Requeue, Stats, Store, Subject};
+use crate::store::{DestinationState, Hold, ListFilter, Operator, Requeue, Stats, Store, Subject};
 impl SqliteStore {
     /// Writes a consistent copy of the outbox to `dest` (which must not
     /// exist), including commits still in the WAL, using `VACUUM INTO`.
@@ -156,6 +156,7 @@ impl Operator for SqliteStore {
                     .query_row([now], |r| r.get(0))?;
                 stats.oldest_due_age =
                     oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+                stats.destinations = read_destinations(conn)?;
                 Ok(stats)
             })();
             tx.finish()?;
@@ -261,4 +262,51 @@ impl Operator for SqliteStore {
         let n = self.write(|tx| Ok(tx.prepare_cached(sql)?.execute([id.to_string()])?))?;
         Ok(n as u64)
     }
+}
+
+/// The destinations dispatchers hold back, as written down. Another
+/// program may have written rows too: a row that does not read as one
+/// (an unknown hold, a time that is not a number) is left out, and text
+/// that is not UTF-8 is shown with replacement characters.
+fn read_destinations(conn: &Connection) -> rusqlite::Result<Vec<DestinationState>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, hold, since, next_probe_at, last_error, updated_at
+         FROM outbox_destinations ORDER BY name",
+    )?;
+    let text = |r: &rusqlite::Row<'_>, i| -> rusqlite::Result<Option<String>> {
+        Ok(match r.get_ref(i)? {
+            ValueRef::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+    };
+    let time =
+        |r: &rusqlite::Row<'_>, i| -> rusqlite::Result<Option<chrono::DateTime<chrono::Utc>>> {
+            Ok(match r.get_ref(i)? {
+                ValueRef::Integer(ms) => Some(clock::from_millis(ms)),
+                _ => None,
+            })
+        };
+    let rows = stmt.query_map([], |r| {
+        let hold = match text(r, 1)?.as_deref() {
+            Some("unreachable") => Some(Hold::Unreachable),
+            Some("paused") => Some(Hold::Paused),
+            _ => None,
+        };
+        Ok(match (text(r, 0)?, hold, time(r, 2)?, time(r, 5)?) {
+            (Some(name), Some(hold), Some(since), Some(updated_at)) => Some(DestinationState {
+                name,
+                hold,
+                since,
+                next_probe_at: time(r, 3)?,
+                last_error: text(r, 4)?,
+                updated_at,
+            }),
+            _ => None,
+        })
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.extend(row?);
+    }
+    Ok(out)
 }

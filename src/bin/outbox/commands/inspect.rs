@@ -47,6 +47,39 @@ pub(crate) fn stats(db: &Path, json_mode: bool) -> Result<(), Failure> {
                 rows,
             ));
         }
+        if !stats.destinations.is_empty() {
+            let now = chrono::Utc::now();
+            let ago = |at: chrono::DateTime<chrono::Utc>| {
+                format_duration((now - at).to_std().unwrap_or_default())
+            };
+            let rows = stats
+                .destinations
+                .iter()
+                .map(|d| {
+                    vec![
+                        text::terminal_safe(&d.name).into_owned(),
+                        d.hold.as_str().to_owned(),
+                        format!("{} ago", ago(d.since)),
+                        d.next_probe_at
+                            .map(|p| match (p - now).to_std() {
+                                Ok(wait) => format!("in {}", format_duration(wait)),
+                                Err(_) => format!("{} overdue", ago(p)),
+                            })
+                            .unwrap_or_else(|| "-".into()),
+                        text::terminal_safe(&text::excerpt(
+                            d.last_error.as_deref().unwrap_or("-"),
+                            60,
+                        ))
+                        .into_owned(),
+                    ]
+                })
+                .collect();
+            t.push_str("\nheld back by a dispatcher:\n");
+            t.push_str(&table(
+                &["DESTINATION", "HOLD", "SINCE", "NEXT PROBE", "LAST ERROR"],
+                rows,
+            ));
+        }
         t.trim_end().to_owned()
     })
 }
