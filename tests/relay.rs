@@ -215,10 +215,7 @@ fn credentials_never_reach_errors_or_logs() -> TestResult {
     let err = stderr(&out);
     assert!(err.contains("transport error"), "{err}");
     assert!(err.contains("is unreachable since"), "{err}");
-    for shown in [
-        &err,
-        &String::from_utf8_lossy(&out.stdout).into_owned(),
-    ] {
+    for shown in [&err, &String::from_utf8_lossy(&out.stdout).into_owned()] {
         for secret in ["pw-s3cret", "t0k3n-value", "ada:"] {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }
