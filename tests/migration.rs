@@ -180,6 +180,12 @@ fn a_version_2_file_moves_to_version_3() -> TestResult {
     )?;
     drop(conn);
     assert_eq!(header(&old)?, (0, 0, Some(2)));
+    // Read-only, it is read as it is.
+    let reader = SqliteStore::builder(&old).read_only(true).build()?;
+    let stats = reader.stats()?;
+    assert_eq!((stats.pending, stats.destinations.len()), (1, 0));
+    drop(reader);
+    assert_eq!(header(&old)?, (0, 0, Some(2)));
     let store = SqliteStore::open(&old)?;
     assert_eq!(header(&old)?, (0, 0, Some(SCHEMA_VERSION)));
     assert_eq!(SCHEMA_VERSION, 3);

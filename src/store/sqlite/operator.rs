@@ -264,11 +264,22 @@ impl Operator for SqliteStore {
     }
 }
 
-/// The destinations dispatchers hold back, as written down. Another
+/// The destinations dispatchers hold back, as written down (none in a file
+/// older than version 3, opened read-only). Another
 /// program may have written rows too: a row that does not read as one
 /// (an unknown hold, a time that is not a number) is left out, and text
 /// that is not UTF-8 is shown with replacement characters.
 fn read_destinations(conn: &Connection) -> rusqlite::Result<Vec<DestinationState>> {
+    // An older file opened read-only has no such table yet.
+    let exists: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema
+                            WHERE type = 'table' AND name = 'outbox_destinations')",
+        )?
+        .query_row([], |r| r.get(0))?;
+    if !exists {
+        return Ok(Vec::new());
+    }
     let mut stmt = conn.prepare_cached(
         "SELECT name, hold, since, next_probe_at, last_error, updated_at
          FROM outbox_destinations ORDER BY name",
