@@ -22,9 +22,11 @@ run_group() {
     local files=() tests=()
     case "$group" in
     store)
-        files=(-f src/store/mod.rs -f src/store/memory.rs -f src/store/ack.rs
-            -f src/store/report.rs -f src/store/row.rs)
-        tests=(--lib --test store_suite --test differential --test sqlite_store)
+        files=(-f src/store/mod.rs -f 'src/store/memory/*.rs' -f src/store/ack.rs
+            -f src/store/report.rs -f src/store/row.rs -f src/store/operator.rs
+            -f src/store/legacy.rs)
+        tests=(--lib --test store_suite --test differential --test sqlite_store
+            --test offline)
         ;;
     schema)
         files=(-f src/store/schema.rs)
@@ -36,10 +38,10 @@ run_group() {
             --test dispatch --test supervision --test guest)
         ;;
     dispatch)
-        files=(-f src/dispatch/mod.rs -f src/dispatch/handler.rs
-            -f 'src/dispatch/runtime/*.rs')
+        files=(-f src/dispatch/mod.rs -f src/dispatch/handler.rs -f src/dispatch/metrics.rs
+            -f 'src/dispatch/destinations/*.rs' -f 'src/dispatch/runtime/*.rs')
         tests=(--lib --test dispatch --test supervision --test store_suite
-            --test tracing_spans)
+            --test tracing_spans --test offline)
         ;;
     *)
         echo "unknown group: $group (store, schema, sqlite, dispatch)" >&2

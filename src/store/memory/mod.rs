@@ -8,17 +8,17 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use crossbeam_channel::Receiver;
 
-use super::legacy::UnfencedStore;
 use super::sealed::TypeFilter;
 use super::{
-    new_token, Ack, AckKind, Backlog, DestinationState, ListFilter, Notifier, Operator, Requeue,
-    Stats, Store, Subject, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    new_token, Ack, AckKind, Backlog, DestinationState, Notifier, Store, LEASE_EXPIRED_ERROR,
 };
 use crate::clock::{self, Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::event::{Event, NewEvent, Status};
 use crate::id::EventId;
 use crate::retry::RetryPolicy;
+
+mod operator;
 
 /// An outbox held in memory: the reference model of [`Store`], with exactly
 /// the behaviour of [`crate::SqliteStore`] and none of its durability. Use it
@@ -387,172 +387,6 @@ impl Store for MemoryStore {
 
     fn retry_policy(&self) -> &RetryPolicy {
         &self.inner.policy
-    }
-}
-
-impl Operator for MemoryStore {
-    fn stats(&self) -> Result<Stats> {
-        let now = truncate(self.now());
-        let state = self.state();
-        let mut stats = Stats::default();
-        let mut oldest_due: Option<DateTime<Utc>> = None;
-        for e in state.rows.values() {
-            let due = e.status == Status::Pending && e.next_attempt_at <= now;
-            stats.add(&e.event_type, e.status, 1, u64::from(due));
-            if due {
-                oldest_due =
-                    Some(oldest_due.map_or(e.next_attempt_at, |t| t.min(e.next_attempt_at)));
-            }
-        }
-        stats.oldest_due_age = oldest_due.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO));
-        drop(state);
-        stats.destinations = self
-            .inner
-            .destinations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        Ok(stats)
-    }
-
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
-        let state = self.state();
-        let matching = state.rows.values().filter(|e| filter.matches(e)).cloned();
-        Ok(if filter.newest_first {
-            matching.rev().take(filter.limit).collect()
-        } else {
-            matching.take(filter.limit).collect()
-        })
-    }
-
-    fn requeue(&self, which: Requeue) -> Result<u64> {
-        let now = truncate(self.now());
-        let requeue = |e: &mut Event| {
-            e.status = Status::Pending;
-            e.attempts = 0;
-            e.next_attempt_at = now;
-            e.completed_at = None;
-        };
-        let n = match which {
-            Requeue::One(id) => self.with_event(id, |e, _| {
-                if e.status != Status::Failed {
-                    return Err(Error::invalid(format!(
-                        "event {id} is {}, not failed",
-                        e.status
-                    )));
-                }
-                requeue(e);
-                Ok(1)
-            })?,
-            Requeue::Type(_) | Requeue::All => {
-                let only = match &which {
-                    Requeue::Type(t) => Some(t.clone()),
-                    _ => None,
-                };
-                let mut state = self.state();
-                let mut n = 0;
-                for e in state.rows.values_mut() {
-                    if e.status == Status::Failed
-                        && only.as_ref().is_none_or(|t| &e.event_type == t)
-                    {
-                        requeue(e);
-                        n += 1;
-                    }
-                }
-                n
-            }
-        };
-        if n > 0 {
-            self.inner.notifier.notify();
-        }
-        Ok(n)
-    }
-
-    fn purge(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        let cutoff = truncate(older_than);
-        Ok(self.remove_where(|e| {
-            !(matches!(e.status, Status::Done | Status::Failed) && e.created_at < cutoff)
-        }))
-    }
-
-    fn erase(&self, subject: Subject) -> Result<u64> {
-        Ok(match subject {
-            Subject::Org(org) => self.remove_where(|e| e.org_id != Some(org)),
-            Subject::User(user) => self.remove_where(|e| e.user_id != Some(user)),
-        })
-    }
-
-    fn cancel(&self, id: EventId, reason: &str) -> Result<()> {
-        self.with_event(id, |e, now| {
-            if matches!(e.status, Status::Done | Status::Failed) {
-                return Err(Error::invalid(format!(
-                    "event {id} is already {}",
-                    e.status
-                )));
-            }
-            e.last_error = Some(crate::event::capped_error(reason));
-            finish(e, Status::Failed, now);
-            Ok(())
-        })
-    }
-}
-
-impl UnfencedStore for MemoryStore {
-    fn mark_processing(&self, id: EventId) -> Result<()> {
-        self.with_event(id, |e, now| {
-            match e.status {
-                Status::Pending => e.attempts = e.attempts.saturating_add(1),
-                Status::Processing => {}
-                Status::Done | Status::Failed => {
-                    return Err(Error::invalid(format!("event {id} is {}", e.status)))
-                }
-            }
-            e.status = Status::Processing;
-            e.locked_at = Some(now);
-            e.locked_until = Some(truncate(clock::add(now, DEFAULT_LEASE)));
-            e.lease_token = Some(new_token());
-            Ok(())
-        })
-    }
-
-    fn mark_done(&self, id: EventId) -> Result<()> {
-        self.with_event(id, |e, now| {
-            finish(e, Status::Done, now);
-            Ok(())
-        })
-    }
-
-    fn mark_delivered(&self, id: EventId) -> Result<()> {
-        self.with_event(id, |e, now| {
-            e.delivered_at = Some(now);
-            Ok(())
-        })
-    }
-
-    fn mark_retry(&self, id: EventId, error: &str) -> Result<()> {
-        let policy = self.inner.policy.clone();
-        self.with_event(id, |e, now| {
-            apply_retry(e, &policy, &crate::event::capped_error(error), None, now);
-            Ok(())
-        })
-    }
-
-    fn mark_failed(&self, id: EventId, error: &str) -> Result<()> {
-        self.with_event(id, |e, now| {
-            e.last_error = Some(crate::event::capped_error(error));
-            finish(e, Status::Failed, now);
-            Ok(())
-        })
-    }
-
-    fn count_pending(&self) -> Result<u64> {
-        Ok(self.stats()?.pending)
-    }
-
-    fn count_failed(&self) -> Result<u64> {
-        Ok(self.stats()?.failed)
     }
 }
 
