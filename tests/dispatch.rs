@@ -544,7 +544,9 @@ fn metrics_and_debug_describe_a_running_dispatcher() -> TestResult {
         );
         std::thread::sleep(millis(5));
     }
-    assert_eq!(dispatcher.metrics().claimed, 1);
+    let m = dispatcher.metrics();
+    // Empty claims (at start, when woken) are not counted as batches.
+    assert_eq!((m.claimed, m.claim_batches), (1, 1), "{m:?}");
     let shown = format!("{dispatcher:?}");
     assert!(
         shown.contains("running: true") && shown.contains("done: 1"),
@@ -987,6 +989,37 @@ fn a_handler_past_max_run_time_loses_its_lease() -> TestResult {
     assert_eq!(
         store.find(event.id)?.map(|e| (e.status, e.attempts)),
         Some((Status::Done, 2))
+    );
+    Ok(())
+}
+
+/// A handler within `max_run_time` keeps its lease however many times it
+/// is extended: it is not taken over, not counted as overrun.
+#[test]
+fn a_handler_within_max_run_time_keeps_its_lease() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("o.db"))?;
+    let event = store.enqueue(NewEvent::new("t", json!({})))?;
+    let (runs_tx, runs_rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .lease(millis(300))
+        .max_run_time(secs(60))
+        .handle("t", move |e| {
+            runs_tx.send(e.attempts).ok();
+            // Five lease lengths, well within the limit.
+            std::thread::sleep(millis(1500));
+            Ok(())
+        })
+        .start()?;
+    assert_eq!(runs_rx.recv_timeout(WAIT)?, 1);
+    let report = dispatcher.drain(WAIT);
+    assert!(runs_rx.try_recv().is_err(), "never taken over");
+    let m = report.metrics;
+    assert_eq!((m.overran, m.lease_lost, m.done), (0, 0, 1), "{m:?}");
+    assert!(m.extended >= 3, "extended at each half-life: {m:?}");
+    assert_eq!(
+        store.find(event.id)?.map(|e| (e.status, e.attempts)),
+        Some((Status::Done, 1))
     );
     Ok(())
 }

@@ -128,6 +128,9 @@ fn a_worker_that_dies_gives_its_event_back_and_is_replaced() -> TestResult {
     let report = dispatcher.shutdown(secs(5));
     assert!(report.metrics.thread_panics >= 1, "{report:?}");
     assert!(!report.is_clean(), "a panicked thread is reported");
+    // Its first attempt of ten: a retry, not a failure.
+    assert_eq!(report.metrics.failed, 0, "{report:?}");
+    assert!(report.metrics.retried >= 1, "{report:?}");
     assert_eq!(report.still_running, 0);
     Ok(())
 }
