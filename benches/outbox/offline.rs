@@ -110,6 +110,13 @@ fn week_offline(n: usize, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
                 .all(|d| d.next_probe_at.is_some()))
     };
     wait_for("all three held back", settled)?;
+    let size = |p: &Path| -> u64 {
+        let wal = p.with_extension("db-wal");
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+            + std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+    };
+    let db_path = dir.join("week.db");
+    let size_before = size(&db_path);
     let before_week = calls();
     let start = clock.now();
     let end = start + chrono::Duration::days(7);
@@ -130,6 +137,7 @@ fn week_offline(n: usize, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
         steps += 1;
     }
     let probes = calls() - before_week;
+    let size_after = size(&db_path);
     let stats = store.stats()?;
     let (spent, failed) = (stats_attempts(&store)?, stats.failed);
     for r in &remotes {
@@ -165,8 +173,11 @@ fn week_offline(n: usize, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
         ratio: None,
         note: format!(
             "{steps} probe steps (1 s doubling to 5 min, ±10 %), {} per destination per day at \
-             the cap; {spent} attempts spent, {failed} failed",
-            24 * 60 / 5
+             the cap; {spent} attempts spent, {failed} failed; file and WAL {:.1} MiB before \
+             the week, {:.1} MiB after",
+            24 * 60 / 5,
+            size_before as f64 / 1048576.0,
+            size_after as f64 / 1048576.0
         ),
     });
     rows.push(Row {
