@@ -31,10 +31,11 @@ pub(super) fn poll_loop(
     nudge_rx: &Receiver<()>,
     stop_rx: &Receiver<()>,
 ) {
-    // A wake-up source whose sender is gone (a completer that died, say)
-    // would make `select!` return at once for ever: it becomes `never`.
-    let (mut wake_rx, mut store_wake_rx, mut nudge_rx) =
-        (wake_rx.clone(), store_wake_rx.clone(), nudge_rx.clone());
+    let mut wakeups = Wakeups {
+        wake: wake_rx.clone(),
+        store_wake: store_wake_rx.clone(),
+        nudge: nudge_rx.clone(),
+    };
     let types = ctx.types.as_deref();
     let mut claim_now = true;
     let mut woken = false;
@@ -76,10 +77,7 @@ pub(super) fn poll_loop(
                 }
             }
         }
-        if let Err(err) = send_probes(ctx, jobs_tx) {
-            Counters::add(&ctx.counters.store_errors, 1);
-            tracing::warn!(error = %err, "outbox probe claim failed; retrying");
-        }
+        send_probes(ctx, jobs_tx);
         if got > 0 && got == want {
             // A full batch: more is probably waiting, so claim again before
             // asking when the next event falls due.
@@ -101,34 +99,61 @@ pub(super) fn poll_loop(
         }
         woken = false;
 
-        let wake_at = match (due_at, ctx.destinations.next_probe_at()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let timeout = sleep_for(ctx, wake_at, &mut eager);
-        select! {
-            recv(stop_rx) -> _ => break,
-            recv(wake_rx) -> msg => {
+        let timeout = sleep_for(ctx, due_at, &mut eager);
+        match wakeups.wait(stop_rx, timeout) {
+            Wake::Stop => break,
+            Wake::Woken => {
                 claim_now = true;
                 woken = true;
-                if msg.is_err() { wake_rx = crossbeam_channel::never(); }
             }
-            recv(store_wake_rx) -> msg => {
-                claim_now = true;
-                woken = true;
-                if msg.is_err() { store_wake_rx = crossbeam_channel::never(); }
-            }
-            recv(nudge_rx) -> msg => {
-                claim_now = true;
-                if msg.is_err() { nudge_rx = crossbeam_channel::never(); }
-            }
-            default(timeout) => {
+            Wake::Nudged => claim_now = true,
+            Wake::Timeout => {
                 let due = due_at.is_some_and(|t| ctx.store.clock().now() >= t);
                 claim_now = due || ctx.store.has_external_changes().unwrap_or(true);
                 if claim_now {
                     eager = None;
                 }
             }
+        }
+    }
+}
+
+/// What ended a wait.
+enum Wake {
+    Stop,
+    /// The handle's `wake`, or an enqueue in this process.
+    Woken,
+    /// The completer freed room.
+    Nudged,
+    Timeout,
+}
+
+/// The poller's wake-up sources. One whose sender is gone (a completer
+/// that died, say) would make `select!` return at once for ever: it
+/// becomes `never`.
+struct Wakeups {
+    wake: Receiver<()>,
+    store_wake: Receiver<()>,
+    nudge: Receiver<()>,
+}
+
+impl Wakeups {
+    fn wait(&mut self, stop_rx: &Receiver<()>, timeout: Duration) -> Wake {
+        select! {
+            recv(stop_rx) -> _ => Wake::Stop,
+            recv(self.wake) -> msg => {
+                if msg.is_err() { self.wake = crossbeam_channel::never(); }
+                Wake::Woken
+            }
+            recv(self.store_wake) -> msg => {
+                if msg.is_err() { self.store_wake = crossbeam_channel::never(); }
+                Wake::Woken
+            }
+            recv(self.nudge) -> msg => {
+                if msg.is_err() { self.nudge = crossbeam_channel::never(); }
+                Wake::Nudged
+            }
+            default(timeout) => Wake::Timeout,
         }
     }
 }
@@ -175,8 +200,16 @@ fn claim_batch(
 
 /// Sends one event to each held-back destination whose probe is due (if
 /// there is room): the first that gets through brings the destination back.
-/// A destination with nothing waiting is simply let go.
-fn send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) -> crate::Result<()> {
+/// A destination with nothing waiting is simply let go. A database error is
+/// counted and logged; the probe goes at the next look.
+fn send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) {
+    if let Err(err) = try_send_probes(ctx, jobs_tx) {
+        Counters::add(&ctx.counters.store_errors, 1);
+        tracing::warn!(error = %err, "outbox probe claim failed; retrying");
+    }
+}
+
+fn try_send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) -> crate::Result<()> {
     for destination in ctx.destinations.probes_due() {
         if ctx.shared.inflight().len() >= ctx.capacity {
             return Ok(());
@@ -199,13 +232,17 @@ fn send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) -> crate::Result<()> {
 }
 
 /// How long to sleep before looking again: the poll interval, cut short by
-/// the next due time and by the eager look-out after an in-process wake-up
-/// (which this advances).
+/// the next due time, the next probe of a destination held back, and the
+/// eager look-out after an in-process wake-up (which this advances).
 fn sleep_for(
     ctx: &Ctx,
     due_at: Option<DateTime<Utc>>,
     eager: &mut Option<(Instant, Duration)>,
 ) -> Duration {
+    let due_at = match (due_at, ctx.destinations.next_probe_at()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let mut timeout = ctx.poll_interval;
     if let Some(at) = due_at {
         let until = (at - ctx.store.clock().now())
