@@ -618,11 +618,13 @@ fn claims_stop_at_workers_plus_one_batch() -> TestResult {
 fn shutdown_reports_only_what_happened_during_it() -> TestResult {
     let f = Fixture::memory();
     let (release, released) = unbounded::<()>();
+    let (started_tx, started) = unbounded::<()>();
     let dispatcher = Dispatcher::builder(f.core())
         .workers(1)
         .batch_size(4)
         .handle("fast", |_: &Event| Ok(()))
         .handle("slow", move |_: &Event| {
+            started_tx.send(()).ok();
             released.recv_timeout(WAIT).ok();
             Ok(())
         })
@@ -636,6 +638,8 @@ fn shutdown_reports_only_what_happened_during_it() -> TestResult {
     }
     f.store
         .enqueue_batch((0..3).map(|i| NewEvent::new("slow", json!(i))).collect())?;
+    // One slow handler runs; the other two wait in the queue.
+    recv_n(&started, 1)?;
     while f.store.stats()?.processing < 3 {
         assert!(Instant::now() < deadline, "the slow ones were not claimed");
         std::thread::sleep(millis(5));
