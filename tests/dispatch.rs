@@ -1006,12 +1006,12 @@ fn a_handler_within_max_run_time_keeps_its_lease() -> TestResult {
     let event = store.enqueue(NewEvent::new("t", json!({})))?;
     let (runs_tx, runs_rx) = unbounded();
     let dispatcher = Dispatcher::builder(store.clone())
-        .lease(millis(300))
+        .lease(secs(1))
         .max_run_time(secs(60))
         .handle("t", move |e| {
             runs_tx.send(e.attempts).ok();
-            // Five lease lengths, well within the limit.
-            std::thread::sleep(millis(1500));
+            // Two and a half lease lengths, well within the limit.
+            std::thread::sleep(millis(2500));
             Ok(())
         })
         .start()?;
