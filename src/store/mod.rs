@@ -442,4 +442,40 @@ mod tests {
         next_wakeup_is_the_earliest_future_time(&sqlite, &clock)?;
         Ok(())
     }
+
+    /// Every live subscriber hears of each enqueue, requeue and skipped
+    /// backoff in this process; one that went away is dropped.
+    fn enqueues_wake_subscribers(store: &impl Store) -> crate::Result<()> {
+        use super::sealed::Sealed;
+        let (a, b) = (store.subscribe(), store.subscribe());
+        drop(b);
+        for n in 0..2 {
+            store.enqueue(NewEvent::new("t", serde_json::json!(n)))?;
+            assert!(a.try_recv().is_ok(), "enqueue {n} was not heard");
+            assert!(a.try_recv().is_err(), "one message per wake-up");
+        }
+        let c = store.subscribe();
+        let claimed = store.claim(1, Duration::from_secs(30), None)?;
+        store.retry(
+            &claimed[0].lease().ok_or(crate::Error::invalid("lease"))?,
+            "x",
+            None,
+        )?;
+        store.skip_backoff(None)?;
+        assert!(a.try_recv().is_ok() && c.try_recv().is_ok(), "skip_backoff");
+        Ok(())
+    }
+
+    #[test]
+    fn subscribers_hear_of_enqueues_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
+        let memory = MemoryStore::new();
+        enqueues_wake_subscribers(&memory)?;
+        assert!(
+            format!("{memory:?}").starts_with("MemoryStore"),
+            "{memory:?}"
+        );
+        let dir = tempfile::tempdir()?;
+        enqueues_wake_subscribers(&SqliteStore::open(dir.path().join("o.db"))?)?;
+        Ok(())
+    }
 }
