@@ -446,7 +446,6 @@ mod tests {
     /// Every live subscriber hears of each enqueue, requeue and skipped
     /// backoff in this process; one that went away is dropped.
     fn enqueues_wake_subscribers(store: &impl Store) -> crate::Result<()> {
-        use super::sealed::Sealed;
         let (a, b) = (store.subscribe(), store.subscribe());
         drop(b);
         for n in 0..2 {
