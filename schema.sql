@@ -139,9 +139,11 @@ CREATE INDEX outbox_events_ordering
 CREATE UNIQUE INDEX outbox_events_idempotency
     ON outbox_events (idempotency_key) WHERE idempotency_key IS NOT NULL;
 
--- Claims of given event types: each type's due events in due order.
+-- Claims of given event types: each type's due events in due order (the
+-- rowid, `seq`, ends every index entry, so it orders ties without being
+-- stored twice).
 CREATE INDEX outbox_events_due_by_type
-    ON outbox_events (event_type, next_attempt_at, seq) WHERE status = 'pending';
+    ON outbox_events (event_type, next_attempt_at) WHERE status = 'pending';
 
 -- Erasure of an organisation's or a user's events.
 CREATE INDEX outbox_events_org

@@ -7,9 +7,11 @@
 --
 -- Runs in the write transaction that opens the file; nothing else changes.
 
--- Claims of given event types: each type's due events in due order.
+-- Claims of given event types: each type's due events in due order (the
+-- rowid, `seq`, ends every index entry, so it orders ties without being
+-- stored twice).
 CREATE INDEX outbox_events_due_by_type
-    ON outbox_events (event_type, next_attempt_at, seq) WHERE status = 'pending';
+    ON outbox_events (event_type, next_attempt_at) WHERE status = 'pending';
 
 -- Destinations a dispatcher holds back, as it last said: a row while one
 -- is unreachable (probed on a backoff) or paused by the app; no row while
