@@ -40,6 +40,21 @@ struct Held {
     probes: u64,
 }
 
+impl Held {
+    fn new(now: DateTime<Utc>, paused: bool) -> Self {
+        Held {
+            paused,
+            since: now,
+            updated: now,
+            last_error: None,
+            backoff: Duration::ZERO,
+            next_probe: now,
+            probe: None,
+            probes: 0,
+        }
+    }
+}
+
 /// The destinations of one dispatcher: the builder's routes and what is
 /// held back.
 pub(crate) struct Destinations {
@@ -194,16 +209,9 @@ impl Destinations {
         let destination = self.of(event_type).to_owned();
         let now = self.store.clock().now();
         let mut held = self.held();
-        let h = held.entry(destination.clone()).or_insert_with(|| Held {
-            paused: false,
-            since: now,
-            updated: now,
-            last_error: None,
-            backoff: Duration::ZERO,
-            next_probe: now,
-            probe: None,
-            probes: 0,
-        });
+        let h = held
+            .entry(destination.clone())
+            .or_insert_with(|| Held::new(now, false));
         h.last_error = Some(error.to_owned());
         let first = h.backoff.is_zero();
         let was_probe = h.probe == Some((lease.seq, lease.token));
@@ -323,16 +331,9 @@ impl Destinations {
     pub(crate) fn pause(&self, destination: &str) {
         let now = self.store.clock().now();
         let mut held = self.held();
-        let h = held.entry(destination.to_owned()).or_insert_with(|| Held {
-            paused: true,
-            since: now,
-            updated: now,
-            last_error: None,
-            backoff: Duration::ZERO,
-            next_probe: now,
-            probe: None,
-            probes: 0,
-        });
+        let h = held
+            .entry(destination.to_owned())
+            .or_insert_with(|| Held::new(now, true));
         h.paused = true;
         h.updated = now;
         drop(held);
