@@ -14,10 +14,10 @@ pub(crate) fn cpu_time() -> Res<Duration> {
     Ok(Duration::from_millis(ticks * 10))
 }
 
-/// What an idle dispatcher costs: CPU time while nothing is due.
-pub(crate) fn idle_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
-    let secs = if cfg.quick { 2 } else { 10 };
-    let store = our_db(&dir.join("idle.db"), Durability::Full)?;
+/// CPU time (ms per second) an idle dispatcher uses over `secs`: one
+/// started on an empty outbox in `path`.
+pub(crate) fn idle_cpu(path: &Path, secs: u64) -> Res<f64> {
+    let store = our_db(path, Durability::Full)?;
     let dispatcher = Dispatcher::builder(store)
         .handle("bench.event", |_: &Event| Ok(()))
         .start()?;
@@ -26,10 +26,16 @@ pub(crate) fn idle_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res
     std::thread::sleep(Duration::from_secs(secs));
     let used = cpu_time()? - before;
     dispatcher.shutdown(Duration::from_secs(5));
+    Ok(used.as_secs_f64() * 1000.0 / secs as f64)
+}
+
+/// What an idle dispatcher costs: CPU time while nothing is due.
+pub(crate) fn idle_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    let secs = if cfg.quick { 2 } else { 10 };
     rows.push(Row {
         group: "idle",
         name: "CPU used by an idle dispatcher (default 500 ms poll)".into(),
-        ours: used.as_secs_f64() * 1000.0 / secs as f64,
+        ours: idle_cpu(&dir.join("idle.db"), secs)?,
         raw: None,
         unit: "ms CPU/s",
         ratio: None,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sqlite_outbox::{Clock, HandlerError, ManualClock};
 
-use super::idle::cpu_time;
+use super::idle::{cpu_time, idle_cpu};
 use super::*;
 
 /// A destination that can be taken down; counts calls and deliveries.
@@ -261,20 +261,12 @@ fn cpu_while_offline(cfg: &Config, n: usize, dir: &Path, rows: &mut Vec<Row>) ->
     let probes = remote.calls.load(Ordering::Relaxed) - calls_before;
     dispatcher.shutdown(Duration::from_secs(5));
 
-    let idle_store = our_db(&dir.join("idle2.db"), Durability::Full)?;
-    let idle = Dispatcher::builder(idle_store)
-        .handle("dest0", |_: &Event| Ok(()))
-        .start()?;
-    std::thread::sleep(Duration::from_millis(200));
-    let before = cpu_time()?;
-    std::thread::sleep(Duration::from_secs(secs));
-    let idle_used = cpu_time()? - before;
-    idle.shutdown(Duration::from_secs(5));
+    let idle = idle_cpu(&dir.join("idle2.db"), secs)?;
     rows.push(Row {
         group: "offline",
         name: format!("CPU while 3 destinations are down and {n} events wait"),
         ours: used.as_secs_f64() * 1000.0 / secs as f64,
-        raw: Some(idle_used.as_secs_f64() * 1000.0 / secs as f64),
+        raw: Some(idle),
         unit: "ms CPU/s",
         ratio: None,
         note: format!(
