@@ -262,6 +262,21 @@ fn reclaim_follows_due_time_then_enqueue_order(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+/// A lease is over at the instant it runs out: the event, ordering key
+/// and all, is claimable at exactly `locked_until`, not a moment later.
+fn a_lease_is_over_at_exactly_its_end(f: &Fixture) -> TestResult {
+    let keyed = f.store.enqueue(ev("t").with_ordering_key("k"))?;
+    let claimed = f.store.claim(1, secs(5), None)?;
+    assert_eq!(claimed[0].id, keyed.id);
+    f.advance(secs(5) - millis(1));
+    assert!(f.store.claim(1, secs(5), None)?.is_empty(), "still live");
+    f.advance(millis(1));
+    let again = f.store.claim(1, secs(5), None)?;
+    assert_eq!(again.iter().map(|e| e.id).collect::<Vec<_>>(), vec![keyed.id]);
+    assert_eq!(again[0].attempts, 2);
+    Ok(())
+}
+
 fn claim_respects_limit_and_types(f: &Fixture) -> TestResult {
     f.store.enqueue(ev("a"))?;
     f.store.enqueue(ev("b"))?;
@@ -1004,6 +1019,7 @@ suite!(
     claim_orders_by_due_time_then_enqueue_order,
     claim_respects_limit_and_types,
     reclaim_follows_due_time_then_enqueue_order,
+    a_lease_is_over_at_exactly_its_end,
     ack_before_expiry_is_accepted,
     late_acks_are_fenced,
     fencing_survives_purge_and_id_reuse,
