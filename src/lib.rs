@@ -80,6 +80,17 @@
 //! apart (leases compare wall-clock times; fencing still keeps outcomes
 //! correct, but events may be delivered twice).
 //!
+//! # Offline
+//!
+//! A handler that cannot reach its server answers
+//! [`HandlerError::unavailable`]: the event goes back without spending an
+//! attempt, and the dispatcher holds back every event of that destination,
+//! probing it with one event at a time (1 s, doubling to 5 min) until one
+//! gets through. [`Dispatcher::set_online`], [`Dispatcher::pause`] and
+//! [`Dispatcher::resume`] let the app say what it knows; see
+//! [`DispatcherBuilder::destination`] to group event types that share a
+//! server.
+//!
 //! # Shutdown
 //!
 //! [`Dispatcher::shutdown`] stops claiming, lets running handlers finish
