@@ -871,6 +871,8 @@ fn custom_policy_is_used(_: &Fixture) -> TestResult {
         Fixture::memory_with(RetryPolicy::constant(secs(5)).with_max_attempts(2)),
         Fixture::sqlite_with(RetryPolicy::constant(secs(5)).with_max_attempts(2)),
     ] {
+        assert_eq!(f.store.retry_policy().max_attempts(), 2, "the store reports it");
+        assert_eq!(f.store.retry_policy().backoff(1), secs(5));
         let e = f.store.enqueue(ev("t"))?;
         assert_eq!(e.max_attempts, 2);
         let l = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
