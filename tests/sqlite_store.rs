@@ -207,6 +207,18 @@ fn foreign_and_damaged_files_are_refused_untouched() -> TestResult {
         |k| matches!(k, ErrorKind::SchemaMismatch { .. }),
         "missing columns",
     )?;
+    // Versions before 2 lived in the file header: one in outbox_meta was
+    // written by nobody, and nothing is migrated on its word.
+    for version in [1, 0, -3] {
+        assert_rejected(
+            &sqlite_file(&format!(
+                "CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value);
+                 INSERT INTO outbox_meta VALUES ('schema_version', {version});"
+            ))?,
+            |k| matches!(k, ErrorKind::SchemaMismatch { reason } if reason.contains("no release wrote")),
+            "a version no release wrote",
+        )?;
+    }
     Ok(())
 }
 

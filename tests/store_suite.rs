@@ -272,7 +272,10 @@ fn a_lease_is_over_at_exactly_its_end(f: &Fixture) -> TestResult {
     assert!(f.store.claim(1, secs(5), None)?.is_empty(), "still live");
     f.advance(millis(1));
     let again = f.store.claim(1, secs(5), None)?;
-    assert_eq!(again.iter().map(|e| e.id).collect::<Vec<_>>(), vec![keyed.id]);
+    assert_eq!(
+        again.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![keyed.id]
+    );
     assert_eq!(again[0].attempts, 2);
     Ok(())
 }
@@ -871,7 +874,11 @@ fn custom_policy_is_used(_: &Fixture) -> TestResult {
         Fixture::memory_with(RetryPolicy::constant(secs(5)).with_max_attempts(2)),
         Fixture::sqlite_with(RetryPolicy::constant(secs(5)).with_max_attempts(2)),
     ] {
-        assert_eq!(f.store.retry_policy().max_attempts(), 2, "the store reports it");
+        assert_eq!(
+            f.store.retry_policy().max_attempts(),
+            2,
+            "the store reports it"
+        );
         assert_eq!(f.store.retry_policy().backoff(1), secs(5));
         let e = f.store.enqueue(ev("t"))?;
         assert_eq!(e.max_attempts, 2);

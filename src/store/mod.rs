@@ -445,7 +445,7 @@ mod tests {
 
     /// Every live subscriber hears of each enqueue, requeue and skipped
     /// backoff in this process; one that went away is dropped.
-    fn enqueues_wake_subscribers(store: &impl Store) -> crate::Result<()> {
+    fn enqueues_wake_subscribers(store: &impl super::Operator) -> crate::Result<()> {
         let (a, b) = (store.subscribe(), store.subscribe());
         drop(b);
         for n in 0..2 {
