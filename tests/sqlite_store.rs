@@ -207,6 +207,12 @@ fn foreign_and_damaged_files_are_refused_untouched() -> TestResult {
         |k| matches!(k, ErrorKind::SchemaMismatch { .. }),
         "missing columns",
     )?;
+    // A version-1 header (its application id) that names a later version.
+    assert_rejected(
+        &sqlite_file("PRAGMA application_id = 1330992194; PRAGMA user_version = 2;")?,
+        |k| matches!(k, ErrorKind::SchemaTooNew { found: 2, .. }),
+        "a version-1 style header naming version 2",
+    )?;
     // Versions before 2 lived in the file header: one in outbox_meta was
     // written by nobody, and nothing is migrated on its word.
     for version in [1, 0, -3] {
@@ -1007,5 +1013,25 @@ fn foreign_destination_rows_are_shown_or_left_out_not_fatal() -> TestResult {
     assert_eq!(shown.len(), 1, "{shown:?}");
     assert_eq!(shown[0].name, "fine");
     assert_eq!(shown[0].last_error.as_deref(), Some("\u{fffd}A"));
+    Ok(())
+}
+
+/// An app whose own application id happens to be the one version 1
+/// stamped ("OUTB"), with no outbox in its file: the outbox is created and
+/// the app's header is left alone.
+#[test]
+fn an_app_header_that_looks_like_version_1_is_left_alone() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("app.db");
+    let conn = Connection::open(&path)?;
+    conn.execute_batch(
+        "PRAGMA application_id = 1330992194; PRAGMA user_version = 1;
+         CREATE TABLE notes (id INTEGER PRIMARY KEY);",
+    )?;
+    drop(conn);
+    let store = SqliteStore::open(&path)?;
+    store.enqueue(NewEvent::new("t", json!({})))?;
+    assert_eq!(store.pragma("application_id")?, "1330992194");
+    assert_eq!(store.pragma("user_version")?, "1");
     Ok(())
 }

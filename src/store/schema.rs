@@ -224,9 +224,13 @@ fn create_or_migrate(conn: &Connection) -> Result<()> {
     match classify(&info)? {
         Needs::Nothing => {}
         Needs::Create => tx.execute_batch(SCHEMA_SQL)?,
-        Needs::Migrate(from) => migrate(&tx, from)?,
+        Needs::Migrate(from) => {
+            migrate(&tx, from)?;
+            if from == 1 {
+                give_back_header(&tx, &info)?;
+            }
+        }
     }
-    give_back_header(&tx, &info)?;
     tx.commit()?;
     Ok(())
 }
@@ -253,7 +257,8 @@ fn migrate(tx: &Transaction<'_>, from: i64) -> Result<()> {
 
 /// Schema version 1 stamped the file header; hand both fields back to the
 /// app (0, SQLite's "unset"), in the transaction that moves the version into
-/// `outbox_meta`.
+/// `outbox_meta`. Only then: a file with that application id and no
+/// version-1 table is the app's, header and all.
 fn give_back_header(tx: &Transaction<'_>, info: &FileInfo) -> Result<()> {
     if info.application_id == V1_APPLICATION_ID {
         tx.pragma_update(None, "application_id", 0)?;
