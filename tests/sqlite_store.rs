@@ -1035,3 +1035,30 @@ fn an_app_header_that_looks_like_version_1_is_left_alone() -> TestResult {
     assert_eq!(store.pragma("user_version")?, "1");
     Ok(())
 }
+
+/// Creating the outbox waits for another connection's lock longer than
+/// the busy timeout: an opener retries for twice the larger of the busy
+/// timeout and 5 s, so a file another process holds for a few seconds
+/// still opens.
+#[test]
+fn opening_waits_out_a_lock_held_past_the_busy_timeout() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("app.db");
+    let holder = Connection::open(&path)?;
+    holder.execute_batch("CREATE TABLE notes (id INTEGER PRIMARY KEY); BEGIN IMMEDIATE;")?;
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        holder.execute_batch("COMMIT")
+    });
+    let started = std::time::Instant::now();
+    let store = SqliteStore::builder(&path)
+        .busy_timeout(std::time::Duration::from_millis(100))
+        .build()?;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "it waited"
+    );
+    release.join().map_err(|_| "the holder panicked")??;
+    store.enqueue(NewEvent::new("t", json!({})))?;
+    Ok(())
+}
