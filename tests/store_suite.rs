@@ -768,21 +768,37 @@ fn stats_count_per_status_and_type(f: &Fixture) -> TestResult {
     let c = f.store.enqueue(ev("c"))?;
     f.store.mark_done(a.id)?;
     f.store.mark_failed(c.id, "x")?;
+    f.store.enqueue(ev("d"))?;
+    f.store.claim(1, LEASE, Some(&["d".to_owned()]))?;
     f.advance(secs(7));
     let s = f.store.stats()?;
     assert_eq!(
         (s.pending, s.due, s.processing, s.done, s.failed),
-        (2, 1, 0, 1, 1)
+        (2, 1, 1, 1, 1)
     );
-    assert_eq!(s.total(), 4);
-    let types: Vec<(&str, u64, u64, u64, u64)> = s
+    assert_eq!(s.total(), 5);
+    let types: Vec<(&str, u64, u64, u64, u64, u64)> = s
         .by_type
         .iter()
-        .map(|t| (t.event_type.as_str(), t.pending, t.due, t.done, t.failed))
+        .map(|t| {
+            (
+                t.event_type.as_str(),
+                t.pending,
+                t.due,
+                t.processing,
+                t.done,
+                t.failed,
+            )
+        })
         .collect();
     assert_eq!(
         types,
-        vec![("a", 1, 1, 1, 0), ("b", 1, 0, 0, 0), ("c", 0, 0, 0, 1)]
+        vec![
+            ("a", 1, 1, 0, 1, 0),
+            ("b", 1, 0, 0, 0, 0),
+            ("c", 0, 0, 0, 0, 1),
+            ("d", 0, 0, 1, 0, 0)
+        ]
     );
     assert_eq!(s.oldest_due_age, Some(secs(7)));
     let _ = start;
