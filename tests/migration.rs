@@ -197,6 +197,39 @@ fn a_version_2_file_moves_to_version_3() -> TestResult {
     Ok(())
 }
 
+/// An app object with the name of an object the next version adds stops
+/// the migration: a clear error at once, and the file as it was.
+#[test]
+fn a_migration_blocked_by_an_app_object_fails_at_once_and_changes_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let old = dir.path().join("v2.db");
+    SqliteStore::open(&old)?.enqueue(NewEvent::new("t", json!(1)))?;
+    let conn = Connection::open(&old)?;
+    conn.execute_batch(
+        "DROP INDEX outbox_events_due_by_type;
+         DROP TABLE outbox_destinations;
+         UPDATE outbox_meta SET value = 2 WHERE key = 'schema_version';
+         CREATE TABLE outbox_destinations (app_owned INTEGER);",
+    )?;
+    drop(conn);
+    let before = schema_of(&old)?;
+    let started = std::time::Instant::now();
+    let err = SqliteStore::open(&old).expect_err("the migration cannot create its table");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "not retried like a lock: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(err.kind(), sqlite_outbox::ErrorKind::SchemaMismatch { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("version 3"), "{err}");
+    assert_eq!(schema_of(&old)?, before, "nothing changed");
+    assert_eq!(header(&old)?, (0, 0, Some(2)));
+    Ok(())
+}
+
 #[test]
 fn a_migrated_file_has_exactly_the_schema_of_a_fresh_one() -> TestResult {
     let dir = tempfile::tempdir()?;
