@@ -454,14 +454,17 @@ mod tests {
             assert!(a.try_recv().is_err(), "one message per wake-up");
         }
         let c = store.subscribe();
-        let claimed = store.claim(1, Duration::from_secs(30), None)?;
-        store.retry(
-            &claimed[0].lease().ok_or(crate::Error::invalid("lease"))?,
-            "x",
-            None,
-        )?;
+        let drain = || while a.try_recv().is_ok() || c.try_recv().is_ok() {};
+        let claimed = store.claim(2, Duration::from_secs(30), None)?;
+        let lease = |i: usize| claimed[i].lease().ok_or(crate::Error::invalid("lease"));
+        store.retry(&lease(0)?, "x", None)?;
+        drain();
         store.skip_backoff(None)?;
         assert!(a.try_recv().is_ok() && c.try_recv().is_ok(), "skip_backoff");
+        store.fail(&lease(1)?, "x")?;
+        drain();
+        assert_eq!(store.requeue(super::Requeue::All)?, 1);
+        assert!(a.try_recv().is_ok() && c.try_recv().is_ok(), "requeue");
         Ok(())
     }
 
