@@ -67,10 +67,13 @@ pub(super) fn heartbeat_loop(ctx: &Ctx, stop_rx: &Receiver<()>) {
                             }
                         }
                         Err(_) => {
-                            Counters::add(&ctx.counters.lease_lost, 1);
-                            // Keep it out of later extensions; the worker's
-                            // outcome will be refused too.
+                            // Gone from the map: its outcome was written
+                            // meanwhile, which is why the extension was
+                            // refused. Otherwise the lease is lost: keep it
+                            // out of later extensions; the worker's outcome
+                            // will be refused too.
                             if let Some(f) = inflight.get_mut(&key) {
+                                Counters::add(&ctx.counters.lease_lost, 1);
                                 f.locked_until = DateTime::<Utc>::MAX_UTC;
                             }
                         }
