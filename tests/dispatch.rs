@@ -1060,3 +1060,63 @@ fn a_requeue_wakes_the_dispatcher_and_the_policy_is_the_stores() -> TestResult {
     dispatcher.shutdown(secs(5));
     Ok(())
 }
+
+/// An app that commits transactions back to back through
+/// `SqliteStore::transaction` does not starve the dispatcher: both queue
+/// for the one writer in turn, so claims and outcomes never wait out the
+/// busy timeout, and events are delivered while the stream runs, not only
+/// after it.
+#[test]
+fn an_app_committing_back_to_back_does_not_starve_the_dispatcher() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::builder(dir.path().join("o.db"))
+        .busy_timeout(secs(1))
+        .build()?;
+    store.transaction(|tx| {
+        tx.execute_batch("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")?;
+        Ok(())
+    })?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(2)
+        .handle("t", move |e: &Event| {
+            tx.send(e.id).ok();
+            Ok(())
+        })
+        .start()?;
+    let app = store.clone();
+    let stream = std::thread::spawn(move || -> sqlite_outbox::Result<usize> {
+        let until = Instant::now() + secs(3);
+        let mut n: usize = 0;
+        while Instant::now() < until {
+            app.transaction(|tx| {
+                tx.execute("INSERT INTO notes (body) VALUES (?1)", [n.to_string()])?;
+                app.enqueue_tx(tx, NewEvent::new("t", json!(n)))?;
+                Ok(())
+            })?;
+            n += 1;
+        }
+        Ok(n)
+    });
+    let mut during = 0;
+    while !stream.is_finished() {
+        if rx.recv_timeout(millis(50)).is_ok() {
+            during += 1;
+        }
+    }
+    let enqueued = stream.join().map_err(|_| "the app thread panicked")??;
+    let errors_during = dispatcher.metrics().store_errors;
+    recv_n(&rx, enqueued - during)?;
+    let report = dispatcher.shutdown(secs(10));
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(
+        errors_during, 0,
+        "claims or outcomes waited out the busy timeout"
+    );
+    assert!(
+        during * 4 >= enqueued,
+        "only {during} of {enqueued} events were delivered while the app wrote"
+    );
+    assert_eq!(store.stats()?.done, enqueued as u64);
+    Ok(())
+}

@@ -2,8 +2,44 @@
 
 use super::*;
 
-/// Our dispatcher with a no-op handler over `n` pending events, until the
-/// last outcome is written.
+/// The columns a dispatcher hands its handler: every column of the row, as
+/// the crate's claim returns them.
+const RAW_COLUMNS: &str = "seq, id, event_type, payload, status, attempts, max_attempts, \
+    next_attempt_at, locked_at, locked_until, lease_token, completed_at, delivered_at, \
+    last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at";
+
+/// A table with only what a queue needs, for the baseline on a minimal schema.
+const MINIMAL_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS q (
+    seq INTEGER PRIMARY KEY, payload TEXT NOT NULL, status TEXT NOT NULL,
+    next_attempt_at INTEGER NOT NULL, lease_token INTEGER, locked_until INTEGER,
+    completed_at INTEGER);
+  CREATE INDEX IF NOT EXISTS q_due ON q (next_attempt_at, seq) WHERE status = 'pending';";
+
+/// The plain loops the dispatcher is measured against.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum RawLoop {
+    /// Our schema: claim a batch (`UPDATE … RETURNING` every column) in one
+    /// transaction, complete each event (a fenced `UPDATE`) in the next.
+    OurSchema,
+    /// The same on a one-index table holding only what a queue needs.
+    Minimal,
+    /// Our schema, the fastest form: one transaction completes the last
+    /// batch and claims the next.
+    OurSchemaFused,
+}
+
+impl RawLoop {
+    fn label(self) -> &'static str {
+        match self {
+            RawLoop::OurSchema => "raw loop, our schema",
+            RawLoop::Minimal => "raw loop, minimal schema",
+            RawLoop::OurSchemaFused => "raw loop, our schema, complete+claim in one tx",
+        }
+    }
+}
+
+/// Our dispatcher at the crate's defaults (claim batch 64) with a no-op
+/// handler over `n` pending events, until the last outcome is written.
 pub(crate) fn dispatch_ours(
     path: &Path,
     n: usize,
@@ -17,7 +53,6 @@ pub(crate) fn dispatch_ours(
     let t = Instant::now();
     let dispatcher = Dispatcher::builder(store.clone())
         .workers(workers)
-        .batch_size(256)
         .handle("bench.event", |_: &Event| Ok(()))
         .start()?;
     while dispatcher.metrics().done < n as u64 {
@@ -31,72 +66,200 @@ pub(crate) fn dispatch_ours(
     Ok(secs)
 }
 
-/// The raw loop: claim 100 in one UPDATE ... RETURNING, complete them in
-/// another transaction.
-pub(crate) fn dispatch_raw(path: &Path, n: usize, sync: &str) -> Res<f64> {
+/// Fills a file with `n` due events and dispatches them at the crate's
+/// defaults (`child-dispatch PATH N WORKERS`: a target for profilers).
+pub(crate) fn child_dispatch(path: &str, n: usize, workers: usize) -> Res<()> {
+    let store = fill(Path::new(path), n, 0)?;
+    let t = Instant::now();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(workers)
+        .handle("bench.event", |_: &Event| Ok(()))
+        .start()?;
+    while dispatcher.metrics().done < n as u64 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let m = dispatcher.shutdown(Duration::from_secs(10)).metrics;
+    println!(
+        "{n} events in {secs:.3} s: {:.0} ev/s; {} claim and {} settle transactions",
+        n as f64 / secs,
+        m.claim_batches,
+        m.settle_batches
+    );
+    Ok(())
+}
+
+/// A plain rusqlite loop over `n` pending events, claiming `batch` at a
+/// time; returns its seconds.
+pub(crate) fn dispatch_raw(
+    path: &Path,
+    n: usize,
+    sync: &str,
+    kind: RawLoop,
+    batch: usize,
+) -> Res<f64> {
     let mut conn = raw_db(path, sync)?;
+    conn.execute_batch(MINIMAL_SCHEMA)?;
     {
         let tx = conn.transaction()?;
         for i in 0..n {
-            raw_insert(&tx, i)?;
+            if kind == RawLoop::Minimal {
+                tx.prepare_cached(
+                    "INSERT INTO q (payload, status, next_attempt_at) VALUES (?1, 'pending', ?2)",
+                )?
+                .execute(params![
+                    json!({"i": i, "pad": "abcdefghijklmnopqrstuvwxyz"}).to_string(),
+                    chrono::Utc::now().timestamp_millis()
+                ])?;
+            } else {
+                raw_insert(&tx, i)?;
+            }
         }
         tx.commit()?;
     }
+    let (claim_sql, done_sql) = match kind {
+        RawLoop::Minimal => (
+            "UPDATE q SET status = 'processing', locked_until = ?1 + 60000, lease_token = random()
+             WHERE seq IN (SELECT seq FROM q WHERE status = 'pending' AND next_attempt_at <= ?1
+                           ORDER BY next_attempt_at, seq LIMIT ?2 + 0)
+             RETURNING seq, payload, lease_token"
+                .to_owned(),
+            "UPDATE q SET status = 'done', completed_at = ?3, locked_until = NULL, lease_token = NULL
+             WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'",
+        ),
+        _ => (
+            format!(
+                "UPDATE outbox_events SET status = 'processing', attempts = attempts + 1,
+                   locked_at = ?1, locked_until = ?1 + 60000, lease_token = random()
+                 WHERE seq IN (SELECT seq FROM outbox_events
+                               WHERE status = 'pending' AND next_attempt_at <= ?1
+                               ORDER BY next_attempt_at, seq LIMIT ?2 + 0)
+                 RETURNING {RAW_COLUMNS}"
+            ),
+            "UPDATE outbox_events SET status = 'done', completed_at = ?3, locked_at = NULL,
+               locked_until = NULL, lease_token = NULL
+             WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'",
+        ),
+    };
+    // What a handler would be given: the payload text, and the lease.
+    let seq_token = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, i64, String)> {
+        if kind == RawLoop::Minimal {
+            Ok((r.get(0)?, r.get(2)?, r.get(1)?))
+        } else {
+            Ok((r.get(0)?, r.get(10)?, r.get(3)?))
+        }
+    };
     let t = Instant::now();
     let mut done = 0;
+    let mut held: Vec<(i64, i64, String)> = Vec::new();
+    let batch = batch as i64;
     while done < n {
         let now = chrono::Utc::now().timestamp_millis();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let claimed: Vec<(i64, i64)> = tx
-            .prepare_cached(
-                "UPDATE outbox_events SET status = 'processing', attempts = attempts + 1, locked_at = ?1,
-                   locked_until = ?1 + 60000, lease_token = random()
-                 WHERE seq IN (SELECT seq FROM outbox_events WHERE status = 'pending' AND next_attempt_at <= ?1
-                               ORDER BY next_attempt_at, seq LIMIT 100)
-                 RETURNING seq, lease_token",
-            )?
-            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+        if kind == RawLoop::OurSchemaFused {
+            for (seq, token, _) in &held {
+                tx.prepare_cached(done_sql)?
+                    .execute(params![seq, token, now])?;
+            }
+            done += held.len();
+        }
+        held = tx
+            .prepare_cached(&claim_sql)?
+            .query_map(params![now, batch], seq_token)?
             .collect::<Result<_, _>>()?;
         tx.commit()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for (seq, token) in &claimed {
-            tx.prepare_cached(
-                "UPDATE outbox_events SET status = 'done', completed_at = ?3, locked_at = NULL,
-                   locked_until = NULL, lease_token = NULL
-                 WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'",
-            )?
-            .execute(params![seq, token, now])?;
+        if kind != RawLoop::OurSchemaFused {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (seq, token, _) in &held {
+                tx.prepare_cached(done_sql)?
+                    .execute(params![seq, token, now])?;
+            }
+            tx.commit()?;
+            done += held.len();
         }
-        tx.commit()?;
-        done += claimed.len();
     }
     Ok(t.elapsed().as_secs_f64())
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 pub(crate) fn dispatch_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
     let n = cfg.dispatch_n;
-    for (label, durability, sync, worker_counts) in [
-        ("FULL", Durability::Full, "FULL", &[1, 2, 4][..]),
-        ("NORMAL", Durability::Normal, "NORMAL", &[4][..]),
+    let rounds = if cfg.quick { 1 } else { 3 };
+    let batch = sqlite_outbox::DEFAULT_BATCH_SIZE;
+    let raws = [
+        RawLoop::OurSchema,
+        RawLoop::Minimal,
+        RawLoop::OurSchemaFused,
+    ];
+    for (label, durability, sync) in [
+        ("NORMAL", Durability::Normal, "NORMAL"),
+        ("FULL", Durability::Full, "FULL"),
     ] {
-        let raw_a = dispatch_raw(&dir.join(format!("disp-raw-a-{label}.db")), n, sync)?;
-        let mut results = Vec::new();
-        for &workers in worker_counts {
-            let path = dir.join(format!("disp-{workers}-{label}.db"));
-            results.push((workers, dispatch_ours(&path, n, workers, durability)?));
+        // Per round: each raw loop, then ours with 1 and 4 workers; the
+        // ratio of each round is ours / the fastest raw loop of that round.
+        let mut ours: HashMap<usize, Vec<f64>> = HashMap::new();
+        let mut raw: HashMap<&str, Vec<f64>> = HashMap::new();
+        let mut ratios: HashMap<usize, Vec<f64>> = HashMap::new();
+        let file = |name: String| -> Res<PathBuf> {
+            let p = dir.join(name);
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+            }
+            Ok(p)
+        };
+        for round in 0..rounds {
+            let mut fastest = f64::INFINITY;
+            for kind in raws {
+                let secs =
+                    dispatch_raw(&file(format!("disp-raw-{label}.db"))?, n, sync, kind, batch)?;
+                raw.entry(kind.label()).or_default().push(n as f64 / secs);
+                fastest = fastest.min(secs);
+            }
+            for workers in [1, 4] {
+                let secs = dispatch_ours(
+                    &file(format!("disp-{workers}-{label}.db"))?,
+                    n,
+                    workers,
+                    durability,
+                )?;
+                ours.entry(workers).or_default().push(n as f64 / secs);
+                ratios.entry(workers).or_default().push(fastest / secs);
+            }
+            let _ = round;
         }
-        let raw_b = dispatch_raw(&dir.join(format!("disp-raw-b-{label}.db")), n, sync)?;
-        // The raw loop runs before and after ours; the faster of the two is
-        // the baseline.
-        let raw = raw_a.min(raw_b);
-        for (workers, secs) in results {
-            rows.push(rate_row(
-                "dispatch",
-                format!("no-op handler, {workers} worker(s), {label}"),
-                n,
-                (secs, raw),
-                format!("{n} events; raw = claim-100/complete-100 loop"),
-            ));
+        for kind in raws {
+            let rate = median(raw.remove(kind.label()).unwrap_or_default());
+            rows.push(Row {
+                group: "dispatch",
+                name: format!("{}, batch {batch}, {label}", kind.label()),
+                ours: rate,
+                raw: None,
+                unit: "ev/s",
+                ratio: None,
+                note: format!("{:.1} µs/event; median of {rounds}", 1e6 / rate),
+            });
+        }
+        for workers in [1, 4] {
+            let rate = median(ours.remove(&workers).unwrap_or_default());
+            let r = ratios.remove(&workers).unwrap_or_default();
+            let spread = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+                - r.iter().cloned().fold(f64::INFINITY, f64::min);
+            rows.push(Row {
+                group: "dispatch",
+                name: format!("no-op handler, {workers} worker(s), defaults, {label}"),
+                ours: rate,
+                raw: Some(rate / median(r.clone())),
+                unit: "ev/s",
+                ratio: Some(median(r)),
+                note: format!(
+                    "{n} events; {:.1} µs/event; raw = the fastest raw loop of each round; ratio spread {spread:.2}",
+                    1e6 / rate
+                ),
+            });
         }
     }
     Ok(())

@@ -8,6 +8,7 @@ pub(crate) fn latency_rows(rows: &mut Vec<Row>, name: &str, mut ms: Vec<f64>) {
     for (label, v) in [
         ("p50", percentile(&ms, 0.5)),
         ("p99", percentile(&ms, 0.99)),
+        ("p99.9", percentile(&ms, 0.999)),
         ("max", percentile(&ms, 1.0)),
     ] {
         rows.push(Row {

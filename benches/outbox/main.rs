@@ -5,7 +5,7 @@
 //! cargo bench --bench outbox -- --quick      # smoke run
 //! cargo bench --bench outbox -- --json F     # also write the rows as JSON
 //! cargo bench --bench outbox -- --only G     # one group: enqueue, dispatch,
-//!                                            # latency, scaling, memory, idle,
+//!                                            # contention, latency, scaling, memory, idle,
 //!                                            # offline, schema
 //! ```
 //!
@@ -26,6 +26,7 @@ use sqlite_outbox::{
     Ack, Dispatcher, Durability, Event, NewEvent, Operator, SqliteStore, Store, SCHEMA_SQL,
 };
 
+mod contention;
 mod dispatch;
 mod enqueue;
 mod idle;
@@ -63,6 +64,22 @@ fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("child-enqueue") {
         return latency::child_enqueue(&args[2], args[3].parse()?, args[4].parse()?);
+    }
+    if args.get(1).map(String::as_str) == Some("child-dispatch") {
+        // For profilers: fill, then dispatch with the crate's defaults.
+        return dispatch::child_dispatch(&args[2], args[3].parse()?, args[4].parse()?);
+    }
+    if args.get(1).map(String::as_str) == Some("child-raw") {
+        // For profilers: the raw claim/complete loop.
+        let secs = dispatch::dispatch_raw(
+            Path::new(&args[2]),
+            args[3].parse()?,
+            "NORMAL",
+            dispatch::RawLoop::OurSchema,
+            sqlite_outbox::DEFAULT_BATCH_SIZE,
+        )?;
+        println!("raw: {:.0} ev/s", args[3].parse::<f64>()? / secs);
+        return Ok(());
     }
     if args.get(1).map(String::as_str) == Some("child-rss") {
         return memory::child_rss(&args[2], args[3].parse()?);
@@ -113,9 +130,10 @@ fn main() -> Res<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     type Group = fn(&Config, &Path, &mut Vec<Row>) -> Res<()>;
-    let groups: [(&str, Group); 8] = [
+    let groups: [(&str, Group); 9] = [
         ("enqueue", enqueue::enqueue_benches),
         ("dispatch", dispatch::dispatch_benches),
+        ("contention", contention::contention_benches),
         ("latency", latency::latency_benches),
         ("scaling", scaling::scaling_benches),
         ("memory", memory::memory_benches),

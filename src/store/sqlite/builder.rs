@@ -178,7 +178,7 @@ impl SqliteStoreBuilder {
                 clock: self.clock,
                 policy: self.policy,
                 notifier: Notifier::default(),
-                write_lock: Mutex::new(()),
+                gate: parking_lot::FairMutex::new(()),
                 watcher: Mutex::new(None),
                 relaxed: Mutex::new(None),
                 busy_timeout,

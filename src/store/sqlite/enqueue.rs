@@ -100,6 +100,9 @@ impl SqliteStore {
     where
         E: From<Error>,
     {
+        // In turn with the dispatcher's claims and outcomes: see `gate`.
+        self.check_not_inside_transaction()?;
+        let _turn = self.gate()?;
         let mut conn = self.conn()?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)

@@ -19,7 +19,7 @@ pub use builder::{
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -80,10 +80,13 @@ struct Inner {
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
     notifier: Notifier,
-    /// Serialises this process's own short write transactions (claims,
-    /// acknowledgements), so that they queue here instead of sleeping in
-    /// SQLite's busy handler.
-    write_lock: Mutex<()>,
+    /// The writer gate: every write transaction of this process that goes
+    /// through the store (claims, outcomes, enqueues, the app's
+    /// [`SqliteStore::transaction`]) passes it first, in arrival order.
+    /// Writers queue here, first come first served, instead of sleeping in
+    /// SQLite's busy handler, where a thread that commits back to back wins
+    /// the lock again and again and the others wait out the busy timeout.
+    gate: parking_lot::FairMutex<()>,
     /// A connection that never writes, for `PRAGMA data_version`.
     watcher: Mutex<Option<(Connection, i64)>>,
     /// A connection with `synchronous=NORMAL` for writes whose loss in a
@@ -143,10 +146,19 @@ impl SqliteStore {
         f(&conn)
     }
 
+    /// Waits for this process's turn to write: at most the busy timeout,
+    /// like a wait for SQLite's own lock.
+    fn gate(&self) -> Result<parking_lot::FairMutexGuard<'_, ()>> {
+        self.inner
+            .gate
+            .try_lock_for(self.inner.busy_timeout)
+            .ok_or_else(|| Error::new(ErrorKind::Busy))
+    }
+
     /// A short write transaction of this process's own.
     fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         self.check_not_inside_transaction()?;
-        let _guard = lock(&self.inner.write_lock);
+        let _turn = self.gate()?;
         let mut conn = self.conn()?;
         immediate(&mut conn, f)
     }
@@ -161,7 +173,7 @@ impl SqliteStore {
             return self.write(f);
         }
         self.check_not_inside_transaction()?;
-        let _guard = lock(&self.inner.write_lock);
+        let _turn = self.gate()?;
         let mut slot = self.inner.relaxed.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             let mut conn = Connection::open_with_flags(&self.inner.path, self.inner.flags)?;
@@ -214,10 +226,6 @@ fn immediate<T>(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> Resul
         }
     }
     result
-}
-
-fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn types_json(types: Option<&[String]>) -> Option<String> {
