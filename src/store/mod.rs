@@ -74,6 +74,23 @@ pub(crate) mod sealed {
             filter: &TypeFilter<'_>,
         ) -> Result<Vec<Event>>;
 
+        /// Writes `acks` (as [`super::Store::settle`]) and claims up to
+        /// `limit` events of the types `filter` allows (as `claim_where`),
+        /// in one transaction where the store has them: a dispatcher that
+        /// keeps up with its backlog then writes once per batch, not twice.
+        /// The results are `settle`'s and `claim_where`'s.
+        ///
+        /// # Errors
+        ///
+        /// Database errors; then nothing is written and nothing claimed.
+        fn settle_and_claim(
+            &self,
+            acks: &[super::Ack],
+            limit: usize,
+            lease: Duration,
+            filter: &TypeFilter<'_>,
+        ) -> Result<(Vec<Result<()>>, Vec<Event>)>;
+
         /// [`super::Store::backlog`] of the types `filter` allows.
         ///
         /// # Errors

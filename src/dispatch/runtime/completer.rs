@@ -6,11 +6,12 @@
 //! `flush` (the deadline to finish by at shutdown); sends on `nudge`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 
-use super::{panic_message, Ctx, Kind, Outcome};
+use super::{admit, panic_message, Ctx, Kind, Outcome};
 use crate::dispatch::Counters;
 use crate::error::Error;
 use crate::store::Ack;
@@ -110,30 +111,12 @@ fn write_batch(
     flush_rx: &Receiver<Instant>,
 ) -> bool {
     let acks: Vec<Ack> = batch.iter().map(|o| o.ack.clone()).collect();
-    let mut backoff = Duration::from_millis(5);
-    let results = loop {
-        match ctx.store.settle(&acks) {
-            Ok(results) => break results,
-            Err(err) if is_lasting(&err) => {
-                Counters::add(&ctx.counters.store_errors, 1);
-                tracing::error!(error = %err, outcomes = acks.len(),
-                    "outbox cannot write outcomes and will not retry; their events are redelivered");
-                drop_outcomes(ctx, batch);
-                return true;
-            }
-            Err(err) => {
-                Counters::add(&ctx.counters.store_errors, 1);
-                tracing::warn!(error = %err, outcomes = acks.len(), "outbox could not write outcomes; retrying");
-                if let Ok(deadline) = flush_rx.try_recv() {
-                    *give_up_at = Some(deadline);
-                }
-                if give_up_at.is_some_and(|t| Instant::now() >= t) {
-                    return false;
-                }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
+    let results = match settle_and_claim(ctx, &acks) {
+        Some(results) => results,
+        None => match settle_retrying(ctx, &acks, batch, give_up_at, flush_rx) {
+            Ok(results) => results,
+            Err(written) => return written,
+        },
     };
     let c = &ctx.counters;
     Counters::add(&c.settle_batches, 1);
@@ -164,4 +147,82 @@ fn write_batch(
         }
     }
     true
+}
+
+/// The first try at writing outcomes: in the same transaction, claims as
+/// many events as they free room for, so that a dispatcher that keeps up
+/// with its backlog writes once per batch instead of twice. `None` when it
+/// did not write (the dispatcher is stopping, nothing may be claimed, or
+/// the write failed): the outcomes are then written on their own.
+fn settle_and_claim(ctx: &Ctx, acks: &[Ack]) -> Option<Vec<crate::Result<()>>> {
+    if ctx.shared.stopping.load(Ordering::SeqCst) || ctx.destinations.is_offline() {
+        return None;
+    }
+    let selection = ctx.destinations.claimable(ctx.types.as_deref());
+    if selection.is_empty() {
+        return None;
+    }
+    let _claiming = ctx.shared.claiming();
+    // Gone once the poller stopped: nothing more is queued then.
+    let jobs_tx = ctx.shared.jobs().clone()?;
+    let in_hand = ctx.shared.inflight().len().saturating_sub(acks.len());
+    let want = ctx.batch_size.min(ctx.capacity.saturating_sub(in_hand));
+    match ctx
+        .store
+        .settle_and_claim(acks, want, ctx.lease, &selection.filter())
+    {
+        Ok((results, events)) => {
+            {
+                // The room the outcomes freed is what was just claimed.
+                let mut inflight = ctx.shared.inflight();
+                for ack in acks {
+                    inflight.remove(&(ack.lease().seq, ack.lease().token));
+                }
+            }
+            admit(ctx, &jobs_tx, events, &|_| {});
+            Some(results)
+        }
+        Err(err) => {
+            Counters::add(&ctx.counters.store_errors, 1);
+            tracing::warn!(error = %err, outcomes = acks.len(), "outbox could not write outcomes; retrying");
+            None
+        }
+    }
+}
+
+/// Writes outcomes on their own, retrying what can pass. `Err(true)`: the
+/// batch was dropped (an error that will not go away); `Err(false)`: still
+/// failing at `give_up_at`.
+fn settle_retrying(
+    ctx: &Ctx,
+    acks: &[Ack],
+    batch: &mut Vec<Outcome>,
+    give_up_at: &mut Option<Instant>,
+    flush_rx: &Receiver<Instant>,
+) -> Result<Vec<crate::Result<()>>, bool> {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match ctx.store.settle(acks) {
+            Ok(results) => return Ok(results),
+            Err(err) if is_lasting(&err) => {
+                Counters::add(&ctx.counters.store_errors, 1);
+                tracing::error!(error = %err, outcomes = acks.len(),
+                    "outbox cannot write outcomes and will not retry; their events are redelivered");
+                drop_outcomes(ctx, batch);
+                return Err(true);
+            }
+            Err(err) => {
+                Counters::add(&ctx.counters.store_errors, 1);
+                tracing::warn!(error = %err, outcomes = acks.len(), "outbox could not write outcomes; retrying");
+                if let Ok(deadline) = flush_rx.try_recv() {
+                    *give_up_at = Some(deadline);
+                }
+                if give_up_at.is_some_and(|t| Instant::now() >= t) {
+                    return Err(false);
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }

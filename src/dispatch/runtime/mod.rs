@@ -60,6 +60,13 @@ pub(crate) struct Runtime {
 struct Shared {
     stopping: AtomicBool,
     inflight: Mutex<HashMap<InFlightKey, InFlight>>,
+    /// Held while deciding how much to claim and claiming it (by the
+    /// poller, or the completer along with outcomes), so that two claims
+    /// never both count the same room.
+    claiming: Mutex<()>,
+    /// The job queue, for the completer's claims; the poller empties it
+    /// when it stops, so the queue closes once no claim is in progress.
+    jobs: Mutex<Option<Sender<Event>>>,
 }
 
 struct InFlight {
@@ -73,6 +80,52 @@ impl Shared {
     fn inflight(&self) -> MutexGuard<'_, HashMap<InFlightKey, InFlight>> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn claiming(&self) -> MutexGuard<'_, ()> {
+        self.claiming.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn jobs(&self) -> MutexGuard<'_, Option<Sender<Event>>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Records claimed events as in flight, tells `on_claim` of each, and
+/// queues them for the workers; returns their leases. Called with
+/// [`Shared::claiming`] held, after reserving room for them.
+fn admit(
+    ctx: &Ctx,
+    jobs_tx: &Sender<Event>,
+    events: Vec<Event>,
+    on_claim: &dyn Fn(&Lease),
+) -> Vec<Lease> {
+    let mut leases = Vec::with_capacity(events.len());
+    if !events.is_empty() {
+        Counters::add(&ctx.counters.claimed, events.len() as u64);
+        Counters::add(&ctx.counters.claim_batches, 1);
+        let mut inflight = ctx.shared.inflight();
+        for e in &events {
+            if let (Some(lease), Some(until)) = (e.lease(), e.locked_until) {
+                on_claim(&lease);
+                leases.push(lease);
+                inflight.insert(
+                    (lease.seq, lease.token),
+                    InFlight {
+                        lease,
+                        locked_until: until,
+                        claimed_at: Instant::now(),
+                    },
+                );
+            }
+        }
+    }
+    for e in events {
+        // Room was reserved, so this never blocks for long.
+        if jobs_tx.send(e).is_err() {
+            break;
+        }
+    }
+    leases
 }
 
 /// Everything the threads share, cloned into each.
@@ -167,6 +220,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
     );
 
     let (jobs_tx, jobs_rx) = bounded::<Event>(capacity);
+    *shared.jobs() = Some(jobs_tx.clone());
     let (outcomes_tx, outcomes_rx) = unbounded::<Outcome>();
     let (wake_tx, wake_rx) = bounded::<()>(1);
     let (nudge_tx, nudge_rx) = bounded::<()>(1);
@@ -215,7 +269,9 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
                     &stop_poller_rx,
                 );
             });
-            // Workers see the queue close and exit.
+            // Workers see the queue close and exit (once a claim the
+            // completer may be making is queued).
+            ctx.shared.jobs().take();
             drop(jobs_tx);
         })?
     };
@@ -264,6 +320,8 @@ fn context(b: DispatcherBuilder) -> Ctx {
         shared: Arc::new(Shared {
             stopping: AtomicBool::new(false),
             inflight: Mutex::new(HashMap::new()),
+            claiming: Mutex::new(()),
+            jobs: Mutex::new(None),
         }),
         handlers: Arc::new(b.handlers),
         fallback: b.fallback,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use crossbeam_channel::{select, Receiver, Sender};
 
-use super::{pause, Ctx, InFlight};
+use super::{admit, pause, Ctx};
 use crate::dispatch::Counters;
 use crate::event::{Event, Lease};
 use crate::store::sealed::TypeFilter;
@@ -50,23 +50,24 @@ pub(super) fn poll_loop(
         if ctx.shared.stopping.load(Ordering::SeqCst) {
             break;
         }
-        let room = ctx.capacity.saturating_sub(ctx.shared.inflight().len());
-        let want = ctx.batch_size.min(room);
-        let mut got = 0;
-        let mut claimed = false;
         let selection = ctx.destinations.claimable(types);
         // Offline, or every destination held back: nothing to claim or wait
         // for until a probe, a resume or going online.
         let offline = ctx.destinations.is_offline() || selection.is_empty();
         let filter = selection.filter();
-        if claim_now && want > 0 && !offline {
-            match claim_batch(ctx, jobs_tx, want, &filter, &|_| {}) {
-                Ok(leases) => {
+        let (mut want, mut got, mut claimed) = (0, 0, false);
+        if claim_now && !offline {
+            let claiming = ctx.shared.claiming();
+            want = ctx.batch_size.min(room(ctx));
+            let result = (want > 0).then(|| claim_batch(ctx, jobs_tx, want, &filter, &|_| {}));
+            drop(claiming);
+            match result {
+                Some(Ok(leases)) => {
                     backoff = Duration::from_millis(10);
                     claimed = true;
                     got = leases.len();
                 }
-                Err(err) => {
+                Some(Err(err)) => {
                     Counters::add(&ctx.counters.store_errors, 1);
                     tracing::warn!(error = %err, "outbox claim failed; retrying");
                     if pause(stop_rx, backoff) {
@@ -75,6 +76,7 @@ pub(super) fn poll_loop(
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
+                None => {}
             }
         }
         send_probes(ctx, jobs_tx);
@@ -158,6 +160,12 @@ impl Wakeups {
     }
 }
 
+/// How many more events may be claimed: the capacity (workers plus one
+/// batch) less what is in flight.
+pub(super) fn room(ctx: &Ctx) -> usize {
+    ctx.capacity.saturating_sub(ctx.shared.inflight().len())
+}
+
 /// Claims up to `want` events of the types `filter` allows, records them
 /// as in flight, tells `on_claim` and queues them for the workers; returns
 /// their leases.
@@ -169,33 +177,7 @@ fn claim_batch(
     on_claim: &dyn Fn(&Lease),
 ) -> crate::Result<Vec<Lease>> {
     let events = ctx.store.claim_where(want, ctx.lease, filter)?;
-    let mut leases = Vec::with_capacity(events.len());
-    if !events.is_empty() {
-        Counters::add(&ctx.counters.claimed, events.len() as u64);
-        Counters::add(&ctx.counters.claim_batches, 1);
-        let mut inflight = ctx.shared.inflight();
-        for e in &events {
-            if let (Some(lease), Some(until)) = (e.lease(), e.locked_until) {
-                on_claim(&lease);
-                leases.push(lease);
-                inflight.insert(
-                    (lease.seq, lease.token),
-                    InFlight {
-                        lease,
-                        locked_until: until,
-                        claimed_at: Instant::now(),
-                    },
-                );
-            }
-        }
-    }
-    for e in events {
-        // Room was reserved by the caller, so this never blocks for long.
-        if jobs_tx.send(e).is_err() {
-            break;
-        }
-    }
-    Ok(leases)
+    Ok(admit(ctx, jobs_tx, events, on_claim))
 }
 
 /// Sends one event to each held-back destination whose probe is due (if
@@ -211,7 +193,8 @@ fn send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) {
 
 fn try_send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) -> crate::Result<()> {
     for destination in ctx.destinations.probes_due() {
-        if ctx.shared.inflight().len() >= ctx.capacity {
+        let _claiming = ctx.shared.claiming();
+        if room(ctx) == 0 {
             return Ok(());
         }
         let selection = ctx

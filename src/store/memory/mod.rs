@@ -404,6 +404,19 @@ impl super::sealed::Sealed for MemoryStore {
         Ok(())
     }
 
+    fn settle_and_claim(
+        &self,
+        acks: &[Ack],
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<(Vec<Result<()>>, Vec<Event>)> {
+        let results = self.settle(acks)?;
+        // Written: a claim that failed now is the poller's to make later.
+        let claimed = self.claim_where(limit, lease, filter).unwrap_or_default();
+        Ok((results, claimed))
+    }
+
     fn claim_where(
         &self,
         limit: usize,

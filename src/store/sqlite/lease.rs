@@ -25,48 +25,57 @@ impl SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        self.write_relaxed(|tx| self.claim_in(tx, limit, lease, filter))
+    }
+
+    /// Claims up to `limit` events in the transaction `tx`: the expired
+    /// leases on their last attempt fail first, then the due events and
+    /// the other expired leases are leased, in (due time, enqueue order).
+    fn claim_in(
+        &self,
+        tx: &Transaction<'_>,
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<Vec<Event>> {
         let (types, skip) = (types_json(filter.only), types_json(skip(filter)));
-        let mut claimed = self.write_relaxed(|tx| {
-            // Read with the lock held: a claim that waited for the lock must
-            // not be born with a lease that already ran out.
-            let now = self.now();
-            let until = clock::add(now, lease);
-            tx.prepare_cached(
-                "UPDATE outbox_events
-                 SET status = 'failed', completed_at = ?1, last_error = ?2,
-                     locked_at = NULL, locked_until = NULL, lease_token = NULL
-                 WHERE status = 'processing' AND locked_until <= ?1 AND attempts >= max_attempts",
-            )?
-            .execute(params![clock::to_millis(now), LEASE_EXPIRED_ERROR])?;
-            let (now_ms, until_ms) = (clock::to_millis(now), clock::to_millis(until));
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
-                (":now", &now_ms),
-                (":until", &until_ms),
-                (":limit", &limit),
-                (":types", &types),
-                (":skip", &skip),
-            ];
-            let (sql, names) = match filter.only {
-                Some(only)
-                    if (1..=MAX_TYPED_CLAIM).contains(&only.len()) && filter.skip.is_empty() =>
-                {
-                    let names: Vec<String> = (0..only.len()).map(|i| format!(":t{i}")).collect();
-                    (claim_by_types_sql(only.len()), names)
-                }
-                _ => (CLAIM_SQL.as_str(), Vec::new()),
-            };
-            if let Some(only) = filter.only {
-                for (name, t) in names.iter().zip(only) {
-                    args.push((name.as_str(), t));
-                }
+        // Read with the lock held: a claim that waited for the lock must
+        // not be born with a lease that already ran out.
+        let now = self.now();
+        let until = clock::add(now, lease);
+        tx.prepare_cached(
+            "UPDATE outbox_events
+             SET status = 'failed', completed_at = ?1, last_error = ?2,
+                 locked_at = NULL, locked_until = NULL, lease_token = NULL
+             WHERE status = 'processing' AND locked_until <= ?1 AND attempts >= max_attempts",
+        )?
+        .execute(params![clock::to_millis(now), LEASE_EXPIRED_ERROR])?;
+        let (now_ms, until_ms) = (clock::to_millis(now), clock::to_millis(until));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
+            (":now", &now_ms),
+            (":until", &until_ms),
+            (":limit", &limit),
+            (":types", &types),
+            (":skip", &skip),
+        ];
+        let (sql, names) = match filter.only {
+            Some(only) if (1..=MAX_TYPED_CLAIM).contains(&only.len()) && filter.skip.is_empty() => {
+                let names: Vec<String> = (0..only.len()).map(|i| format!(":t{i}")).collect();
+                (claim_by_types_sql(only.len()), names)
             }
-            let mut stmt = tx.prepare_cached(sql)?;
-            let rows = stmt
-                .query_map(&args[..], decode_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            set_aside_undecodable(tx, rows, clock::to_millis(now))
-        })?;
+            _ => (CLAIM_SQL.as_str(), Vec::new()),
+        };
+        if let Some(only) = filter.only {
+            for (name, t) in names.iter().zip(only) {
+                args.push((name.as_str(), t));
+            }
+        }
+        let mut stmt = tx.prepare_cached(sql)?;
+        let rows = stmt
+            .query_map(&args[..], decode_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut claimed = set_aside_undecodable(tx, rows, clock::to_millis(now))?;
         claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
         Ok(claimed)
     }
@@ -75,51 +84,72 @@ impl SqliteStore {
         if acks.is_empty() {
             return Ok(Vec::new());
         }
-        let policy = &self.inner.policy;
         let only_extensions = acks
             .iter()
             .all(|a| matches!(a.kind, AckKind::Extend { .. }));
-        let settle = |tx: &Transaction<'_>| {
-            let now = clock::to_millis(self.now());
-            let mut results = Vec::with_capacity(acks.len());
-            for ack in acks {
-                let l = &ack.lease;
-                let changed = match &ack.kind {
-                    AckKind::Complete => tx
-                        .prepare_cached(ACK_DONE_SQL)?
-                        .execute(params![l.seq, l.token, now])?,
-                    AckKind::Retry { error, delay } => {
-                        let wait =
-                            delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
-                        let next = clock::to_millis(clock::add(clock::from_millis(now), wait));
-                        tx.prepare_cached(ACK_RETRY_SQL)?
-                            .execute(params![l.seq, l.token, now, error, next])?
-                    }
-                    AckKind::Fail { error } => tx
-                        .prepare_cached(ACK_FAIL_SQL)?
-                        .execute(params![l.seq, l.token, now, error])?,
-                    AckKind::Extend { by } => {
-                        let until = clock::to_millis(clock::add(clock::from_millis(now), *by));
-                        tx.prepare_cached(ACK_EXTEND_SQL)?
-                            .execute(params![l.seq, l.token, until])?
-                    }
-                    AckKind::Release => tx
-                        .prepare_cached(ACK_RELEASE_SQL)?
-                        .execute(params![l.seq, l.token])?,
-                };
-                results.push(if changed == 1 {
-                    Ok(())
-                } else {
-                    Err(Error::lease_lost(l.id, l.attempt))
-                });
-            }
-            Ok(results)
-        };
+        let settle = |tx: &Transaction<'_>| self.settle_in(tx, acks);
         if only_extensions {
             self.write_relaxed(settle)
         } else {
             self.write(settle)
         }
+    }
+
+    /// Outcomes first, then a claim, in one synced transaction: the claim
+    /// sees the events just finished (the next of an ordering key is free).
+    pub(super) fn settle_and_claim_events(
+        &self,
+        acks: &[Ack],
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<(Vec<Result<()>>, Vec<Event>)> {
+        if limit == 0 {
+            return Ok((self.settle_acks(acks)?, Vec::new()));
+        }
+        self.write(|tx| {
+            let results = self.settle_in(tx, acks)?;
+            Ok((results, self.claim_in(tx, limit, lease, filter)?))
+        })
+    }
+
+    /// Writes the fenced outcomes in `tx`, one result per ack.
+    fn settle_in(&self, tx: &Transaction<'_>, acks: &[Ack]) -> Result<Vec<Result<()>>> {
+        let policy = &self.inner.policy;
+        let now = clock::to_millis(self.now());
+        let mut results = Vec::with_capacity(acks.len());
+        for ack in acks {
+            let l = &ack.lease;
+            let changed = match &ack.kind {
+                AckKind::Complete => tx
+                    .prepare_cached(ACK_DONE_SQL)?
+                    .execute(params![l.seq, l.token, now])?,
+                AckKind::Retry { error, delay } => {
+                    let wait =
+                        delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
+                    let next = clock::to_millis(clock::add(clock::from_millis(now), wait));
+                    tx.prepare_cached(ACK_RETRY_SQL)?
+                        .execute(params![l.seq, l.token, now, error, next])?
+                }
+                AckKind::Fail { error } => tx
+                    .prepare_cached(ACK_FAIL_SQL)?
+                    .execute(params![l.seq, l.token, now, error])?,
+                AckKind::Extend { by } => {
+                    let until = clock::to_millis(clock::add(clock::from_millis(now), *by));
+                    tx.prepare_cached(ACK_EXTEND_SQL)?
+                        .execute(params![l.seq, l.token, until])?
+                }
+                AckKind::Release => tx
+                    .prepare_cached(ACK_RELEASE_SQL)?
+                    .execute(params![l.seq, l.token])?,
+            };
+            results.push(if changed == 1 {
+                Ok(())
+            } else {
+                Err(Error::lease_lost(l.id, l.attempt))
+            });
+        }
+        Ok(results)
     }
 }
 

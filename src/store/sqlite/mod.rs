@@ -334,6 +334,16 @@ impl super::sealed::Sealed for SqliteStore {
         self.claim_events(limit, lease, filter)
     }
 
+    fn settle_and_claim(
+        &self,
+        acks: &[Ack],
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<(Vec<Result<()>>, Vec<Event>)> {
+        self.settle_and_claim_events(acks, limit, lease, filter)
+    }
+
     fn backlog_where(&self, filter: &TypeFilter<'_>) -> Result<Backlog> {
         let now = clock::to_millis(self.now());
         let (types, skip) = (types_json(filter.only), types_json(skip(filter)));
