@@ -1,4 +1,4 @@
--- sqlite-outbox schema, version 3: the layout of a fresh outbox.
+-- sqlite-outbox schema, version 4: the layout of a fresh outbox.
 --
 -- A public contract. Programs in other languages insert rows into
 -- `outbox_events` with plain SQL, inside their own transactions. An insert
@@ -47,7 +47,8 @@ CREATE TABLE outbox_events (
                AND json_valid(payload)),
     status          TEXT    NOT NULL DEFAULT 'pending'
         CONSTRAINT status_is_known
-        CHECK (status IN ('pending', 'processing', 'done', 'failed')),
+        CHECK (status = 'pending' OR status = 'processing' OR status = 'done'
+               OR status = 'failed'),
     -- Claims so far: incremented by every claim, so a poison event that kills
     -- its worker each time still ends `failed` after `max_attempts`.
     attempts        INTEGER NOT NULL DEFAULT 0
@@ -188,9 +189,9 @@ CREATE TABLE outbox_destinations (
 );
 
 -- The outbox's own bookkeeping; `schema_version` is the layout of the
--- outbox_* objects (this file is version 3).
+-- outbox_* objects (this file is version 4).
 CREATE TABLE outbox_meta (
     key   TEXT NOT NULL PRIMARY KEY,
     value NOT NULL
 );
-INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 3);
+INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 4);

@@ -1,4 +1,4 @@
-//! Schema version 1 to 2: files from before the outbox was a guest in the
+//! Schema migrations: files from before the outbox was a guest in the
 //! app's database are upgraded on open, with nothing lost, once, by any
 //! number of openers at a time, and atomically through `kill -9` and power
 //! cuts.
@@ -15,6 +15,8 @@ use serde_json::json;
 use sqlite_outbox::{EventId, NewEvent, Operator, SqliteStore, Store, SCHEMA_VERSION};
 
 const V1_DDL: &str = include_str!("../migrations/001_initial.sql");
+const TO_V2: &str = include_str!("../migrations/002_guest.sql");
+const TO_V3: &str = include_str!("../migrations/003_destinations.sql");
 const V1_APPLICATION_ID: i64 = 0x4F55_5442;
 
 /// A file written by the crate at schema version 1: its quickstart demo
@@ -164,7 +166,7 @@ fn a_version_1_file_from_the_crate_is_upgraded_with_nothing_lost() -> TestResult
 /// destinations) gains the index and the table, keeps its rows, and ends
 /// with exactly the schema of a fresh file.
 #[test]
-fn a_version_2_file_moves_to_version_3() -> TestResult {
+fn a_version_2_file_moves_to_the_current_version() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (fresh, old) = (dir.path().join("fresh.db"), dir.path().join("v2.db"));
     SqliteStore::open(&fresh)?;
@@ -188,12 +190,78 @@ fn a_version_2_file_moves_to_version_3() -> TestResult {
     assert_eq!(header(&old)?, (0, 0, Some(2)));
     let store = SqliteStore::open(&old)?;
     assert_eq!(header(&old)?, (0, 0, Some(SCHEMA_VERSION)));
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
     assert_eq!(schema_of(&fresh)?, schema_of(&old)?);
     assert_eq!(
         store.find(kept.id)?.map(|e| e.payload),
         Some(json!({"kept": true}))
     );
+    Ok(())
+}
+
+/// A version-3 file (the status check spelled as an IN list) is rebuilt
+/// with the faster check: every row and the sequence kept, exactly the
+/// schema of a fresh file, and the check refusing what it refused.
+#[test]
+fn a_version_3_file_moves_to_version_4_with_every_row_kept() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (fresh, old) = (dir.path().join("fresh.db"), dir.path().join("v3.db"));
+    SqliteStore::open(&fresh)?;
+    v1_file(&old, &many_events(500))?;
+    {
+        let conn = Connection::open(&old)?;
+        conn.execute_batch("PRAGMA ignore_check_constraints = ON")?;
+        conn.execute_batch(TO_V2)?;
+        conn.execute_batch(TO_V3)?;
+        conn.execute_batch("PRAGMA ignore_check_constraints = OFF")?;
+        conn.pragma_update(None, "application_id", 0)?;
+        conn.pragma_update(None, "user_version", 0)?;
+        // Events in every state, a live lease, and the newest purged so the
+        // sequence runs ahead of the rows.
+        conn.execute_batch(
+            "UPDATE outbox_events SET status = 'done', completed_at = created_at WHERE seq % 5 = 1;
+             UPDATE outbox_events SET status = 'failed', completed_at = created_at,
+               last_error = 'gave up' WHERE seq % 5 = 2;
+             UPDATE outbox_events SET status = 'processing', attempts = 1,
+               locked_at = 1700000000000, locked_until = 4102444800000, lease_token = seq
+             WHERE seq % 5 = 3;
+             DELETE FROM outbox_events WHERE seq > 490;",
+        )?;
+    }
+    assert_eq!(header(&old)?, (0, 0, Some(3)));
+    let (before, seq_before) = (rows(&old)?, sequence(&old)?);
+    assert_eq!((before.len(), seq_before), (490, 500));
+    let store = SqliteStore::open(&old)?;
+    assert_eq!(header(&old)?, (0, 0, Some(4)));
+    assert_eq!(rows(&old)?, before, "every column of every row");
+    assert_eq!(sequence(&old)?, seq_before);
+    assert_eq!(schema_of(&fresh)?, schema_of(&old)?);
+    let next = store.enqueue(NewEvent::new("t", json!("after")))?;
+    assert_eq!(next.seq, 501, "numbers are never given out twice");
+    let conn = Connection::open(&old)?;
+    for status in ["pending", "processing", "done", "failed"] {
+        let locked = if status == "processing" {
+            "1700000000000"
+        } else {
+            "NULL"
+        };
+        conn.execute(
+            &format!(
+                "INSERT INTO outbox_events (event_type, payload, status, locked_at, locked_until)
+                 VALUES ('t', '{{}}', ?1, {locked}, {locked})"
+            ),
+            [status],
+        )?;
+    }
+    for bad in ["Pending", "gone", ""] {
+        let err = conn
+            .execute(
+                "INSERT INTO outbox_events (event_type, payload, status) VALUES ('t', '{}', ?1)",
+                [bad],
+            )
+            .expect_err("an unknown status is refused");
+        assert!(err.to_string().contains("status_is_known"), "{err}");
+    }
     Ok(())
 }
 

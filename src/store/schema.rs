@@ -19,13 +19,14 @@ pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
 /// The schema version this crate writes and understands, kept in the
 /// `outbox_meta` table (`key = 'schema_version'`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The forward-only steps, as `(version reached, SQL)`: each brings a file
 /// from the version before to this one, in one write transaction.
 const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/002_guest.sql")),
     (3, include_str!("../../migrations/003_destinations.sql")),
+    (4, include_str!("../../migrations/004_faster_checks.sql")),
 ];
 
 /// What schema version 1 wrote into `PRAGMA application_id` ("OUTB").
