@@ -1,9 +1,11 @@
 //! The completer: writes outcomes in batches, a few transactions for many
-//! events, retrying errors that can pass and dropping (to redelivery) what
-//! cannot be written; then lets the poller know there is room again.
+//! events, and in the same transaction claims the room they free; retries
+//! errors that can pass and drops (to redelivery) what cannot be written;
+//! then lets the poller know there is room again.
 //!
 //! Channels: receives on `outcomes` (closed when every worker is gone) and
-//! `flush` (the deadline to finish by at shutdown); sends on `nudge`.
+//! `flush` (the deadline to finish by at shutdown); sends on `nudge`, and
+//! on `jobs` what it claimed.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;

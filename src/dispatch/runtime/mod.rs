@@ -1,15 +1,20 @@
 //! The dispatcher's threads: one poller that claims, N workers that run
 //! handlers, one completer that writes outcomes in batches, and one
-//! heartbeat that extends the leases of events still in hand.
+//! heartbeat that extends the leases of events still in hand. While events
+//! flow, the completer also claims: in the transaction that writes a batch
+//! of outcomes, as many events as those outcomes free room for, so a busy
+//! dispatcher writes once per batch instead of twice.
 //!
 //! ```text
-//!   poller --jobs (bounded)--> workers --outcomes--> completer --> store
-//!      ^                                                |
-//!      +------------------- nudge ----------------------+
+//!   poller ----jobs (bounded)---> workers --outcomes--> completer --> store
+//!      ^          ^                                       |  |
+//!      |          +------------- claimed with outcomes ---+  |
+//!      +-------------------------- nudge --------------------+
 //! ```
 //!
-//! Lock order: the in-flight map's mutex is never held while calling the
-//! store or a handler.
+//! Lock order: `claiming` (held by whoever decides how much to claim, and
+//! claims), then the store; the in-flight map's mutex is never held while
+//! calling the store or a handler.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
