@@ -200,6 +200,7 @@ fn paused_and_offline_claim_nothing_until_told(f: Fixture) -> TestResult {
     assert!(dispatcher.destinations().is_empty());
 
     // Offline: nothing at all is claimed.
+    assert!(dispatcher.is_online(), "online until told otherwise");
     dispatcher.set_online(false);
     assert!(!dispatcher.is_online());
     f.store
@@ -218,6 +219,7 @@ fn paused_and_offline_claim_nothing_until_told(f: Fixture) -> TestResult {
         "in backoff"
     );
     dispatcher.set_online(true);
+    assert!(dispatcher.is_online());
     wait_until("delivered when back online", || api.accepted() == 2)?;
     wait_until("its outcome written", || {
         f.store

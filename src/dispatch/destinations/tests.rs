@@ -99,6 +99,41 @@ fn a_default_destination_takes_every_type_not_routed() {
     assert_eq!(d.claimable(None).only, Some(Vec::new()), "nothing flows");
 }
 
+/// With a default destination, a routed destination's types are the types
+/// routed to it (its own name is no type), and the default's are the
+/// dispatcher's types routed nowhere else: what a resume or a reached
+/// destination makes due again.
+#[test]
+fn each_destination_names_its_own_types() {
+    let routes = HashMap::from([
+        ("mail.sent".to_owned(), "smtp".to_owned()),
+        ("push.sent".to_owned(), "apns".to_owned()),
+    ]);
+    let d = Destinations::new(routes, Some("api".to_owned()), store(&ManualClock::new()));
+    let mine = ["mail.sent", "note.created", "note.deleted"].map(String::from);
+    assert_eq!(d.types_of("smtp", None), Some(vec!["mail.sent".to_owned()]));
+    assert_eq!(
+        d.types_of("smtp", Some(&mine)),
+        Some(vec!["mail.sent".to_owned()])
+    );
+    assert_eq!(d.types_of("apns", Some(&mine)), Some(Vec::new()));
+    assert_eq!(
+        d.types_of("api", Some(&mine)),
+        Some(vec!["note.created".to_owned(), "note.deleted".to_owned()])
+    );
+    assert_eq!(d.types_of("api", None), None, "every type not routed");
+    // The default held back: of this dispatcher's types, only those routed
+    // to open destinations flow; never a type it does not handle.
+    d.unreachable("note.created", &lease(1), "refused");
+    assert_eq!(
+        d.claimable(Some(&mine)),
+        Selection {
+            only: Some(vec!["mail.sent".to_owned()]),
+            skip: Vec::new()
+        }
+    );
+}
+
 #[test]
 fn only_the_probe_runs_and_its_answer_decides() {
     let clock = ManualClock::new();
