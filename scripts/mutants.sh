@@ -35,7 +35,7 @@ run_group() {
     sqlite)
         files=(-f 'src/store/sqlite/*.rs')
         tests=(--lib --test store_suite --test sqlite_store --test differential
-            --test dispatch --test supervision --test guest)
+            --test dispatch --test supervision --test guest --test offline)
         ;;
     dispatch)
         files=(-f src/dispatch/mod.rs -f src/dispatch/handler.rs -f src/dispatch/metrics.rs
