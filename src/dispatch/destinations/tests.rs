@@ -1,6 +1,7 @@
 //! The destinations' rules, on a manual clock.
 
 use super::*;
+use crate::clock::Clock;
 use crate::ManualClock;
 
 fn store(clock: &ManualClock) -> Arc<dyn Store> {
@@ -192,4 +193,48 @@ fn paused_destinations_wait_for_resume_and_offline_stops_all() {
     assert!(d.probes_due().is_empty() && d.next_probe_at().is_none());
     d.set_online(true);
     assert!(d.snapshot().is_empty() && d.may_run("x", &lease(4)));
+}
+
+/// Each probe of a destination draws its own jitter: successive waits are
+/// not all the same fraction of their backoff, so destinations that went
+/// down together drift apart.
+#[test]
+fn successive_probes_are_jittered_differently() {
+    let clock = ManualClock::new();
+    let d = Destinations::new(HashMap::new(), None, store(&clock));
+    d.unreachable("t", &lease(1), "refused");
+    let mut backoff = FIRST_PROBE_AFTER;
+    let mut fractions = Vec::new();
+    for seq in 2..8 {
+        let now = clock.now();
+        let at = d.next_probe_at().expect("a probe is planned");
+        let wait = (at - now).to_std().expect("in the future");
+        fractions.push((wait.as_secs_f64() / backoff.as_secs_f64() * 1000.0).round() as i64);
+        clock.set(at);
+        assert_eq!(d.probes_due(), ["t"]);
+        d.probe_sent("t", &lease(seq));
+        d.unreachable("t", &lease(seq), "still refused");
+        backoff = next_probe_interval(backoff);
+    }
+    fractions.sort_unstable();
+    fractions.dedup();
+    assert!(
+        fractions.len() > 1,
+        "one jitter for every probe: {fractions:?}"
+    );
+}
+
+/// A probe that finds nothing waiting lets an unreachable destination go
+/// (the next event finds out); a paused one stays paused.
+#[test]
+fn a_probe_with_nothing_to_send_lets_the_destination_go_unless_paused() {
+    let d = Destinations::new(HashMap::new(), None, store(&ManualClock::new()));
+    d.unreachable("down", &lease(1), "refused");
+    d.pause("paused");
+    assert_eq!(d.snapshot().len(), 2);
+    d.nothing_to_probe("down");
+    d.nothing_to_probe("paused");
+    let left: Vec<String> = d.snapshot().into_iter().map(|s| s.name).collect();
+    assert_eq!(left, ["paused"]);
+    assert!(d.may_run("down", &lease(2)) && !d.may_run("paused", &lease(3)));
 }
