@@ -146,9 +146,11 @@ fn only_the_probe_runs_and_its_answer_decides() {
     assert!(d.probes_due().is_empty());
     clock.advance(Duration::from_millis(1100));
     assert_eq!(d.probes_due(), ["t"]);
+    assert_eq!(d.snapshot()[0].next_probe_at, Some(first));
     d.probe_sent("t", &lease(3));
     assert!(d.probes_due().is_empty(), "one probe at a time");
     assert_eq!(d.next_probe_at(), None);
+    assert_eq!(d.snapshot()[0].next_probe_at, None, "the probe is out");
     assert!(d.may_run("t", &lease(3)) && !d.may_run("t", &lease(4)));
     d.unreachable("t", &lease(3), "still refused");
     let second = d.next_probe_at().expect("the next probe");
@@ -185,6 +187,7 @@ fn paused_destinations_wait_for_resume_and_offline_stops_all() {
         "a late answer does not resume"
     );
     assert_eq!(d.snapshot()[0].hold, Hold::Paused);
+    assert_eq!(d.snapshot()[0].next_probe_at, None, "paused: never probed");
     assert!(d.resume("t") && !d.resume("t"));
     d.set_online(false);
     assert!(d.is_offline() && !d.may_run("other", &lease(2)));
