@@ -424,6 +424,44 @@ mod tests {
         Ok(())
     }
 
+    /// The completer's write: outcomes first, then a claim that sees them
+    /// (the next event of an ordering key is free at once), on both stores.
+    fn settle_and_claim_writes_then_claims(store: &impl Store) -> crate::Result<()> {
+        let lease = Duration::from_secs(30);
+        let key = |n: i32| NewEvent::new("t", json!(n)).with_ordering_key("k");
+        let (first, second) = (store.enqueue(key(1))?, store.enqueue(key(2))?);
+        store.enqueue(NewEvent::new("other", json!(3)))?;
+        let claimed = store.claim(10, lease, Some(&["t".into()]))?;
+        assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [first.id]);
+        let done = super::Ack::complete(claimed[0].lease().expect("claimed"));
+        let only_t = ["t".to_owned()];
+        let (results, next) =
+            store.settle_and_claim(&[done.clone()], 10, lease, &TypeFilter::only(Some(&only_t)))?;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(next.iter().map(|e| e.id).collect::<Vec<_>>(), [second.id]);
+        assert_eq!(
+            store.find(first.id)?.map(|e| e.status),
+            Some(crate::Status::Done)
+        );
+        // Written once only: the same outcome again is refused, and a limit
+        // of 0 claims nothing.
+        let again_done = super::Ack::complete(next[0].lease().expect("claimed"));
+        let (again, none) =
+            store.settle_and_claim(&[done, again_done], 0, lease, &TypeFilter::default())?;
+        assert!(again[0].is_err() && again[1].is_ok(), "{again:?}");
+        assert!(none.is_empty());
+        assert!(store.backlog(None)?.due, "the other type still waits");
+        Ok(())
+    }
+
+    #[test]
+    fn settle_and_claim_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
+        settle_and_claim_writes_then_claims(&MemoryStore::new())?;
+        let dir = tempfile::tempdir()?;
+        settle_and_claim_writes_then_claims(&SqliteStore::open(dir.path().join("o.db"))?)?;
+        Ok(())
+    }
+
     /// How the dispatcher notices other processes' commits.
     #[test]
     fn external_changes_are_noticed_once() -> Result<(), Box<dyn std::error::Error>> {
