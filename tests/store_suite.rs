@@ -294,6 +294,20 @@ fn claim_respects_limit_and_types(f: &Fixture) -> TestResult {
     assert_eq!(one_a.len(), 1);
     assert!(f.store.claim(10, LEASE, Some(&[]))?.is_empty());
     assert_eq!(f.store.claim(10, LEASE, None)?.len(), 1);
+    // A long list of types (SQLite reads longer lists differently).
+    f.store.enqueue(ev("t19"))?;
+    f.store.enqueue(ev("t3"))?;
+    let many: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    for n in [16, 17, 20] {
+        let some = f.store.claim(10, LEASE, Some(&many[..n]))?;
+        let want: Vec<&str> = match n {
+            16 => vec!["t3"],
+            20 => vec!["t19"],
+            _ => vec![],
+        };
+        let got: Vec<&str> = some.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(got, want, "{n} types");
+    }
     Ok(())
 }
 
