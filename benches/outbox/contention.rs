@@ -196,22 +196,14 @@ fn steady_stream(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
             report.metrics.store_errors,
             lat.len()
         );
-        for (what, v) in [
+        let values = [
             ("longest gap between handler starts", gap),
             ("enqueue → handler p50", percentile(&lat, 0.5)),
             ("enqueue → handler p99", percentile(&lat, 0.99)),
             ("enqueue → handler max", percentile(&lat, 1.0)),
-        ] {
-            rows.push(Row {
-                group: "contention",
-                name: format!("FULL stream, {place}: {what}"),
-                ours: v,
-                raw: None,
-                unit: "ms",
-                ratio: None,
-                note: note.clone(),
-            });
-        }
+        ];
+        let name = |what: &str| format!("FULL stream, {place}: {what}");
+        super::latency::ms_rows(rows, "contention", name, &values, &note);
     }
     Ok(())
 }

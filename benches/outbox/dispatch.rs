@@ -50,26 +50,20 @@ pub(crate) fn dispatch_ours(
     for chunk in 0..n / 1000 {
         store.enqueue_batch((0..1000).map(|i| event(chunk * 1000 + i)).collect())?;
     }
-    let t = Instant::now();
-    let dispatcher = Dispatcher::builder(store.clone())
-        .workers(workers)
-        .handle("bench.event", |_: &Event| Ok(()))
-        .start()?;
-    while dispatcher.metrics().done < n as u64 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let secs = t.elapsed().as_secs_f64();
-    let report = dispatcher.shutdown(Duration::from_secs(10));
+    let (secs, report) = run_no_op(&store, n, workers)?;
     if store.stats()?.done != n as u64 || !report.is_clean() {
         return Err(format!("dispatch incomplete: {report:?}").into());
     }
     Ok(secs)
 }
 
-/// Fills a file with `n` due events and dispatches them at the crate's
-/// defaults (`child-dispatch PATH N WORKERS`: a target for profilers).
-pub(crate) fn child_dispatch(path: &str, n: usize, workers: usize) -> Res<()> {
-    let store = fill(Path::new(path), n, 0)?;
+/// Starts a dispatcher at the crate's defaults with a no-op handler and
+/// stops it once `n` events are done; returns its seconds and report.
+fn run_no_op(
+    store: &SqliteStore,
+    n: usize,
+    workers: usize,
+) -> Res<(f64, sqlite_outbox::ShutdownReport)> {
     let t = Instant::now();
     let dispatcher = Dispatcher::builder(store.clone())
         .workers(workers)
@@ -79,7 +73,15 @@ pub(crate) fn child_dispatch(path: &str, n: usize, workers: usize) -> Res<()> {
         std::thread::sleep(Duration::from_millis(1));
     }
     let secs = t.elapsed().as_secs_f64();
-    let m = dispatcher.shutdown(Duration::from_secs(10)).metrics;
+    Ok((secs, dispatcher.shutdown(Duration::from_secs(10))))
+}
+
+/// Fills a file with `n` due events and dispatches them at the crate's
+/// defaults (`child-dispatch PATH N WORKERS`: a target for profilers).
+pub(crate) fn child_dispatch(path: &str, n: usize, workers: usize) -> Res<()> {
+    let store = fill(Path::new(path), n, 0)?;
+    let (secs, report) = run_no_op(&store, n, workers)?;
+    let m = report.metrics;
     println!(
         "{n} events in {secs:.3} s: {:.0} ev/s; {} claim and {} settle transactions",
         n as f64 / secs,

@@ -5,20 +5,38 @@ use super::*;
 pub(crate) fn latency_rows(rows: &mut Vec<Row>, name: &str, mut ms: Vec<f64>) {
     ms.sort_by(|a, b| a.total_cmp(b));
     let note = format!("{} events", ms.len());
-    for (label, v) in [
+    let values = [
         ("p50", percentile(&ms, 0.5)),
         ("p99", percentile(&ms, 0.99)),
         ("p99.9", percentile(&ms, 0.999)),
         ("max", percentile(&ms, 1.0)),
-    ] {
+    ];
+    ms_rows(
+        rows,
+        "latency",
+        |label| format!("{name} {label}"),
+        &values,
+        &note,
+    );
+}
+
+/// One row in milliseconds per `(label, value)`, named by `name(label)`.
+pub(crate) fn ms_rows(
+    rows: &mut Vec<Row>,
+    group: &'static str,
+    name: impl Fn(&str) -> String,
+    values: &[(&str, f64)],
+    note: &str,
+) {
+    for (label, v) in values {
         rows.push(Row {
-            group: "latency",
-            name: format!("{name} {label}"),
-            ours: v,
+            group,
+            name: name(label),
+            ours: *v,
             raw: None,
             unit: "ms",
             ratio: None,
-            note: note.clone(),
+            note: note.to_owned(),
         });
     }
 }
