@@ -167,13 +167,7 @@ fn steady_stream(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
                 .stdout(Stdio::piped())
                 .output()?;
             let to = now_ns();
-            let committed: HashMap<String, i64> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| {
-                    l.split_once(' ')
-                        .and_then(|(id, t)| t.parse().ok().map(|t| (id.to_owned(), t)))
-                })
-                .collect();
+            let committed = super::latency::committed_times(&out.stdout);
             let errors = n.saturating_sub(committed.len());
             (from, to, committed, errors)
         };

@@ -121,13 +121,7 @@ pub(crate) fn latency_bench(
         .stdout(Stdio::piped())
         .output()?;
     std::thread::sleep(Duration::from_millis(300));
-    let committed: HashMap<String, i64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            l.split_once(' ')
-                .and_then(|(id, t)| t.parse().ok().map(|t| (id.to_owned(), t)))
-        })
-        .collect();
+    let committed = committed_times(&out.stdout);
     latency_rows(
         rows,
         &format!("{label}: other-process enqueue → handler (poll 100 ms)"),
@@ -135,6 +129,17 @@ pub(crate) fn latency_bench(
     );
     dispatcher.shutdown(Duration::from_secs(5));
     Ok(())
+}
+
+/// The `id commit-time` lines a `child-enqueue` process printed.
+pub(crate) fn committed_times(stdout: &[u8]) -> HashMap<String, i64> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_once(' ')
+                .and_then(|(id, t)| t.parse().ok().map(|t| (id.to_owned(), t)))
+        })
+        .collect()
 }
 
 pub(crate) fn child_enqueue(path: &str, n: usize, per_sec: u64) -> Res<()> {

@@ -435,8 +435,12 @@ mod tests {
         assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [first.id]);
         let done = super::Ack::complete(claimed[0].lease().expect("claimed"));
         let only_t = ["t".to_owned()];
-        let (results, next) =
-            store.settle_and_claim(&[done.clone()], 10, lease, &TypeFilter::only(Some(&only_t)))?;
+        let (results, next) = store.settle_and_claim(
+            std::slice::from_ref(&done),
+            10,
+            lease,
+            &TypeFilter::only(Some(&only_t)),
+        )?;
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert_eq!(next.iter().map(|e| e.id).collect::<Vec<_>>(), [second.id]);
         assert_eq!(
