@@ -121,7 +121,11 @@ fn unreachable_spends_nothing_and_a_probe_brings_it_back(f: Fixture) -> TestResu
     let state = &dispatcher.destinations()[0];
     assert_eq!(state.name, "api.push");
     assert_eq!(state.last_error.as_deref(), Some("connection refused"));
-    // Written down for `stats`, here and in other processes.
+    // Written down for `stats`, here and in other processes (just after
+    // the dispatcher's own state changes).
+    wait_until("written down", || {
+        f.store.stats().map(|s| s.destinations.len()).unwrap_or(0) == 1
+    })?;
     let written = f.store.stats()?.destinations;
     assert_eq!(written.len(), 1, "{written:?}");
     assert_eq!(
