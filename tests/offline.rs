@@ -285,6 +285,24 @@ fn drain_does_not_wait_for_an_unreachable_destination(f: Fixture) -> TestResult 
     Ok(())
 }
 
+/// Offline, a drain returns at once: nothing can be delivered, and every
+/// event waits, unclaimed and unspent, for a run that is online.
+fn drain_while_offline_returns_at_once(f: Fixture) -> TestResult {
+    let api = Remote::default();
+    let dispatcher = Dispatcher::builder(f.core())
+        .handle("api.push", api.handler())
+        .start()?;
+    dispatcher.set_online(false);
+    f.store
+        .enqueue(NewEvent::new("api.push", json!({"n": 1})))?;
+    let report = dispatcher.drain(WAIT);
+    assert!(report.idle, "{report:?}");
+    assert_eq!(api.calls(), 0);
+    let e = &all(&f, Status::Pending)?[0];
+    assert_eq!(e.attempts, 0);
+    Ok(())
+}
+
 /// A week offline on the manual clock, hour by hour, with three
 /// destinations: no attempt spent, nothing failed, one probe per destination
 /// per step at most, then everything delivered in per-key order.
@@ -413,6 +431,7 @@ both_stores!(
     paused_and_offline_claim_nothing_until_told,
     a_shared_destination_holds_all_its_types,
     drain_does_not_wait_for_an_unreachable_destination,
+    drain_while_offline_returns_at_once,
     a_week_offline_loses_and_spends_nothing,
     max_age_gives_up_on_old_events_unrun,
 );
