@@ -623,6 +623,7 @@ fn shutdown_reports_only_what_happened_during_it() -> TestResult {
         .workers(1)
         .batch_size(4)
         .handle("fast", |_: &Event| Ok(()))
+        .handle("bad", |_: &Event| Err(HandlerError::retry("refused")))
         .handle("slow", move |_: &Event| {
             started_tx.send(()).ok();
             released.recv_timeout(WAIT).ok();
@@ -630,10 +631,13 @@ fn shutdown_reports_only_what_happened_during_it() -> TestResult {
             Err(HandlerError::retry("slow and failing"))
         })
         .start()?;
+    // Before the shutdown: three done and one retried (which waits out its
+    // backoff), none of them the shutdown's.
     f.store
         .enqueue_batch((0..3).map(|i| NewEvent::new("fast", json!(i))).collect())?;
+    f.store.enqueue(NewEvent::new("bad", json!(0)))?;
     let deadline = Instant::now() + WAIT;
-    while dispatcher.metrics().done < 3 {
+    while dispatcher.metrics().done < 3 || dispatcher.metrics().retried < 1 {
         assert!(Instant::now() < deadline, "the fast ones were not done");
         std::thread::sleep(millis(5));
     }
@@ -662,9 +666,9 @@ fn shutdown_reports_only_what_happened_during_it() -> TestResult {
         (1, 2, 0),
         "{report:?}"
     );
-    assert_eq!((report.metrics.done, report.metrics.retried), (3, 1));
+    assert_eq!((report.metrics.done, report.metrics.retried), (3, 2));
     let stats = f.store.stats()?;
-    assert_eq!((stats.done, stats.pending), (3, 3));
+    assert_eq!((stats.done, stats.pending), (3, 4));
     Ok(())
 }
 
