@@ -1124,3 +1124,27 @@ fn an_app_committing_back_to_back_does_not_starve_the_dispatcher() -> TestResult
     assert_eq!(store.stats()?.done, enqueued as u64);
     Ok(())
 }
+
+/// A lease is extended when half of it is left, not before: a handler that
+/// ends well within its lease costs no extension.
+#[test]
+fn leases_are_extended_only_past_half_their_time() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    store.enqueue(NewEvent::new("t", json!({})))?;
+    let (tx, rx) = unbounded();
+    // A 4 s lease: the heartbeat looks every second and extends below 2 s
+    // left; the handler spans the first look, with 3 s left.
+    let dispatcher = Dispatcher::builder(store.clone())
+        .lease(secs(4))
+        .handle("t", move |_: &Event| {
+            std::thread::sleep(millis(1300));
+            tx.send(()).ok();
+            Ok(())
+        })
+        .start()?;
+    recv_n(&rx, 1)?;
+    let report = dispatcher.drain(WAIT);
+    assert_eq!(report.metrics.done, 1);
+    assert_eq!(report.metrics.extended, 0, "{report:?}");
+    Ok(())
+}
