@@ -78,6 +78,12 @@ impl SqliteStoreBuilder {
 
     /// How long a write waits for another connection's lock before failing
     /// with [`ErrorKind::Busy`]. Default: 5 s.
+    ///
+    /// The store's connections look for the lock again every millisecond
+    /// until then, with a busy handler of their own: SQLite's (`PRAGMA
+    /// busy_timeout`, which therefore reads 0 on them) sleeps up to 100 ms
+    /// between looks, and so loses a busy lock to a writer that frees it
+    /// for only a moment.
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
         self
@@ -153,7 +159,7 @@ impl SqliteStoreBuilder {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
         let conn = Connection::open_with_flags(&self.path, flags)?;
-        conn.busy_timeout(self.busy_timeout)?;
+        super::busy::install(&conn, self.busy_timeout)?;
         prepare_file(&conn, self.read_only, self.busy_timeout)?;
         let db_path = conn.path().unwrap_or_default().to_owned();
         drop(conn);
@@ -215,7 +221,7 @@ pub(super) fn configure(
     durability: Durability,
     max_page_count: Option<u64>,
 ) -> rusqlite::Result<()> {
-    conn.busy_timeout(busy_timeout)?;
+    super::busy::install(conn, busy_timeout)?;
     conn.pragma_update(None, "synchronous", durability.pragma())?;
     // On macOS, fsync() does not reach the platter: only F_FULLFSYNC does.
     // Elsewhere these are stored and ignored.

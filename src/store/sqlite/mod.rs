@@ -7,6 +7,7 @@
 //! text); here the store itself, its connections and the `Store` impl.
 
 mod builder;
+mod busy;
 mod enqueue;
 mod lease;
 mod legacy;
@@ -138,6 +139,7 @@ impl SqliteStore {
     }
 
     fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>> {
+        busy::set_limit(self.inner.busy_timeout);
         Ok(self.inner.pool.get()?)
     }
 
@@ -174,6 +176,7 @@ impl SqliteStore {
         }
         self.check_not_inside_transaction()?;
         let _turn = self.gate()?;
+        busy::set_limit(self.inner.busy_timeout);
         let mut slot = self.inner.relaxed.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             let mut conn = Connection::open_with_flags(&self.inner.path, self.inner.flags)?;
@@ -386,9 +389,10 @@ impl super::sealed::Sealed for SqliteStore {
         let mut watcher = self.inner.watcher.lock().unwrap_or_else(|p| p.into_inner());
         if watcher.is_none() {
             let conn = Connection::open_with_flags(&self.inner.path, self.inner.flags)?;
-            conn.busy_timeout(self.inner.busy_timeout)?;
+            busy::install(&conn, self.inner.busy_timeout)?;
             *watcher = Some((conn, i64::MIN));
         }
+        busy::set_limit(self.inner.busy_timeout);
         let Some((conn, last)) = watcher.as_mut() else {
             return Ok(true);
         };
