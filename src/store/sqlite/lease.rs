@@ -6,7 +6,7 @@ use rusqlite::{params, Transaction};
 
 use super::sql::{
     claim_by_types_sql, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL, ACK_RELEASE_SQL, ACK_RETRY_SQL,
-    CLAIM_SQL, MAX_TYPED_CLAIM,
+    ANY_EXPIRED_SQL, CLAIM_DUE_SQL, CLAIM_SQL, MAX_TYPED_CLAIM,
 };
 use super::{skip, types_json, SqliteStore};
 use crate::clock;
@@ -43,28 +43,29 @@ impl SqliteStore {
         // not be born with a lease that already ran out.
         let now = self.now();
         let until = clock::add(now, lease);
-        tx.prepare_cached(
-            "UPDATE outbox_events
-             SET status = 'failed', completed_at = ?1, last_error = ?2,
-                 locked_at = NULL, locked_until = NULL, lease_token = NULL
-             WHERE status = 'processing' AND locked_until <= ?1 AND attempts >= max_attempts",
-        )?
-        .execute(params![clock::to_millis(now), LEASE_EXPIRED_ERROR])?;
         let (now_ms, until_ms) = (clock::to_millis(now), clock::to_millis(until));
+        let expired: bool = tx
+            .prepare_cached(ANY_EXPIRED_SQL)?
+            .query_row([now_ms], |r| r.get(0))?;
+        if expired {
+            tx.prepare_cached(
+                "UPDATE outbox_events
+                 SET status = 'failed', completed_at = ?1, last_error = ?2,
+                     locked_at = NULL, locked_until = NULL, lease_token = NULL
+                 WHERE status = 'processing' AND locked_until <= ?1 AND attempts >= max_attempts",
+            )?
+            .execute(params![now_ms, LEASE_EXPIRED_ERROR])?;
+        }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut args: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
-            (":now", &now_ms),
-            (":until", &until_ms),
-            (":limit", &limit),
-            (":types", &types),
-            (":skip", &skip),
-        ];
+        let mut args: Vec<(&str, &dyn rusqlite::ToSql)> =
+            vec![(":now", &now_ms), (":until", &until_ms), (":limit", &limit)];
         let (sql, names) = match filter.only {
             Some(only) if (1..=MAX_TYPED_CLAIM).contains(&only.len()) && filter.skip.is_empty() => {
                 let names: Vec<String> = (0..only.len()).map(|i| format!(":t{i}")).collect();
-                (claim_by_types_sql(only.len()), names)
+                (claim_by_types_sql(only.len(), expired), names)
             }
-            _ => (CLAIM_SQL.as_str(), Vec::new()),
+            _ if expired => (CLAIM_SQL.as_str(), Vec::new()),
+            _ => (CLAIM_DUE_SQL.as_str(), Vec::new()),
         };
         if let Some(only) = filter.only {
             for (name, t) in names.iter().zip(only) {
@@ -72,6 +73,12 @@ impl SqliteStore {
             }
         }
         let mut stmt = tx.prepare_cached(sql)?;
+        // The typed claim without leases names neither list.
+        for (name, list) in [(":types", &types), (":skip", &skip)] {
+            if stmt.parameter_index(name)?.is_some() {
+                args.push((name, list));
+            }
+        }
         let rows = stmt
             .query_map(&args[..], decode_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
