@@ -137,13 +137,27 @@ pub(crate) fn decode_row(row: &Row<'_>) -> rusqlite::Result<(Event, Option<Strin
         }
     };
     let event_type = r.text(EVENT_TYPE);
-    let payload_text = r.text(PAYLOAD);
-    let payload = serde_json::from_str(&payload_text).unwrap_or_else(|e| {
-        r.note(PAYLOAD, &format!("is not valid JSON ({e})"));
-        serde_json::Value::String(payload_text)
+    // The common case read in place, without a copy of the text first.
+    let payload = match row.get_ref(PAYLOAD) {
+        Ok(ValueRef::Text(bytes)) => serde_json::from_slice(bytes).ok(),
+        _ => None,
+    };
+    let payload = payload.unwrap_or_else(|| {
+        let text = r.text(PAYLOAD);
+        match serde_json::from_str(&text) {
+            Ok(value) => value,
+            Err(e) => {
+                r.note(PAYLOAD, &format!("is not valid JSON ({e})"));
+                serde_json::Value::String(text)
+            }
+        }
     });
-    let status_text = r.text(STATUS);
-    let status = status_text.parse().unwrap_or_else(|_| {
+    let status = match row.get_ref(STATUS) {
+        Ok(ValueRef::Text(bytes)) => std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok()),
+        _ => None,
+    };
+    let status = status.unwrap_or_else(|| {
+        r.text(STATUS);
         r.note(STATUS, "is not a known status");
         Status::Pending
     });
