@@ -122,6 +122,11 @@ pub(crate) mod sealed {
         /// store in this process (a dispatcher's wake-up call).
         fn subscribe(&self) -> Receiver<()>;
 
+        /// When [`Sealed::subscribe`]'s receivers were last told of an
+        /// enqueue, and the time before: how a dispatcher knows the app is
+        /// enqueueing fast.
+        fn last_enqueues(&self) -> [Option<std::time::Instant>; 2];
+
         /// Writes down that a dispatcher holds `name` back (`Some`), or no
         /// longer does (`None`), for [`crate::Operator::stats`] in this and
         /// other processes.
@@ -342,6 +347,8 @@ fn settle_one<S: Store + ?Sized>(store: &S, ack: Ack) -> Result<()> {
 #[derive(Debug, Default)]
 pub(crate) struct Notifier {
     subscribers: std::sync::Mutex<Vec<Sender<()>>>,
+    /// The times of the last two notices, latest first.
+    last: std::sync::Mutex<[Option<std::time::Instant>; 2]>,
 }
 
 impl Notifier {
@@ -353,7 +360,16 @@ impl Notifier {
         rx
     }
 
+    /// When subscribers were last told, latest first.
+    pub(crate) fn last_two(&self) -> [Option<std::time::Instant>; 2] {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn notify(&self) {
+        {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            *last = [Some(std::time::Instant::now()), last[0]];
+        }
         if let Ok(mut subs) = self.subscribers.lock() {
             // A full channel already holds a wake-up; a disconnected one
             // belongs to a dispatcher that is gone.

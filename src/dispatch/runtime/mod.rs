@@ -34,6 +34,7 @@ use crate::store::{Ack, Store};
 
 mod completer;
 mod heartbeat;
+mod pace;
 mod poller;
 mod worker;
 
@@ -72,6 +73,8 @@ struct Shared {
     /// The job queue, for the completer's claims; the poller empties it
     /// when it stops, so the queue closes once no claim is in progress.
     jobs: Mutex<Option<Sender<Event>>>,
+    /// Spaces the dispatcher's writes while the app writes in this process.
+    pacer: pace::Pacer,
 }
 
 struct InFlight {
@@ -327,6 +330,7 @@ fn context(b: DispatcherBuilder) -> Ctx {
             inflight: Mutex::new(HashMap::new()),
             claiming: Mutex::new(()),
             jobs: Mutex::new(None),
+            pacer: pace::Pacer::default(),
         }),
         handlers: Arc::new(b.handlers),
         fallback: b.fallback,

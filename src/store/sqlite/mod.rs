@@ -405,4 +405,8 @@ impl super::sealed::Sealed for SqliteStore {
     fn subscribe(&self) -> Receiver<()> {
         self.inner.notifier.subscribe()
     }
+
+    fn last_enqueues(&self) -> [Option<std::time::Instant>; 2] {
+        self.inner.notifier.last_two()
+    }
 }
