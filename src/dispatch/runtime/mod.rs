@@ -3,7 +3,10 @@
 //! heartbeat that extends the leases of events still in hand. While events
 //! flow, the completer also claims: in the transaction that writes a batch
 //! of outcomes, as many events as those outcomes free room for, so a busy
-//! dispatcher writes once per batch instead of twice.
+//! dispatcher writes once per batch instead of twice. While the app
+//! enqueues fast in this process, the poller and the completer start at
+//! most one write a millisecond between them (`pace`), so the app keeps
+//! most of SQLite's one writer.
 //!
 //! ```text
 //!   poller ----jobs (bounded)---> workers --outcomes--> completer --> store
