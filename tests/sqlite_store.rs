@@ -505,7 +505,7 @@ fn a_locked_database_gives_busy_within_the_timeout() -> TestResult {
 /// Another program that holds the write lock most of the time and frees it
 /// for 5 ms every 300 ms. SQLite's own busy handler looks again only every
 /// 100 ms once it has waited 228 ms, and mostly misses those moments; the
-/// outbox looks every millisecond.
+/// outbox looks every 2 ms.
 #[test]
 fn a_writer_that_frees_the_lock_briefly_still_lets_the_outbox_in() -> TestResult {
     let dir = tempfile::tempdir()?;

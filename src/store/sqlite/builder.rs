@@ -79,7 +79,7 @@ impl SqliteStoreBuilder {
     /// How long a write waits for another connection's lock before failing
     /// with [`ErrorKind::Busy`]. Default: 5 s.
     ///
-    /// The store's connections look for the lock again every millisecond
+    /// The store's connections look for the lock again every 2 ms
     /// until then, with a busy handler of their own: SQLite's (`PRAGMA
     /// busy_timeout`, which therefore reads 0 on them) sleeps up to 100 ms
     /// between looks, and so loses a busy lock to a writer that frees it
