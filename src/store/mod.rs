@@ -523,11 +523,18 @@ mod tests {
     fn enqueues_wake_subscribers(store: &impl super::Operator) -> crate::Result<()> {
         let (a, b) = (store.subscribe(), store.subscribe());
         drop(b);
+        assert_eq!(store.last_enqueues(), [None, None]);
+        let started = std::time::Instant::now();
         for n in 0..2 {
             store.enqueue(NewEvent::new("t", serde_json::json!(n)))?;
             assert!(a.try_recv().is_ok(), "enqueue {n} was not heard");
             assert!(a.try_recv().is_err(), "one message per wake-up");
         }
+        // Both enqueues are known, the latest first (the pacing's signal).
+        let [Some(last), Some(before)] = store.last_enqueues() else {
+            panic!("{:?}", store.last_enqueues());
+        };
+        assert!(started <= before && before <= last, "{before:?} {last:?}");
         let c = store.subscribe();
         let drain = || while a.try_recv().is_ok() || c.try_recv().is_ok() {};
         let claimed = store.claim(2, Duration::from_secs(30), None)?;
