@@ -36,6 +36,7 @@ fn a_fast_enqueuer_gets_the_dispatcher_writing_in_groups() -> TestResult {
     let report = dispatcher.drain(Duration::from_secs(30));
     assert_eq!(report.metrics.done, n);
     assert!(during.done > 0, "delivery went on meanwhile: {during:?}");
+    assert!(during.paced > 0, "the dispatcher made way: {during:?}");
     // A write counts once for its outcomes and once for its claim at most.
     let writes = during.claim_batches + during.settle_batches;
     eprintln!("{writes} writes for {n} events in {ms:.0} ms");

@@ -44,6 +44,11 @@ pub struct Metrics {
     /// writing them; their events are redelivered after their leases run
     /// out.
     pub dropped_outcomes: u64,
+    /// Writes (claims, outcomes) the dispatcher held back for up to a
+    /// millisecond while the app enqueued fast in this process, to leave
+    /// it SQLite's one writer; what arrived meanwhile went into the same
+    /// write.
+    pub paced: u64,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +68,7 @@ pub(crate) struct Counters {
     pub(crate) thread_panics: AtomicU64,
     pub(crate) overran: AtomicU64,
     pub(crate) dropped_outcomes: AtomicU64,
+    pub(crate) paced: AtomicU64,
 }
 
 impl Counters {
@@ -88,6 +94,7 @@ impl Counters {
             thread_panics: get(&self.thread_panics),
             overran: get(&self.overran),
             dropped_outcomes: get(&self.dropped_outcomes),
+            paced: get(&self.paced),
         }
     }
 }

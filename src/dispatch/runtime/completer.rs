@@ -45,7 +45,9 @@ pub(super) fn completer_loop(
         }
         if !batch.is_empty() {
             // Outcomes that arrive while it waits join this batch.
-            ctx.shared.pacer.turn(ctx.store.last_enqueues());
+            ctx.shared
+                .pacer
+                .turn(ctx.store.last_enqueues(), &ctx.counters.paced);
         }
         while batch.len() < MAX_SETTLE_BATCH {
             match outcomes_rx.try_recv() {

@@ -12,8 +12,11 @@
 //! enqueues now and then, or not at all) it writes at once, and the latency
 //! from enqueue to handler stays a fraction of a millisecond.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::dispatch::Counters;
 
 /// The shortest time between the starts of two of the dispatcher's write
 /// transactions while the app enqueues fast.
@@ -52,10 +55,12 @@ impl Pacer {
         start - now
     }
 
-    /// Waits for the dispatcher's turn to write.
-    pub(super) fn turn(&self, app_enqueues: [Option<Instant>; 2]) {
+    /// Waits for the dispatcher's turn to write; counts a wait in
+    /// `paced`.
+    pub(super) fn turn(&self, app_enqueues: [Option<Instant>; 2], paced: &AtomicU64) {
         let wait = self.book(app_enqueues);
         if !wait.is_zero() {
+            Counters::add(paced, 1);
             std::thread::sleep(wait);
         }
     }
