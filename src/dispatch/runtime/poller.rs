@@ -57,9 +57,13 @@ pub(super) fn poll_loop(
         let filter = selection.filter();
         let (mut want, mut got, mut claimed) = (0, 0, false);
         if claim_now && !offline {
-            ctx.shared
-                .pacer
-                .turn(ctx.store.last_enqueues(), &ctx.counters.paced);
+            // Book a write only if one may follow: a full dispatcher
+            // claims nothing here.
+            if room(ctx) > 0 {
+                ctx.shared
+                    .pacer
+                    .turn(ctx.store.last_enqueues(), &ctx.counters.paced);
+            }
             let claiming = ctx.shared.claiming();
             want = ctx.batch_size.min(room(ctx));
             let result = (want > 0).then(|| claim_batch(ctx, jobs_tx, want, &filter, &|_| {}));

@@ -38,7 +38,6 @@ impl SqliteStore {
         lease: Duration,
         filter: &TypeFilter<'_>,
     ) -> Result<Vec<Event>> {
-        let (types, skip) = (types_json(filter.only), types_json(skip(filter)));
         // Read with the lock held: a claim that waited for the lock must
         // not be born with a lease that already ran out.
         let now = self.now();
@@ -73,16 +72,23 @@ impl SqliteStore {
             }
         }
         let mut stmt = tx.prepare_cached(sql)?;
-        // The typed claim without leases names neither list.
-        for (name, list) in [(":types", &types), (":skip", &skip)] {
-            if stmt.parameter_index(name)?.is_some() {
-                args.push((name, list));
-            }
+        // The type lists (`TYPE_OK`, which names both), as JSON, only for
+        // the statements that test them: a typed claim without expired
+        // leases, the dispatcher's usual one, does not.
+        let lists = stmt.parameter_index(":types")?.is_some();
+        let (types, skip) = if lists {
+            (types_json(filter.only), types_json(skip(filter)))
+        } else {
+            (None, None)
+        };
+        if lists {
+            args.push((":types", &types));
+            args.push((":skip", &skip));
         }
         let rows = stmt
             .query_map(&args[..], decode_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut claimed = set_aside_undecodable(tx, rows, clock::to_millis(now))?;
+        let mut claimed = set_aside_undecodable(tx, rows, now_ms)?;
         claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
         Ok(claimed)
     }
