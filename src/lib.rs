@@ -140,7 +140,7 @@ pub use dispatch::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
-    Event, Lease, NewEvent, Status, MAX_ERROR_LEN, MAX_EVENT_TYPE_LEN, MAX_KEY_LEN,
+    Event, Lease, NewEvent, Payload, Status, MAX_ERROR_LEN, MAX_EVENT_TYPE_LEN, MAX_KEY_LEN,
     MAX_PAYLOAD_BYTES,
 };
 pub use id::{EventId, ParseEventIdError};

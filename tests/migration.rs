@@ -193,7 +193,7 @@ fn a_version_2_file_moves_to_the_current_version() -> TestResult {
     assert_eq!(SCHEMA_VERSION, 4);
     assert_eq!(schema_of(&fresh)?, schema_of(&old)?);
     assert_eq!(
-        store.find(kept.id)?.map(|e| e.payload),
+        store.find(kept.id)?.map(|e| e.payload.into_value()),
         Some(json!({"kept": true}))
     );
     Ok(())

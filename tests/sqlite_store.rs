@@ -360,6 +360,8 @@ fn raw_sql_inserts_follow_the_documented_contract() -> TestResult {
     let claimed = store.claim(10, secs(30), None)?;
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].payload, json!({"doc": 7}));
+    // The text as the writer stored it, spacing and all.
+    assert_eq!(claimed[0].payload.get(), "{\"doc\": 7}");
     assert_eq!(claimed[0].max_attempts, 10);
     assert_eq!(claimed[0].id.as_uuid().get_version_num(), 4);
     // The table refuses what would break a reader.
@@ -769,7 +771,7 @@ mod payloads {
                     let value = event.payload().clone();
                     let stored = store.enqueue(event).map_err(|e| TestCaseError::fail(e.to_string()))?;
                     let read = store.find(stored.id).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                    prop_assert_eq!(read.map(|e| e.payload), Some(value));
+                    prop_assert_eq!(read.map(|e| e.payload.into_value()), Some(value));
                 }
             }
         }
@@ -780,7 +782,7 @@ mod payloads {
             let store = SqliteStore::open(dir.path().join("p.db")).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let stored = store.enqueue(NewEvent::new("t", value.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
             let read = store.find(stored.id).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(read.map(|e| e.payload), Some(value));
+            prop_assert_eq!(read.map(|e| e.payload.into_value()), Some(value));
         }
     }
 
@@ -961,6 +963,29 @@ fn an_undecodable_row_is_set_aside_and_the_rest_flows() -> TestResult {
         store.purge(chrono::Utc::now() + chrono::Duration::days(1))?,
         2
     );
+    Ok(())
+}
+
+/// Well-formed JSON that a `serde_json::Value` cannot hold (`json_valid`
+/// accepts 1e400) is delivered as stored: the handler has the text, and
+/// reading it as a type is a permanent failure, not a stuck claim.
+#[test]
+fn a_payload_beyond_f64_reaches_the_handler_as_its_text() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    Connection::open(store.path())?.execute(
+        "INSERT INTO outbox_events (event_type, payload) VALUES ('t', '[1e400]')",
+        [],
+    )?;
+    let claimed = store.claim(10, secs(30), None)?;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].payload.get(), "[1e400]");
+    assert_eq!(claimed[0].payload, json!("[1e400]"));
+    let err = claimed[0]
+        .payload_as::<Vec<f64>>()
+        .expect_err("1e400 is not an f64");
+    assert!(err.is_permanent(), "{err}");
+    assert!(err.to_string().contains("number out of range"), "{err}");
     Ok(())
 }
 

@@ -6,7 +6,6 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -40,8 +39,10 @@ pub(crate) fn capped_error(text: &str) -> String {
 }
 
 pub use new::NewEvent;
+pub use payload::Payload;
 
 mod new;
+mod payload;
 
 /// Where an event is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -110,8 +111,8 @@ pub struct Event {
     /// The event type, e.g. `"email.invite"` (`type` in JSON).
     #[serde(rename = "type")]
     pub event_type: String,
-    /// The payload.
-    pub payload: Value,
+    /// The payload: its JSON text, read into a [`serde_json::Value`] on first use.
+    pub payload: Payload,
     /// Where the event is in its life.
     pub status: Status,
     /// How many times it was claimed (or marked processing).
@@ -149,7 +150,8 @@ pub struct Event {
 }
 
 impl Event {
-    /// The payload as a `T`. A payload that does not fit is a permanent
+    /// The payload as a `T`, read straight from its JSON text (no
+    /// [`serde_json::Value`] is built on the way). A payload that does not fit is a permanent
     /// failure: retrying cannot change it, so `?` in a handler fails the
     /// event at once instead of retrying it for days.
     ///
@@ -174,7 +176,7 @@ impl Event {
     pub fn payload_as<T: serde::de::DeserializeOwned>(
         &self,
     ) -> std::result::Result<T, crate::HandlerError> {
-        T::deserialize(&self.payload).map_err(|e| {
+        self.payload.to::<T>().map_err(|e| {
             crate::HandlerError::permanent(format!(
                 "the payload of event {} ({}) is not a {}: {e}",
                 self.id,

@@ -237,7 +237,7 @@ impl NewEvent {
             next_attempt_at: ms(self.due_at(now)),
             max_attempts: self.max_attempts.unwrap_or_else(|| policy.max_attempts()),
             event_type: self.event_type,
-            payload: self.payload,
+            payload: self.payload.into(),
             status: Status::Pending,
             attempts: 0,
             locked_at: None,

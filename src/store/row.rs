@@ -9,7 +9,7 @@ use rusqlite::Row;
 use uuid::Uuid;
 
 use crate::clock;
-use crate::event::{Event, Status};
+use crate::event::{Event, Payload, Status};
 use crate::id::EventId;
 use crate::store::schema::COLUMNS;
 
@@ -137,18 +137,19 @@ pub(crate) fn decode_row(row: &Row<'_>) -> rusqlite::Result<(Event, Option<Strin
         }
     };
     let event_type = r.text(EVENT_TYPE);
-    // The common case read in place, without a copy of the text first.
+    // The common case read in place, without a copy of the text first;
+    // checked to be JSON, and parsed only when a handler asks.
     let payload = match row.get_ref(PAYLOAD) {
-        Ok(ValueRef::Text(bytes)) => serde_json::from_slice(bytes).ok(),
+        Ok(ValueRef::Text(bytes)) => Payload::from_stored(bytes),
         _ => None,
     };
     let payload = payload.unwrap_or_else(|| {
         let text = r.text(PAYLOAD);
-        match serde_json::from_str(&text) {
-            Ok(value) => value,
+        match Payload::from_json(text.clone()) {
+            Ok(payload) => payload,
             Err(e) => {
                 r.note(PAYLOAD, &format!("is not valid JSON ({e})"));
-                serde_json::Value::String(text)
+                Payload::from(serde_json::Value::String(text))
             }
         }
     });
