@@ -486,6 +486,48 @@ fn commits_by_others_are_noticed_by_polling() -> TestResult {
     Ok(())
 }
 
+/// Once another connection's commit brought events, its next commits are
+/// picked up in milliseconds, not at the next poll: a stream from another
+/// process is not held to the poll interval.
+#[test]
+fn a_stream_from_another_connection_is_watched_closely() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let (tx, rx) = unbounded();
+    let poll = secs(3);
+    let dispatcher = Dispatcher::builder(store.clone())
+        .poll_interval(poll)
+        .handle("t", move |_: &Event| {
+            tx.send(Instant::now()).ok();
+            Ok(())
+        })
+        .start()?;
+    let conn = rusqlite::Connection::open(store.path())?;
+    let insert = || {
+        conn.execute(
+            "INSERT INTO outbox_events (event_type, payload) VALUES ('t', '{}')",
+            [],
+        )
+    };
+    // The first is seen at a poll.
+    insert()?;
+    recv_n(&rx, 1)?;
+    // The next ones, each well within the poll interval.
+    for _ in 0..3 {
+        std::thread::sleep(millis(100));
+        let committed = Instant::now();
+        insert()?;
+        let handled = recv_n(&rx, 1)?[0];
+        let took = handled.duration_since(committed);
+        assert!(
+            took < poll / 3,
+            "took {took:?} with a poll interval of {poll:?}"
+        );
+    }
+    let report = dispatcher.shutdown(secs(5));
+    assert_eq!(report.metrics.done, 4);
+    Ok(())
+}
+
 /// With polling an hour apart, only `wake` makes the dispatcher see a row
 /// written with plain SQL.
 #[test]
@@ -1146,5 +1188,34 @@ fn leases_are_extended_only_past_half_their_time() -> TestResult {
     let report = dispatcher.drain(WAIT);
     assert_eq!(report.metrics.done, 1);
     assert_eq!(report.metrics.extended, 0, "{report:?}");
+    Ok(())
+}
+
+/// Under a backlog the completer writes outcomes in full claim batches: it
+/// waits a moment for the outcomes of events already handed to a worker,
+/// instead of writing whatever finished while it last wrote.
+#[test]
+fn outcomes_under_a_backlog_are_written_in_full_batches() -> TestResult {
+    let (_dir, store) = real_clock_sqlite()?;
+    let n = 64 * 20;
+    store.enqueue_batch((0..n).map(|i| NewEvent::new("t", json!(i))).collect())?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(1)
+        .batch_size(64)
+        .handle("t", move |_: &Event| {
+            tx.send(()).ok();
+            Ok(())
+        })
+        .start()?;
+    recv_n(&rx, n)?;
+    let report = dispatcher.shutdown(secs(10));
+    let m = report.metrics;
+    assert_eq!(m.done, n as u64);
+    let per_write = m.done as f64 / m.settle_batches as f64;
+    assert!(
+        per_write >= 48.0,
+        "{per_write:.1} outcomes per transaction: {m:?}"
+    );
     Ok(())
 }

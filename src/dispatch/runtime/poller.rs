@@ -1,7 +1,9 @@
 //! The poller: claims due events in batches and queues them for the
 //! workers. It sleeps until something can be due (an enqueue in this
 //! process, another process's commit, a retry or lease falling due) and
-//! never claims more than the workers and the queue can hold.
+//! never claims more than the workers and the queue can hold. Another
+//! process's commits are seen at the next poll, and while they keep
+//! bringing events, every [`WATCH_STEP`].
 //!
 //! Channels: sends claimed events on `jobs` (bounded: room is reserved
 //! before each claim); wakes on `wake` (the handle), `store_wake` (an
@@ -23,6 +25,14 @@ use crate::store::sealed::TypeFilter;
 const EAGER_FIRST_STEP: Duration = Duration::from_millis(1);
 const EAGER_WINDOW: Duration = Duration::from_millis(250);
 
+/// After another connection's commit brought events to claim, look for the
+/// next one this often (a read of the WAL's header, no write), for this
+/// long after the last that did: a stream from another process is picked
+/// up in milliseconds, and an idle dispatcher still wakes only once per
+/// poll interval.
+const WATCH_STEP: Duration = Duration::from_millis(5);
+const WATCH_WINDOW: Duration = Duration::from_secs(1);
+
 pub(super) fn poll_loop(
     ctx: &Ctx,
     jobs_tx: &Sender<Event>,
@@ -40,6 +50,10 @@ pub(super) fn poll_loop(
     let mut claim_now = true;
     let mut woken = false;
     let mut eager: Option<(Instant, Duration)> = None;
+    // Until when to watch closely for other connections' commits, and
+    // whether this claim follows one.
+    let mut watch_until: Option<Instant> = None;
+    let mut external = false;
     let mut backoff = Duration::from_millis(10);
     // The earliest time, known at the last claim, at which something becomes
     // claimable without any write (a delayed or retrying event falling due,
@@ -86,6 +100,10 @@ pub(super) fn poll_loop(
                 None => {}
             }
         }
+        if external && got > 0 {
+            watch_until = Some(Instant::now() + WATCH_WINDOW);
+        }
+        external = false;
         send_probes(ctx, jobs_tx);
         if got > 0 && got == want {
             // A full batch: more is probably waiting, so claim again before
@@ -108,7 +126,10 @@ pub(super) fn poll_loop(
         }
         woken = false;
 
-        let timeout = sleep_for(ctx, due_at, &mut eager);
+        let mut timeout = sleep_for(ctx, due_at, &mut eager);
+        if watch_until.is_some_and(|t| Instant::now() < t) {
+            timeout = timeout.min(WATCH_STEP);
+        }
         match wakeups.wait(stop_rx, timeout) {
             Wake::Stop => break,
             Wake::Woken => {
@@ -118,7 +139,8 @@ pub(super) fn poll_loop(
             Wake::Nudged => claim_now = true,
             Wake::Timeout => {
                 let due = due_at.is_some_and(|t| ctx.store.clock().now() >= t);
-                claim_now = due || ctx.store.has_external_changes().unwrap_or(true);
+                external = ctx.store.has_external_changes().unwrap_or(true);
+                claim_now = due || external;
                 if claim_now {
                     eager = None;
                 }
