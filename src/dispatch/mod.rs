@@ -175,7 +175,10 @@ impl DispatcherBuilder {
 
     /// How often commits by other processes are looked for (a cheap
     /// `PRAGMA data_version` read). In-process enqueues wake the dispatcher
-    /// at once. Default: 500 ms.
+    /// at once; once another process's commits bring events, the
+    /// dispatcher looks every 5 ms until a second passes without one, so
+    /// the interval sets the wait for the first event of a stream, not for
+    /// every event. Default: 500 ms.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
         self
