@@ -508,7 +508,7 @@ fn a_stream_from_another_connection_is_watched_closely() -> TestResult {
             [],
         )
     };
-    // The first is seen at a poll.
+    // The first is seen by the first claim or at a poll.
     insert()?;
     recv_n(&rx, 1)?;
     // The next ones, each well within the poll interval.

@@ -51,9 +51,10 @@ pub(super) fn poll_loop(
     let mut woken = false;
     let mut eager: Option<(Instant, Duration)> = None;
     // Until when to watch closely for other connections' commits, and
-    // whether this claim follows one.
+    // whether this claim follows one. The first claim does: what it finds
+    // was written before this dispatcher started.
     let mut watch_until: Option<Instant> = None;
-    let mut external = false;
+    let mut external = true;
     let mut backoff = Duration::from_millis(10);
     // The earliest time, known at the last claim, at which something becomes
     // claimable without any write (a delayed or retrying event falling due,
