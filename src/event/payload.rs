@@ -48,10 +48,7 @@ impl Payload {
     pub fn from_json(text: impl Into<String>) -> serde_json::Result<Self> {
         let text = text.into();
         serde_json::from_str::<IgnoredAny>(&text)?;
-        Ok(Payload {
-            text: text.into_boxed_str(),
-            value: OnceLock::new(),
-        })
+        Ok(Payload::checked(text.into_boxed_str()))
     }
 
     /// As [`Payload::from_json`], for bytes read from a row: `None` when
@@ -59,10 +56,15 @@ impl Payload {
     pub(crate) fn from_stored(bytes: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(bytes).ok()?;
         serde_json::from_str::<IgnoredAny>(text).ok()?;
-        Some(Payload {
-            text: text.into(),
+        Some(Payload::checked(text.into()))
+    }
+
+    /// Text already checked to be one JSON value, not yet parsed.
+    fn checked(text: Box<str>) -> Self {
+        Payload {
+            text,
             value: OnceLock::new(),
-        })
+        }
     }
 
     /// The JSON text, as stored.
@@ -73,20 +75,13 @@ impl Payload {
     /// The payload as a [`Value`], parsed on first use (what `*payload`
     /// gives).
     pub fn value(&self) -> &Value {
-        self.value.get_or_init(|| {
-            serde_json::from_str(&self.text)
-                .unwrap_or_else(|_| Value::String(self.text.to_string()))
-        })
+        self.value.get_or_init(|| parse(&self.text))
     }
 
     /// The payload as a [`Value`] of its own.
     pub fn into_value(self) -> Value {
-        match self.value.into_inner() {
-            Some(value) => value,
-            None => {
-                serde_json::from_str(&self.text).unwrap_or_else(|_| Value::String(self.text.into()))
-            }
-        }
+        let Payload { text, value } = self;
+        value.into_inner().unwrap_or_else(|| parse(&text))
     }
 
     /// The payload read as a `T`, straight from its text.
@@ -97,6 +92,12 @@ impl Payload {
     pub fn to<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
         serde_json::from_str(&self.text)
     }
+}
+
+/// `text` as a [`Value`]; well-formed JSON that a `Value` cannot hold
+/// becomes a JSON string of the text.
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
 }
 
 impl From<Value> for Payload {

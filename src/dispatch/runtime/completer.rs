@@ -96,14 +96,12 @@ pub(super) fn completer_loop(
 /// the workers finished while it last wrote. At a low rate nothing else is
 /// in hand when an outcome arrives, and it is written at once.
 fn gather(ctx: &Ctx, batch: &mut Vec<Outcome>, outcomes_rx: &Receiver<Outcome>) {
-    let target = ctx.batch_size.min(MAX_SETTLE_BATCH);
+    // The in-flight map still holds the events of this batch: every other
+    // event in it has an outcome on its way.
+    let in_hand = ctx.shared.inflight().len();
+    let target = ctx.batch_size.min(MAX_SETTLE_BATCH).min(in_hand);
     let deadline = Instant::now() + GATHER_WAIT;
     while batch.len() < target {
-        // The in-flight map still holds the events of this batch.
-        let coming = ctx.shared.inflight().len().saturating_sub(batch.len());
-        if coming == 0 {
-            return;
-        }
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
             return;
         };

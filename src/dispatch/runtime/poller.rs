@@ -127,10 +127,7 @@ pub(super) fn poll_loop(
         }
         woken = false;
 
-        let mut timeout = sleep_for(ctx, due_at, &mut eager);
-        if watch_until.is_some_and(|t| Instant::now() < t) {
-            timeout = timeout.min(WATCH_STEP);
-        }
+        let timeout = sleep_for(ctx, due_at, &mut eager, watch_until);
         match wakeups.wait(stop_rx, timeout) {
             Wake::Stop => break,
             Wake::Woken => {
@@ -245,12 +242,14 @@ fn try_send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) -> crate::Result<()> {
 }
 
 /// How long to sleep before looking again: the poll interval, cut short by
-/// the next due time, the next probe of a destination held back, and the
-/// eager look-out after an in-process wake-up (which this advances).
+/// the next due time, the next probe of a destination held back, the
+/// eager look-out after an in-process wake-up (which this advances), and
+/// the close watch on other connections until `watch_until`.
 fn sleep_for(
     ctx: &Ctx,
     due_at: Option<DateTime<Utc>>,
     eager: &mut Option<(Instant, Duration)>,
+    watch_until: Option<Instant>,
 ) -> Duration {
     let due_at = match (due_at, ctx.destinations.next_probe_at()) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -271,6 +270,9 @@ fn sleep_for(
             timeout = step;
             *eager = Some((end, (step * 2).min(Duration::from_millis(32))));
         }
+    }
+    if watch_until.is_some_and(|t| Instant::now() < t) {
+        timeout = timeout.min(WATCH_STEP);
     }
     timeout
 }
