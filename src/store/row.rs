@@ -112,6 +112,12 @@ impl Reader<'_, '_> {
     }
 
     fn uuid_opt(&mut self, column: usize) -> Option<Uuid> {
+        // The common case parsed in place, without a copy of the text.
+        if let Ok(ValueRef::Text(bytes)) = self.row.get_ref(column) {
+            if let Ok(u) = Uuid::try_parse_ascii(bytes) {
+                return Some(u);
+            }
+        }
         let text = self.text_opt(column)?;
         match Uuid::parse_str(&text) {
             Ok(u) => Some(u),

@@ -342,9 +342,10 @@ fn context(b: DispatcherBuilder) -> Ctx {
         max_run_time: b.max_run_time,
         max_age: b.max_age,
         batch_size: b.batch_size,
-        // Claimed events wait in the queue or run: one batch plus one per
-        // worker.
-        capacity: b.workers + b.batch_size,
+        // Claimed events wait in the queue or run: one per worker, and two
+        // batches, so that the workers have one to run while the outcomes
+        // of the other are written and its room claimed again.
+        capacity: b.workers + 2 * b.batch_size,
         poll_interval: b.poll_interval,
     }
 }

@@ -187,8 +187,8 @@ impl Wakeups {
     }
 }
 
-/// How many more events may be claimed: the capacity (workers plus one
-/// batch) less what is in flight.
+/// How many more events may be claimed: the capacity (workers plus two
+/// batches) less what is in flight.
 pub(super) fn room(ctx: &Ctx) -> usize {
     ctx.capacity.saturating_sub(ctx.shared.inflight().len())
 }

@@ -131,31 +131,35 @@ impl SqliteStore {
         let policy = &self.inner.policy;
         let now = clock::to_millis(self.now());
         let mut results = Vec::with_capacity(acks.len());
+        // Each statement is looked up once per batch, not once per ack.
+        let mut done = None;
+        let mut retry = None;
+        let mut fail = None;
+        let mut extend = None;
+        let mut release = None;
         for ack in acks {
             let l = &ack.lease;
-            let changed = match &ack.kind {
-                AckKind::Complete => tx
-                    .prepare_cached(ACK_DONE_SQL)?
-                    .execute(params![l.seq, l.token, now])?,
-                AckKind::Retry { error, delay } => {
-                    let wait =
-                        delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
-                    let next = clock::to_millis(clock::add(clock::from_millis(now), wait));
-                    tx.prepare_cached(ACK_RETRY_SQL)?
-                        .execute(params![l.seq, l.token, now, error, next])?
-                }
-                AckKind::Fail { error } => tx
-                    .prepare_cached(ACK_FAIL_SQL)?
-                    .execute(params![l.seq, l.token, now, error])?,
-                AckKind::Extend { by } => {
-                    let until = clock::to_millis(clock::add(clock::from_millis(now), *by));
-                    tx.prepare_cached(ACK_EXTEND_SQL)?
-                        .execute(params![l.seq, l.token, until])?
-                }
-                AckKind::Release => tx
-                    .prepare_cached(ACK_RELEASE_SQL)?
-                    .execute(params![l.seq, l.token])?,
-            };
+            let changed =
+                match &ack.kind {
+                    AckKind::Complete => cached(tx, &mut done, ACK_DONE_SQL)?
+                        .execute(params![l.seq, l.token, now])?,
+                    AckKind::Retry { error, delay } => {
+                        let wait =
+                            delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
+                        let next = clock::to_millis(clock::add(clock::from_millis(now), wait));
+                        cached(tx, &mut retry, ACK_RETRY_SQL)?
+                            .execute(params![l.seq, l.token, now, error, next])?
+                    }
+                    AckKind::Fail { error } => cached(tx, &mut fail, ACK_FAIL_SQL)?
+                        .execute(params![l.seq, l.token, now, error])?,
+                    AckKind::Extend { by } => {
+                        let until = clock::to_millis(clock::add(clock::from_millis(now), *by));
+                        cached(tx, &mut extend, ACK_EXTEND_SQL)?
+                            .execute(params![l.seq, l.token, until])?
+                    }
+                    AckKind::Release => cached(tx, &mut release, ACK_RELEASE_SQL)?
+                        .execute(params![l.seq, l.token])?,
+                };
             results.push(if changed == 1 {
                 Ok(())
             } else {
@@ -164,6 +168,19 @@ impl SqliteStore {
         }
         Ok(results)
     }
+}
+
+/// The statement in `slot`, prepared (from the connection's cache) on
+/// first use.
+fn cached<'s, 'c>(
+    tx: &'c Transaction<'_>,
+    slot: &'s mut Option<rusqlite::CachedStatement<'c>>,
+    sql: &str,
+) -> Result<&'s mut rusqlite::CachedStatement<'c>> {
+    Ok(match slot {
+        Some(s) => s,
+        None => slot.insert(tx.prepare_cached(sql)?),
+    })
 }
 
 /// Fails, in the claim's own transaction, every claimed row that cannot be
