@@ -88,6 +88,9 @@ pub enum ErrorKind {
     Io,
     /// Any other SQLite error.
     Sqlite,
+    /// Any other PostgreSQL error: the server could not be reached, the
+    /// connection dropped, or it refused a statement.
+    Postgres,
     /// The connection pool could not hand out a connection in time.
     Pool,
 }
@@ -222,6 +225,7 @@ impl Error {
             ErrorKind::InvalidInput { reason } => write!(f, "invalid input: {reason}"),
             ErrorKind::Io => f.write_str("I/O error"),
             ErrorKind::Sqlite => f.write_str("SQLite error"),
+            ErrorKind::Postgres => f.write_str("PostgreSQL error"),
             ErrorKind::Pool => f.write_str("no database connection available"),
         }
     }

@@ -118,6 +118,8 @@
 // with: use these paths (`sqlite_outbox::rusqlite::Connection`) and an app
 // cannot end up with a second, incompatible copy.
 pub use chrono;
+#[cfg(feature = "postgres")]
+pub use postgres;
 pub use rusqlite;
 pub use serde_json;
 pub use uuid;
@@ -146,6 +148,11 @@ pub use event::{
 pub use id::{EventId, ParseEventIdError};
 pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "postgres")]
+pub use store::postgres::{
+    PostgresStore, PostgresStoreBuilder, DEFAULT_POSTGRES_SCHEMA, POSTGRES_SCHEMA_SQL,
+    POSTGRES_SCHEMA_VERSION,
+};
 pub use store::schema::{SCHEMA_SQL, SCHEMA_VERSION};
 pub use store::sqlite::{
     Durability, SqliteStore, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT, DEFAULT_POOL_SIZE,

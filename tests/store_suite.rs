@@ -1036,6 +1036,15 @@ macro_rules! suite {
         mod sqlite {
             $( #[test] fn $name() -> super::TestResult { super::$name(&super::Fixture::sqlite()) } )*
         }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $( #[test] fn $name() -> super::TestResult {
+                match super::Fixture::postgres() {
+                    Some(f) => super::$name(&f),
+                    None => Ok(()),
+                }
+            } )*
+        }
     };
 }
 

@@ -22,6 +22,8 @@ mod ack;
 pub(crate) mod legacy;
 pub(crate) mod memory;
 mod operator;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 mod report;
 mod row;
 pub(crate) mod schema;
@@ -370,6 +372,13 @@ impl Notifier {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
             *last = [Some(std::time::Instant::now()), last[0]];
         }
+        self.wake();
+    }
+
+    /// Wakes the subscribers without counting an enqueue of this process
+    /// (another process's commit, heard of).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn wake(&self) {
         if let Ok(mut subs) = self.subscribers.lock() {
             // A full channel already holds a wake-up; a disconnected one
             // belongs to a dispatcher that is gone.

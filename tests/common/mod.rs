@@ -24,6 +24,9 @@ pub struct Fixture {
     pub clock: ManualClock,
     pub sqlite: Option<SqliteStore>,
     pub dir: Option<TempDir>,
+    /// The throwaway schema of a PostgreSQL fixture, dropped with it.
+    #[cfg(feature = "postgres")]
+    pub pg_schema: Option<pg::Schema>,
 }
 
 impl Fixture {
@@ -42,6 +45,8 @@ impl Fixture {
             clock,
             sqlite: None,
             dir: None,
+            #[cfg(feature = "postgres")]
+            pg_schema: None,
         }
     }
 
@@ -62,7 +67,36 @@ impl Fixture {
             clock,
             sqlite: Some(store),
             dir: Some(dir),
+            #[cfg(feature = "postgres")]
+            pg_schema: None,
         }
+    }
+
+    /// A store in a fresh schema of the PostgreSQL server named by
+    /// `OUTBOX_TEST_POSTGRES`, or `None` (the test skips) when it is not
+    /// set, outside CI.
+    #[cfg(feature = "postgres")]
+    pub fn postgres() -> Option<Self> {
+        Self::postgres_with(RetryPolicy::default())
+    }
+
+    #[cfg(feature = "postgres")]
+    pub fn postgres_with(policy: RetryPolicy) -> Option<Self> {
+        let schema = pg::Schema::fresh()?;
+        let clock = ManualClock::new();
+        let store = sqlite_outbox::PostgresStore::builder(&schema.url)
+            .schema(&schema.name)
+            .clock(Arc::new(clock.clone()))
+            .retry_policy(policy)
+            .build()
+            .expect("open the PostgreSQL store");
+        Some(Fixture {
+            store: Arc::new(store),
+            clock,
+            sqlite: None,
+            dir: None,
+            pg_schema: Some(schema),
+        })
     }
 
     /// The store as the dispatcher takes it (the core tier).
@@ -72,6 +106,71 @@ impl Fixture {
 
     pub fn advance(&self, d: Duration) {
         self.clock.advance(d);
+    }
+}
+
+/// A throwaway schema on the test server.
+#[cfg(feature = "postgres")]
+pub mod pg {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    /// The server's connection string, or `None` with one line saying how
+    /// to run these tests; in CI (`CI=true`) a missing server fails the
+    /// test instead.
+    pub fn url() -> Option<String> {
+        match std::env::var("OUTBOX_TEST_POSTGRES") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true but OUTBOX_TEST_POSTGRES is not set: the PostgreSQL tests \
+                     must run in CI (.ci/run starts a server with scripts/postgres.sh)"
+                );
+                println!(
+                    "SKIPPED: set OUTBOX_TEST_POSTGRES to a server's connection string \
+                     (eval \"$(scripts/postgres.sh start)\" starts one) to run the PostgreSQL tests"
+                );
+                None
+            }
+        }
+    }
+
+    /// A schema name no other test uses; dropped (with everything in it)
+    /// when this is.
+    #[derive(Debug)]
+    pub struct Schema {
+        pub url: String,
+        pub name: String,
+    }
+
+    impl Schema {
+        pub fn fresh() -> Option<Schema> {
+            let url = url()?;
+            let name = format!(
+                "t_{}_{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::SeqCst)
+            );
+            Some(Schema { url, name })
+        }
+
+        /// A plain client of the test server, as an app would have.
+        pub fn client(&self) -> sqlite_outbox::postgres::Client {
+            sqlite_outbox::postgres::Client::connect(&self.url, sqlite_outbox::postgres::NoTls)
+                .expect("connect to the test server")
+        }
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            if let Ok(mut c) =
+                sqlite_outbox::postgres::Client::connect(&self.url, sqlite_outbox::postgres::NoTls)
+            {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+            }
+        }
     }
 }
 

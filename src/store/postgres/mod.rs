@@ -1,0 +1,734 @@
+//! The outbox on a PostgreSQL server: the same API, guarantees and tests
+//! as [`crate::SqliteStore`], for apps that grow out of one file.
+//!
+//! Claims take a batch in one statement with `FOR UPDATE SKIP LOCKED`, so
+//! many dispatchers (on many machines) share one table without waiting on
+//! each other. An insert, by the crate or by plain SQL, notifies the
+//! schema's channel; a listener thread per store wakes its dispatchers in
+//! milliseconds, and polling stays as the fallback.
+
+mod listen;
+mod operator;
+mod sql;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use crossbeam_channel::Receiver;
+use postgres::{GenericClient, NoTls, Row};
+use r2d2_postgres::PostgresConnectionManager;
+
+use crate::clock::{self, Clock, SystemClock};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{Event, NewEvent, Payload, Status};
+use crate::id::EventId;
+use crate::retry::RetryPolicy;
+use crate::store::sealed::TypeFilter;
+use crate::store::{Ack, AckKind, Backlog, DestinationState, Notifier, Store, LEASE_EXPIRED_ERROR};
+use sql::Sql;
+
+/// The layout of the outbox's objects in its schema that this build writes
+/// (`schema.postgres.sql`); its `outbox_meta` row `schema_version` holds
+/// the layout a schema has.
+pub const POSTGRES_SCHEMA_VERSION: i64 = 1;
+
+/// The DDL of a fresh outbox on PostgreSQL, run in the chosen schema.
+pub const POSTGRES_SCHEMA_SQL: &str = include_str!("../../../schema.postgres.sql");
+
+/// The schema the outbox lives in unless the builder names another.
+pub const DEFAULT_POSTGRES_SCHEMA: &str = "outbox";
+
+type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+
+/// The durable outbox on a PostgreSQL server: events in one table of a
+/// schema of their own, shared by every process and machine that connects.
+/// Clones share one connection pool.
+///
+/// ```no_run
+/// use sqlite_outbox::{NewEvent, PostgresStore, Store};
+/// use serde_json::json;
+///
+/// let store = PostgresStore::open("postgres://app@localhost/app")?;
+///
+/// // The app's own write and the event commit together, or not at all.
+/// let mut client = postgres::Client::connect("postgres://app@localhost/app", postgres::NoTls)?;
+/// let mut tx = client.transaction()?;
+/// tx.execute("INSERT INTO users (email) VALUES ($1)", &[&"ada@example.com"])?;
+/// store.enqueue_tx(&mut tx, NewEvent::new("user.created", json!({"email": "ada@example.com"})))?;
+/// tx.commit()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    config: postgres::Config,
+    schema: String,
+    sql: Sql,
+    clock: Arc<dyn Clock>,
+    policy: RetryPolicy,
+    notifier: Arc<Notifier>,
+    listener: listen::Listener,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The config's own Debug leaves the password out.
+        f.debug_struct("PostgresStore")
+            .field("config", &self.inner.config)
+            .field("schema", &self.inner.schema)
+            .field("policy", &self.inner.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`PostgresStore`]: where to connect, which schema, and the
+/// store's clock and retry policy.
+#[derive(Debug)]
+pub struct PostgresStoreBuilder {
+    url: String,
+    schema: String,
+    pool_size: u32,
+    connect_timeout: Duration,
+    clock: Arc<dyn Clock>,
+    policy: RetryPolicy,
+}
+
+impl PostgresStoreBuilder {
+    /// The schema that holds the outbox's objects (created if missing):
+    /// lowercase ASCII letters, digits and `_`, starting with a letter or
+    /// `_`, at most 40 characters. Default: `outbox`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Connections in the pool. Default: 8.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// The longest to wait for a connection, from the pool or the server.
+    /// Default: 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The clock that times are taken from. Default: the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The retry policy for failed attempts.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Connects, and creates the outbox's objects in the schema if they are
+    /// missing (in one transaction, under an advisory lock, so processes
+    /// that start together create them once).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a URL or schema name that cannot be used;
+    /// `Postgres` when the server cannot be reached or refuses; `SchemaTooNew`
+    /// when the schema holds an outbox written by a newer build;
+    /// `NotAnOutbox` when it holds an `outbox_events` table that is not one.
+    pub fn build(self) -> Result<PostgresStore> {
+        check_schema_name(&self.schema)?;
+        let mut config = postgres::Config::from_str(&self.url).map_err(|e| {
+            Error::with_source(
+                ErrorKind::InvalidInput {
+                    reason: "the PostgreSQL connection string cannot be read".into(),
+                },
+                e,
+            )
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(self.connect_timeout);
+        }
+        config.application_name("sqlite-outbox");
+        let manager = PostgresConnectionManager::new(config.clone(), NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(self.pool_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(self.connect_timeout)
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(manager);
+        let mut client = pool.get().map_err(|e| pool_error(&e))?;
+        migrate(&mut client, &self.schema)?;
+        drop(client);
+        let notifier = Arc::new(Notifier::default());
+        let listener = listen::Listener::new(config.clone(), &self.schema, notifier.clone());
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Sql::new(&self.schema),
+                schema: self.schema,
+                config,
+                clock: self.clock,
+                policy: self.policy,
+                notifier,
+                listener,
+            }),
+        })
+    }
+}
+
+/// A schema name that needs no quoting anywhere it appears (SQL, channel
+/// names): nothing from it can reach a statement as SQL.
+fn check_schema_name(schema: &str) -> Result<()> {
+    let mut chars = schema.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if first_ok && rest_ok && schema.len() <= 40 && !schema.starts_with("pg_") {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "schema name {schema:?} is not usable: lowercase letters, digits and _, \
+             starting with a letter or _, at most 40 characters, not pg_*"
+        )))
+    }
+}
+
+/// Creates the outbox in `schema` if it is not there, or checks the one
+/// that is.
+fn migrate(client: &mut postgres::Client, schema: &str) -> Result<()> {
+    let mut tx = client.transaction()?;
+    // Two processes that start at once: the second waits, then finds it.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('sqlite-outbox:' || $1))",
+        &[&schema],
+    )?;
+    let meta: Option<String> = tx
+        .query_one(
+            "SELECT to_regclass(format('%I.outbox_meta', $1::text))::text",
+            &[&schema],
+        )?
+        .get(0);
+    if meta.is_none() {
+        let events: Option<String> = tx
+            .query_one(
+                "SELECT to_regclass(format('%I.outbox_events', $1::text))::text",
+                &[&schema],
+            )?
+            .get(0);
+        if events.is_some() {
+            return Err(Error::new(ErrorKind::NotAnOutbox {
+                reason: format!(
+                    "schema {schema} has an outbox_events table but no outbox_meta: \
+                     it is not an outbox this crate wrote"
+                ),
+            }));
+        }
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; SET LOCAL search_path TO {schema}, pg_catalog;"
+        ))?;
+        tx.batch_execute(POSTGRES_SCHEMA_SQL)?;
+        tx.commit()?;
+        return Ok(());
+    }
+    let version: Option<i64> = tx
+        .query_opt(
+            &format!("SELECT value FROM {schema}.outbox_meta WHERE key = 'schema_version'"),
+            &[],
+        )?
+        .map(|r| r.get(0));
+    match version {
+        Some(POSTGRES_SCHEMA_VERSION) => Ok(()),
+        Some(v) if v > POSTGRES_SCHEMA_VERSION => Err(Error::new(ErrorKind::SchemaTooNew {
+            found: v,
+            supported: POSTGRES_SCHEMA_VERSION,
+        })),
+        other => Err(Error::new(ErrorKind::NotAnOutbox {
+            reason: format!(
+                "schema {schema}'s outbox_meta holds schema_version {other:?}, which no build wrote"
+            ),
+        })),
+    }
+}
+
+fn pool_error(err: &r2d2::Error) -> Error {
+    Error::with_source(ErrorKind::Pool, err.to_string())
+}
+
+impl PostgresStore {
+    /// Opens (creating if needed) the outbox in schema `outbox` of the
+    /// database at `url`: a `postgres://` URL or `host=… user=…` key-value
+    /// pairs, as libpq takes them.
+    ///
+    /// # Errors
+    ///
+    /// As [`PostgresStoreBuilder::build`].
+    pub fn open(url: &str) -> Result<PostgresStore> {
+        PostgresStore::builder(url).build()
+    }
+
+    /// A builder for a store at `url`.
+    pub fn builder(url: &str) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            url: url.to_owned(),
+            schema: DEFAULT_POSTGRES_SCHEMA.to_owned(),
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(10),
+            clock: Arc::new(SystemClock),
+            policy: RetryPolicy::default(),
+        }
+    }
+
+    /// The schema that holds the outbox.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// Adds an event through the caller's client or transaction: inside a
+    /// `postgres::Transaction` it commits or rolls back with the app's own
+    /// writes. Dispatchers anywhere are woken when it commits.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` before anything is written for an invalid event;
+    /// database errors from the insert (which leave the caller's
+    /// transaction aborted, as any failed statement does).
+    pub fn enqueue_tx(&self, client: &mut impl GenericClient, event: NewEvent) -> Result<Event> {
+        let mut stored = self.enqueue_batch_tx(client, vec![event])?;
+        stored
+            .pop()
+            .ok_or_else(|| Error::invalid("nothing was enqueued"))
+    }
+
+    /// Adds many events through the caller's client or transaction.
+    /// Inside a transaction they join it; on a bare client they get one of
+    /// their own, all or none.
+    ///
+    /// # Errors
+    ///
+    /// As [`PostgresStore::enqueue_tx`]; one invalid event rejects them all.
+    pub fn enqueue_batch_tx(
+        &self,
+        client: &mut impl GenericClient,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Event>> {
+        let payloads = events
+            .iter()
+            .map(NewEvent::checked_payload)
+            .collect::<Result<Vec<_>>>()?;
+        let now = self.now();
+        let mut tx = client.transaction()?;
+        let mut stored = Vec::with_capacity(events.len());
+        for (event, payload) in events.into_iter().zip(&payloads) {
+            stored.push(self.insert(&mut tx, event, payload, now)?);
+        }
+        tx.commit()?;
+        self.inner.notifier.notify();
+        Ok(stored)
+    }
+
+    fn insert(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        event: NewEvent,
+        payload: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Event> {
+        let policy = &self.inner.policy;
+        let max_attempts = i64::from(event.max_attempts.unwrap_or_else(|| policy.max_attempts()));
+        let inserted = tx.query_opt(
+            &self.inner.sql.insert,
+            &[
+                &event.id.as_uuid(),
+                &event.event_type,
+                &payload,
+                &max_attempts,
+                &clock::to_millis(event.due_at(now)),
+                &event.correlation_id,
+                &event.org_id,
+                &event.user_id,
+                &event.ordering_key,
+                &event.idempotency_key,
+                &clock::to_millis(now),
+            ],
+        );
+        let inserted = inserted.map_err(|e| match e.code() {
+            Some(c) if is_invalid_data(c) || *c == postgres::error::SqlState::UNIQUE_VIOLATION => {
+                Error::with_source(
+                    ErrorKind::InvalidInput {
+                        reason: format!(
+                            "event {} could not be stored (duplicate id or invalid field)",
+                            event.id
+                        ),
+                    },
+                    e,
+                )
+            }
+            _ => Error::from(e),
+        })?;
+        if let Some(row) = inserted {
+            return Ok(event.into_pending(row.get(0), now, policy));
+        }
+        // The idempotency key is taken: return the event that holds it.
+        let existing = tx.query_opt(&self.inner.sql.select_by_key, &[&event.idempotency_key])?;
+        match existing {
+            Some(row) => Ok(decode(&row).0),
+            None => Err(Error::invalid(
+                "idempotency conflict without a stored event",
+            )),
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
+        self.inner.pool.get().map_err(|e| pool_error(&e))
+    }
+
+    /// Runs `f` in a transaction on a pooled connection and commits.
+    fn write<T>(&self, f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let out = f(&mut tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` on a pooled connection.
+    fn read<T>(&self, f: impl FnOnce(&mut postgres::Client) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn()?;
+        f(&mut conn)
+    }
+
+    /// Claims up to `limit` events in `tx`: expired leases on their last
+    /// attempt fail first, then due events and other expired leases are
+    /// leased, in (due time, enqueue order), skipping rows another claimer
+    /// has locked.
+    fn claim_in(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<Vec<Event>> {
+        let sql = &self.inner.sql;
+        let now = self.now();
+        let (now_ms, until_ms) = (
+            clock::to_millis(now),
+            clock::to_millis(clock::add(now, lease)),
+        );
+        let expired: bool = tx.query_one(&sql.any_expired, &[&now_ms])?.get(0);
+        if expired {
+            tx.execute(&sql.fail_expired, &[&now_ms, &LEASE_EXPIRED_ERROR])?;
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let only: Option<Vec<&str>> = filter.only.map(|t| t.iter().map(String::as_str).collect());
+        let skip: Option<Vec<&str>> =
+            (!filter.skip.is_empty()).then(|| filter.skip.iter().map(String::as_str).collect());
+        let text = if expired { &sql.claim } else { &sql.claim_due };
+        let rows = tx.query(text, &[&now_ms, &until_ms, &limit, &only, &skip])?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (event, problem) = decode(row);
+            match problem {
+                None => claimed.push(event),
+                Some(problem) => {
+                    let error = format!("the stored row cannot be read: {problem}");
+                    tracing::error!(seq = event.seq, error = %error, "outbox event set aside as failed");
+                    tx.execute(&sql.set_aside, &[&event.seq, &now_ms, &error])?;
+                }
+            }
+        }
+        claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
+        Ok(claimed)
+    }
+
+    /// Writes the fenced outcomes in `tx`, one result per ack.
+    fn settle_in(
+        &self,
+        tx: &mut postgres::Transaction<'_>,
+        acks: &[Ack],
+    ) -> Result<Vec<Result<()>>> {
+        let sql = &self.inner.sql;
+        let policy = &self.inner.policy;
+        let now = clock::to_millis(self.now());
+        let mut results = Vec::with_capacity(acks.len());
+        let mut released = false;
+        for ack in acks {
+            let l = &ack.lease;
+            let changed = match &ack.kind {
+                AckKind::Complete => tx.execute(&sql.ack_done, &[&l.seq, &l.token, &now])?,
+                AckKind::Retry { error, delay } => {
+                    let wait =
+                        delay.unwrap_or_else(|| policy.jittered_delay(l.attempt, l.seq as u64));
+                    let next = clock::to_millis(clock::add(clock::from_millis(now), wait));
+                    tx.execute(&sql.ack_retry, &[&l.seq, &l.token, &now, error, &next])?
+                }
+                AckKind::Fail { error } => {
+                    tx.execute(&sql.ack_fail, &[&l.seq, &l.token, &now, error])?
+                }
+                AckKind::Extend { by } => {
+                    let until = clock::to_millis(clock::add(clock::from_millis(now), *by));
+                    tx.execute(&sql.ack_extend, &[&l.seq, &l.token, &until])?
+                }
+                AckKind::Release => {
+                    released = true;
+                    tx.execute(&sql.ack_release, &[&l.seq, &l.token])?
+                }
+            };
+            results.push(if changed == 1 {
+                Ok(())
+            } else {
+                Err(Error::lease_lost(l.id, l.attempt))
+            });
+        }
+        if released {
+            // Events given back are claimable again: tell dispatchers
+            // elsewhere, as an insert does.
+            self.notify_others(tx)?;
+        }
+        Ok(results)
+    }
+
+    /// Wakes the dispatchers that listen on this schema, when `tx` commits.
+    fn notify_others(&self, tx: &mut postgres::Transaction<'_>) -> Result<()> {
+        tx.execute(
+            "SELECT pg_notify($1, '')",
+            &[&self.inner.listener.channel()],
+        )?;
+        Ok(())
+    }
+}
+
+/// Data the server refused as invalid: a check constraint, a NUL byte in
+/// text, a value out of range.
+fn is_invalid_data(code: &postgres::error::SqlState) -> bool {
+    use postgres::error::SqlState as S;
+    *code == S::CHECK_VIOLATION || *code == S::NOT_NULL_VIOLATION || code.code().starts_with("22")
+}
+
+/// Reads a row selected with `sql::COLUMNS`, with the first problem found:
+/// the server has checked types, JSON and statuses, so what is left is a
+/// number beyond what an event holds.
+fn decode(row: &Row) -> (Event, Option<String>) {
+    let mut problem = None;
+    let mut note = |what: String| {
+        if problem.is_none() {
+            problem = Some(what);
+        }
+    };
+    let count = |n: i64, name: &str, fallback: u32, note: &mut dyn FnMut(String)| {
+        u32::try_from(n).unwrap_or_else(|_| {
+            note(format!("column {name} is out of range"));
+            fallback
+        })
+    };
+    let payload_text: String = row.get(3);
+    let payload = match Payload::from_stored(payload_text.as_bytes()) {
+        Some(p) => p,
+        None => {
+            note("column payload is not valid JSON".into());
+            Payload::from(serde_json::Value::String(payload_text))
+        }
+    };
+    let status: String = row.get(4);
+    let status = status.parse().unwrap_or_else(|_| {
+        note("column status is not a known status".into());
+        Status::Pending
+    });
+    let time = |i| row.get::<_, Option<i64>>(i).map(clock::from_millis);
+    let event = Event {
+        seq: row.get(0),
+        id: EventId::from(row.get::<_, uuid::Uuid>(1)),
+        event_type: row.get(2),
+        payload,
+        status,
+        attempts: count(row.get(5), "attempts", 0, &mut note),
+        max_attempts: count(row.get(6), "max_attempts", 1, &mut note),
+        next_attempt_at: clock::from_millis(row.get(7)),
+        locked_at: time(8),
+        locked_until: time(9),
+        lease_token: row.get(10),
+        completed_at: time(11),
+        delivered_at: time(12),
+        last_error: row.get(13),
+        correlation_id: row.get(14),
+        org_id: row.get(15),
+        user_id: row.get(16),
+        ordering_key: row.get(17),
+        idempotency_key: row.get(18),
+        created_at: clock::from_millis(row.get(19)),
+    };
+    (event, problem)
+}
+
+impl Store for PostgresStore {
+    fn enqueue_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+        for event in &events {
+            event.checked_payload()?;
+        }
+        let mut conn = self.conn()?;
+        self.enqueue_batch_tx(&mut *conn, events)
+    }
+
+    fn find(&self, id: EventId) -> Result<Option<Event>> {
+        self.read(|c| {
+            Ok(c.query_opt(&self.inner.sql.select_by_id, &[&id.as_uuid()])?
+                .map(|r| decode(&r).0))
+        })
+    }
+
+    fn settle(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
+        if acks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(|tx| self.settle_in(tx, acks))
+    }
+
+    fn skip_backoff(&self, types: Option<&[String]>) -> Result<u64> {
+        let now = clock::to_millis(self.now());
+        let only: Option<Vec<&str>> = types.map(|t| t.iter().map(String::as_str).collect());
+        let n = self.write(|tx| {
+            let n = tx.execute(&self.inner.sql.skip_backoff, &[&now, &only])?;
+            if n > 0 {
+                self.notify_others(tx)?;
+            }
+            Ok(n)
+        })?;
+        if n > 0 {
+            self.inner.notifier.notify();
+        }
+        Ok(n)
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.policy
+    }
+}
+
+impl crate::store::sealed::Sealed for PostgresStore {
+    fn claim_where(
+        &self,
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<Vec<Event>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.write(|tx| self.claim_in(tx, limit, lease, filter))
+    }
+
+    fn settle_and_claim(
+        &self,
+        acks: &[Ack],
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+    ) -> Result<(Vec<Result<()>>, Vec<Event>)> {
+        self.write(|tx| {
+            let results = self.settle_in(tx, acks)?;
+            let claimed = if limit == 0 {
+                Vec::new()
+            } else {
+                self.claim_in(tx, limit, lease, filter)?
+            };
+            Ok((results, claimed))
+        })
+    }
+
+    fn backlog_where(&self, filter: &TypeFilter<'_>) -> Result<Backlog> {
+        let now = clock::to_millis(self.now());
+        let only: Option<Vec<&str>> = filter.only.map(|t| t.iter().map(String::as_str).collect());
+        let skip: Option<Vec<&str>> =
+            (!filter.skip.is_empty()).then(|| filter.skip.iter().map(String::as_str).collect());
+        self.read(|c| {
+            let row = c.query_one(&self.inner.sql.backlog, &[&now, &only, &skip])?;
+            Ok(Backlog {
+                due: row.get(0),
+                processing: row.get(1),
+                next_due_at: row.get::<_, Option<i64>>(2).map(clock::from_millis),
+            })
+        })
+    }
+
+    fn next_wakeup(&self, filter: &TypeFilter<'_>) -> Result<Option<DateTime<Utc>>> {
+        let now = clock::to_millis(self.now());
+        let only: Option<Vec<&str>> = filter.only.map(|t| t.iter().map(String::as_str).collect());
+        let skip: Option<Vec<&str>> =
+            (!filter.skip.is_empty()).then(|| filter.skip.iter().map(String::as_str).collect());
+        self.read(|c| {
+            let t: Option<i64> = c
+                .query_one(&self.inner.sql.next_wakeup, &[&now, &only, &skip])?
+                .get(0);
+            Ok(t.map(clock::from_millis))
+        })
+    }
+
+    fn has_external_changes(&self) -> Result<bool> {
+        Ok(self.inner.listener.take_changes())
+    }
+
+    fn subscribe(&self) -> Receiver<()> {
+        self.inner.listener.ensure_running();
+        self.inner.notifier.subscribe()
+    }
+
+    fn last_enqueues(&self) -> [Option<std::time::Instant>; 2] {
+        self.inner.notifier.last_two()
+    }
+
+    fn record_destination(&self, name: &str, state: Option<&DestinationState>) -> Result<()> {
+        let sql = &self.inner.sql;
+        self.write(|tx| {
+            match state {
+                Some(s) => tx.execute(
+                    &sql.upsert_destination,
+                    &[
+                        &name,
+                        &s.hold.as_str(),
+                        &clock::to_millis(s.since),
+                        &s.next_probe_at.map(clock::to_millis),
+                        &s.last_error.as_deref().map(crate::event::capped_error),
+                        &clock::to_millis(s.updated_at),
+                    ],
+                )?,
+                None => tx.execute(&sql.delete_destination, &[&name])?,
+            };
+            Ok(())
+        })
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(err: postgres::Error) -> Self {
+        use postgres::error::SqlState as S;
+        let kind = match err.code() {
+            Some(c) if *c == S::DISK_FULL => ErrorKind::DiskFull,
+            Some(c) if *c == S::READ_ONLY_SQL_TRANSACTION => ErrorKind::ReadOnly,
+            Some(c) if *c == S::LOCK_NOT_AVAILABLE || *c == S::T_R_DEADLOCK_DETECTED => {
+                ErrorKind::Busy
+            }
+            Some(c) if is_invalid_data(c) => ErrorKind::InvalidInput {
+                reason: "the server refused a value".into(),
+            },
+            _ => ErrorKind::Postgres,
+        };
+        Error::with_source(kind, err)
+    }
+}

@@ -1,0 +1,345 @@
+//! What operators do on PostgreSQL (stats, list, requeue, cancel, purge,
+//! erase) and the unfenced tier: the same statements as on SQLite.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use postgres::types::ToSql;
+
+use super::sql::NEW_TOKEN;
+use super::{decode, PostgresStore};
+use crate::clock;
+use crate::error::{Error, Result};
+use crate::event::{capped_error, Event, Status};
+use crate::id::EventId;
+use crate::store::legacy::UnfencedStore;
+use crate::store::{
+    DestinationState, Hold, ListFilter, Operator, Requeue, Stats, Store, Subject, DEFAULT_LEASE,
+};
+
+impl From<PostgresStore> for std::sync::Arc<dyn Store> {
+    fn from(store: PostgresStore) -> Self {
+        std::sync::Arc::new(store)
+    }
+}
+
+fn count_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl PostgresStore {
+    /// Runs `sql` (which names the event by `id = $1`, then `params`) and
+    /// maps "no row changed" to not found.
+    fn update_by_id(&self, id: EventId, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<()> {
+        let uuid = id.as_uuid();
+        let mut all: Vec<&(dyn ToSql + Sync)> = vec![&uuid];
+        all.extend_from_slice(params);
+        let n = self.write(|tx| Ok(tx.execute(sql, &all)?))?;
+        if n == 0 {
+            return Err(Error::not_found(id));
+        }
+        Ok(())
+    }
+}
+
+impl Operator for PostgresStore {
+    fn stats(&self) -> Result<Stats> {
+        let now = clock::to_millis(self.now());
+        let (e, d) = (&self.inner.sql.events, &self.inner.sql.destinations);
+        let mut conn = self.conn()?;
+        // One snapshot, so the counts agree with each other.
+        let mut tx = conn
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
+        let mut stats = Stats::default();
+        let rows = tx.query(
+            &format!(
+                "SELECT event_type, status, count(*),
+                        count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1)
+                 FROM {e} GROUP BY event_type, status"
+            ),
+            &[&now],
+        )?;
+        for row in rows {
+            let (event_type, status): (String, String) = (row.get(0), row.get(1));
+            let status = status.parse().unwrap_or(Status::Pending);
+            stats.add(
+                &event_type,
+                status,
+                count_u64(row.get(2)),
+                count_u64(row.get(3)),
+            );
+        }
+        let oldest: Option<i64> = tx
+            .query_one(
+                &format!(
+                    "SELECT min(next_attempt_at) FROM {e}
+                     WHERE status = 'pending' AND next_attempt_at <= $1"
+                ),
+                &[&now],
+            )?
+            .get(0);
+        stats.oldest_due_age =
+            oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+        let rows = tx.query(
+            &format!(
+                "SELECT name, hold, since, next_probe_at, last_error, updated_at
+                 FROM {d} ORDER BY name"
+            ),
+            &[],
+        )?;
+        for r in rows {
+            let hold = match r.get::<_, String>(1).as_str() {
+                "unreachable" => Hold::Unreachable,
+                "paused" => Hold::Paused,
+                _ => continue,
+            };
+            stats.destinations.push(DestinationState {
+                name: r.get(0),
+                hold,
+                since: clock::from_millis(r.get(2)),
+                next_probe_at: r.get::<_, Option<i64>>(3).map(clock::from_millis),
+                last_error: r.get(4),
+                updated_at: clock::from_millis(r.get(5)),
+            });
+        }
+        tx.commit()?;
+        Ok(stats)
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        let status = filter.status.map(|s| s.as_str());
+        let order = if filter.newest_first { "DESC" } else { "ASC" };
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT {} FROM {} AS t
+             WHERE ($1::text IS NULL OR t.status = $1) AND ($2::text IS NULL OR t.event_type = $2)
+               AND ($3::uuid IS NULL OR t.org_id = $3) AND ($4::uuid IS NULL OR t.user_id = $4)
+               AND ($5::text IS NULL OR t.correlation_id = $5)
+             ORDER BY t.seq {order} LIMIT $6",
+            self.inner.sql.columns, self.inner.sql.events
+        );
+        self.read(|c| {
+            let rows = c.query(
+                &sql,
+                &[
+                    &status,
+                    &filter.event_type,
+                    &filter.org_id,
+                    &filter.user_id,
+                    &filter.correlation_id,
+                    &limit,
+                ],
+            )?;
+            Ok(rows.iter().map(|r| decode(r).0).collect())
+        })
+    }
+
+    fn requeue(&self, which: Requeue) -> Result<u64> {
+        let now = clock::to_millis(self.now());
+        let e = &self.inner.sql.events;
+        let set = format!(
+            "UPDATE {e} SET status = 'pending', attempts = 0, next_attempt_at = $1,
+               completed_at = NULL WHERE status = 'failed'"
+        );
+        let n = self.write(|tx| {
+            let n = match &which {
+                Requeue::One(id) => {
+                    tx.execute(&format!("{set} AND id = $2"), &[&now, &id.as_uuid()])?
+                }
+                Requeue::Type(t) => {
+                    tx.execute(&format!("{set} AND event_type = $2"), &[&now, t])?
+                }
+                Requeue::All => tx.execute(&set, &[&now])?,
+            };
+            if n > 0 {
+                self.notify_others(tx)?;
+            }
+            Ok(n)
+        })?;
+        if let (Requeue::One(id), 0) = (&which, n) {
+            return match self.find(*id)? {
+                None => Err(Error::not_found(*id)),
+                Some(e) => Err(Error::invalid(format!(
+                    "event {id} is {}, not failed",
+                    e.status
+                ))),
+            };
+        }
+        if n > 0 {
+            self.inner.notifier.notify();
+        }
+        Ok(n)
+    }
+
+    fn cancel(&self, id: EventId, reason: &str) -> Result<()> {
+        let now = clock::to_millis(self.now());
+        let e = &self.inner.sql.events;
+        let changed = self.write(|tx| {
+            Ok(tx.execute(
+                &format!(
+                    "UPDATE {e} SET status = 'failed', completed_at = $2, last_error = $3,
+                       locked_at = NULL, locked_until = NULL, lease_token = NULL
+                     WHERE id = $1 AND status IN ('pending', 'processing')"
+                ),
+                &[&id.as_uuid(), &now, &capped_error(reason)],
+            )?)
+        })?;
+        if changed == 1 {
+            return Ok(());
+        }
+        match self.find(id)? {
+            None => Err(Error::not_found(id)),
+            Some(e) => Err(Error::invalid(format!(
+                "event {id} is already {}",
+                e.status
+            ))),
+        }
+    }
+
+    fn purge(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let e = &self.inner.sql.events;
+        self.write(|tx| {
+            Ok(tx.execute(
+                &format!("DELETE FROM {e} WHERE status IN ('done', 'failed') AND created_at < $1"),
+                &[&clock::to_millis(older_than)],
+            )?)
+        })
+    }
+
+    fn erase(&self, subject: Subject) -> Result<u64> {
+        let e = &self.inner.sql.events;
+        let (column, id) = match subject {
+            Subject::Org(org) => ("org_id", org),
+            Subject::User(user) => ("user_id", user),
+        };
+        self.write(|tx| Ok(tx.execute(&format!("DELETE FROM {e} WHERE {column} = $1"), &[&id])?))
+    }
+}
+
+impl UnfencedStore for PostgresStore {
+    fn mark_processing(&self, id: EventId) -> Result<()> {
+        let now = self.now();
+        let until = clock::add(now, DEFAULT_LEASE);
+        let e = &self.inner.sql.events;
+        let changed = self.write(|tx| {
+            Ok(tx.execute(
+                &format!(
+                    "UPDATE {e}
+                     SET attempts = attempts + CASE WHEN status = 'pending' THEN 1 ELSE 0 END,
+                         status = 'processing', locked_at = $2, locked_until = $3,
+                         lease_token = {NEW_TOKEN}
+                     WHERE id = $1 AND status IN ('pending', 'processing')"
+                ),
+                &[
+                    &id.as_uuid(),
+                    &clock::to_millis(now),
+                    &clock::to_millis(until),
+                ],
+            )?)
+        })?;
+        if changed == 0 {
+            return match self.find(id)? {
+                None => Err(Error::not_found(id)),
+                Some(e) => Err(Error::invalid(format!("event {id} is {}", e.status))),
+            };
+        }
+        Ok(())
+    }
+
+    fn mark_done(&self, id: EventId) -> Result<()> {
+        let e = &self.inner.sql.events;
+        self.update_by_id(
+            id,
+            &format!(
+                "UPDATE {e} SET status = 'done', completed_at = $2,
+                   locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = $1"
+            ),
+            &[&clock::to_millis(self.now())],
+        )
+    }
+
+    fn mark_delivered(&self, id: EventId) -> Result<()> {
+        let e = &self.inner.sql.events;
+        self.update_by_id(
+            id,
+            &format!("UPDATE {e} SET delivered_at = $2 WHERE id = $1"),
+            &[&clock::to_millis(self.now())],
+        )
+    }
+
+    fn mark_retry(&self, id: EventId, error: &str) -> Result<()> {
+        let now = self.now();
+        let policy = &self.inner.policy;
+        let e = &self.inner.sql.events;
+        let changed = self.write(|tx| {
+            let row = tx.query_opt(
+                &format!("SELECT seq, attempts FROM {e} WHERE id = $1 FOR UPDATE"),
+                &[&id.as_uuid()],
+            )?;
+            let Some(row) = row else {
+                return Ok(0);
+            };
+            let (seq, attempts): (i64, i64) = (row.get(0), row.get(1));
+            let wait = policy.jittered_delay(u32::try_from(attempts).unwrap_or(0), seq as u64);
+            Ok(tx.execute(
+                &format!(
+                    "UPDATE {e} SET last_error = $3,
+                       status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+                       completed_at = CASE WHEN attempts >= max_attempts THEN $2::bigint END,
+                       next_attempt_at = CASE WHEN attempts >= max_attempts THEN next_attempt_at
+                                         ELSE $4::bigint END,
+                       locked_at = NULL, locked_until = NULL, lease_token = NULL
+                     WHERE seq = $1"
+                ),
+                &[
+                    &seq,
+                    &clock::to_millis(now),
+                    &capped_error(error),
+                    &clock::to_millis(clock::add(now, wait)),
+                ],
+            )?)
+        })?;
+        if changed == 0 {
+            return Err(Error::not_found(id));
+        }
+        Ok(())
+    }
+
+    fn mark_failed(&self, id: EventId, error: &str) -> Result<()> {
+        let e = &self.inner.sql.events;
+        self.update_by_id(
+            id,
+            &format!(
+                "UPDATE {e} SET status = 'failed', completed_at = $2, last_error = $3,
+                   locked_at = NULL, locked_until = NULL, lease_token = NULL WHERE id = $1"
+            ),
+            &[&clock::to_millis(self.now()), &capped_error(error)],
+        )
+    }
+
+    fn count_pending(&self) -> Result<u64> {
+        self.count("pending")
+    }
+
+    fn count_failed(&self) -> Result<u64> {
+        self.count("failed")
+    }
+}
+
+impl PostgresStore {
+    fn count(&self, status: &str) -> Result<u64> {
+        let e = &self.inner.sql.events;
+        self.read(|c| {
+            let n: i64 = c
+                .query_one(
+                    &format!("SELECT count(*) FROM {e} WHERE status = $1"),
+                    &[&status],
+                )?
+                .get(0);
+            Ok(count_u64(n))
+        })
+    }
+}

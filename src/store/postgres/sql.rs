@@ -1,0 +1,193 @@
+//! The SQL texts of the PostgreSQL store, each written once, with the
+//! outbox's schema named in them (a caller's connection may have any
+//! `search_path`). Each state change of an event is one statement, as on
+//! SQLite (`store/sqlite/sql.rs`), with the same rules.
+
+/// Every column of an event, in the order `decode` reads them, from the
+/// table as `t`.
+const COLUMNS: &str = "t.seq, t.id, t.event_type, t.payload::text, t.status, t.attempts, \
+    t.max_attempts, t.next_attempt_at, t.locked_at, t.locked_until, t.lease_token, \
+    t.completed_at, t.delivered_at, t.last_error, t.correlation_id, t.org_id, t.user_id, \
+    t.ordering_key, t.idempotency_key, t.created_at";
+
+/// A fresh lease token: 64 random bits (near enough: `random()` has 52).
+pub(super) const NEW_TOKEN: &str =
+    "floor((random() - 0.5) * 18446744073709551616.0 * 0.999)::bigint";
+
+/// The statements, for one schema.
+#[derive(Debug)]
+pub(super) struct Sql {
+    /// The events table, schema-qualified.
+    pub(super) events: String,
+    /// The destinations table, schema-qualified.
+    pub(super) destinations: String,
+    /// Every column, from the events table as `t`.
+    pub(super) columns: &'static str,
+    pub(super) insert: String,
+    pub(super) select_by_id: String,
+    pub(super) select_by_key: String,
+    pub(super) any_expired: String,
+    pub(super) fail_expired: String,
+    pub(super) claim: String,
+    pub(super) claim_due: String,
+    pub(super) set_aside: String,
+    pub(super) ack_done: String,
+    pub(super) ack_retry: String,
+    pub(super) ack_fail: String,
+    pub(super) ack_extend: String,
+    pub(super) ack_release: String,
+    pub(super) backlog: String,
+    pub(super) next_wakeup: String,
+    pub(super) skip_backoff: String,
+    pub(super) upsert_destination: String,
+    pub(super) delete_destination: String,
+}
+
+/// The event types asked for (all when `$only` is NULL), minus those in
+/// `$skip` (none when NULL).
+fn type_ok(only: usize, skip: usize) -> String {
+    format!(
+        "(${only}::text[] IS NULL OR e.event_type = ANY(${only}::text[]))
+         AND (${skip}::text[] IS NULL OR e.event_type <> ALL(${skip}::text[]))"
+    )
+}
+
+/// An ordering-key event `e` is held back by another event `b` of its key
+/// that is earlier and unfinished, or that holds a live lease (`$now`).
+fn key_free(events: &str, now: usize) -> String {
+    format!(
+        "(e.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {events} AS b
+            WHERE b.ordering_key = e.ordering_key
+              AND b.status IN ('pending', 'processing')
+              AND b.seq <> e.seq
+              AND (b.seq < e.seq OR (b.status = 'processing' AND b.locked_until > ${now}::bigint))))"
+    )
+}
+
+impl Sql {
+    pub(super) fn new(schema: &str) -> Sql {
+        let e = format!("{schema}.outbox_events");
+        let fenced =
+            "WHERE seq = $1::bigint AND lease_token = $2::bigint AND status = 'processing'";
+        let unlease = "locked_at = NULL, locked_until = NULL, lease_token = NULL";
+        // Claims: $1 now, $2 lease end, $3 limit, $4 only, $5 skip.
+        let claimable = format!("{} AND {}", type_ok(4, 5), key_free(&e, 1));
+        let due = format!(
+            "SELECT e.seq, e.next_attempt_at FROM {e} AS e
+             WHERE e.status = 'pending' AND e.next_attempt_at <= $1::bigint AND {claimable}
+             ORDER BY e.next_attempt_at, e.seq LIMIT $3::bigint
+             FOR UPDATE OF e SKIP LOCKED"
+        );
+        let lapsed = format!(
+            "SELECT e.seq, e.next_attempt_at FROM {e} AS e
+             WHERE e.status = 'processing' AND e.locked_until <= $1::bigint AND {claimable}
+             ORDER BY e.next_attempt_at, e.seq LIMIT $3::bigint
+             FOR UPDATE OF e SKIP LOCKED"
+        );
+        let lease = |chosen: &str| {
+            format!(
+                "{chosen}
+                 UPDATE {e} AS t
+                 SET status = 'processing', attempts = t.attempts + 1, locked_at = $1::bigint,
+                     locked_until = $2::bigint, lease_token = {NEW_TOKEN}
+                 FROM chosen WHERE t.seq = chosen.seq
+                 RETURNING {COLUMNS}"
+            )
+        };
+        Sql {
+            insert: format!(
+                "INSERT INTO {e} (id, event_type, payload, status, attempts, max_attempts,
+                   next_attempt_at, correlation_id, org_id, user_id, ordering_key,
+                   idempotency_key, created_at)
+                 VALUES ($1, $2, CAST($3::text AS json), 'pending', 0, $4, $5, $6, $7, $8, $9,
+                   $10, $11)
+                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                 RETURNING seq"
+            ),
+            select_by_id: format!("SELECT {COLUMNS} FROM {e} AS t WHERE t.id = $1"),
+            select_by_key: format!("SELECT {COLUMNS} FROM {e} AS t WHERE t.idempotency_key = $1"),
+            any_expired: format!(
+                "SELECT EXISTS (SELECT 1 FROM {e}
+                 WHERE status = 'processing' AND locked_until <= $1::bigint)"
+            ),
+            fail_expired: format!(
+                "UPDATE {e} SET status = 'failed', completed_at = $1::bigint, last_error = $2,
+                   {unlease}
+                 WHERE status = 'processing' AND locked_until <= $1::bigint
+                   AND attempts >= max_attempts"
+            ),
+            claim: lease(&format!(
+                "WITH due AS ({due}), lapsed AS ({lapsed}),
+                 chosen AS (SELECT seq FROM (SELECT * FROM due UNION ALL SELECT * FROM lapsed) AS x
+                            ORDER BY next_attempt_at, seq LIMIT $3::bigint)"
+            )),
+            claim_due: lease(&format!("WITH chosen AS ({due})")),
+            set_aside: format!(
+                "UPDATE {e} SET status = 'failed', completed_at = $2::bigint, last_error = $3,
+                   {unlease}
+                 WHERE seq = $1::bigint"
+            ),
+            ack_done: format!(
+                "UPDATE {e} SET status = 'done', completed_at = $3::bigint, {unlease} {fenced}"
+            ),
+            ack_retry: format!(
+                "UPDATE {e} SET last_error = $4,
+                   status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+                   completed_at = CASE WHEN attempts >= max_attempts THEN $3::bigint END,
+                   next_attempt_at = CASE WHEN attempts >= max_attempts THEN next_attempt_at
+                                     ELSE $5::bigint END,
+                   {unlease} {fenced}"
+            ),
+            ack_fail: format!(
+                "UPDATE {e} SET status = 'failed', completed_at = $3::bigint, last_error = $4,
+                   {unlease} {fenced}"
+            ),
+            ack_extend: format!("UPDATE {e} SET locked_until = $3::bigint {fenced}"),
+            ack_release: format!(
+                "UPDATE {e} SET status = 'pending', attempts = greatest(attempts - 1, 0),
+                   {unlease} {fenced}"
+            ),
+            // $1 now, $2 only, $3 skip.
+            backlog: format!(
+                "SELECT
+                   EXISTS (SELECT 1 FROM {e} AS e
+                           WHERE e.status = 'pending' AND e.next_attempt_at <= $1::bigint
+                             AND {} AND {}),
+                   EXISTS (SELECT 1 FROM {e} AS e WHERE e.status = 'processing' AND {}),
+                   (SELECT min(e.next_attempt_at) FROM {e} AS e
+                    WHERE e.status = 'pending' AND e.next_attempt_at > $1::bigint AND {})",
+                type_ok(2, 3),
+                key_free(&e, 1),
+                type_ok(2, 3),
+                type_ok(2, 3)
+            ),
+            next_wakeup: format!(
+                "SELECT min(t) FROM (
+                   SELECT min(e.next_attempt_at) AS t FROM {e} AS e
+                   WHERE e.status = 'pending' AND e.next_attempt_at > $1::bigint AND {ok}
+                   UNION ALL
+                   SELECT min(e.locked_until) FROM {e} AS e
+                   WHERE e.status = 'processing' AND e.locked_until > $1::bigint AND {ok}) AS x",
+                ok = type_ok(2, 3)
+            ),
+            skip_backoff: format!(
+                "UPDATE {e} AS e SET next_attempt_at = $1::bigint
+                 WHERE e.status = 'pending' AND e.attempts > 0 AND e.next_attempt_at > $1::bigint
+                   AND ($2::text[] IS NULL OR e.event_type = ANY($2::text[]))"
+            ),
+            upsert_destination: format!(
+                "INSERT INTO {schema}.outbox_destinations
+                   (name, hold, since, next_probe_at, last_error, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (name) DO UPDATE SET hold = excluded.hold,
+                   since = excluded.since, next_probe_at = excluded.next_probe_at,
+                   last_error = excluded.last_error, updated_at = excluded.updated_at"
+            ),
+            delete_destination: format!("DELETE FROM {schema}.outbox_destinations WHERE name = $1"),
+            destinations: format!("{schema}.outbox_destinations"),
+            columns: COLUMNS,
+            events: e,
+        }
+    }
+}
