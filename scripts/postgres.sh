@@ -3,8 +3,10 @@
 # distribution's packages when missing, run as an unprivileged user (the
 # server refuses root), on a Unix socket in a temporary directory.
 #
-#   eval "$(scripts/postgres.sh start)"   # prints export OUTBOX_TEST_POSTGRES=... and PG_DIR=...
-#   scripts/postgres.sh stop "$PG_DIR"
+#   eval "$(scripts/postgres.sh start)"   # exports OUTBOX_TEST_POSTGRES (the connection
+#                                         # string) and OUTBOX_TEST_POSTGRES_DIR
+#   scripts/postgres.sh restart "$OUTBOX_TEST_POSTGRES_DIR"   # a server fault, for tests
+#   scripts/postgres.sh stop "$OUTBOX_TEST_POSTGRES_DIR"
 set -euo pipefail
 port=54329
 
@@ -31,8 +33,15 @@ start)
     "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
         -o "-k $dir -p $port -c listen_addresses='' -c fsync=on" start >&2 ||
         { cat "$dir/log" >&2; exit 1; }
-    echo "export PG_DIR=$dir"
+    echo "export OUTBOX_TEST_POSTGRES_DIR=$dir"
     echo "export OUTBOX_TEST_POSTGRES='host=$dir port=$port user=postgres dbname=postgres'"
+    ;;
+restart)
+    dir=${2:?the directory printed by start}
+    bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    as=()
+    if [ "$(id -u)" = 0 ]; then as=(runuser -u nobody --); fi
+    "${as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -m fast -w restart >&2
     ;;
 stop)
     dir=${2:?the directory printed by start}
@@ -43,7 +52,7 @@ stop)
     rm -rf "$dir"
     ;;
 *)
-    echo "usage: $0 start | stop DIR" >&2
+    echo "usage: $0 start | restart DIR | stop DIR" >&2
     exit 2
     ;;
 esac

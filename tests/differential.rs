@@ -1,7 +1,10 @@
-//! The SQLite store against the reference model: random sequences of
-//! operations, applied to both on one manual clock, must give the same
-//! results and leave the same events behind (lease tokens aside, which are
-//! random by design).
+//! The SQLite store (and the PostgreSQL store) against the reference
+//! model: random sequences of operations, applied to both on one manual
+//! clock, must give the same results and leave the same events behind
+//! (lease tokens aside, which are random by design).
+
+#[cfg(feature = "postgres")]
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,20 +87,36 @@ fn outcome<T>(r: &sqlite_outbox::Result<T>) -> String {
     }
 }
 
-fn run(ops: &[Op]) -> Result<(), TestCaseError> {
-    let fail = |e: &dyn std::fmt::Display| TestCaseError::fail(e.to_string());
+/// A store under test, and what must live as long as it (a directory, a
+/// schema).
+type Opened = (Box<dyn Operator>, Box<dyn std::any::Any>);
+
+fn fail(e: &dyn std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(e.to_string())
+}
+
+fn sqlite(clock: &ManualClock, policy: RetryPolicy) -> Result<Opened, TestCaseError> {
+    let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
+    let store = SqliteStore::builder(dir.path().join("d.db"))
+        .clock(Arc::new(clock.clone()))
+        .retry_policy(policy)
+        .build()
+        .map_err(|e| fail(&e))?;
+    Ok((Box::new(store), Box::new(dir)))
+}
+
+/// `run`'s ops against `open`'s store and the model.
+fn run(
+    ops: &[Op],
+    open: fn(&ManualClock, RetryPolicy) -> Result<Opened, TestCaseError>,
+) -> Result<(), TestCaseError> {
     let clock = ManualClock::new();
     let policy = RetryPolicy::from_schedule([Duration::from_secs(3), Duration::from_secs(20)]);
     let model = MemoryStore::builder()
         .clock(Arc::new(clock.clone()))
         .retry_policy(policy.clone())
         .build();
-    let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
-    let sqlite = SqliteStore::builder(dir.path().join("d.db"))
-        .clock(Arc::new(clock.clone()))
-        .retry_policy(policy)
-        .build()
-        .map_err(|e| fail(&e))?;
+    let (sqlite, _keep) = open(&clock, policy)?;
     // The leases each store handed out, in claim order.
     let (mut model_leases, mut sqlite_leases) = (Vec::new(), Vec::new());
     for (step, op) in ops.iter().enumerate() {
@@ -208,6 +227,30 @@ proptest! {
 
     #[test]
     fn sqlite_behaves_like_the_model(ops in prop::collection::vec(op(), 1..40)) {
-        run(&ops)?;
+        run(&ops, sqlite)?;
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn postgres(clock: &ManualClock, policy: RetryPolicy) -> Result<Opened, TestCaseError> {
+    let schema = common::pg::Schema::fresh().ok_or_else(|| fail(&"no server"))?;
+    let store = sqlite_outbox::PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .clock(Arc::new(clock.clone()))
+        .retry_policy(policy)
+        .build()
+        .map_err(|e| fail(&e))?;
+    Ok((Box::new(store), Box::new(schema)))
+}
+
+#[cfg(feature = "postgres")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn postgres_behaves_like_the_model(ops in prop::collection::vec(op(), 1..40)) {
+        if common::pg::url().is_some() {
+            run(&ops, postgres)?;
+        }
     }
 }

@@ -1,0 +1,325 @@
+//! `PostgresStore` on a real server (named by `OUTBOX_TEST_POSTGRES`):
+//! what only a server shows. Enqueue inside the app's own transaction,
+//! wake-ups from plain-SQL inserts, claimers that share one table through
+//! `SKIP LOCKED` (no double claims, per-key order), race-free idempotency
+//! keys, the schema as a guest. The behavioural suite and the differential
+//! test run on it too; `postgres_faults.rs` restarts the server.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use common::pg::Schema;
+use common::TestResult;
+use crossbeam_channel::unbounded;
+use serde_json::json;
+use sqlite_outbox::{Dispatcher, ErrorKind, Event, NewEvent, Operator, PostgresStore, Store};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn open(schema: &Schema) -> sqlite_outbox::Result<PostgresStore> {
+    PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .build()
+}
+
+#[test]
+fn enqueue_commits_and_rolls_back_with_the_apps_transaction() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let mut app = schema.client();
+    app.batch_execute("CREATE TEMP TABLE users (email text NOT NULL)")?;
+
+    let mut tx = app.transaction()?;
+    tx.execute("INSERT INTO users VALUES ('ada@example.com')", &[])?;
+    store.enqueue_tx(&mut tx, NewEvent::new("user.created", json!({"n": 1})))?;
+    tx.rollback()?;
+    assert_eq!(store.stats()?.pending, 0, "rolled back with the app's row");
+
+    let mut tx = app.transaction()?;
+    tx.execute("INSERT INTO users VALUES ('ada@example.com')", &[])?;
+    let stored = store.enqueue_tx(&mut tx, NewEvent::new("user.created", json!({"n": 2})))?;
+    // Not visible to others before the app commits.
+    assert!(store.find(stored.id)?.is_none());
+    tx.commit()?;
+    let found = store.find(stored.id)?.ok_or("committed event missing")?;
+    assert_eq!(found, stored);
+    let users: i64 = app.query_one("SELECT count(*) FROM users", &[])?.get(0);
+    assert_eq!(users, 1);
+
+    // An invalid event is refused before the app's transaction is touched.
+    let mut tx = app.transaction()?;
+    let err = store
+        .enqueue_tx(&mut tx, NewEvent::new("", json!({})))
+        .err()
+        .ok_or("an empty type was accepted")?;
+    assert!(
+        matches!(err.kind(), ErrorKind::InvalidInput { .. }),
+        "{err}"
+    );
+    tx.execute("INSERT INTO users VALUES ('grace@example.com')", &[])?;
+    tx.commit()?;
+    Ok(())
+}
+
+#[test]
+fn a_plain_sql_insert_wakes_a_dispatcher_in_milliseconds() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let (tx, rx) = unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(1)
+        .poll_interval(Duration::from_secs(30))
+        .handle("from.sql", move |e: &Event| {
+            tx.send((Instant::now(), e.payload.get().to_owned())).ok();
+            Ok(())
+        })
+        .start()?;
+    let mut other = schema.client();
+    // Spaced further apart than the poller's close watch lasts (1 s).
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let sent = Instant::now();
+        other.execute(
+            &format!(
+                "INSERT INTO {}.outbox_events (event_type, payload) VALUES ('from.sql', $1::text::json)",
+                schema.name
+            ),
+            &[&format!("{{\"i\": {i},  \"text as written\": true}}")],
+        )?;
+        let (handled, payload) = rx.recv_timeout(WAIT)?;
+        let took = handled.duration_since(sent);
+        assert!(
+            took < Duration::from_secs(2),
+            "event {i} took {took:?} under a 30 s poll"
+        );
+        assert_eq!(
+            payload,
+            format!("{{\"i\": {i},  \"text as written\": true}}")
+        );
+    }
+    assert!(dispatcher.shutdown(Duration::from_secs(10)).is_clean());
+    Ok(())
+}
+
+#[test]
+fn claimers_share_one_table_without_double_claims_and_keep_key_order() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let (n, keys) = (400usize, 8usize);
+    store.enqueue_batch(
+        (0..n)
+            .map(|i| {
+                NewEvent::new("t", json!({"i": i})).with_ordering_key(format!("k{}", i % keys))
+            })
+            .collect(),
+    )?;
+    // Each claimer has its own pool, as separate processes would.
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let handled: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+    let claimed: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+    let start = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (in_flight, handled, claimed, start) = (
+                in_flight.clone(),
+                handled.clone(),
+                claimed.clone(),
+                start.clone(),
+            );
+            let store = open(&schema);
+            std::thread::spawn(move || -> Result<(), String> {
+                let store = store.map_err(|e| e.to_string())?;
+                start.wait();
+                let deadline = Instant::now() + WAIT;
+                loop {
+                    let batch = store
+                        .claim(16, Duration::from_secs(60), None)
+                        .map_err(|e| e.to_string())?;
+                    if batch.is_empty() {
+                        if store.stats().map_err(|e| e.to_string())?.done == n as u64 {
+                            return Ok(());
+                        }
+                        if Instant::now() > deadline {
+                            return Err("not finished in time".into());
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    for e in &batch {
+                        let key = e.ordering_key.clone().ok_or("no key")?;
+                        *claimed
+                            .lock()
+                            .map_err(|e| e.to_string())?
+                            .entry(e.seq)
+                            .or_default() += 1;
+                        if !in_flight
+                            .lock()
+                            .map_err(|e| e.to_string())?
+                            .insert(key.clone())
+                        {
+                            return Err(format!("two events of {key} in flight"));
+                        }
+                    }
+                    for e in batch {
+                        let key = e.ordering_key.clone().ok_or("no key")?;
+                        handled
+                            .lock()
+                            .map_err(|e| e.to_string())?
+                            .push((key.clone(), e.seq));
+                        // Out of the set before the commit that frees the next.
+                        in_flight.lock().map_err(|e| e.to_string())?.remove(&key);
+                        store
+                            .complete(&e.lease().ok_or("no lease")?)
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| "claimer panicked")??;
+    }
+    let claimed = claimed.lock().map_err(|e| e.to_string())?;
+    assert_eq!(claimed.len(), n);
+    assert!(
+        claimed.values().all(|&c| c == 1),
+        "an event was claimed twice"
+    );
+    let handled = handled.lock().map_err(|e| e.to_string())?;
+    for k in 0..keys {
+        let seqs: Vec<i64> = handled
+            .iter()
+            .filter(|(key, _)| *key == format!("k{k}"))
+            .map(|(_, s)| *s)
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key k{k} out of order: {seqs:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn idempotency_keys_hold_across_racing_connections() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let start = Arc::new(Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let store = open(&schema);
+            let start = start.clone();
+            std::thread::spawn(move || -> Result<_, String> {
+                let store = store.map_err(|e| e.to_string())?;
+                start.wait();
+                store
+                    .enqueue(NewEvent::new("t", json!({"who": i})).with_idempotency_key("once"))
+                    .map(|e| e.id)
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for t in threads {
+        ids.insert(t.join().map_err(|_| "enqueuer panicked")??);
+    }
+    assert_eq!(ids.len(), 1, "every racer got the one event");
+    assert_eq!(store.stats()?.pending, 1);
+    Ok(())
+}
+
+#[test]
+fn the_outbox_is_a_guest_in_its_own_schema() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let mut admin = schema.client();
+    let outside =
+        |c: &mut sqlite_outbox::postgres::Client| -> Result<i64, sqlite_outbox::postgres::Error> {
+            Ok(c.query_one(
+                // Other tests' schemas, temporary tables and the TOAST tables
+                // of our own are left out.
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname <> $1 AND n.nspname NOT LIKE 't\\_%'
+               AND n.nspname NOT LIKE 'pg\\_temp%' AND n.nspname NOT LIKE 'pg\\_toast%'",
+                &[&schema.name],
+            )?
+            .get(0))
+        };
+    let before = outside(&mut admin)?;
+    let store = open(&schema)?;
+    store.enqueue(NewEvent::new("t", json!({})))?;
+    assert_eq!(
+        outside(&mut admin)?,
+        before,
+        "nothing created outside the schema"
+    );
+
+    // A newer layout is refused, and left as it is.
+    admin.execute(
+        &format!(
+            "UPDATE {}.outbox_meta SET value = 2 WHERE key = 'schema_version'",
+            schema.name
+        ),
+        &[],
+    )?;
+    let err = open(&schema).err().ok_or("a newer schema was opened")?;
+    assert!(
+        matches!(err.kind(), ErrorKind::SchemaTooNew { found: 2, .. }),
+        "{err}"
+    );
+
+    // Someone else's outbox_events is not taken for ours.
+    let Some(foreign) = Schema::fresh() else {
+        return Ok(());
+    };
+    admin.batch_execute(&format!(
+        "CREATE SCHEMA {0}; CREATE TABLE {0}.outbox_events (id int)",
+        foreign.name
+    ))?;
+    let err = open(&foreign).err().ok_or("a foreign table was taken")?;
+    assert!(matches!(err.kind(), ErrorKind::NotAnOutbox { .. }), "{err}");
+
+    // Names that would need quoting are refused before any SQL.
+    let err = PostgresStore::builder(&schema.url)
+        .schema("x; DROP TABLE y")
+        .build()
+        .err()
+        .ok_or("a bad schema name was used")?;
+    assert!(
+        matches!(err.kind(), ErrorKind::InvalidInput { .. }),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bad_url_or_an_absent_server_is_one_clear_error_without_the_password() -> TestResult {
+    let err = PostgresStore::builder("postgres://app:s3cret@127.0.0.1:1/app")
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .err()
+        .ok_or("connected to nothing")?;
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    let err = PostgresStore::open("postgres://[not a url")
+        .err()
+        .ok_or("a broken URL was accepted")?;
+    assert!(
+        matches!(err.kind(), ErrorKind::InvalidInput { .. }),
+        "{err}"
+    );
+    Ok(())
+}
