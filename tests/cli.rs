@@ -580,3 +580,52 @@ fn odd_operator_input_is_handled() -> TestResult {
     assert_eq!(store.find(e.id)?.map(|e| e.status), Some(Status::Done));
     Ok(())
 }
+
+/// Every command takes a PostgreSQL URL where it takes a file; the commands
+/// that only make sense on a file say so; a password never shows.
+#[test]
+fn the_same_commands_on_a_postgresql_server() -> TestResult {
+    let Some(schema) = common::pg::Schema::fresh() else {
+        return Ok(());
+    };
+    let url = std::path::Path::new(&schema.url);
+    let run = |args: &[&str]| {
+        let mut all = vec!["--schema", schema.name.as_str()];
+        all.extend_from_slice(args);
+        outbox(url, &all)
+    };
+    assert!(ok(&run(&["init"])?)?.contains("outbox ready"));
+    let id = ok(&run(&[
+        "enqueue",
+        "email.invite",
+        r#"{"to":"ada@example.com"}"#,
+    ])?)?
+    .trim()
+    .to_owned();
+    let stats = json_of(&run(&["--json", "stats"])?)?;
+    assert_eq!(stats["pending"].as_u64(), Some(1), "{stats}");
+    let shown = json_of(&run(&["--json", "show", &id])?)?;
+    assert_eq!(shown["payload"], json!({"to": "ada@example.com"}));
+    assert!(ok(&run(&["list"])?)?.contains("email.invite"));
+    let out = run(&["relay", "--exec", "cat > /dev/null", "--drain"])?;
+    assert!(ok(&out)?.contains("delivered 1"), "{}", stderr(&out));
+    let stats = json_of(&run(&["--json", "stats"])?)?;
+    assert_eq!(stats["done"].as_u64(), Some(1), "{stats}");
+    assert!(ok(&run(&["schema"])?)?.contains("FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()"));
+
+    let out = run(&["backup", "/tmp/never-written.db"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("pg_dump"), "{}", stderr(&out));
+
+    // A server that is not there: one line, exit 1, no password.
+    let out = outbox(
+        std::path::Path::new("postgres://app:s3cret@127.0.0.1:1/app?connect_timeout=2"),
+        &["stats"],
+    )?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(!err.contains("s3cret"), "{err}");
+    assert!(err.contains("postgres://app:***@127.0.0.1:1/app"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    Ok(())
+}

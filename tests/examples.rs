@@ -8,6 +8,31 @@ mod quickstart;
 #[path = "../examples/offline_sync.rs"]
 mod offline_sync;
 
+#[cfg(feature = "postgres")]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/grow_out.rs"]
+mod grow_out;
+
+#[cfg(feature = "postgres")]
+mod common;
+
+/// The same program on a SQLite file and on a PostgreSQL server.
+#[cfg(feature = "postgres")]
+#[test]
+fn grow_out_runs_unchanged_on_both_databases() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("orders.db");
+    assert_eq!(grow_out::run(path.to_str().ok_or("path")?, 200)?, 200);
+    if let Some(schema) = common::pg::Schema::fresh() {
+        let done = grow_out::run_in(&schema.url, &schema.name, 200);
+        schema
+            .client()
+            .batch_execute(&format!("DROP TABLE IF EXISTS {}_orders", schema.name))?;
+        assert_eq!(done?, 200);
+    }
+    Ok(())
+}
+
 #[test]
 fn quickstart_delivers_everything() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;

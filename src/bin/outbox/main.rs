@@ -11,18 +11,19 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 mod commands;
+mod db;
 mod output;
 mod relay;
 mod text;
 
 use clap::{Args, Parser, Subcommand};
 use sqlite_outbox::admin::parse_duration;
-use sqlite_outbox::{Status, SCHEMA_SQL};
+use sqlite_outbox::{Status, POSTGRES_SCHEMA_SQL, SCHEMA_SQL};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -32,9 +33,13 @@ use uuid::Uuid;
     about = "Operate a sqlite-outbox file and relay its events"
 )]
 struct Cli {
-    /// The outbox database file (or set OUTBOX_DB).
+    /// The outbox database file, or a PostgreSQL server's URL
+    /// (postgres://user@host/db, or host=... dbname=...) (or set OUTBOX_DB).
     #[arg(long, env = "OUTBOX_DB", global = true)]
     db: Option<PathBuf>,
+    /// On PostgreSQL, the schema that holds the outbox.
+    #[arg(long, env = "OUTBOX_SCHEMA", global = true, default_value = "outbox")]
+    schema: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -46,7 +51,8 @@ struct Cli {
 enum Command {
     /// Create the outbox schema in the file (or check an existing one).
     Init,
-    /// Print the schema (the table contract for other languages).
+    /// Print the schema (the table contract for other languages): the
+    /// PostgreSQL one when --db names a server.
     Schema,
     /// Counts per status and per event type.
     Stats,
@@ -177,9 +183,21 @@ impl Failure {
     }
 }
 
-/// An error as one line: the library's `Display` already names the cause.
+/// An error as one line: the library's `Display` names the cause, and
+/// what lies below it (a refused connection under a PostgreSQL error) is
+/// added unless already said.
 fn describe(err: &sqlite_outbox::Error) -> String {
-    err.to_string()
+    let mut text = err.to_string();
+    let mut next = std::error::Error::source(err);
+    while let Some(e) = next {
+        let line = e.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        next = e.source();
+    }
+    text
 }
 
 fn main() -> ExitCode {
@@ -201,13 +219,18 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<(), Failure> {
     if let Command::Schema = cli.command {
-        print!("{SCHEMA_SQL}");
+        // The layout of the database --db names: a file's, or a server's.
+        match cli.db.as_deref().map(|d| db::Db::new(d, &cli.schema)) {
+            Some(db::Db::Server { .. }) => print!("{POSTGRES_SCHEMA_SQL}"),
+            _ => print!("{SCHEMA_SQL}"),
+        }
         return Ok(());
     }
     let db = cli
         .db
         .as_deref()
         .ok_or_else(|| Failure::usage("no database: give --db PATH or set OUTBOX_DB"))?;
+    let db = &db::Db::new(db, &cli.schema);
     let json = cli.json;
     match &cli.command {
         Command::Schema => Ok(()),
@@ -227,14 +250,5 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Purge { older_than } => commands::change::purge(db, json, *older_than),
         Command::Erase { org, user } => commands::change::erase(db, json, *org, *user),
         Command::Relay(a) => relay::run(db, json, a),
-    }
-}
-
-/// Turns a library error about `db` into a failure: exit 2 for input the
-/// user can fix, 1 otherwise.
-fn failed(db: &Path) -> impl Fn(sqlite_outbox::Error) -> Failure + '_ {
-    move |e| {
-        let code = if e.is_invalid_input() { 2 } else { 1 };
-        Failure(format!("{}: {}", db.display(), describe(&e)), code)
     }
 }

@@ -2,12 +2,11 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::path::Path;
 
 use serde_json::Value;
-use sqlite_outbox::{EventId, SqliteStore};
+use sqlite_outbox::EventId;
 
-use crate::{describe, Failure};
+use crate::Failure;
 
 pub(crate) fn output(
     json_mode: bool,
@@ -69,23 +68,4 @@ pub(crate) fn read_payload(arg: &str) -> Result<String, Failure> {
     } else {
         Ok(arg.to_owned())
     }
-}
-
-/// Read commands never create a file.
-pub(crate) fn open_read(db: &Path) -> Result<SqliteStore, Failure> {
-    if !db.exists() {
-        return Err(Failure(format!("{}: no such file", db.display()), 1));
-    }
-    SqliteStore::builder(db)
-        .read_only(true)
-        .build()
-        .map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))
-}
-
-/// Commands that change an existing outbox never create one either.
-pub(crate) fn open_write(db: &Path) -> Result<SqliteStore, Failure> {
-    if !db.exists() {
-        return Err(Failure(format!("{}: no such file", db.display()), 1));
-    }
-    SqliteStore::open(db).map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))
 }

@@ -165,7 +165,10 @@ impl PostgresStoreBuilder {
             .connection_timeout(self.connect_timeout)
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(manager);
-        let mut client = pool.get().map_err(|e| pool_error(&e))?;
+        // The first connection is made directly: a server that is not
+        // there is reported at once, with its cause, not after the pool's
+        // timeout.
+        let mut client = config.connect(NoTls)?;
         migrate(&mut client, &self.schema)?;
         drop(client);
         let notifier = Arc::new(Notifier::default());

@@ -1,19 +1,19 @@
 //! Commands that change events: `enqueue`, `requeue`, `cancel`, `purge`,
 //! `erase`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
 use sqlite_outbox::admin::event_json;
-use sqlite_outbox::{NewEvent, Operator, Requeue, SqliteStore, Store, Subject};
+use sqlite_outbox::{NewEvent, Requeue, Subject};
 use uuid::Uuid;
 
-use crate::output::{open_write, output, parse_id, read_payload};
-use crate::{describe, failed, EnqueueArgs, Failure};
+use crate::db::Db;
+use crate::output::{output, parse_id, read_payload};
+use crate::{describe, EnqueueArgs, Failure};
 
-pub(crate) fn enqueue(db: &Path, json_mode: bool, a: &EnqueueArgs) -> Result<(), Failure> {
-    let fail = failed(db);
+pub(crate) fn enqueue(db: &Db, json_mode: bool, a: &EnqueueArgs) -> Result<(), Failure> {
+    let fail = |e: sqlite_outbox::Error| db.fail(&e);
     let text = read_payload(&a.payload)?;
     let mut event = NewEvent::from_json(a.event_type.clone(), &text)
         .map_err(|e| Failure::usage(describe(&e)))?;
@@ -38,19 +38,19 @@ pub(crate) fn enqueue(db: &Path, json_mode: bool, a: &EnqueueArgs) -> Result<(),
     if let Some(n) = a.max_attempts {
         event = event.with_max_attempts(n);
     }
-    let store = SqliteStore::open(db).map_err(&fail)?;
+    let store = db.open_or_create()?;
     let stored = store.enqueue(event).map_err(&fail)?;
     output(json_mode, event_json(&stored), || stored.id.to_string())
 }
 
 pub(crate) fn requeue(
-    db: &Path,
+    db: &Db,
     json_mode: bool,
     id: Option<&str>,
     failed_ones: bool,
     event_type: Option<&str>,
 ) -> Result<(), Failure> {
-    let fail = failed(db);
+    let fail = |e: sqlite_outbox::Error| db.fail(&e);
     let which = match (id, failed_ones) {
         (Some(id), false) => Requeue::One(parse_id(id)?),
         (None, true) => match event_type {
@@ -59,25 +59,25 @@ pub(crate) fn requeue(
         },
         _ => return Err(Failure::usage("give either an event ID or --failed")),
     };
-    let n = open_write(db)?.requeue(which).map_err(&fail)?;
+    let n = db.open_write()?.requeue(which).map_err(&fail)?;
     output(json_mode, json!({"requeued": n}), || {
         format!("requeued {n} event(s)")
     })
 }
 
-pub(crate) fn cancel(db: &Path, json_mode: bool, id: &str, reason: &str) -> Result<(), Failure> {
+pub(crate) fn cancel(db: &Db, json_mode: bool, id: &str, reason: &str) -> Result<(), Failure> {
     let id = parse_id(id)?;
-    open_write(db)?
+    db.open_write()?
         .cancel(id, reason)
-        .map_err(|e| Failure(format!("{}: {}", db.display(), describe(&e)), 1))?;
+        .map_err(|e| Failure(format!("{}: {}", db, describe(&e)), 1))?;
     output(json_mode, json!({"cancelled": id}), || {
         format!("event {id} cancelled: it is failed now")
     })
 }
 
-pub(crate) fn purge(db: &Path, json_mode: bool, older_than: Duration) -> Result<(), Failure> {
-    let fail = failed(db);
-    let store = open_write(db)?;
+pub(crate) fn purge(db: &Db, json_mode: bool, older_than: Duration) -> Result<(), Failure> {
+    let fail = |e: sqlite_outbox::Error| db.fail(&e);
+    let store = db.open_write()?;
     let cutoff = chrono::Duration::from_std(older_than)
         .ok()
         .and_then(|d| sqlite_outbox::Clock::now(&sqlite_outbox::SystemClock).checked_sub_signed(d))
@@ -92,13 +92,13 @@ pub(crate) fn purge(db: &Path, json_mode: bool, older_than: Duration) -> Result<
 }
 
 pub(crate) fn erase(
-    db: &Path,
+    db: &Db,
     json_mode: bool,
     org: Option<Uuid>,
     user: Option<Uuid>,
 ) -> Result<(), Failure> {
-    let fail = failed(db);
-    let store = open_write(db)?;
+    let fail = |e: sqlite_outbox::Error| db.fail(&e);
+    let store = db.open_write()?;
     let (n, whose) = match (org, user) {
         (Some(o), _) => (
             store.erase(Subject::Org(o)).map_err(&fail)?,

@@ -1,18 +1,18 @@
 //! Commands that look: `stats`, `list`, `show`.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use serde_json::Value;
 use sqlite_outbox::admin::{event_json, format_duration, stats_json};
-use sqlite_outbox::{ListFilter, Operator, Store};
+use sqlite_outbox::ListFilter;
 
-use crate::output::{open_read, output, parse_id, table};
-use crate::{failed, text, Failure, ListArgs};
+use crate::db::Db;
+use crate::output::{output, parse_id, table};
+use crate::{text, Failure, ListArgs};
 
-pub(crate) fn stats(db: &Path, json_mode: bool) -> Result<(), Failure> {
-    let fail = failed(db);
-    let stats = open_read(db)?.stats().map_err(&fail)?;
+pub(crate) fn stats(db: &Db, json_mode: bool) -> Result<(), Failure> {
+    let fail = |e: sqlite_outbox::Error| db.fail(&e);
+    let stats = db.open_read()?.stats().map_err(&fail)?;
     output(json_mode, stats_json(&stats), || {
         let mut t = String::new();
         let _ = writeln!(
@@ -84,8 +84,8 @@ pub(crate) fn stats(db: &Path, json_mode: bool) -> Result<(), Failure> {
     })
 }
 
-pub(crate) fn list(db: &Path, json_mode: bool, a: &ListArgs) -> Result<(), Failure> {
-    let fail = failed(db);
+pub(crate) fn list(db: &Db, json_mode: bool, a: &ListArgs) -> Result<(), Failure> {
+    let fail = |e: sqlite_outbox::Error| db.fail(&e);
     let filter = ListFilter {
         status: a.status,
         event_type: a.event_type.clone(),
@@ -95,7 +95,7 @@ pub(crate) fn list(db: &Path, json_mode: bool, a: &ListArgs) -> Result<(), Failu
         limit: a.limit,
         newest_first: a.newest,
     };
-    let events = open_read(db)?.list(&filter).map_err(&fail)?;
+    let events = db.open_read()?.list(&filter).map_err(&fail)?;
     output(
         json_mode,
         Value::from(events.iter().map(event_json).collect::<Vec<_>>()),
@@ -130,13 +130,14 @@ pub(crate) fn list(db: &Path, json_mode: bool, a: &ListArgs) -> Result<(), Failu
     )
 }
 
-pub(crate) fn show(db: &Path, json_mode: bool, id: &str) -> Result<(), Failure> {
-    let fail = failed(db);
+pub(crate) fn show(db: &Db, json_mode: bool, id: &str) -> Result<(), Failure> {
+    let fail = |e: sqlite_outbox::Error| db.fail(&e);
     let id = parse_id(id)?;
-    let event = open_read(db)?
+    let event = db
+        .open_read()?
         .find(id)
         .map_err(&fail)?
-        .ok_or_else(|| Failure(format!("{}: no event with id {id}", db.display()), 1))?;
+        .ok_or_else(|| Failure(format!("{}: no event with id {id}", db), 1))?;
     let value = event_json(&event);
     output(json_mode, value.clone(), || {
         let mut t = String::new();

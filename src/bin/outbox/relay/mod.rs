@@ -5,7 +5,7 @@ mod exec;
 mod http;
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +15,10 @@ use serde_json::{json, Value};
 use sqlite_outbox::admin::format_duration;
 use sqlite_outbox::{
     Backlog, Dispatcher, DispatcherBuilder, Event, HandlerError, Operator, RetryPolicy,
-    ShutdownReport, SqliteStore, Store,
+    ShutdownReport, Store,
 };
 
+use crate::db::Db;
 use crate::{describe, duration_arg, Failure};
 
 /// The exit code of `--drain` when it stopped with events failed during the
@@ -158,19 +159,13 @@ fn collect_headers(a: &RelayArgs) -> Result<Vec<(String, String)>, Failure> {
         .collect()
 }
 
-pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failure> {
+pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure> {
     init_logging(a.verbose);
-    let fail = |e: sqlite_outbox::Error| Failure(format!("{}: {}", db.display(), describe(&e)), 1);
-    if !db.exists() {
-        return Err(Failure(format!("{}: no such file", db.display()), 1));
-    }
+    let fail = |e: sqlite_outbox::Error| Failure(format!("{}: {}", db, describe(&e)), 1);
     // Everything the operator gave is checked before anything is claimed.
     let running = Arc::new(exec::Running::default());
     let (handler, target) = delivery(a, &running)?;
-    let store = SqliteStore::builder(db)
-        .retry_policy(policy(a))
-        .build()
-        .map_err(fail)?;
+    let store = db.open_write_with(policy(a))?;
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     // Without a handler SIGINT kills the process; with one, in-flight
@@ -188,7 +183,7 @@ pub(crate) fn run(db: &Path, json_mode: bool, a: &RelayArgs) -> Result<(), Failu
         .start()
         .map_err(fail)?;
     tracing::info!(
-        db = %db.display(),
+        db = %db,
         to = %target,
         types = ?a.types,
         workers = a.workers,
@@ -294,8 +289,12 @@ fn policy(a: &RelayArgs) -> RetryPolicy {
 
 /// A dispatcher that hands the chosen types (all when none were given) to
 /// the delivery.
-fn dispatcher(store: &SqliteStore, a: &RelayArgs, handler: &Arc<DeliverFn>) -> DispatcherBuilder {
-    let mut builder = Dispatcher::builder(store.clone())
+fn dispatcher(
+    store: &Arc<dyn Operator>,
+    a: &RelayArgs,
+    handler: &Arc<DeliverFn>,
+) -> DispatcherBuilder {
+    let mut builder = Dispatcher::builder(store.clone() as Arc<dyn Store>)
         .workers(a.workers)
         .poll_interval(a.poll)
         .lease(a.lease)
@@ -350,7 +349,7 @@ type DeliverFn = dyn Fn(&Event) -> Result<(), HandlerError> + Send + Sync;
 /// left to do; returns the backlog it stopped on (`None` when stopped by a
 /// signal).
 fn watch(
-    store: &SqliteStore,
+    store: &Arc<dyn Operator>,
     dispatcher: &Dispatcher,
     stop: &AtomicBool,
     a: &RelayArgs,

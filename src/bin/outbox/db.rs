@@ -1,0 +1,221 @@
+//! What `--db` names: an outbox file, or a PostgreSQL server (a
+//! `postgres://` URL or libpq's `host=… dbname=…`), and how to open it.
+//! A server's password never appears in anything printed.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sqlite_outbox::{Operator, PostgresStore, RetryPolicy, SqliteStore};
+
+use crate::{describe, Failure};
+
+pub(crate) enum Db {
+    File(PathBuf),
+    Server {
+        url: String,
+        schema: String,
+        /// The URL without its password, for messages.
+        shown: String,
+    },
+}
+
+impl Db {
+    pub(crate) fn new(db: &Path, schema: &str) -> Db {
+        match db.to_str() {
+            Some(url) if is_server(url) => Db::Server {
+                url: url.to_owned(),
+                schema: schema.to_owned(),
+                shown: without_password(url),
+            },
+            _ => Db::File(db.to_owned()),
+        }
+    }
+
+    /// Opens an existing outbox to read: a file is never created, nor
+    /// written to.
+    pub(crate) fn open_read(&self) -> Result<Arc<dyn Operator>, Failure> {
+        match self {
+            Db::File(path) => {
+                if !path.exists() {
+                    return Err(Failure(format!("{self}: no such file"), 1));
+                }
+                let store = SqliteStore::builder(path)
+                    .read_only(true)
+                    .build()
+                    .map_err(|e| self.fail(&e))?;
+                Ok(Arc::new(store))
+            }
+            Db::Server { .. } => self.open_server(RetryPolicy::default()),
+        }
+    }
+
+    /// Opens an existing outbox to change it: a file is never created.
+    pub(crate) fn open_write(&self) -> Result<Arc<dyn Operator>, Failure> {
+        self.open_write_with(RetryPolicy::default())
+    }
+
+    /// As `open_write`, with the retry policy of the store.
+    pub(crate) fn open_write_with(
+        &self,
+        policy: RetryPolicy,
+    ) -> Result<Arc<dyn Operator>, Failure> {
+        match self {
+            Db::File(path) => {
+                if !path.exists() {
+                    return Err(Failure(format!("{self}: no such file"), 1));
+                }
+                let store = SqliteStore::builder(path)
+                    .retry_policy(policy)
+                    .build()
+                    .map_err(|e| self.fail(&e))?;
+                Ok(Arc::new(store))
+            }
+            Db::Server { .. } => self.open_server(policy),
+        }
+    }
+
+    /// Opens the outbox, creating it if missing (a file, or the objects in
+    /// the server's schema).
+    pub(crate) fn open_or_create(&self) -> Result<Arc<dyn Operator>, Failure> {
+        match self {
+            Db::File(path) => Ok(Arc::new(
+                SqliteStore::open(path).map_err(|e| self.fail(&e))?,
+            )),
+            Db::Server { .. } => self.open_server(RetryPolicy::default()),
+        }
+    }
+
+    /// The outbox file, for the commands that work on one.
+    pub(crate) fn file(&self, command: &str) -> Result<&Path, Failure> {
+        match self {
+            Db::File(path) => Ok(path),
+            Db::Server { .. } => Err(Failure::usage(format!(
+                "{command} works on an outbox file; on PostgreSQL use the server's own tools \
+                 (pg_dump for a copy, amcheck for damage)"
+            ))),
+        }
+    }
+
+    fn open_server(&self, policy: RetryPolicy) -> Result<Arc<dyn Operator>, Failure> {
+        let Db::Server { url, schema, .. } = self else {
+            return Err(Failure("not a server".into(), 1));
+        };
+        let store = PostgresStore::builder(url)
+            .schema(schema)
+            .retry_policy(policy)
+            .build()
+            .map_err(|e| self.fail(&e))?;
+        Ok(Arc::new(store))
+    }
+
+    /// A library error about this outbox: exit 2 for input the user can
+    /// fix, 1 otherwise.
+    pub(crate) fn fail(&self, err: &sqlite_outbox::Error) -> Failure {
+        let code = if err.is_invalid_input() { 2 } else { 1 };
+        Failure(format!("{self}: {}", describe(err)), code)
+    }
+}
+
+impl fmt::Display for Db {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Db::File(path) => write!(f, "{}", path.display()),
+            Db::Server { shown, schema, .. } => write!(f, "{shown} (schema {schema})"),
+        }
+    }
+}
+
+fn is_server(db: &str) -> bool {
+    db.starts_with("postgres://")
+        || db.starts_with("postgresql://")
+        || db
+            .split_whitespace()
+            .any(|w| w.starts_with("host=") || w.starts_with("dbname="))
+}
+
+/// The connection string with any password left out.
+fn without_password(url: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return match url::Url::parse(url) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                let query: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "password" {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                if !query.is_empty() {
+                    u.query_pairs_mut().clear().extend_pairs(query);
+                }
+                u.to_string()
+            }
+            // Unreadable: show nothing of it that could be a secret.
+            Err(_) => "a PostgreSQL URL that cannot be read".into(),
+        };
+    }
+    // key=value pairs; a quoted value may hold spaces.
+    let mut out = Vec::new();
+    let mut words = url.split_whitespace();
+    while let Some(w) = words.next() {
+        if let Some(v) = w.strip_prefix("password=") {
+            out.push("password=***".to_owned());
+            if v.starts_with('\'') && !(v.len() > 1 && v.ends_with('\'')) {
+                for rest in words.by_ref() {
+                    if rest.ends_with('\'') {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(w.to_owned());
+        }
+    }
+    out.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_never_shown() {
+        for (url, shown) in [
+            ("postgres://app:s3cret@db/app", "postgres://app:***@db/app"),
+            (
+                "postgresql://app@db/app?password=s3cret&sslmode=disable",
+                "postgresql://app@db/app?password=***&sslmode=disable",
+            ),
+            (
+                "host=/tmp port=5 password=s3cret user=x",
+                "host=/tmp port=5 password=*** user=x",
+            ),
+            (
+                "host=/tmp password='s3 cr et' user=x",
+                "host=/tmp password=*** user=x",
+            ),
+            (
+                "postgres://app:s3cret@[bad",
+                "a PostgreSQL URL that cannot be read",
+            ),
+        ] {
+            assert_eq!(without_password(url), shown);
+        }
+    }
+
+    #[test]
+    fn servers_and_files_are_told_apart() {
+        assert!(is_server("postgres://x/y"));
+        assert!(is_server("host=/tmp dbname=app"));
+        assert!(!is_server("app.db"));
+        assert!(!is_server("./host=1.db"));
+    }
+}
