@@ -6,7 +6,9 @@
 //! cargo bench --bench outbox -- --json F     # also write the rows as JSON
 //! cargo bench --bench outbox -- --only G     # one group: enqueue, dispatch,
 //!                                            # contention, latency, scaling, memory, idle,
-//!                                            # offline, schema
+//!                                            # offline, schema, postgres (with
+//!                                            # --features postgres and a server
+//!                                            # in OUTBOX_TEST_POSTGRES)
 //! ```
 //!
 //! Every figure is paired with a raw-rusqlite baseline doing the same SQL
@@ -33,6 +35,8 @@ mod idle;
 mod latency;
 mod memory;
 mod offline;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod scaling;
 mod schema;
 
@@ -130,7 +134,8 @@ fn main() -> Res<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     type Group = fn(&Config, &Path, &mut Vec<Row>) -> Res<()>;
-    let groups: [(&str, Group); 9] = [
+    #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+    let mut groups: Vec<(&str, Group)> = vec![
         ("enqueue", enqueue::enqueue_benches),
         ("dispatch", dispatch::dispatch_benches),
         ("contention", contention::contention_benches),
@@ -141,6 +146,8 @@ fn main() -> Res<()> {
         ("offline", offline::offline_benches),
         ("schema", schema::schema_benches),
     ];
+    #[cfg(feature = "postgres")]
+    groups.push(("postgres", postgres::postgres_benches));
     let mut rows = Vec::new();
     for (name, run) in groups {
         if only.as_deref().is_none_or(|o| o == name) {

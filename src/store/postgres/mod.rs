@@ -7,6 +7,7 @@
 //! schema's channel; a listener thread per store wakes its dispatchers in
 //! milliseconds, and polling stays as the fallback.
 
+mod conn;
 mod listen;
 mod operator;
 mod sql;
@@ -18,8 +19,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use crossbeam_channel::Receiver;
+use postgres::types::Type;
 use postgres::{GenericClient, NoTls, Row};
-use r2d2_postgres::PostgresConnectionManager;
 
 use crate::clock::{self, Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
@@ -41,7 +42,8 @@ pub const POSTGRES_SCHEMA_SQL: &str = include_str!("../../../schema.postgres.sql
 /// The schema the outbox lives in unless the builder names another.
 pub const DEFAULT_POSTGRES_SCHEMA: &str = "outbox";
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+type Pool = r2d2::Pool<conn::Manager>;
+type Tx<'c> = conn::Session<'c, postgres::Transaction<'c>>;
 
 /// The durable outbox on a PostgreSQL server: events in one table of a
 /// schema of their own, shared by every process and machine that connects.
@@ -158,10 +160,16 @@ impl PostgresStoreBuilder {
             config.connect_timeout(self.connect_timeout);
         }
         config.application_name("sqlite-outbox");
-        let manager = PostgresConnectionManager::new(config.clone(), NoTls);
+        let manager = conn::Manager {
+            config: config.clone(),
+        };
         let pool = r2d2::Pool::builder()
             .max_size(self.pool_size.max(1))
             .min_idle(Some(0))
+            // A dropped connection fails its next statement (which the
+            // caller retries) and is then discarded: no test query per
+            // checkout.
+            .test_on_check_out(false)
             .connection_timeout(self.connect_timeout)
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(manager);
@@ -296,6 +304,19 @@ impl PostgresStore {
         &self.inner.schema
     }
 
+    /// The text of one of the store's statements (`insert`, `claim_due`,
+    /// `ack_done`), for the benchmark's raw loops, which run the same SQL.
+    #[doc(hidden)]
+    pub fn statement_text(&self, name: &str) -> Option<&str> {
+        let sql = &self.inner.sql;
+        Some(match name {
+            "insert" => &sql.insert,
+            "claim_due" => &sql.claim_due,
+            "ack_done" => &sql.ack_done,
+            _ => return None,
+        })
+    }
+
     /// Adds an event through the caller's client or transaction: inside a
     /// `postgres::Transaction` it commits or rolls back with the app's own
     /// writes. Dispatchers anywhere are woken when it commits.
@@ -329,39 +350,66 @@ impl PostgresStore {
             .map(NewEvent::checked_payload)
             .collect::<Result<Vec<_>>>()?;
         let now = self.now();
-        let mut tx = client.transaction()?;
-        let mut stored = Vec::with_capacity(events.len());
-        for (event, payload) in events.into_iter().zip(&payloads) {
-            stored.push(self.insert(&mut tx, event, payload, now)?);
-        }
-        tx.commit()?;
+        let stored = if events.len() == 1 {
+            // One statement is all or nothing by itself.
+            let mut insert = |sql: &str, p: &[(&(dyn postgres::types::ToSql + Sync), Type)]| {
+                client.query_typed(sql, p)
+            };
+            events
+                .into_iter()
+                .zip(&payloads)
+                .map(|(event, payload)| self.insert(&mut insert, event, payload, now))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            let mut tx = client.transaction()?;
+            let mut insert = |sql: &str, p: &[(&(dyn postgres::types::ToSql + Sync), Type)]| {
+                tx.query_typed(sql, p)
+            };
+            let stored = events
+                .into_iter()
+                .zip(&payloads)
+                .map(|(event, payload)| self.insert(&mut insert, event, payload, now))
+                .collect::<Result<Vec<_>>>()?;
+            tx.commit()?;
+            stored
+        };
         self.inner.notifier.notify();
         Ok(stored)
     }
 
+    /// Inserts one checked event through `run` (a typed query: one round
+    /// trip, on any client) and returns it as stored.
     fn insert(
         &self,
-        tx: &mut postgres::Transaction<'_>,
+        run: &mut dyn FnMut(
+            &str,
+            &[(&(dyn postgres::types::ToSql + Sync), Type)],
+        ) -> std::result::Result<Vec<Row>, postgres::Error>,
         event: NewEvent,
         payload: &str,
         now: DateTime<Utc>,
     ) -> Result<Event> {
         let policy = &self.inner.policy;
         let max_attempts = i64::from(event.max_attempts.unwrap_or_else(|| policy.max_attempts()));
-        let inserted = tx.query_opt(
+        let (id, due, created) = (
+            event.id.as_uuid(),
+            clock::to_millis(event.due_at(now)),
+            clock::to_millis(now),
+        );
+        let inserted = run(
             &self.inner.sql.insert,
             &[
-                &event.id.as_uuid(),
-                &event.event_type,
-                &payload,
-                &max_attempts,
-                &clock::to_millis(event.due_at(now)),
-                &event.correlation_id,
-                &event.org_id,
-                &event.user_id,
-                &event.ordering_key,
-                &event.idempotency_key,
-                &clock::to_millis(now),
+                (&id, Type::UUID),
+                (&event.event_type, Type::TEXT),
+                (&payload, Type::TEXT),
+                (&max_attempts, Type::INT8),
+                (&due, Type::INT8),
+                (&event.correlation_id, Type::TEXT),
+                (&event.org_id, Type::UUID),
+                (&event.user_id, Type::UUID),
+                (&event.ordering_key, Type::TEXT),
+                (&event.idempotency_key, Type::TEXT),
+                (&created, Type::INT8),
             ],
         );
         let inserted = inserted.map_err(|e| match e.code() {
@@ -378,13 +426,16 @@ impl PostgresStore {
             }
             _ => Error::from(e),
         })?;
-        if let Some(row) = inserted {
+        if let Some(row) = inserted.first() {
             return Ok(event.into_pending(row.get(0), now, policy));
         }
         // The idempotency key is taken: return the event that holds it.
-        let existing = tx.query_opt(&self.inner.sql.select_by_key, &[&event.idempotency_key])?;
-        match existing {
-            Some(row) => Ok(decode(&row).0),
+        let existing = run(
+            &self.inner.sql.select_by_key,
+            &[(&event.idempotency_key, Type::TEXT)],
+        )?;
+        match existing.first() {
+            Some(row) => Ok(decode(row).0),
             None => Err(Error::invalid(
                 "idempotency conflict without a stored event",
             )),
@@ -395,12 +446,12 @@ impl PostgresStore {
         self.inner.clock.now()
     }
 
-    fn conn(&self) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> {
+    fn conn(&self) -> Result<r2d2::PooledConnection<conn::Manager>> {
         self.inner.pool.get().map_err(|e| pool_error(&e))
     }
 
     /// Runs `f` in a transaction on a pooled connection and commits.
-    fn write<T>(&self, f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T>) -> Result<T> {
+    fn write<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         let out = f(&mut tx)?;
@@ -409,9 +460,12 @@ impl PostgresStore {
     }
 
     /// Runs `f` on a pooled connection.
-    fn read<T>(&self, f: impl FnOnce(&mut postgres::Client) -> Result<T>) -> Result<T> {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut conn::Session<'_, &mut postgres::Client>) -> Result<T>,
+    ) -> Result<T> {
         let mut conn = self.conn()?;
-        f(&mut conn)
+        f(&mut conn.session())
     }
 
     /// Claims up to `limit` events in `tx`: expired leases on their last
@@ -420,7 +474,7 @@ impl PostgresStore {
     /// has locked.
     fn claim_in(
         &self,
-        tx: &mut postgres::Transaction<'_>,
+        tx: &mut Tx<'_>,
         limit: usize,
         lease: Duration,
         filter: &TypeFilter<'_>,
@@ -458,11 +512,7 @@ impl PostgresStore {
     }
 
     /// Writes the fenced outcomes in `tx`, one result per ack.
-    fn settle_in(
-        &self,
-        tx: &mut postgres::Transaction<'_>,
-        acks: &[Ack],
-    ) -> Result<Vec<Result<()>>> {
+    fn settle_in(&self, tx: &mut Tx<'_>, acks: &[Ack]) -> Result<Vec<Result<()>>> {
         let sql = &self.inner.sql;
         let policy = &self.inner.policy;
         let now = clock::to_millis(self.now());
@@ -505,7 +555,7 @@ impl PostgresStore {
     }
 
     /// Wakes the dispatchers that listen on this schema, when `tx` commits.
-    fn notify_others(&self, tx: &mut postgres::Transaction<'_>) -> Result<()> {
+    fn notify_others(&self, tx: &mut Tx<'_>) -> Result<()> {
         tx.execute(
             "SELECT pg_notify($1, '')",
             &[&self.inner.listener.channel()],
@@ -582,7 +632,7 @@ impl Store for PostgresStore {
             event.checked_payload()?;
         }
         let mut conn = self.conn()?;
-        self.enqueue_batch_tx(&mut *conn, events)
+        self.enqueue_batch_tx(&mut conn.client, events)
     }
 
     fn find(&self, id: EventId) -> Result<Option<Event>> {

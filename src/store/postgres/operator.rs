@@ -49,6 +49,7 @@ impl Operator for PostgresStore {
         let mut conn = self.conn()?;
         // One snapshot, so the counts agree with each other.
         let mut tx = conn
+            .client
             .build_transaction()
             .isolation_level(postgres::IsolationLevel::RepeatableRead)
             .read_only(true)
