@@ -34,7 +34,7 @@ impl PostgresStore {
         let uuid = id.as_uuid();
         let mut all: Vec<&(dyn ToSql + Sync)> = vec![&uuid];
         all.extend_from_slice(params);
-        let n = self.write(|tx| Ok(tx.execute(sql, &all)?))?;
+        let n = self.write(|tx| tx.execute(sql, &all))?;
         if n == 0 {
             return Err(Error::not_found(id));
         }
@@ -179,14 +179,14 @@ impl Operator for PostgresStore {
         let now = clock::to_millis(self.now());
         let e = &self.inner.sql.events;
         let changed = self.write(|tx| {
-            Ok(tx.execute(
+            tx.execute(
                 &format!(
                     "UPDATE {e} SET status = 'failed', completed_at = $2, last_error = $3,
                        locked_at = NULL, locked_until = NULL, lease_token = NULL
                      WHERE id = $1 AND status IN ('pending', 'processing')"
                 ),
                 &[&id.as_uuid(), &now, &capped_error(reason)],
-            )?)
+            )
         })?;
         if changed == 1 {
             return Ok(());
@@ -203,10 +203,10 @@ impl Operator for PostgresStore {
     fn purge(&self, older_than: DateTime<Utc>) -> Result<u64> {
         let e = &self.inner.sql.events;
         self.write(|tx| {
-            Ok(tx.execute(
+            tx.execute(
                 &format!("DELETE FROM {e} WHERE status IN ('done', 'failed') AND created_at < $1"),
                 &[&clock::to_millis(older_than)],
-            )?)
+            )
         })
     }
 
@@ -216,7 +216,7 @@ impl Operator for PostgresStore {
             Subject::Org(org) => ("org_id", org),
             Subject::User(user) => ("user_id", user),
         };
-        self.write(|tx| Ok(tx.execute(&format!("DELETE FROM {e} WHERE {column} = $1"), &[&id])?))
+        self.write(|tx| tx.execute(&format!("DELETE FROM {e} WHERE {column} = $1"), &[&id]))
     }
 }
 
@@ -226,7 +226,7 @@ impl UnfencedStore for PostgresStore {
         let until = clock::add(now, DEFAULT_LEASE);
         let e = &self.inner.sql.events;
         let changed = self.write(|tx| {
-            Ok(tx.execute(
+            tx.execute(
                 &format!(
                     "UPDATE {e}
                      SET attempts = attempts + CASE WHEN status = 'pending' THEN 1 ELSE 0 END,
@@ -239,7 +239,7 @@ impl UnfencedStore for PostgresStore {
                     &clock::to_millis(now),
                     &clock::to_millis(until),
                 ],
-            )?)
+            )
         })?;
         if changed == 0 {
             return match self.find(id)? {
@@ -285,7 +285,7 @@ impl UnfencedStore for PostgresStore {
             };
             let (seq, attempts): (i64, i64) = (row.get(0), row.get(1));
             let wait = policy.jittered_delay(u32::try_from(attempts).unwrap_or(0), seq as u64);
-            Ok(tx.execute(
+            tx.execute(
                 &format!(
                     "UPDATE {e} SET last_error = $3,
                        status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
@@ -301,7 +301,7 @@ impl UnfencedStore for PostgresStore {
                     &capped_error(error),
                     &clock::to_millis(clock::add(now, wait)),
                 ],
-            )?)
+            )
         })?;
         if changed == 0 {
             return Err(Error::not_found(id));
