@@ -45,6 +45,14 @@ pub const DEFAULT_POSTGRES_SCHEMA: &str = "outbox";
 type Pool = r2d2::Pool<conn::Manager>;
 type Tx<'c> = conn::Session<'c, postgres::Transaction<'c>>;
 
+/// A statement and its parameters with their types, run in one round trip
+/// on whatever client the caller gave.
+type TypedQuery<'q> = dyn FnMut(
+        &str,
+        &[(&(dyn postgres::types::ToSql + Sync), Type)],
+    ) -> std::result::Result<Vec<Row>, postgres::Error>
+    + 'q;
+
 /// The durable outbox on a PostgreSQL server: events in one table of a
 /// schema of their own, shared by every process and machine that connects.
 /// Clones share one connection pool.
@@ -381,10 +389,7 @@ impl PostgresStore {
     /// trip, on any client) and returns it as stored.
     fn insert(
         &self,
-        run: &mut dyn FnMut(
-            &str,
-            &[(&(dyn postgres::types::ToSql + Sync), Type)],
-        ) -> std::result::Result<Vec<Row>, postgres::Error>,
+        run: &mut TypedQuery<'_>,
         event: NewEvent,
         payload: &str,
         now: DateTime<Utc>,
