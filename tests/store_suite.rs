@@ -423,6 +423,34 @@ fn settle_reports_each_ack(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+/// Many completions in one settle, as a dispatcher writes them: each gets
+/// the result it would get alone, in order; a lease named twice completes
+/// once, and a stale one changes nothing.
+fn a_batch_of_completions_reports_each_in_order(f: &Fixture) -> TestResult {
+    for _ in 0..4 {
+        f.store.enqueue(ev("t"))?;
+    }
+    let claimed = f.store.claim(4, LEASE, None)?;
+    let l: Vec<_> = claimed.iter().filter_map(Event::lease).collect();
+    assert_eq!(l.len(), 4);
+    f.store.complete(&l[2])?;
+    let results = f.store.settle(&[
+        Ack::complete(l[0]),
+        Ack::complete(l[1]),
+        Ack::complete(l[1]),
+        Ack::complete(l[2]),
+        Ack::release(l[0]),
+        Ack::complete(l[3]),
+    ])?;
+    let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+    assert_eq!(ok, [true, true, false, false, false, true]);
+    assert!(results[2].as_ref().unwrap_err().is_lease_lost());
+    for e in &claimed {
+        assert_eq!(get(f, e)?.status, Status::Done);
+    }
+    Ok(())
+}
+
 fn extend_keeps_the_event(f: &Fixture) -> TestResult {
     let e = f.store.enqueue(ev("t"))?;
     let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
@@ -1072,6 +1100,7 @@ suite!(
     late_acks_are_fenced,
     fencing_survives_purge_and_id_reuse,
     settle_reports_each_ack,
+    a_batch_of_completions_reports_each_in_order,
     extend_keeps_the_event,
     release_gives_back_the_attempt,
     poison_event_fails_after_max_attempts,

@@ -166,22 +166,24 @@ fn dispatch_ours(f: &Fresh, n: usize, workers: usize) -> Res<f64> {
 }
 
 /// The fastest plain loop doing the same work: one transaction completes
-/// the last batch (the store's fenced `UPDATE`, prepared) and claims the
-/// next (the store's claim, prepared), single-threaded.
+/// the last batch (the store's fenced `UPDATE` of many, prepared) and
+/// claims the next (the store's claim, prepared), single-threaded.
 fn dispatch_raw(f: &Fresh, n: usize) -> Res<f64> {
     let store = f.store()?;
     fill(&store, n)?;
     let mut c = f.client()?;
     let claim = c.prepare(store.statement_text("claim_due").ok_or("no claim")?)?;
-    let done = c.prepare(store.statement_text("ack_done").ok_or("no ack")?)?;
+    let done = c.prepare(store.statement_text("ack_done_all").ok_or("no ack")?)?;
     let batch = sqlite_outbox::DEFAULT_BATCH_SIZE as i64;
     let t = Instant::now();
     let (mut finished, mut held): (usize, Vec<(i64, i64)>) = (0, Vec::new());
     loop {
         let now = chrono::Utc::now().timestamp_millis();
         let mut tx = c.transaction()?;
-        for (seq, token) in &held {
-            tx.execute(&done, &[seq, token, &now])?;
+        if !held.is_empty() {
+            let seqs: Vec<i64> = held.iter().map(|h| h.0).collect();
+            let tokens: Vec<i64> = held.iter().map(|h| h.1).collect();
+            tx.execute(&done, &[&seqs, &tokens, &now])?;
         }
         finished += held.len();
         if finished >= n {

@@ -32,6 +32,8 @@ pub(super) struct Sql {
     pub(super) claim_due: String,
     pub(super) set_aside: String,
     pub(super) ack_done: String,
+    /// Many completions: `$1` seqs and `$2` tokens, pairwise.
+    pub(super) ack_done_all: String,
     pub(super) ack_retry: String,
     pub(super) ack_fail: String,
     pub(super) ack_extend: String,
@@ -130,6 +132,13 @@ impl Sql {
             ),
             ack_done: format!(
                 "UPDATE {e} SET status = 'done', completed_at = $3::bigint, {unlease} {fenced}"
+            ),
+            ack_done_all: format!(
+                "UPDATE {e} AS t SET status = 'done', completed_at = $3::bigint,
+                   locked_at = NULL, locked_until = NULL, lease_token = NULL
+                 FROM unnest($1::bigint[], $2::bigint[]) AS a(seq, token)
+                 WHERE t.seq = a.seq AND t.lease_token = a.token AND t.status = 'processing'
+                 RETURNING t.seq"
             ),
             ack_retry: format!(
                 "UPDATE {e} SET last_error = $4,
