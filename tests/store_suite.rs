@@ -451,6 +451,23 @@ fn a_batch_of_completions_reports_each_in_order(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+/// A key's head whose lease ran out on its last attempt fails, and the
+/// next event of its key is claimed by that same claim.
+fn a_spent_head_frees_its_key_in_the_same_claim(f: &Fixture) -> TestResult {
+    let head = f
+        .store
+        .enqueue(ev("t").with_ordering_key("k").with_max_attempts(1))?;
+    let next = f.store.enqueue(ev("t").with_ordering_key("k"))?;
+    assert_eq!(f.store.claim(10, LEASE, None)?.len(), 1);
+    f.advance(LEASE + secs(1));
+    let claimed = f.store.claim(10, LEASE, None)?;
+    assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [next.id]);
+    let head = get(f, &head)?;
+    assert_eq!(head.status, Status::Failed);
+    assert_eq!(head.last_error.as_deref(), Some(LEASE_EXPIRED_ERROR));
+    Ok(())
+}
+
 fn extend_keeps_the_event(f: &Fixture) -> TestResult {
     let e = f.store.enqueue(ev("t"))?;
     let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
@@ -1101,6 +1118,7 @@ suite!(
     fencing_survives_purge_and_id_reuse,
     settle_reports_each_ack,
     a_batch_of_completions_reports_each_in_order,
+    a_spent_head_frees_its_key_in_the_same_claim,
     extend_keeps_the_event,
     release_gives_back_the_attempt,
     poison_event_fails_after_max_attempts,

@@ -100,38 +100,41 @@ fn enqueue_one(f: &Fresh, n: usize, ours: bool) -> Res<f64> {
 }
 
 /// 100 events per transaction: ours through `enqueue_batch`, or the same
-/// insert prepared.
+/// statement (all 100 in one insert) prepared.
 fn enqueue_batched(f: &Fresh, n: usize, ours: bool) -> Res<f64> {
     let store = f.store()?;
     let mut raw = f.client()?;
-    let insert = raw.prepare(store.statement_text("insert").ok_or("no insert")?)?;
+    let insert = raw.prepare(store.statement_text("insert_all").ok_or("no insert")?)?;
     let t = Instant::now();
     for chunk in 0..n / 100 {
         if ours {
             store.enqueue_batch((0..100).map(|i| event(chunk * 100 + i)).collect())?;
         } else {
-            let mut tx = raw.transaction()?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let (mut ids, mut payloads) = (Vec::new(), Vec::new());
             for i in 0..100 {
-                let (id, payload, now) =
-                    insert_params(chunk * 100 + i, chrono::Utc::now().timestamp_millis());
-                tx.query(
-                    &insert,
-                    &[
-                        &id,
-                        &"bench.event",
-                        &payload,
-                        &10i64,
-                        &now,
-                        &None::<String>,
-                        &None::<uuid::Uuid>,
-                        &None::<uuid::Uuid>,
-                        &None::<String>,
-                        &None::<String>,
-                        &now,
-                    ],
-                )?;
+                let (id, payload, _) = insert_params(chunk * 100 + i, now);
+                ids.push(id);
+                payloads.push(payload);
             }
-            tx.commit()?;
+            let none_text: Vec<Option<String>> = vec![None; 100];
+            let none_uuid: Vec<Option<uuid::Uuid>> = vec![None; 100];
+            raw.query(
+                &insert,
+                &[
+                    &ids,
+                    &vec!["bench.event"; 100],
+                    &payloads,
+                    &vec![10i64; 100],
+                    &vec![now; 100],
+                    &none_text,
+                    &none_uuid,
+                    &none_uuid,
+                    &none_text,
+                    &none_text,
+                    &now,
+                ],
+            )?;
         }
     }
     Ok(t.elapsed().as_secs_f64())

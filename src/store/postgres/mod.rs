@@ -312,13 +312,14 @@ impl PostgresStore {
         &self.inner.schema
     }
 
-    /// The text of one of the store's statements (`insert`, `claim_due`,
+    /// The text of one of the store's statements (`insert`, `insert_all`, `claim_due`,
     /// `ack_done`, `ack_done_all`), for the benchmark's raw loops, which run the same SQL.
     #[doc(hidden)]
     pub fn statement_text(&self, name: &str) -> Option<&str> {
         let sql = &self.inner.sql;
         Some(match name {
             "insert" => &sql.insert,
+            "insert_all" => &sql.insert_all,
             "claim_due" => &sql.claim_due,
             "ack_done" => &sql.ack_done,
             "ack_done_all" => &sql.ack_done_all,
@@ -360,7 +361,6 @@ impl PostgresStore {
             .collect::<Result<Vec<_>>>()?;
         let now = self.now();
         let stored = if events.len() == 1 {
-            // One statement is all or nothing by itself.
             let mut insert = |sql: &str, p: &[(&(dyn postgres::types::ToSql + Sync), Type)]| {
                 client.query_typed(sql, p)
             };
@@ -370,19 +370,94 @@ impl PostgresStore {
                 .map(|(event, payload)| self.insert(&mut insert, event, payload, now))
                 .collect::<Result<Vec<_>>>()?
         } else {
-            let mut tx = client.transaction()?;
-            let mut insert = |sql: &str, p: &[(&(dyn postgres::types::ToSql + Sync), Type)]| {
-                tx.query_typed(sql, p)
-            };
-            let stored = events
-                .into_iter()
-                .zip(&payloads)
-                .map(|(event, payload)| self.insert(&mut insert, event, payload, now))
-                .collect::<Result<Vec<_>>>()?;
-            tx.commit()?;
-            stored
+            self.insert_all(client, events, &payloads, now)?
         };
         self.inner.notifier.notify();
+        Ok(stored)
+    }
+
+    /// Inserts checked events in one statement (all or none, in order) and
+    /// returns them as stored.
+    fn insert_all(
+        &self,
+        client: &mut impl GenericClient,
+        events: Vec<NewEvent>,
+        payloads: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Event>> {
+        let policy = &self.inner.policy;
+        let col =
+            |f: &dyn Fn(&NewEvent) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id.as_uuid()).collect();
+        let types = col(&|e| Some(e.event_type.clone()));
+        let max: Vec<i64> = events
+            .iter()
+            .map(|e| i64::from(e.max_attempts.unwrap_or_else(|| policy.max_attempts())))
+            .collect();
+        let due: Vec<i64> = events
+            .iter()
+            .map(|e| clock::to_millis(e.due_at(now)))
+            .collect();
+        let correlation = col(&|e| e.correlation_id.clone());
+        let orgs: Vec<Option<uuid::Uuid>> = events.iter().map(|e| e.org_id).collect();
+        let users: Vec<Option<uuid::Uuid>> = events.iter().map(|e| e.user_id).collect();
+        let keys = col(&|e| e.ordering_key.clone());
+        let idem = col(&|e| e.idempotency_key.clone());
+        let created = clock::to_millis(now);
+        let rows = client
+            .query_typed(
+                &self.inner.sql.insert_all,
+                &[
+                    (&ids, Type::UUID_ARRAY),
+                    (&types, Type::TEXT_ARRAY),
+                    (&payloads, Type::TEXT_ARRAY),
+                    (&max, Type::INT8_ARRAY),
+                    (&due, Type::INT8_ARRAY),
+                    (&correlation, Type::TEXT_ARRAY),
+                    (&orgs, Type::UUID_ARRAY),
+                    (&users, Type::UUID_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                    (&idem, Type::TEXT_ARRAY),
+                    (&created, Type::INT8),
+                ],
+            )
+            .map_err(|e| match e.code() {
+                Some(c)
+                    if is_invalid_data(c) || *c == postgres::error::SqlState::UNIQUE_VIOLATION =>
+                {
+                    Error::with_source(
+                        ErrorKind::InvalidInput {
+                            reason: "an event could not be stored (duplicate id or invalid field)"
+                                .into(),
+                        },
+                        e,
+                    )
+                }
+                _ => Error::from(e),
+            })?;
+        let seqs: std::collections::HashMap<uuid::Uuid, i64> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut stored = Vec::with_capacity(events.len());
+        for event in events {
+            if let Some(&seq) = seqs.get(&event.id.as_uuid()) {
+                stored.push(event.into_pending(seq, now, policy));
+                continue;
+            }
+            // Its idempotency key is taken (perhaps by an earlier event of
+            // this batch): the event that holds it.
+            let existing = client.query_typed(
+                &self.inner.sql.select_by_key,
+                &[(&event.idempotency_key, Type::TEXT)],
+            )?;
+            match existing.first() {
+                Some(row) => stored.push(decode(row).0),
+                None => {
+                    return Err(Error::invalid(
+                        "idempotency conflict without a stored event",
+                    ))
+                }
+            }
+        }
         Ok(stored)
     }
 
@@ -475,9 +550,9 @@ impl PostgresStore {
     }
 
     /// Claims up to `limit` events in `tx`: expired leases on their last
-    /// attempt fail first, then due events and other expired leases are
-    /// leased, in (due time, enqueue order), skipping rows another claimer
-    /// has locked.
+    /// attempt fail, and due events and other expired leases are leased,
+    /// in (due time, enqueue order), skipping rows another claimer has
+    /// locked.
     fn claim_in(
         &self,
         tx: &mut Tx<'_>,
@@ -491,16 +566,23 @@ impl PostgresStore {
             clock::to_millis(now),
             clock::to_millis(clock::add(now, lease)),
         );
-        let expired: bool = tx.query_one(&sql.any_expired, &[&now_ms])?.get(0);
-        if expired {
-            tx.execute(&sql.fail_expired, &[&now_ms, &LEASE_EXPIRED_ERROR])?;
-        }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let only: Option<Vec<&str>> = filter.only.map(|t| t.iter().map(String::as_str).collect());
         let skip: Option<Vec<&str>> =
             (!filter.skip.is_empty()).then(|| filter.skip.iter().map(String::as_str).collect());
-        let text = if expired { &sql.claim } else { &sql.claim_due };
-        let rows = tx.query(text, &[&now_ms, &until_ms, &limit, &only, &skip])?;
+        // One statement: fails the leases that ran out on their last
+        // attempt, then leases due events and the other run-out leases.
+        let rows = tx.query(
+            &sql.claim,
+            &[
+                &now_ms,
+                &until_ms,
+                &limit,
+                &only,
+                &skip,
+                &LEASE_EXPIRED_ERROR,
+            ],
+        )?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
             let (event, problem) = decode(row);

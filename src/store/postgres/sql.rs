@@ -24,10 +24,11 @@ pub(super) struct Sql {
     /// Every column, from the events table as `t`.
     pub(super) columns: &'static str,
     pub(super) insert: String,
+    /// Many events in one statement, in the order given: `$1`…`$10` arrays,
+    /// one element per event, and `$11` the time of enqueue.
+    pub(super) insert_all: String,
     pub(super) select_by_id: String,
     pub(super) select_by_key: String,
-    pub(super) any_expired: String,
-    pub(super) fail_expired: String,
     pub(super) claim: String,
     pub(super) claim_due: String,
     pub(super) set_aside: String,
@@ -56,6 +57,9 @@ fn type_ok(only: usize, skip: usize) -> String {
 
 /// An ordering-key event `e` is held back by another event `b` of its key
 /// that is earlier and unfinished, or that holds a live lease (`$now`).
+/// Only claims test it with a lease run out on its last attempt in mind
+/// (which the claim itself fails); elsewhere such an event still waits for
+/// the next claim to fail it, and holds its key until then.
 fn key_free(events: &str, now: usize) -> String {
     format!(
         "(e.ordering_key IS NULL OR NOT EXISTS (
@@ -63,7 +67,11 @@ fn key_free(events: &str, now: usize) -> String {
             WHERE b.ordering_key = e.ordering_key
               AND b.status IN ('pending', 'processing')
               AND b.seq <> e.seq
-              AND (b.seq < e.seq OR (b.status = 'processing' AND b.locked_until > ${now}::bigint))))"
+              AND (b.seq < e.seq OR (b.status = 'processing' AND b.locked_until > ${now}::bigint))
+              -- A lease that ran out on its last attempt fails in this
+              -- same statement: it holds nothing back.
+              AND NOT (b.status = 'processing' AND b.locked_until <= ${now}::bigint
+                       AND b.attempts >= b.max_attempts)))"
     )
 }
 
@@ -83,7 +91,8 @@ impl Sql {
         );
         let lapsed = format!(
             "SELECT e.seq, e.next_attempt_at FROM {e} AS e
-             WHERE e.status = 'processing' AND e.locked_until <= $1::bigint AND {claimable}
+             WHERE e.status = 'processing' AND e.locked_until <= $1::bigint
+               AND e.attempts < e.max_attempts AND {claimable}
              ORDER BY e.next_attempt_at, e.seq LIMIT $3::bigint
              FOR UPDATE OF e SKIP LOCKED"
         );
@@ -107,20 +116,30 @@ impl Sql {
                  ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING seq"
             ),
+            insert_all: format!(
+                "INSERT INTO {e} (id, event_type, payload, status, attempts, max_attempts,
+                   next_attempt_at, correlation_id, org_id, user_id, ordering_key,
+                   idempotency_key, created_at)
+                 SELECT v.id, v.event_type, CAST(v.payload AS json), 'pending', 0, v.max_attempts,
+                   v.next_attempt_at, v.correlation_id, v.org_id, v.user_id, v.ordering_key,
+                   v.idempotency_key, $11::bigint
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+                             $6::text[], $7::uuid[], $8::uuid[], $9::text[], $10::text[])
+                      WITH ORDINALITY AS v(id, event_type, payload, max_attempts, next_attempt_at,
+                        correlation_id, org_id, user_id, ordering_key, idempotency_key, n)
+                 ORDER BY v.n
+                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                 RETURNING id, seq"
+            ),
             select_by_id: format!("SELECT {COLUMNS} FROM {e} AS t WHERE t.id = $1"),
             select_by_key: format!("SELECT {COLUMNS} FROM {e} AS t WHERE t.idempotency_key = $1"),
-            any_expired: format!(
-                "SELECT EXISTS (SELECT 1 FROM {e}
-                 WHERE status = 'processing' AND locked_until <= $1::bigint)"
-            ),
-            fail_expired: format!(
-                "UPDATE {e} SET status = 'failed', completed_at = $1::bigint, last_error = $2,
-                   {unlease}
-                 WHERE status = 'processing' AND locked_until <= $1::bigint
-                   AND attempts >= max_attempts"
-            ),
             claim: lease(&format!(
-                "WITH due AS ({due}), lapsed AS ({lapsed}),
+                "WITH spent AS (
+                   UPDATE {e} SET status = 'failed', completed_at = $1::bigint, last_error = $6,
+                     {unlease}
+                   WHERE status = 'processing' AND locked_until <= $1::bigint
+                     AND attempts >= max_attempts),
+                 due AS ({due}), lapsed AS ({lapsed}),
                  chosen AS (SELECT seq FROM (SELECT * FROM due UNION ALL SELECT * FROM lapsed) AS x
                             ORDER BY next_attempt_at, seq LIMIT $3::bigint)"
             )),
