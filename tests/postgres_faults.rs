@@ -1,6 +1,7 @@
-//! A PostgreSQL server restart in the middle of a run, in a test binary of
-//! its own: cargo runs test binaries one at a time, so the restart cannot
-//! break another test's connections.
+//! Faults on PostgreSQL, in a test binary of its own (cargo runs test
+//! binaries one at a time, so a restart cannot break another test's
+//! connections): a server restart in the middle of a run, and worker
+//! processes killed with SIGKILL while they share one table.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -15,6 +16,9 @@ use serde_json::json;
 use sqlite_outbox::{Dispatcher, Event, NewEvent, Operator, PostgresStore, Status, Store};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// The tests here take turns: a restart would break the other's run.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn open(schema: &Schema) -> sqlite_outbox::Result<PostgresStore> {
     PostgresStore::builder(&schema.url)
@@ -41,6 +45,7 @@ fn wait_done(store: &PostgresStore, done: u64) -> TestResult {
 /// delivered, and each exactly once to a handler that finished it.
 #[test]
 fn a_server_restart_loses_nothing() -> TestResult {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(schema) = Schema::fresh() else {
         return Ok(());
     };
@@ -106,5 +111,93 @@ fn a_server_restart_loses_nothing() -> TestResult {
     })?;
     assert!(events.iter().all(|e| e.status == Status::Done));
     assert_eq!(report.metrics.lease_lost, 0, "{report:?}");
+    Ok(())
+}
+
+/// Worker processes (each its own pool) share one table and are killed
+/// with SIGKILL at random: every event ends done, no (event, attempt) is
+/// claimed twice, no outcome is accepted after its lease moved on, and
+/// events of the killed were claimed again. The same checker as the
+/// SQLite process tests reads their journals.
+#[cfg(feature = "torture")]
+#[test]
+fn killed_worker_processes_lose_nothing() -> TestResult {
+    use std::process::{Command, Stdio};
+
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let n = 600;
+    let mut expected = HashSet::new();
+    for start in (0..n).step_by(200) {
+        let batch = (start..start + 200)
+            .map(|i| NewEvent::new("t", json!({"seq": i})))
+            .collect();
+        expected.extend(
+            store
+                .enqueue_batch(batch)?
+                .into_iter()
+                .map(|e| e.id.to_string()),
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let lease_ms = 500;
+    let spawn = |k: usize| {
+        Command::new(env!("CARGO_BIN_EXE_outbox-torture"))
+            .args([
+                "work",
+                "--db",
+                &schema.url,
+                "--schema",
+                &schema.name,
+                "--journal",
+            ])
+            .arg(dir.path().join(format!("j{k}")))
+            .args(["--threads", "3", "--lease-ms", &lease_ms.to_string()])
+            .args([
+                "--handler-ms",
+                "0..10",
+                "--fail-pct",
+                "5",
+                "--exit-when-idle",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+    };
+    let mut workers = common::Reaper::default();
+    let mut started = 0;
+    for _ in 0..3 {
+        workers.0.push(spawn(started)?);
+        started += 1;
+    }
+    for kill in 0..4 {
+        std::thread::sleep(Duration::from_millis(300));
+        let victim = kill % workers.0.len();
+        workers.0[victim].kill()?;
+        workers.0[victim].wait()?;
+        workers.0[victim] = spawn(started)?;
+        started += 1;
+    }
+    workers.wait_all(Duration::from_secs(120))?;
+    let journals: Vec<_> = (0..started)
+        .map(|k| dir.path().join(format!("j{k}")))
+        .collect();
+    let entries = common::journal::read(&journals)?;
+    let done: HashSet<String> = store
+        .list(&sqlite_outbox::ListFilter {
+            status: Some(Status::Done),
+            limit: usize::MAX,
+            ..Default::default()
+        })?
+        .into_iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    let report = common::journal::check(&entries, &expected, &done, lease_ms * 1_000_000);
+    println!("{report:?}");
+    assert!(report.is_clean(), "{report:?}");
+    assert!(report.redelivered >= 1, "the kills missed: {report:?}");
     Ok(())
 }

@@ -12,6 +12,9 @@
 //! outbox-torture open     --db P
 //! ```
 //!
+//! For `work` and `dispatch`, `--db` may also be a PostgreSQL server's URL
+//! (with the `postgres` feature), and `--schema S` names the outbox's schema.
+//!
 //! `open` opens the store (creating or migrating the schema) and prints
 //! `ok`: the process the migration tests kill and cut from power.
 //!
@@ -161,6 +164,23 @@ fn open_store(args: &Args) -> Res<SqliteStore> {
         .build()?)
 }
 
+/// The store `--db` names, for the modes that only need the traits: a
+/// file, or (with the `postgres` feature) a server's URL with `--schema`.
+fn open_any(args: &Args) -> Res<Arc<dyn Operator>> {
+    let db = args.str("db")?;
+    #[cfg(feature = "postgres")]
+    if db.starts_with("postgres") || db.contains("host=") {
+        let schema = args.0.get("schema").map(String::as_str).unwrap_or("outbox");
+        return Ok(Arc::new(
+            sqlite_outbox::PostgresStore::builder(db)
+                .schema(schema)
+                .build()?,
+        ));
+    }
+    let _ = db;
+    Ok(Arc::new(open_store(args)?))
+}
+
 fn run() -> Res<()> {
     let (mode, args) = Args::parse()?;
     match mode.as_str() {
@@ -239,7 +259,7 @@ fn enqueue(args: &Args) -> Res<()> {
 
 /// Workers on the store API: claim, journal, "handle", acknowledge.
 fn work(args: &Args) -> Res<()> {
-    let store = open_store(args)?;
+    let store = open_any(args)?;
     let journal = Journal::open(args.str("journal")?)?;
     let threads = args.num("threads", 4)?;
     let lease = Duration::from_millis(args.num("lease-ms", 500)?);
@@ -402,14 +422,14 @@ fn power(args: &Args) -> Res<()> {
 /// `--unreachable-while FILE`, the handler answers "unreachable" (journal
 /// line `hunavail ID ATTEMPT`) while FILE exists.
 fn dispatch(args: &Args) -> Res<()> {
-    let store = open_store(args)?;
+    let store = open_any(args)?;
     let journal = Journal::open(args.str("journal")?)?;
     let handler = args.range("handler-ms")?;
     let workers = args.num("workers", 4)? as usize;
     let lease = Duration::from_millis(args.num("lease-ms", 60_000)?);
     let unreachable_while = args.0.get("unreachable-while").map(PathBuf::from);
     let j = journal.clone();
-    let dispatcher = Dispatcher::builder(store.clone())
+    let dispatcher = Dispatcher::builder(store.clone() as Arc<dyn Store>)
         .workers(workers)
         .lease(lease)
         .poll_interval(Duration::from_millis(20))
