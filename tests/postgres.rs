@@ -323,3 +323,43 @@ fn a_bad_url_or_an_absent_server_is_one_clear_error_without_the_password() -> Te
     );
     Ok(())
 }
+
+/// The claim reads the due index, never the whole table, however many
+/// events are finished or waiting (checked with EXPLAIN on 20,000 rows).
+#[test]
+fn claims_read_indexes_not_the_table() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let mut c = schema.client();
+    c.batch_execute(&format!(
+        "INSERT INTO {0}.outbox_events (event_type, payload, status, completed_at)
+           SELECT 't', '{{}}', 'done', 1700000000000 FROM generate_series(1, 15000);
+         INSERT INTO {0}.outbox_events (event_type, payload, ordering_key)
+           SELECT 't', '{{}}', 'k' || (i % 50) FROM generate_series(1, 5000) AS i;
+         ANALYZE {0}.outbox_events",
+        schema.name
+    ))?;
+    let claim = store.statement_text("claim").ok_or("no claim text")?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let plan: Vec<String> = c
+        .query(
+            &format!("EXPLAIN {claim}"),
+            &[
+                &now,
+                &(now + 60_000),
+                &64i64,
+                &None::<Vec<&str>>,
+                &None::<Vec<&str>>,
+                &"spent",
+            ],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert!(plan.contains("outbox_events_due"), "{plan}");
+    Ok(())
+}

@@ -162,6 +162,9 @@ fn dispatch_ours(f: &Fresh, n: usize, workers: usize) -> Res<f64> {
     }
     let secs = t.elapsed().as_secs_f64();
     let report = dispatcher.shutdown(Duration::from_secs(10));
+    if std::env::var("BENCH_VERBOSE").is_ok() {
+        eprintln!("{workers} workers: {secs:.2} s, {:?}", report.metrics);
+    }
     if store.stats()?.done != n as u64 || !report.is_clean() {
         return Err(format!("postgres dispatch incomplete: {report:?}").into());
     }

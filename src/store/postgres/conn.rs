@@ -114,7 +114,7 @@ impl<T: Exec + ?Sized> Exec for &mut T {
 }
 
 impl<C: Exec> Session<'_, C> {
-    fn statement(&mut self, sql: &str) -> Result<Statement> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
         if let Some(s) = self.cache.get(sql) {
             return Ok(s.clone());
         }
@@ -126,6 +126,16 @@ impl<C: Exec> Session<'_, C> {
     pub(super) fn execute(&mut self, sql: &str, params: &Params<'_>) -> Result<u64> {
         let s = self.statement(sql)?;
         Ok(self.client.execute(&s, params)?)
+    }
+
+    /// As `query`, with the server's error as it is.
+    pub(super) fn query_pg(
+        &mut self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client.query(&s, params)
     }
 
     pub(super) fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>> {

@@ -320,6 +320,7 @@ impl PostgresStore {
         Some(match name {
             "insert" => &sql.insert,
             "insert_all" => &sql.insert_all,
+            "claim" => &sql.claim,
             "claim_due" => &sql.claim_due,
             "ack_done" => &sql.ack_done,
             "ack_done_all" => &sql.ack_done_all,
@@ -355,22 +356,28 @@ impl PostgresStore {
         client: &mut impl GenericClient,
         events: Vec<NewEvent>,
     ) -> Result<Vec<Event>> {
+        let mut run = |sql: &str, p: &[(&(dyn postgres::types::ToSql + Sync), Type)]| {
+            client.query_typed(sql, p)
+        };
+        self.enqueue_with(&mut run, events)
+    }
+
+    /// Checks `events`, then inserts them through `run` in one statement
+    /// (all or none, in order), and wakes dispatchers in this process.
+    fn enqueue_with(&self, run: &mut TypedQuery<'_>, events: Vec<NewEvent>) -> Result<Vec<Event>> {
         let payloads = events
             .iter()
             .map(NewEvent::checked_payload)
             .collect::<Result<Vec<_>>>()?;
         let now = self.now();
         let stored = if events.len() == 1 {
-            let mut insert = |sql: &str, p: &[(&(dyn postgres::types::ToSql + Sync), Type)]| {
-                client.query_typed(sql, p)
-            };
             events
                 .into_iter()
                 .zip(&payloads)
-                .map(|(event, payload)| self.insert(&mut insert, event, payload, now))
+                .map(|(event, payload)| self.insert(run, event, payload, now))
                 .collect::<Result<Vec<_>>>()?
         } else {
-            self.insert_all(client, events, &payloads, now)?
+            self.insert_all(run, events, &payloads, now)?
         };
         self.inner.notifier.notify();
         Ok(stored)
@@ -380,7 +387,7 @@ impl PostgresStore {
     /// returns them as stored.
     fn insert_all(
         &self,
-        client: &mut impl GenericClient,
+        run: &mut TypedQuery<'_>,
         events: Vec<NewEvent>,
         payloads: &[String],
         now: DateTime<Utc>,
@@ -404,37 +411,34 @@ impl PostgresStore {
         let keys = col(&|e| e.ordering_key.clone());
         let idem = col(&|e| e.idempotency_key.clone());
         let created = clock::to_millis(now);
-        let rows = client
-            .query_typed(
-                &self.inner.sql.insert_all,
-                &[
-                    (&ids, Type::UUID_ARRAY),
-                    (&types, Type::TEXT_ARRAY),
-                    (&payloads, Type::TEXT_ARRAY),
-                    (&max, Type::INT8_ARRAY),
-                    (&due, Type::INT8_ARRAY),
-                    (&correlation, Type::TEXT_ARRAY),
-                    (&orgs, Type::UUID_ARRAY),
-                    (&users, Type::UUID_ARRAY),
-                    (&keys, Type::TEXT_ARRAY),
-                    (&idem, Type::TEXT_ARRAY),
-                    (&created, Type::INT8),
-                ],
-            )
-            .map_err(|e| match e.code() {
-                Some(c)
-                    if is_invalid_data(c) || *c == postgres::error::SqlState::UNIQUE_VIOLATION =>
-                {
-                    Error::with_source(
-                        ErrorKind::InvalidInput {
-                            reason: "an event could not be stored (duplicate id or invalid field)"
-                                .into(),
-                        },
-                        e,
-                    )
-                }
-                _ => Error::from(e),
-            })?;
+        let rows = run(
+            &self.inner.sql.insert_all,
+            &[
+                (&ids, Type::UUID_ARRAY),
+                (&types, Type::TEXT_ARRAY),
+                (&payloads, Type::TEXT_ARRAY),
+                (&max, Type::INT8_ARRAY),
+                (&due, Type::INT8_ARRAY),
+                (&correlation, Type::TEXT_ARRAY),
+                (&orgs, Type::UUID_ARRAY),
+                (&users, Type::UUID_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+                (&idem, Type::TEXT_ARRAY),
+                (&created, Type::INT8),
+            ],
+        )
+        .map_err(|e| match e.code() {
+            Some(c) if is_invalid_data(c) || *c == postgres::error::SqlState::UNIQUE_VIOLATION => {
+                Error::with_source(
+                    ErrorKind::InvalidInput {
+                        reason: "an event could not be stored (duplicate id or invalid field)"
+                            .into(),
+                    },
+                    e,
+                )
+            }
+            _ => Error::from(e),
+        })?;
         let seqs: std::collections::HashMap<uuid::Uuid, i64> =
             rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let mut stored = Vec::with_capacity(events.len());
@@ -445,7 +449,7 @@ impl PostgresStore {
             }
             // Its idempotency key is taken (perhaps by an earlier event of
             // this batch): the event that holds it.
-            let existing = client.query_typed(
+            let existing = run(
                 &self.inner.sql.select_by_key,
                 &[(&event.idempotency_key, Type::TEXT)],
             )?;
@@ -753,8 +757,15 @@ impl Store for PostgresStore {
         for event in &events {
             event.checked_payload()?;
         }
+        // On the store's own connection the statements are prepared once.
         let mut conn = self.conn()?;
-        self.enqueue_batch_tx(&mut conn.client, events)
+        let mut session = conn.session();
+        let mut run = |sql: &str, p: &[(&(dyn postgres::types::ToSql + Sync), Type)]| {
+            let values: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                p.iter().map(|(v, _)| *v).collect();
+            session.query_pg(sql, &values)
+        };
+        self.enqueue_with(&mut run, events)
     }
 
     fn find(&self, id: EventId) -> Result<Option<Event>> {
