@@ -363,3 +363,28 @@ fn claims_read_indexes_not_the_table() -> TestResult {
     assert!(plan.contains("outbox_events_due"), "{plan}");
     Ok(())
 }
+
+/// A table altered by hand so that a column no longer reads as the schema
+/// says: the claim sets its rows aside as failed, naming the column, and
+/// nothing panics.
+#[test]
+fn rows_that_do_not_read_are_set_aside_not_panicked_on() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let e = store.enqueue(NewEvent::new("t", json!({"a": 1})))?;
+    schema.client().batch_execute(&format!(
+        "DROP VIEW {0}.outbox_events_readable; DROP VIEW {0}.outbox_events_failed;
+         ALTER TABLE {0}.outbox_events ALTER COLUMN user_id TYPE integer USING NULL",
+        schema.name
+    ))?;
+    let claimed = store.claim(10, Duration::from_secs(30), None)?;
+    assert!(claimed.is_empty());
+    let after = store.find(e.id)?.ok_or("gone")?;
+    assert_eq!(after.status, sqlite_outbox::Status::Failed);
+    let error = after.last_error.unwrap_or_default();
+    assert!(error.contains("user_id"), "{error}");
+    assert_eq!(store.stats()?.failed, 1);
+    Ok(())
+}

@@ -261,10 +261,11 @@ fn migrate(client: &mut postgres::Client, schema: &str) -> Result<()> {
     }
     let version: Option<i64> = tx
         .query_opt(
-            &format!("SELECT value FROM {schema}.outbox_meta WHERE key = 'schema_version'"),
+            &format!("SELECT value::text FROM {schema}.outbox_meta WHERE key = 'schema_version'"),
             &[],
         )?
-        .map(|r| r.get(0));
+        .and_then(|r| r.try_get::<_, String>(0).ok())
+        .and_then(|v| v.parse().ok());
     match version {
         Some(POSTGRES_SCHEMA_VERSION) => Ok(()),
         Some(v) if v > POSTGRES_SCHEMA_VERSION => Err(Error::new(ErrorKind::SchemaTooNew {
@@ -701,53 +702,65 @@ fn is_invalid_data(code: &postgres::error::SqlState) -> bool {
 /// the server has checked types, JSON and statuses, so what is left is a
 /// number beyond what an event holds.
 fn decode(row: &Row) -> (Event, Option<String>) {
-    let mut problem = None;
-    let mut note = |what: String| {
-        if problem.is_none() {
-            problem = Some(what);
-        }
-    };
-    let count = |n: i64, name: &str, fallback: u32, note: &mut dyn FnMut(String)| {
-        u32::try_from(n).unwrap_or_else(|_| {
-            note(format!("column {name} is out of range"));
-            fallback
-        })
-    };
-    let payload_text: String = row.get(3);
+    let mut problem: Option<String> = None;
+    // A column that does not read as the schema says (a table altered by
+    // hand) is noted and given a fallback, never a panic.
+    macro_rules! get {
+        ($i:expr, $name:expr, $fallback:expr) => {
+            match row.try_get($i) {
+                Ok(v) => v,
+                Err(_) => {
+                    problem.get_or_insert_with(|| format!("column {} cannot be read", $name));
+                    $fallback
+                }
+            }
+        };
+    }
+    let payload_text: String = get!(3, "payload", String::new());
     let payload = match Payload::from_stored(payload_text.as_bytes()) {
         Some(p) => p,
         None => {
-            note("column payload is not valid JSON".into());
+            problem.get_or_insert_with(|| "column payload is not valid JSON".into());
             Payload::from(serde_json::Value::String(payload_text))
         }
     };
-    let status: String = row.get(4);
+    let status: String = get!(4, "status", String::new());
     let status = status.parse().unwrap_or_else(|_| {
-        note("column status is not a known status".into());
+        problem.get_or_insert_with(|| "column status is not a known status".into());
         Status::Pending
     });
-    let time = |i| row.get::<_, Option<i64>>(i).map(clock::from_millis);
+    let mut count = |i, name: &str, fallback: u32| {
+        let n: i64 = get!(i, name, i64::from(fallback));
+        u32::try_from(n).unwrap_or_else(|_| {
+            problem.get_or_insert_with(|| format!("column {name} is out of range"));
+            fallback
+        })
+    };
+    let (attempts, max_attempts) = (count(5, "attempts", 0), count(6, "max_attempts", 1));
+    let mut time = |i, name: &str| get!(i, name, None::<i64>).map(clock::from_millis);
+    let (locked_at, locked_until) = (time(8, "locked_at"), time(9, "locked_until"));
+    let (completed_at, delivered_at) = (time(11, "completed_at"), time(12, "delivered_at"));
     let event = Event {
-        seq: row.get(0),
-        id: EventId::from(row.get::<_, uuid::Uuid>(1)),
-        event_type: row.get(2),
+        seq: get!(0, "seq", 0),
+        id: EventId::from(get!(1, "id", uuid::Uuid::nil())),
+        event_type: get!(2, "event_type", String::new()),
         payload,
         status,
-        attempts: count(row.get(5), "attempts", 0, &mut note),
-        max_attempts: count(row.get(6), "max_attempts", 1, &mut note),
-        next_attempt_at: clock::from_millis(row.get(7)),
-        locked_at: time(8),
-        locked_until: time(9),
-        lease_token: row.get(10),
-        completed_at: time(11),
-        delivered_at: time(12),
-        last_error: row.get(13),
-        correlation_id: row.get(14),
-        org_id: row.get(15),
-        user_id: row.get(16),
-        ordering_key: row.get(17),
-        idempotency_key: row.get(18),
-        created_at: clock::from_millis(row.get(19)),
+        attempts,
+        max_attempts,
+        next_attempt_at: clock::from_millis(get!(7, "next_attempt_at", 0)),
+        locked_at,
+        locked_until,
+        lease_token: get!(10, "lease_token", None),
+        completed_at,
+        delivered_at,
+        last_error: get!(13, "last_error", None),
+        correlation_id: get!(14, "correlation_id", None),
+        org_id: get!(15, "org_id", None),
+        user_id: get!(16, "user_id", None),
+        ordering_key: get!(17, "ordering_key", None),
+        idempotency_key: get!(18, "idempotency_key", None),
+        created_at: clock::from_millis(get!(19, "created_at", 0)),
     };
     (event, problem)
 }

@@ -64,14 +64,18 @@ impl Operator for PostgresStore {
             &[&now],
         )?;
         for row in rows {
-            let (event_type, status): (String, String) = (row.get(0), row.get(1));
+            // Rows that do not read as the schema says are left out, not
+            // fatal.
+            let (Ok(event_type), Ok(status), Ok(n), Ok(due)) = (
+                row.try_get::<_, String>(0),
+                row.try_get::<_, String>(1),
+                row.try_get::<_, i64>(2),
+                row.try_get::<_, i64>(3),
+            ) else {
+                continue;
+            };
             let status = status.parse().unwrap_or(Status::Pending);
-            stats.add(
-                &event_type,
-                status,
-                count_u64(row.get(2)),
-                count_u64(row.get(3)),
-            );
+            stats.add(&event_type, status, count_u64(n), count_u64(due));
         }
         let oldest: Option<i64> = tx
             .query_one(
@@ -92,18 +96,27 @@ impl Operator for PostgresStore {
             &[],
         )?;
         for r in rows {
-            let hold = match r.get::<_, String>(1).as_str() {
-                "unreachable" => Hold::Unreachable,
-                "paused" => Hold::Paused,
+            let hold = match r.try_get::<_, String>(1).as_deref() {
+                Ok("unreachable") => Hold::Unreachable,
+                Ok("paused") => Hold::Paused,
                 _ => continue,
             };
+            let (Ok(name), Ok(since), Ok(next), Ok(last_error), Ok(updated)) = (
+                r.try_get::<_, String>(0),
+                r.try_get::<_, i64>(2),
+                r.try_get::<_, Option<i64>>(3),
+                r.try_get::<_, Option<String>>(4),
+                r.try_get::<_, i64>(5),
+            ) else {
+                continue;
+            };
             stats.destinations.push(DestinationState {
-                name: r.get(0),
+                name,
                 hold,
-                since: clock::from_millis(r.get(2)),
-                next_probe_at: r.get::<_, Option<i64>>(3).map(clock::from_millis),
-                last_error: r.get(4),
-                updated_at: clock::from_millis(r.get(5)),
+                since: clock::from_millis(since),
+                next_probe_at: next.map(clock::from_millis),
+                last_error,
+                updated_at: clock::from_millis(updated),
             });
         }
         tx.commit()?;
