@@ -338,6 +338,21 @@ impl From<sqlite::SqliteStore> for Arc<dyn Store> {
     }
 }
 
+/// Why a write about event `id` changed nothing: the event is gone
+/// (`NotFound`), or it is in a state the write does not apply to
+/// (`InvalidInput`, worded by `is` from its status).
+pub(crate) fn unchanged<S: Store + ?Sized>(
+    store: &S,
+    id: EventId,
+    is: impl Fn(crate::event::Status) -> String,
+) -> crate::Error {
+    match store.find(id) {
+        Ok(None) => crate::Error::not_found(id),
+        Ok(Some(e)) => crate::Error::invalid(format!("event {id} is {}", is(e.status))),
+        Err(e) => e,
+    }
+}
+
 fn settle_one<S: Store + ?Sized>(store: &S, ack: Ack) -> Result<()> {
     store
         .settle(std::slice::from_ref(&ack))?

@@ -428,18 +428,7 @@ impl PostgresStore {
                 (&created, Type::INT8),
             ],
         )
-        .map_err(|e| match e.code() {
-            Some(c) if is_invalid_data(c) || *c == postgres::error::SqlState::UNIQUE_VIOLATION => {
-                Error::with_source(
-                    ErrorKind::InvalidInput {
-                        reason: "an event could not be stored (duplicate id or invalid field)"
-                            .into(),
-                    },
-                    e,
-                )
-            }
-            _ => Error::from(e),
-        })?;
+        .map_err(|e| not_stored(e, "an event"))?;
         let seqs: std::collections::HashMap<uuid::Uuid, i64> =
             rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let mut stored = Vec::with_capacity(events.len());
@@ -498,20 +487,7 @@ impl PostgresStore {
                 (&created, Type::INT8),
             ],
         );
-        let inserted = inserted.map_err(|e| match e.code() {
-            Some(c) if is_invalid_data(c) || *c == postgres::error::SqlState::UNIQUE_VIOLATION => {
-                Error::with_source(
-                    ErrorKind::InvalidInput {
-                        reason: format!(
-                            "event {} could not be stored (duplicate id or invalid field)",
-                            event.id
-                        ),
-                    },
-                    e,
-                )
-            }
-            _ => Error::from(e),
-        })?;
+        let inserted = inserted.map_err(|e| not_stored(e, &format!("event {}", event.id)))?;
         if let Some(row) = inserted.first() {
             return Ok(event.into_pending(row.get(0), now, policy));
         }
@@ -688,6 +664,22 @@ impl PostgresStore {
             &[&self.inner.listener.channel()],
         )?;
         Ok(())
+    }
+}
+
+/// An insert the server refused: invalid input when the data was at fault
+/// (`what` names the event), else the error as it is.
+fn not_stored(e: postgres::Error, what: &str) -> Error {
+    match e.code() {
+        Some(c) if is_invalid_data(c) || *c == postgres::error::SqlState::UNIQUE_VIOLATION => {
+            Error::with_source(
+                ErrorKind::InvalidInput {
+                    reason: format!("{what} could not be stored (duplicate id or invalid field)"),
+                },
+                e,
+            )
+        }
+        _ => Error::from(e),
     }
 }
 

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::event::{capped_error, Event, Status};
 use crate::id::EventId;
 use crate::store::legacy::UnfencedStore;
+use crate::store::unchanged;
 use crate::store::{
     DestinationState, Hold, ListFilter, Operator, Requeue, Stats, Store, Subject, DEFAULT_LEASE,
 };
@@ -174,13 +175,7 @@ impl Operator for PostgresStore {
             Ok(n)
         })?;
         if let (Requeue::One(id), 0) = (&which, n) {
-            return match self.find(*id)? {
-                None => Err(Error::not_found(*id)),
-                Some(e) => Err(Error::invalid(format!(
-                    "event {id} is {}, not failed",
-                    e.status
-                ))),
-            };
+            return Err(unchanged(self, *id, |s| format!("{s}, not failed")));
         }
         if n > 0 {
             self.inner.notifier.notify();
@@ -204,13 +199,7 @@ impl Operator for PostgresStore {
         if changed == 1 {
             return Ok(());
         }
-        match self.find(id)? {
-            None => Err(Error::not_found(id)),
-            Some(e) => Err(Error::invalid(format!(
-                "event {id} is already {}",
-                e.status
-            ))),
-        }
+        Err(unchanged(self, id, |s| format!("already {s}")))
     }
 
     fn purge(&self, older_than: DateTime<Utc>) -> Result<u64> {
@@ -255,10 +244,7 @@ impl UnfencedStore for PostgresStore {
             )
         })?;
         if changed == 0 {
-            return match self.find(id)? {
-                None => Err(Error::not_found(id)),
-                Some(e) => Err(Error::invalid(format!("event {id} is {}", e.status))),
-            };
+            return Err(unchanged(self, id, |s| s.to_string()));
         }
         Ok(())
     }

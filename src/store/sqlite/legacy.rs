@@ -7,7 +7,8 @@ use crate::clock;
 use crate::error::{Error, Result};
 use crate::id::EventId;
 use crate::store::legacy::UnfencedStore;
-use crate::store::{Store, DEFAULT_LEASE};
+use crate::store::unchanged;
+use crate::store::DEFAULT_LEASE;
 
 impl UnfencedStore for SqliteStore {
     fn mark_processing(&self, id: EventId) -> Result<()> {
@@ -28,10 +29,7 @@ impl UnfencedStore for SqliteStore {
                 ])?)
         })?;
         if changed == 0 {
-            return match self.find(id)? {
-                None => Err(Error::not_found(id)),
-                Some(e) => Err(Error::invalid(format!("event {id} is {}", e.status))),
-            };
+            return Err(unchanged(self, id, |s| s.to_string()));
         }
         Ok(())
     }

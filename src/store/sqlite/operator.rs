@@ -17,7 +17,8 @@ use crate::event::{Event, Status};
 use crate::id::EventId;
 use crate::store::row::{decode_row, row_to_event};
 use crate::store::schema::COLUMNS;
-use crate::store::{DestinationState, Hold, ListFilter, Operator, Requeue, Stats, Store, Subject};
+use crate::store::unchanged;
+use crate::store::{DestinationState, Hold, ListFilter, Operator, Requeue, Stats, Subject};
 impl SqliteStore {
     /// Writes a consistent copy of the outbox to `dest` (which must not
     /// exist), including commits still in the WAL, using `VACUUM INTO`.
@@ -103,13 +104,7 @@ impl Operator for SqliteStore {
         if changed == 1 {
             return Ok(());
         }
-        match self.find(id)? {
-            None => Err(Error::not_found(id)),
-            Some(e) => Err(Error::invalid(format!(
-                "event {id} is already {}",
-                e.status
-            ))),
-        }
+        Err(unchanged(self, id, |s| format!("already {s}")))
     }
 
     fn stats(&self) -> Result<Stats> {
@@ -215,13 +210,7 @@ impl Operator for SqliteStore {
                         .execute(params![now, id.to_string()])?)
                 })?;
                 if n == 0 {
-                    return match self.find(*id)? {
-                        None => Err(Error::not_found(*id)),
-                        Some(e) => Err(Error::invalid(format!(
-                            "event {id} is {}, not failed",
-                            e.status
-                        ))),
-                    };
+                    return Err(unchanged(self, *id, |s| format!("{s}, not failed")));
                 }
                 n
             }
