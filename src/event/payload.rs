@@ -166,6 +166,26 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn stored_bytes_are_taken_only_when_they_are_one_json_value() {
+        let p = Payload::from_stored(br#"[1,  2]"#).map(|p| p.get().to_owned());
+        assert_eq!(p.as_deref(), Some("[1,  2]"));
+        assert!(Payload::from_stored(b"{bad").is_none());
+        assert!(Payload::from_stored(b"1 2").is_none());
+        assert!(Payload::from_stored(&[0x22, 0xff, 0x22]).is_none());
+    }
+
+    #[test]
+    fn compares_with_values_both_ways_and_shows_its_text() -> serde_json::Result<()> {
+        let p = Payload::from_json(r#"{"a": 1}"#)?;
+        assert!(p == json!({"a": 1}));
+        assert!(p != json!({"a": 2}));
+        assert!(json!({"a": 1}) == p);
+        assert!(json!({"a": 2}) != p);
+        assert_eq!(format!("{p:?}"), r#"Payload("{\"a\": 1}")"#);
+        Ok(())
+    }
+
+    #[test]
     fn reads_the_text_it_was_given() -> serde_json::Result<()> {
         let p = Payload::from_json(r#" {"b": [1, 2.5, "x"], "a": null} "#)?;
         assert_eq!(p.get(), r#" {"b": [1, 2.5, "x"], "a": null} "#);
