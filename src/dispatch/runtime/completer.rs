@@ -21,9 +21,6 @@ use crate::store::Ack;
 /// Most outcomes written in one transaction.
 const MAX_SETTLE_BATCH: usize = 512;
 
-/// The longest the completer waits for more outcomes to join a batch.
-const GATHER_WAIT: Duration = Duration::from_millis(1);
-
 /// Writes outcomes in batches until every worker is gone or a flush is
 /// requested; returns how many outcomes could not be written.
 pub(super) fn completer_loop(
@@ -58,9 +55,6 @@ pub(super) fn completer_loop(
                 Err(_) => break,
             }
         }
-        if flush_by.is_none() {
-            gather(ctx, &mut batch, outcomes_rx);
-        }
         if !batch.is_empty() {
             let written = catch_unwind(AssertUnwindSafe(|| {
                 write_batch(ctx, &mut batch, &mut flush_by, flush_rx)
@@ -85,29 +79,6 @@ pub(super) fn completer_loop(
         }
         if flush_by.is_some() && outcomes_rx.is_empty() {
             return 0;
-        }
-    }
-}
-
-/// Waits, at most [`GATHER_WAIT`], for the outcomes of events already on
-/// their way to a worker or running, until the batch holds a claim batch
-/// of them: a transaction costs about the same for 1 outcome as for 64, so
-/// under a backlog the completer writes full batches instead of whatever
-/// the workers finished while it last wrote. At a low rate nothing else is
-/// in hand when an outcome arrives, and it is written at once.
-fn gather(ctx: &Ctx, batch: &mut Vec<Outcome>, outcomes_rx: &Receiver<Outcome>) {
-    // The in-flight map still holds the events of this batch: every other
-    // event in it has an outcome on its way.
-    let in_hand = ctx.shared.inflight().len();
-    let target = ctx.batch_size.min(MAX_SETTLE_BATCH).min(in_hand);
-    let deadline = Instant::now() + GATHER_WAIT;
-    while batch.len() < target {
-        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-            return;
-        };
-        match outcomes_rx.recv_timeout(left) {
-            Ok(o) => batch.push(o),
-            Err(_) => return,
         }
     }
 }
