@@ -6,6 +6,7 @@
 use sqlite_outbox::postgres::{Client, NoTls};
 use sqlite_outbox::PostgresStore;
 
+use super::dispatch::median;
 use super::*;
 
 /// A fresh schema for one measurement, dropped when this is.
@@ -217,11 +218,6 @@ fn dispatch_raw(f: &Fresh, n: usize) -> Res<f64> {
         tx.commit()?;
     }
     Ok(t.elapsed().as_secs_f64())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub(crate) fn postgres_benches(cfg: &Config, _dir: &Path, rows: &mut Vec<Row>) -> Res<()> {

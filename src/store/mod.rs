@@ -338,6 +338,12 @@ impl From<sqlite::SqliteStore> for Arc<dyn Store> {
     }
 }
 
+/// A count read from the database; a negative one (which no query here
+/// returns) reads as 0.
+pub(crate) fn count_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
 /// Why a write about event `id` changed nothing: the event is gone
 /// (`NotFound`), or it is in a state the write does not apply to
 /// (`InvalidInput`, worded by `is` from its status).

@@ -139,8 +139,7 @@ impl<C: Exec> Session<'_, C> {
     }
 
     pub(super) fn query(&mut self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>> {
-        let s = self.statement(sql)?;
-        Ok(self.client.query(&s, params)?)
+        Ok(self.query_pg(sql, params)?)
     }
 
     pub(super) fn query_one(&mut self, sql: &str, params: &Params<'_>) -> Result<Row> {

@@ -548,9 +548,7 @@ impl PostgresStore {
             clock::to_millis(clock::add(now, lease)),
         );
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let only: Option<Vec<&str>> = filter.only.map(|t| t.iter().map(String::as_str).collect());
-        let skip: Option<Vec<&str>> =
-            (!filter.skip.is_empty()).then(|| filter.skip.iter().map(String::as_str).collect());
+        let (only, skip) = type_lists(filter);
         // One statement: fails the leases that ran out on their last
         // attempt, then leases due events and the other run-out leases.
         let rows = tx.query(
@@ -665,6 +663,16 @@ impl PostgresStore {
         )?;
         Ok(())
     }
+}
+
+/// The type lists of `filter` as the statements take them (`text[]`, NULL
+/// for "all" and for "none skipped").
+fn type_lists<'a>(filter: &TypeFilter<'a>) -> (Option<Vec<&'a str>>, Option<Vec<&'a str>>) {
+    let list = |t: &'a [String]| t.iter().map(String::as_str).collect();
+    (
+        filter.only.map(list),
+        (!filter.skip.is_empty()).then(|| list(filter.skip)),
+    )
 }
 
 /// An insert the server refused: invalid input when the data was at fault
@@ -845,9 +853,7 @@ impl crate::store::sealed::Sealed for PostgresStore {
 
     fn backlog_where(&self, filter: &TypeFilter<'_>) -> Result<Backlog> {
         let now = clock::to_millis(self.now());
-        let only: Option<Vec<&str>> = filter.only.map(|t| t.iter().map(String::as_str).collect());
-        let skip: Option<Vec<&str>> =
-            (!filter.skip.is_empty()).then(|| filter.skip.iter().map(String::as_str).collect());
+        let (only, skip) = type_lists(filter);
         self.read(|c| {
             let row = c.query_one(&self.inner.sql.backlog, &[&now, &only, &skip])?;
             Ok(Backlog {
@@ -860,9 +866,7 @@ impl crate::store::sealed::Sealed for PostgresStore {
 
     fn next_wakeup(&self, filter: &TypeFilter<'_>) -> Result<Option<DateTime<Utc>>> {
         let now = clock::to_millis(self.now());
-        let only: Option<Vec<&str>> = filter.only.map(|t| t.iter().map(String::as_str).collect());
-        let skip: Option<Vec<&str>> =
-            (!filter.skip.is_empty()).then(|| filter.skip.iter().map(String::as_str).collect());
+        let (only, skip) = type_lists(filter);
         self.read(|c| {
             let t: Option<i64> = c
                 .query_one(&self.inner.sql.next_wakeup, &[&now, &only, &skip])?

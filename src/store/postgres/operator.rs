@@ -12,6 +12,7 @@ use crate::clock;
 use crate::error::{Error, Result};
 use crate::event::{capped_error, Event, Status};
 use crate::id::EventId;
+use crate::store::count_u64;
 use crate::store::legacy::UnfencedStore;
 use crate::store::unchanged;
 use crate::store::{
@@ -22,10 +23,6 @@ impl From<PostgresStore> for std::sync::Arc<dyn Store> {
     fn from(store: PostgresStore) -> Self {
         std::sync::Arc::new(store)
     }
-}
-
-fn count_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
 }
 
 impl PostgresStore {

@@ -2,10 +2,11 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{count_u64, SqliteStore};
+use super::SqliteStore;
 use crate::clock;
 use crate::error::{Error, Result};
 use crate::id::EventId;
+use crate::store::count_u64;
 use crate::store::legacy::UnfencedStore;
 use crate::store::unchanged;
 use crate::store::DEFAULT_LEASE;

@@ -241,10 +241,6 @@ fn skip<'a>(filter: &TypeFilter<'a>) -> Option<&'a [String]> {
     (!filter.skip.is_empty()).then_some(filter.skip)
 }
 
-fn count_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
 impl Store for SqliteStore {
     fn settle(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
         self.settle_acks(acks)

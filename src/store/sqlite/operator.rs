@@ -10,11 +10,12 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::builder::create_private;
-use super::{count_u64, SqliteStore};
+use super::SqliteStore;
 use crate::clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, Status};
 use crate::id::EventId;
+use crate::store::count_u64;
 use crate::store::row::{decode_row, row_to_event};
 use crate::store::schema::COLUMNS;
 use crate::store::unchanged;
