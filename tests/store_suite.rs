@@ -902,6 +902,108 @@ fn list_filters_and_orders(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+fn list_filters_by_key_and_error_text(f: &Fixture) -> TestResult {
+    let a = f.store.enqueue(ev("t").with_ordering_key("k1"))?;
+    let b = f.store.enqueue(ev("t").with_ordering_key("k2"))?;
+    let c = f.store.enqueue(ev("t"))?;
+    f.store.mark_failed(b.id, "HTTP 503 from <host>")?;
+    f.store.mark_failed(c.id, "http 503")?;
+    let ids = |v: Vec<Event>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    let key = ListFilter {
+        ordering_key: Some("k1".into()),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(f.store.list(&key)?), vec![a.id]);
+    let error = ListFilter {
+        error_contains: Some("503 from <".into()),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(f.store.list(&error)?), vec![b.id]);
+    // Case-sensitive, and events without an error never match.
+    let cased = ListFilter {
+        error_contains: Some("HTTP".into()),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids(f.store.list(&cased)?), vec![b.id]);
+    Ok(())
+}
+
+fn pages_follow_the_cursor_both_ways(f: &Fixture) -> TestResult {
+    let all: Vec<Event> = (0..7)
+        .map(|i| f.store.enqueue(ev(if i % 2 == 0 { "even" } else { "odd" })))
+        .collect::<Result<_, _>>()?;
+    let seqs = |p: &sqlite_outbox::Page| p.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+    let s: Vec<i64> = all.iter().map(|e| e.seq).collect();
+    for newest_first in [false, true] {
+        let mut filter = ListFilter {
+            limit: 3,
+            newest_first,
+            ..ListFilter::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = f.store.list_page(&filter)?;
+            assert!(page.events.len() <= 3);
+            seen.extend(seqs(&page));
+            match page.next {
+                Some(next) => filter.after_seq = Some(next),
+                None => break,
+            }
+        }
+        let mut want = s.clone();
+        if newest_first {
+            want.reverse();
+        }
+        assert_eq!(seen, want, "newest_first = {newest_first}");
+    }
+    // A bounded scan: the first 3 sequence numbers hold one "odd" event,
+    // and the page says where to search on.
+    let odd = ListFilter {
+        event_type: Some("odd".into()),
+        scan_limit: Some(3),
+        ..ListFilter::default()
+    };
+    let first = f.store.list_page(&odd)?;
+    assert_eq!(seqs(&first), vec![s[1]]);
+    assert_eq!(first.next, Some(s[2]));
+    let second = f.store.list_page(&ListFilter {
+        after_seq: first.next,
+        ..odd.clone()
+    })?;
+    assert_eq!(seqs(&second), vec![s[3], s[5]]);
+    assert_eq!(second.next, Some(s[5]));
+    let last = f.store.list_page(&ListFilter {
+        after_seq: second.next,
+        ..odd.clone()
+    })?;
+    assert_eq!((seqs(&last), last.next), (vec![], None));
+    // Newest first, bounded: from the top down.
+    let newest = f.store.list_page(&ListFilter {
+        newest_first: true,
+        ..odd.clone()
+    })?;
+    assert_eq!((seqs(&newest), newest.next), (vec![s[5]], Some(s[4])));
+    // A full page goes on from its last event; past the end, nothing.
+    let full = f.store.list_page(&ListFilter {
+        limit: 2,
+        ..ListFilter::default()
+    })?;
+    assert_eq!((seqs(&full), full.next), (vec![s[0], s[1]], Some(s[1])));
+    let beyond = f.store.list_page(&ListFilter {
+        after_seq: Some(s[6]),
+        ..ListFilter::default()
+    })?;
+    assert_eq!((beyond.events.len(), beyond.next), (0, None));
+    assert_eq!(
+        Fixture::memory()
+            .store
+            .list_page(&ListFilter::default())?
+            .next,
+        None
+    );
+    Ok(())
+}
+
 // ---- input ------------------------------------------------------------------
 
 fn invalid_events_write_nothing(f: &Fixture) -> TestResult {
@@ -1137,6 +1239,8 @@ suite!(
     skip_backoff_makes_waiting_retries_due,
     stats_count_per_status_and_type,
     list_filters_and_orders,
+    list_filters_by_key_and_error_text,
+    pages_follow_the_cursor_both_ways,
     invalid_events_write_nothing,
     duplicate_ids_are_rejected_whole,
     payloads_round_trip,

@@ -16,7 +16,7 @@ use crate::retry::RetryPolicy;
 pub use ack::Ack;
 pub(crate) use ack::AckKind;
 pub use operator::{Operator, Subject};
-pub use report::{Backlog, DestinationState, Hold, ListFilter, Requeue, Stats, TypeStats};
+pub use report::{Backlog, DestinationState, Hold, ListFilter, Page, Requeue, Stats, TypeStats};
 
 mod ack;
 pub(crate) mod legacy;

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::report::{ListFilter, Requeue, Stats};
+use super::report::{ListFilter, Page, Requeue, Stats};
 use super::Store;
 use crate::error::Result;
 use crate::event::Event;
@@ -42,7 +42,20 @@ pub trait Operator: Store {
     /// # Errors
     ///
     /// Database errors.
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>>;
+    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+        Ok(self.list_page(filter)?.events)
+    }
+
+    /// A page of the events matching `filter`, with the cursor of the
+    /// next page: keyset pagination on `seq`, each page one indexed range
+    /// however far in it starts. With [`ListFilter::scan_limit`], a page
+    /// also stops after that many sequence numbers, so a filter that
+    /// matches few events on a large outbox still answers quickly.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn list_page(&self, filter: &ListFilter) -> Result<Page>;
 
     /// Moves failed events back to pending, due now, with `attempts` reset
     /// to 0 (the last error is kept); returns how many.

@@ -143,10 +143,42 @@ pub struct ListFilter {
     pub user_id: Option<Uuid>,
     /// Only events with this correlation id.
     pub correlation_id: Option<String>,
+    /// Only events with this ordering key.
+    pub ordering_key: Option<String>,
+    /// Only events whose last error contains this text (case-sensitive).
+    pub error_contains: Option<String>,
     /// At most this many events. Default: 100.
     pub limit: usize,
     /// Newest first (by enqueue order) instead of oldest first. Default: false.
     pub newest_first: bool,
+    /// A keyset cursor: only events past this `seq` in the list's order
+    /// (below it when newest first). Pass the [`Page::next`] of the page
+    /// before to get the next one; the cost of a page does not grow with
+    /// how far into the outbox it is.
+    pub after_seq: Option<i64>,
+    /// Look at no more than this many sequence numbers past the cursor.
+    /// A page with a rare filter then costs a bounded scan on an outbox of
+    /// any size, and may hold fewer than `limit` events with a
+    /// [`Page::next`] to search on from. Default: no bound.
+    pub scan_limit: Option<u64>,
+}
+
+/// One page of [`crate::Operator::list_page`].
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Page {
+    /// The matching events, in the list's order.
+    pub events: Vec<Event>,
+    /// Where the next page starts (its [`ListFilter::after_seq`]), or
+    /// `None` when nothing is left to look at.
+    pub next: Option<i64>,
+}
+
+/// The sequence numbers a page looks at: `lo..=hi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub(crate) lo: i64,
+    pub(crate) hi: i64,
 }
 
 impl Default for ListFilter {
@@ -157,8 +189,12 @@ impl Default for ListFilter {
             org_id: None,
             user_id: None,
             correlation_id: None,
+            ordering_key: None,
+            error_contains: None,
             limit: 100,
             newest_first: false,
+            after_seq: None,
+            scan_limit: None,
         }
     }
 }
@@ -173,6 +209,47 @@ impl ListFilter {
                 .correlation_id
                 .as_ref()
                 .is_none_or(|c| e.correlation_id.as_ref() == Some(c))
+            && self
+                .ordering_key
+                .as_ref()
+                .is_none_or(|k| e.ordering_key.as_ref() == Some(k))
+            && self.error_contains.as_ref().is_none_or(|t| {
+                e.last_error
+                    .as_ref()
+                    .is_some_and(|err| err.contains(t.as_str()))
+            })
+    }
+
+    /// The sequence numbers to look at, in an outbox whose events run from
+    /// `min` to `max`; `None` when the cursor is already past the end.
+    pub(crate) fn window(&self, min: i64, max: i64) -> Option<Window> {
+        let span = |s: u64| i64::try_from(s.saturating_sub(1)).unwrap_or(i64::MAX);
+        let w = if self.newest_first {
+            let hi = self.after_seq.map_or(max, |a| a.saturating_sub(1).min(max));
+            let lo = self
+                .scan_limit
+                .map_or(min, |s| hi.saturating_sub(span(s)).max(min));
+            Window { lo, hi }
+        } else {
+            let lo = self.after_seq.map_or(min, |a| a.saturating_add(1).max(min));
+            let hi = self
+                .scan_limit
+                .map_or(max, |s| lo.saturating_add(span(s)).min(max));
+            Window { lo, hi }
+        };
+        (w.lo <= w.hi && self.scan_limit != Some(0)).then_some(w)
+    }
+
+    /// The page of `events` found in `window` of an outbox from `min` to
+    /// `max`: it goes on from the last event when the page is full, from
+    /// the window's edge when the scan stopped short of the end.
+    pub(crate) fn page(&self, events: Vec<Event>, window: Window, min: i64, max: i64) -> Page {
+        let next = match events.last() {
+            Some(last) if self.limit > 0 && events.len() >= self.limit => Some(last.seq),
+            _ if self.newest_first => (window.lo > min).then_some(window.lo),
+            _ => (window.hi < max).then_some(window.hi),
+        };
+        Page { events, next }
     }
 }
 

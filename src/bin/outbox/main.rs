@@ -129,6 +129,16 @@ struct ListArgs {
     /// Only this correlation id.
     #[arg(long)]
     correlation_id: Option<String>,
+    /// Only this ordering key.
+    #[arg(long)]
+    ordering_key: Option<String>,
+    /// Only events whose last error contains this text.
+    #[arg(long)]
+    error: Option<String>,
+    /// Only events after this seq in the list's order (below it with
+    /// --newest): the last seq of the page before.
+    #[arg(long)]
+    after: Option<i64>,
     /// At most this many events.
     #[arg(long, default_value_t = 50)]
     limit: usize,

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, Status};
 use crate::id::EventId;
 use crate::store::legacy::UnfencedStore;
-use crate::store::{new_token, ListFilter, Operator, Requeue, Stats, Subject, DEFAULT_LEASE};
+use crate::store::{new_token, ListFilter, Operator, Page, Requeue, Stats, Subject, DEFAULT_LEASE};
 
 impl Operator for MemoryStore {
     fn stats(&self) -> Result<Stats> {
@@ -39,14 +39,27 @@ impl Operator for MemoryStore {
         Ok(stats)
     }
 
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+    fn list_page(&self, filter: &ListFilter) -> Result<Page> {
         let state = self.state();
-        let matching = state.rows.values().filter(|e| filter.matches(e)).cloned();
-        Ok(if filter.newest_first {
+        let (Some(&min), Some(&max)) = (state.rows.keys().next(), state.rows.keys().next_back())
+        else {
+            return Ok(Page::default());
+        };
+        let Some(w) = filter.window(min, max) else {
+            return Ok(Page::default());
+        };
+        let matching = state
+            .rows
+            .range(w.lo..=w.hi)
+            .map(|(_, e)| e)
+            .filter(|e| filter.matches(e))
+            .cloned();
+        let events = if filter.newest_first {
             matching.rev().take(filter.limit).collect()
         } else {
             matching.take(filter.limit).collect()
-        })
+        };
+        Ok(filter.page(events, w, min, max))
     }
 
     fn requeue(&self, which: Requeue) -> Result<u64> {

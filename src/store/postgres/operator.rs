@@ -10,13 +10,14 @@ use super::sql::NEW_TOKEN;
 use super::{decode, PostgresStore};
 use crate::clock;
 use crate::error::{Error, Result};
-use crate::event::{capped_error, Event, Status};
+use crate::event::{capped_error, Status};
 use crate::id::EventId;
 use crate::store::count_u64;
 use crate::store::legacy::UnfencedStore;
 use crate::store::unchanged;
 use crate::store::{
-    DestinationState, Hold, ListFilter, Operator, Requeue, Stats, Store, Subject, DEFAULT_LEASE,
+    DestinationState, Hold, ListFilter, Operator, Page, Requeue, Stats, Store, Subject,
+    DEFAULT_LEASE,
 };
 
 impl From<PostgresStore> for std::sync::Arc<dyn Store> {
@@ -121,19 +122,34 @@ impl Operator for PostgresStore {
         Ok(stats)
     }
 
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
+    fn list_page(&self, filter: &ListFilter) -> Result<Page> {
         let status = filter.status.map(|s| s.as_str());
         let order = if filter.newest_first { "DESC" } else { "ASC" };
         let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let e = &self.inner.sql.events;
         let sql = format!(
-            "SELECT {} FROM {} AS t
-             WHERE ($1::text IS NULL OR t.status = $1) AND ($2::text IS NULL OR t.event_type = $2)
+            "SELECT {} FROM {e} AS t
+             WHERE t.seq BETWEEN $8 AND $9
+               AND ($1::text IS NULL OR t.status = $1) AND ($2::text IS NULL OR t.event_type = $2)
                AND ($3::uuid IS NULL OR t.org_id = $3) AND ($4::uuid IS NULL OR t.user_id = $4)
                AND ($5::text IS NULL OR t.correlation_id = $5)
-             ORDER BY t.seq {order} LIMIT $6",
-            self.inner.sql.columns, self.inner.sql.events
+               AND ($6::text IS NULL OR t.ordering_key = $6)
+               AND ($7::text IS NULL OR strpos(t.last_error, $7) > 0)
+             ORDER BY t.seq {order} LIMIT $10",
+            self.inner.sql.columns
         );
+        let bounds = format!("SELECT (SELECT min(seq) FROM {e}), (SELECT max(seq) FROM {e})");
         self.read(|c| {
+            let row = c.query_one(&bounds, &[])?;
+            let (Some(min), Some(max)) = (
+                row.try_get::<_, Option<i64>>(0)?,
+                row.try_get::<_, Option<i64>>(1)?,
+            ) else {
+                return Ok(Page::default());
+            };
+            let Some(w) = filter.window(min, max) else {
+                return Ok(Page::default());
+            };
             let rows = c.query(
                 &sql,
                 &[
@@ -142,10 +158,15 @@ impl Operator for PostgresStore {
                     &filter.org_id,
                     &filter.user_id,
                     &filter.correlation_id,
+                    &filter.ordering_key,
+                    &filter.error_contains,
+                    &w.lo,
+                    &w.hi,
                     &limit,
                 ],
             )?;
-            Ok(rows.iter().map(|r| decode(r).0).collect())
+            let events = rows.iter().map(|r| decode(r).0).collect();
+            Ok(filter.page(events, w, min, max))
         })
     }
 

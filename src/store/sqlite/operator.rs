@@ -13,13 +13,13 @@ use super::builder::create_private;
 use super::SqliteStore;
 use crate::clock;
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{Event, Status};
+use crate::event::Status;
 use crate::id::EventId;
 use crate::store::count_u64;
 use crate::store::row::{decode_row, row_to_event};
 use crate::store::schema::COLUMNS;
 use crate::store::unchanged;
-use crate::store::{DestinationState, Hold, ListFilter, Operator, Requeue, Stats, Subject};
+use crate::store::{DestinationState, Hold, ListFilter, Operator, Page, Requeue, Stats, Subject};
 impl SqliteStore {
     /// Writes a consistent copy of the outbox to `dest` (which must not
     /// exist), including commits still in the WAL, using `VACUUM INTO`.
@@ -160,42 +160,59 @@ impl Operator for SqliteStore {
         })
     }
 
-    fn list(&self, filter: &ListFilter) -> Result<Vec<Event>> {
-        let mut clauses = Vec::new();
+    fn list_page(&self, filter: &ListFilter) -> Result<Page> {
+        let mut clauses = vec!["seq BETWEEN ?1 AND ?2".to_owned()];
         let mut args: Vec<SqlValue> = Vec::new();
         let mut add = |clause: &str, value: SqlValue| {
             args.push(value);
-            clauses.push(format!("{clause} = ?{}", args.len()));
+            clauses.push(clause.replace('#', &format!("?{}", args.len() + 2)));
         };
         if let Some(s) = filter.status {
-            add("status", SqlValue::Text(s.as_str().into()));
+            add("status = #", SqlValue::Text(s.as_str().into()));
         }
         if let Some(t) = &filter.event_type {
-            add("event_type", SqlValue::Text(t.clone()));
+            add("event_type = #", SqlValue::Text(t.clone()));
         }
         if let Some(o) = filter.org_id {
-            add("org_id", SqlValue::Text(o.to_string()));
+            add("org_id = #", SqlValue::Text(o.to_string()));
         }
         if let Some(u) = filter.user_id {
-            add("user_id", SqlValue::Text(u.to_string()));
+            add("user_id = #", SqlValue::Text(u.to_string()));
         }
         if let Some(c) = &filter.correlation_id {
-            add("correlation_id", SqlValue::Text(c.clone()));
+            add("correlation_id = #", SqlValue::Text(c.clone()));
         }
-        let where_sql = if clauses.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", clauses.join(" AND "))
-        };
+        if let Some(k) = &filter.ordering_key {
+            add("ordering_key = #", SqlValue::Text(k.clone()));
+        }
+        if let Some(t) = &filter.error_contains {
+            add("instr(last_error, #) > 0", SqlValue::Text(t.clone()));
+        }
         let order = if filter.newest_first { "DESC" } else { "ASC" };
         let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
         let sql = format!(
-            "SELECT {COLUMNS} FROM outbox_events {where_sql} ORDER BY seq {order} LIMIT {limit}"
+            "SELECT {COLUMNS} FROM outbox_events WHERE {} ORDER BY seq {order} LIMIT {limit}",
+            clauses.join(" AND ")
         );
         self.read(|conn| {
+            let bounds: (Option<i64>, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT (SELECT min(seq) FROM outbox_events), (SELECT max(seq) FROM outbox_events)",
+                )?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let (Some(min), Some(max)) = bounds else {
+                return Ok(Page::default());
+            };
+            let Some(w) = filter.window(min, max) else {
+                return Ok(Page::default());
+            };
             let mut stmt = conn.prepare(&sql)?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_event)?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            let params = [SqlValue::Integer(w.lo), SqlValue::Integer(w.hi)]
+                .into_iter()
+                .chain(args);
+            let rows = stmt.query_map(rusqlite::params_from_iter(params), row_to_event)?;
+            let events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(filter.page(events, w, min, max))
         })
     }
 

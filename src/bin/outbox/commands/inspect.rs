@@ -92,8 +92,12 @@ pub(crate) fn list(db: &Db, json_mode: bool, a: &ListArgs) -> Result<(), Failure
         org_id: a.org,
         user_id: a.user,
         correlation_id: a.correlation_id.clone(),
+        ordering_key: a.ordering_key.clone(),
+        error_contains: a.error.clone(),
         limit: a.limit,
         newest_first: a.newest,
+        after_seq: a.after,
+        ..ListFilter::default()
     };
     let events = db.open_read()?.list(&filter).map_err(&fail)?;
     output(
