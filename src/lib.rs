@@ -159,8 +159,8 @@ pub use store::sqlite::{
     WAL_SIZE_LIMIT,
 };
 pub use store::{
-    Ack, Backlog, ListFilter, Operator, Page, Requeue, Stats, Store, Subject, TypeStats,
-    DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    Ack, Backlog, ListFilter, Operator, Page, Requeue, Stats, Store, Subject, Throughput,
+    TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR, THROUGHPUT_LOOKBACK,
 };
 
 /// The unfenced tier: operations by event id that take no lease, with the

@@ -16,7 +16,22 @@ use crate::retry::RetryPolicy;
 pub use ack::Ack;
 pub(crate) use ack::AckKind;
 pub use operator::{Operator, Subject};
-pub use report::{Backlog, DestinationState, Hold, ListFilter, Page, Requeue, Stats, TypeStats};
+pub use report::{
+    Backlog, DestinationState, Hold, ListFilter, Page, Requeue, Stats, Throughput, TypeStats,
+    THROUGHPUT_LOOKBACK,
+};
+
+/// The lower bounds and bucket of a throughput count, in milliseconds:
+/// finished since, enqueued since, bucket.
+pub(crate) fn throughput_bounds(
+    since: chrono::DateTime<chrono::Utc>,
+    bucket: std::time::Duration,
+) -> (i64, i64, i64) {
+    let since = crate::clock::to_millis(since);
+    let lookback = i64::try_from(THROUGHPUT_LOOKBACK.as_millis()).unwrap_or(i64::MAX);
+    let bucket = i64::try_from(bucket.as_millis()).unwrap_or(i64::MAX).max(1);
+    (since, since.saturating_sub(lookback), bucket)
+}
 
 mod ack;
 pub(crate) mod legacy;

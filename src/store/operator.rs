@@ -4,7 +4,9 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::report::{ListFilter, Page, Requeue, Stats};
+use std::time::Duration;
+
+use super::report::{ListFilter, Page, Requeue, Stats, Throughput};
 use super::Store;
 use crate::error::Result;
 use crate::event::Event;
@@ -56,6 +58,16 @@ pub trait Operator: Store {
     ///
     /// Database errors.
     fn list_page(&self, filter: &ListFilter) -> Result<Page>;
+
+    /// Events that finished (done or failed) since `since`, counted per
+    /// `bucket` of their `completed_at`, oldest first; spans with none are
+    /// left out. Read through the retention index, so only events enqueued
+    /// at most [`crate::THROUGHPUT_LOOKBACK`] before `since` are counted.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn throughput(&self, since: DateTime<Utc>, bucket: Duration) -> Result<Vec<Throughput>>;
 
     /// Moves failed events back to pending, due now, with `attempts` reset
     /// to 0 (the last error is kept); returns how many.

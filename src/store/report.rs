@@ -163,6 +163,35 @@ pub struct ListFilter {
     pub scan_limit: Option<u64>,
 }
 
+/// Events that finished in one span of time, from
+/// [`crate::Operator::throughput`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Throughput {
+    /// Where the span starts (a multiple of the bucket since the Unix
+    /// epoch).
+    pub start: DateTime<Utc>,
+    /// Events that became done in it.
+    pub done: u64,
+    /// Events that became failed in it.
+    pub failed: u64,
+}
+
+impl Throughput {
+    pub(crate) fn at(start_ms: i64, done: u64, failed: u64) -> Throughput {
+        Throughput {
+            start: crate::clock::from_millis(start_ms),
+            done,
+            failed,
+        }
+    }
+}
+
+/// How long before the start of [`crate::Operator::throughput`]'s span an
+/// event may have been enqueued and still be counted: the bound that lets
+/// the count read the retention index instead of the whole outbox.
+pub const THROUGHPUT_LOOKBACK: Duration = Duration::from_secs(24 * 3600);
+
 /// One page of [`crate::Operator::list_page`].
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]

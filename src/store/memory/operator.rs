@@ -10,7 +10,10 @@ use crate::error::{Error, Result};
 use crate::event::{Event, Status};
 use crate::id::EventId;
 use crate::store::legacy::UnfencedStore;
-use crate::store::{new_token, ListFilter, Operator, Page, Requeue, Stats, Subject, DEFAULT_LEASE};
+use crate::store::{
+    new_token, throughput_bounds, ListFilter, Operator, Page, Requeue, Stats, Subject, Throughput,
+    DEFAULT_LEASE,
+};
 
 impl Operator for MemoryStore {
     fn stats(&self) -> Result<Stats> {
@@ -60,6 +63,29 @@ impl Operator for MemoryStore {
             matching.take(filter.limit).collect()
         };
         Ok(filter.page(events, w, min, max))
+    }
+
+    fn throughput(&self, since: DateTime<Utc>, bucket: Duration) -> Result<Vec<Throughput>> {
+        let (since, enqueued, bucket) = throughput_bounds(since, bucket);
+        let mut spans: std::collections::BTreeMap<i64, (u64, u64)> = Default::default();
+        for e in self.state().rows.values() {
+            let Some(done_at) = e.completed_at.map(clock::to_millis) else {
+                continue;
+            };
+            if done_at < since || clock::to_millis(e.created_at) < enqueued {
+                continue;
+            }
+            let span = spans.entry(done_at / bucket * bucket).or_default();
+            match e.status {
+                Status::Done => span.0 += 1,
+                Status::Failed => span.1 += 1,
+                _ => {}
+            }
+        }
+        Ok(spans
+            .into_iter()
+            .map(|(t, (done, failed))| Throughput::at(t, done, failed))
+            .collect())
     }
 
     fn requeue(&self, which: Requeue) -> Result<u64> {

@@ -16,8 +16,8 @@ use crate::store::count_u64;
 use crate::store::legacy::UnfencedStore;
 use crate::store::unchanged;
 use crate::store::{
-    DestinationState, Hold, ListFilter, Operator, Page, Requeue, Stats, Store, Subject,
-    DEFAULT_LEASE,
+    throughput_bounds, DestinationState, Hold, ListFilter, Operator, Page, Requeue, Stats, Store,
+    Subject, Throughput, DEFAULT_LEASE,
 };
 
 impl From<PostgresStore> for std::sync::Arc<dyn Store> {
@@ -167,6 +167,30 @@ impl Operator for PostgresStore {
             )?;
             let events = rows.iter().map(|r| decode(r).0).collect();
             Ok(filter.page(events, w, min, max))
+        })
+    }
+
+    fn throughput(&self, since: DateTime<Utc>, bucket: Duration) -> Result<Vec<Throughput>> {
+        let (since, enqueued, bucket) = throughput_bounds(since, bucket);
+        let sql = format!(
+            "SELECT completed_at / $3 * $3 AS span,
+                    count(*) FILTER (WHERE status = 'done'), count(*) FILTER (WHERE status = 'failed')
+             FROM {}
+             WHERE status IN ('done', 'failed') AND created_at >= $2 AND completed_at >= $1
+             GROUP BY span ORDER BY span",
+            self.inner.sql.events
+        );
+        self.read(|c| {
+            let rows = c.query(&sql, &[&since, &enqueued, &bucket])?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Throughput::at(
+                        r.try_get(0)?,
+                        count_u64(r.try_get(1)?),
+                        count_u64(r.try_get(2)?),
+                    ))
+                })
+                .collect()
         })
     }
 

@@ -19,7 +19,10 @@ use crate::store::count_u64;
 use crate::store::row::{decode_row, row_to_event};
 use crate::store::schema::COLUMNS;
 use crate::store::unchanged;
-use crate::store::{DestinationState, Hold, ListFilter, Operator, Page, Requeue, Stats, Subject};
+use crate::store::{
+    throughput_bounds, DestinationState, Hold, ListFilter, Operator, Page, Requeue, Stats, Subject,
+    Throughput,
+};
 impl SqliteStore {
     /// Writes a consistent copy of the outbox to `dest` (which must not
     /// exist), including commits still in the WAL, using `VACUUM INTO`.
@@ -213,6 +216,28 @@ impl Operator for SqliteStore {
             let rows = stmt.query_map(rusqlite::params_from_iter(params), row_to_event)?;
             let events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(filter.page(events, w, min, max))
+        })
+    }
+
+    fn throughput(&self, since: DateTime<Utc>, bucket: Duration) -> Result<Vec<Throughput>> {
+        let (since, enqueued, bucket) = throughput_bounds(since, bucket);
+        self.read(|conn| {
+            // The retention index's own condition, word for word, so the
+            // planner may use it.
+            let mut stmt = conn.prepare_cached(
+                "SELECT completed_at / ?3 * ?3 AS span, sum(status = 'done'), sum(status = 'failed')
+                 FROM outbox_events
+                 WHERE status IN ('done', 'failed') AND created_at >= ?2 AND completed_at >= ?1
+                 GROUP BY span ORDER BY span",
+            )?;
+            let rows = stmt.query_map([since, enqueued, bucket], |r| {
+                Ok(Throughput::at(
+                    r.get(0)?,
+                    count_u64(r.get(1)?),
+                    count_u64(r.get(2)?),
+                ))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
 
