@@ -164,15 +164,25 @@ impl Operator for SqliteStore {
     }
 
     fn list_page(&self, filter: &ListFilter) -> Result<Page> {
-        let mut clauses = vec!["seq BETWEEN ?1 AND ?2".to_owned()];
+        // Processing events are few (no more than the leases held): read
+        // them through the lease index, not by walking `seq` past every
+        // finished event. The status is written into the SQL (it is one of
+        // four words) so the planner can match the partial index, and the
+        // `+` keeps it from choosing the `seq` order instead.
+        let seq = if filter.status == Some(Status::Processing) {
+            "+seq"
+        } else {
+            "seq"
+        };
+        let mut clauses = vec![format!("{seq} BETWEEN ?1 AND ?2")];
+        if let Some(s) = filter.status {
+            clauses.push(format!("status = '{}'", s.as_str()));
+        }
         let mut args: Vec<SqlValue> = Vec::new();
         let mut add = |clause: &str, value: SqlValue| {
             args.push(value);
             clauses.push(clause.replace('#', &format!("?{}", args.len() + 2)));
         };
-        if let Some(s) = filter.status {
-            add("status = #", SqlValue::Text(s.as_str().into()));
-        }
         if let Some(t) = &filter.event_type {
             add("event_type = #", SqlValue::Text(t.clone()));
         }
@@ -194,7 +204,7 @@ impl Operator for SqliteStore {
         let order = if filter.newest_first { "DESC" } else { "ASC" };
         let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
         let sql = format!(
-            "SELECT {COLUMNS} FROM outbox_events WHERE {} ORDER BY seq {order} LIMIT {limit}",
+            "SELECT {COLUMNS} FROM outbox_events WHERE {} ORDER BY {seq} {order} LIMIT {limit}",
             clauses.join(" AND ")
         );
         self.read(|conn| {
