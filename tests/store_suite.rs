@@ -1007,11 +1007,15 @@ fn pages_follow_the_cursor_both_ways(f: &Fixture) -> TestResult {
 fn throughput_counts_finished_events_per_span(f: &Fixture) -> TestResult {
     // Start a second into a minute, so the spans below are exact.
     let now_ms = f.clock.now_utc().timestamp_millis();
-    f.advance(millis(u64::try_from(60_000 - now_ms.rem_euclid(60_000) + 1_000)?));
+    f.advance(millis(u64::try_from(
+        60_000 - now_ms.rem_euclid(60_000) + 1_000,
+    )?));
     let start = f.clock.now_utc();
     let span = secs(60);
     // Events enqueued now, finished over the next three minutes.
-    let evs: Vec<Event> = (0..5).map(|_| f.store.enqueue(ev("t"))).collect::<Result<_, _>>()?;
+    let evs: Vec<Event> = (0..5)
+        .map(|_| f.store.enqueue(ev("t")))
+        .collect::<Result<_, _>>()?;
     let pending = f.store.enqueue(ev("t"))?;
     f.store.mark_done(evs[0].id)?;
     f.advance(secs(61));
@@ -1025,12 +1029,23 @@ fn throughput_counts_finished_events_per_span(f: &Fixture) -> TestResult {
         .store
         .throughput(start, span)?
         .iter()
-        .map(|t| ((t.start.timestamp_millis() - base) / 60_000, t.done, t.failed))
+        .map(|t| {
+            (
+                (t.start.timestamp_millis() - base) / 60_000,
+                t.done,
+                t.failed,
+            )
+        })
         .collect();
     assert_eq!(got, vec![(0, 1, 0), (1, 2, 1), (3, 0, 1)]);
     // Only what finished since the start of the span asked for.
-    let later = f.store.throughput(start + chrono::Duration::seconds(170), span)?;
-    assert_eq!(later.iter().map(|t| (t.done, t.failed)).collect::<Vec<_>>(), vec![(0, 1)]);
+    let later = f
+        .store
+        .throughput(start + chrono::Duration::seconds(170), span)?;
+    assert_eq!(
+        later.iter().map(|t| (t.done, t.failed)).collect::<Vec<_>>(),
+        vec![(0, 1)]
+    );
     // Events enqueued more than the lookback before it are not counted.
     f.advance(sqlite_outbox::THROUGHPUT_LOOKBACK + secs(10));
     let late = f.clock.now_utc() - chrono::Duration::seconds(1);

@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 #[cfg(feature = "cli")]
+pub mod browser;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod journal;
 

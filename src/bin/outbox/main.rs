@@ -18,8 +18,10 @@ use std::time::Duration;
 mod commands;
 mod db;
 mod output;
+mod prometheus;
 mod relay;
 mod text;
+mod ui;
 
 use clap::{Args, Parser, Subcommand};
 use sqlite_outbox::admin::parse_duration;
@@ -55,7 +57,12 @@ enum Command {
     /// PostgreSQL one when --db names a server.
     Schema,
     /// Counts per status and per event type.
-    Stats,
+    Stats {
+        /// In the Prometheus text format (for node-exporter's textfile
+        /// collector: write to a temporary file, then rename it).
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
+    },
     /// List events.
     List(ListArgs),
     /// Show one event in full.
@@ -110,6 +117,8 @@ enum Command {
     },
     /// Deliver events over HTTP or to a command until interrupted.
     Relay(relay::RelayArgs),
+    /// Serve a dashboard of the outbox (and /metrics) on 127.0.0.1.
+    Ui(ui::UiArgs),
 }
 
 #[derive(Args)]
@@ -247,7 +256,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Init => commands::file::init(db, json),
         Command::Verify => commands::file::verify(db, json),
         Command::Backup { path } => commands::file::backup(db, json, path),
-        Command::Stats => commands::inspect::stats(db, json),
+        Command::Stats { prometheus } => commands::inspect::stats(db, json, *prometheus),
         Command::List(a) => commands::inspect::list(db, json, a),
         Command::Show { id } => commands::inspect::show(db, json, id),
         Command::Enqueue(a) => commands::change::enqueue(db, json, a),
@@ -260,5 +269,6 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Purge { older_than } => commands::change::purge(db, json, *older_than),
         Command::Erase { org, user } => commands::change::erase(db, json, *org, *user),
         Command::Relay(a) => relay::run(db, json, a),
+        Command::Ui(a) => ui::run(db, a),
     }
 }

@@ -10,9 +10,13 @@ use crate::db::Db;
 use crate::output::{output, parse_id, table};
 use crate::{text, Failure, ListArgs};
 
-pub(crate) fn stats(db: &Db, json_mode: bool) -> Result<(), Failure> {
+pub(crate) fn stats(db: &Db, json_mode: bool, prometheus: bool) -> Result<(), Failure> {
     let fail = |e: sqlite_outbox::Error| db.fail(&e);
     let stats = db.open_read()?.stats().map_err(&fail)?;
+    if prometheus {
+        print!("{}", crate::prometheus::render(&stats));
+        return Ok(());
+    }
     output(json_mode, stats_json(&stats), || {
         let mut t = String::new();
         let _ = writeln!(

@@ -1,0 +1,430 @@
+//! `outbox ui` in a real headless Chromium (WebDriver, ChromeDriver), and
+//! its HTTP surface with a plain client: what a user sees and can do, and
+//! what a hostile page or payload cannot.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::browser::{chromium, Browser, Dashboard, Result};
+use common::cli::outbox;
+use serde_json::json;
+use sqlite_outbox::legacy::UnfencedStore;
+use sqlite_outbox::{EventId, NewEvent, SqliteStore, Status, Store};
+
+/// A payload and an error that would run script if they reached the page
+/// as markup.
+const HOSTILE_PAYLOAD: &str = "<script>window.__pwned = 1</script>";
+const HOSTILE_ERROR: &str = "HTTP 503 <img src=x onerror=\"window.__pwned = 2\">";
+
+struct Known {
+    store: SqliteStore,
+    hostile: EventId,
+    other_failed: EventId,
+    pending: EventId,
+}
+
+/// An outbox with known events: 3 done, 2 failed (one hostile), 1 pending.
+fn known_outbox(path: &Path) -> Result<Known> {
+    let store = SqliteStore::open(path)?;
+    for i in 0..3 {
+        let e = store.enqueue(NewEvent::new("email.send", json!({ "n": i })))?;
+        store.mark_done(e.id)?;
+    }
+    let hostile = store.enqueue(NewEvent::new(
+        "webhook.post",
+        json!({ "html": HOSTILE_PAYLOAD }),
+    ))?;
+    store.mark_failed(hostile.id, HOSTILE_ERROR)?;
+    let other = store.enqueue(NewEvent::new("webhook.post", json!({ "n": 9 })))?;
+    store.mark_failed(other.id, "connection refused")?;
+    let pending = store
+        .enqueue(NewEvent::new("sync.push", json!({ "doc": 7 })).with_ordering_key("doc-7"))?;
+    Ok(Known {
+        store,
+        hostile: hostile.id,
+        other_failed: other.id,
+        pending: pending.id,
+    })
+}
+
+fn status_of(store: &SqliteStore, id: EventId) -> Result<Status> {
+    Ok(store.find(id)?.ok_or("event gone")?.status)
+}
+
+#[test]
+fn a_user_finds_what_is_stuck_and_retries_it_in_a_browser() -> Result<()> {
+    let Some((chromium, chromedriver)) = chromium() else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("app.db");
+    let k = known_outbox(&db)?;
+    let ui = Dashboard::start(&db, &["--refresh", "1"])?;
+    let b = Browser::start(&chromium, &chromedriver)?;
+
+    // The overview: the counts, and the failed type with its retry.
+    b.go(&format!("{}/", ui.url))?;
+    assert!(b.title()?.contains("Overview"), "{}", b.title()?);
+    assert_eq!(b.text("[data-count=failed]")?, "2");
+    assert_eq!(b.text("[data-count=done]")?, "3");
+    assert_eq!(b.text("[data-count=pending]")?, "1");
+    let attention = b.text(".attention")?;
+    assert!(
+        attention.contains("2 failed of type webhook.post"),
+        "{attention}"
+    );
+
+    // Live: a change in the file shows without a reload, filters kept.
+    b.go(&format!("{}/events?status=failed&order=oldest", ui.url))?;
+    b.run("window.__same_page = true; return null;")?;
+    assert_eq!(b.all("table.events tbody tr")?.len(), 2);
+    let late = k.store.enqueue(NewEvent::new("webhook.post", json!({})))?;
+    k.store.mark_failed(late.id, "late")?;
+    b.wait_for(10, "the list to refresh", |b| {
+        Ok(b.all("table.events tbody tr")?.len() == 3)
+    })?;
+    assert_eq!(b.run("return window.__same_page === true;")?, json!(true));
+    assert_eq!(
+        b.run("return document.querySelector('select[name=status]').value;")?,
+        json!("failed")
+    );
+    assert!(b.url()?.contains("status=failed"));
+
+    // Filter the list with the form: type and error text.
+    b.go(&format!("{}/events", ui.url))?;
+    b.type_into("input[name=type]", "webhook.post")?;
+    b.type_into("input[name=error]", "503")?;
+    b.click("#filters button[type=submit]")?;
+    b.wait_for(10, "the filtered list", |b| {
+        Ok(b.url()?.contains("error=503"))
+    })?;
+    let rows = b.all("table.events tbody tr")?;
+    assert_eq!(rows.len(), 1, "{}", b.source()?);
+
+    // Open the event: the hostile payload and error are text, not markup.
+    b.click(&format!("a[href='/events/{}']", k.hostile))?;
+    b.wait_for(10, "the event page", |b| {
+        Ok(b.url()?.ends_with(&k.hostile.to_string()))
+    })?;
+    assert!(
+        b.text("#payload")?.contains(HOSTILE_PAYLOAD),
+        "{}",
+        b.text("#payload")?
+    );
+    assert_eq!(b.text("#last-error")?, HOSTILE_ERROR);
+    assert_eq!(b.run("return window.__pwned === undefined;")?, json!(true));
+    assert!(b.all("#payload script, #last-error img")?.is_empty());
+
+    // Retry it: a confirmation, then the database changed.
+    b.click("#retry")?;
+    b.wait_for(10, "the confirmation", |b| {
+        Ok(b.url()?.contains("/confirm"))
+    })?;
+    assert_eq!(
+        status_of(&k.store, k.hostile)?,
+        Status::Failed,
+        "not before confirming"
+    );
+    b.click("#confirm")?;
+    b.wait_for(10, "the retried event", |b| {
+        Ok(b.url()?.contains("done=retried"))
+    })?;
+    assert_eq!(status_of(&k.store, k.hostile)?, Status::Pending);
+    assert!(b.text(".notice")?.contains("Retried"));
+
+    // Fail the pending event, with a reason.
+    b.go(&format!("{}/events/{}", ui.url, k.pending))?;
+    b.click("#fail")?;
+    b.type_into("textarea[name=reason]", "customer left")?;
+    b.click("#confirm")?;
+    b.wait_for(10, "the failed event", |b| {
+        Ok(b.url()?.contains("done=failed"))
+    })?;
+    let failed = k.store.find(k.pending)?.ok_or("gone")?;
+    assert_eq!(
+        (failed.status, failed.last_error.as_deref()),
+        (Status::Failed, Some("customer left"))
+    );
+
+    // A page of another origin posting to the dashboard, even with the
+    // right form token, is refused, and nothing changes.
+    let token = b.run("return document.querySelector('input[name=csrf]') && document.querySelector('input[name=csrf]').value;")?;
+    let token = match token.as_str() {
+        Some(t) => t.to_owned(),
+        None => {
+            b.go(&format!(
+                "{}/confirm?action=retry&id={}",
+                ui.url, k.other_failed
+            ))?;
+            b.run("return document.querySelector('input[name=csrf]').value;")?
+                .as_str()
+                .ok_or("no token")?
+                .to_owned()
+        }
+    };
+    let evil = EvilPage::serve(&format!(
+        "<!doctype html><form method=post action=\"{}/actions/retry\">\
+         <input type=hidden name=csrf value=\"{token}\"><input type=hidden name=id value=\"{}\">\
+         <button id=go>go</button></form>",
+        ui.url, k.other_failed
+    ))?;
+    b.go(&evil.url)?;
+    b.click("#go")?;
+    b.wait_for(10, "the refusal", |b| Ok(b.source()?.contains("refused")))?;
+    assert_eq!(status_of(&k.store, k.other_failed)?, Status::Failed);
+
+    // Read-only: no actions shown, and none taken.
+    let ro = Dashboard::start(&db, &["--read-only"])?;
+    b.go(&format!("{}/", ro.url))?;
+    assert!(b.text(".attention")?.contains("failed"));
+    assert!(b.all(".attention .button")?.is_empty());
+    b.go(&format!("{}/events/{}", ro.url, k.other_failed))?;
+    assert!(b.text("h1")?.contains("failed"));
+    assert!(b.all("#retry, #fail")?.is_empty());
+    b.go(&format!(
+        "{}/confirm?action=retry&id={}",
+        ro.url, k.other_failed
+    ))?;
+    assert!(b.source()?.contains("read-only"));
+    let same_origin_post = b.run(&format!(
+        "var x = new XMLHttpRequest(); x.open('POST', '/actions/retry', false);\
+         x.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded');\
+         x.send('csrf={token}&id={}'); return x.status;",
+        k.other_failed
+    ))?;
+    assert_eq!(same_origin_post, json!(403));
+    assert_eq!(status_of(&k.store, k.other_failed)?, Status::Failed);
+    Ok(())
+}
+
+/// A page on another port of loopback: another origin.
+struct EvilPage {
+    url: String,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl EvilPage {
+    fn serve(html: &str) -> Result<EvilPage> {
+        let server = tiny_http::Server::http("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let url = format!("http://{}/", server.server_addr());
+        let html = html.to_owned();
+        let thread = std::thread::spawn(move || {
+            for rq in server.incoming_requests() {
+                let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"text/html"[..]);
+                let mut res = tiny_http::Response::from_string(html.clone());
+                if let Ok(h) = header {
+                    res = res.with_header(h);
+                }
+                let _ = rq.respond(res);
+            }
+        });
+        Ok(EvilPage {
+            url,
+            _thread: thread,
+        })
+    }
+}
+
+// ---- over plain HTTP ----------------------------------------------------------
+
+fn get(url: &str) -> Result<(u16, String, Option<String>)> {
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    match agent.get(url).call() {
+        Ok(r) => {
+            let csp = r.header("Content-Security-Policy").map(str::to_owned);
+            Ok((r.status(), r.into_string()?, csp))
+        }
+        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string()?, None)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn post(url: &str, origin: Option<&str>, form: &[(&str, &str)]) -> Result<u16> {
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let mut rq = agent.post(url);
+    if let Some(o) = origin {
+        rq = rq.set("Origin", o);
+    }
+    match rq.send_form(form) {
+        Ok(r) => Ok(r.status()),
+        Err(ureq::Error::Status(code, _)) => Ok(code),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn csrf_of(html: &str) -> Result<String> {
+    let at = html.find("name=\"csrf\" value=\"").ok_or("no form token")? + 19;
+    Ok(html[at..at + 32].to_owned())
+}
+
+#[test]
+fn changes_need_the_token_the_origin_and_the_right_host() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("app.db");
+    let k = known_outbox(&db)?;
+    let ui = Dashboard::start(&db, &[])?;
+    let (status, html, csp) = get(&format!(
+        "{}/confirm?action=retry&id={}",
+        ui.url, k.other_failed
+    ))?;
+    assert_eq!(status, 200);
+    let csp = csp.ok_or("no Content-Security-Policy")?;
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
+    let token = csrf_of(&html)?;
+    let id = k.other_failed.to_string();
+    let action = format!("{}/actions/retry", ui.url);
+    let form = [("csrf", token.as_str()), ("id", id.as_str())];
+    // No Origin (nor Referer), a foreign Origin, a wrong token: refused.
+    assert_eq!(post(&action, None, &form)?, 403);
+    assert_eq!(post(&action, Some("http://evil.example"), &form)?, 403);
+    assert_eq!(
+        post(
+            &action,
+            Some(&ui.url),
+            &[("csrf", "0".repeat(32).as_str()), ("id", &id)]
+        )?,
+        403
+    );
+    // GET never changes anything.
+    assert_eq!(get(&format!("{action}?csrf={token}&id={id}"))?.0, 405);
+    assert_eq!(status_of(&k.store, k.other_failed)?, Status::Failed);
+    // The dashboard's own form: done, and sent on to the event.
+    assert_eq!(post(&action, Some(&ui.url), &form)?, 303);
+    assert_eq!(status_of(&k.store, k.other_failed)?, Status::Pending);
+    // A name that resolves to loopback but is not (DNS rebinding).
+    let rebinding = ureq::get(&format!("{}/", ui.url))
+        .set("Host", "evil.example:80")
+        .call();
+    assert!(
+        matches!(rebinding, Err(ureq::Error::Status(421, _))),
+        "{rebinding:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn off_loopback_an_access_token_is_required() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("app.db");
+    known_outbox(&db)?;
+    // Not without a token; and never from argv.
+    let out = outbox(&db, &["ui", "--listen", "0.0.0.0:0"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("access token"));
+    let out = outbox(&db, &["ui", "--token", "x"])?;
+    assert_eq!(out.status.code(), Some(2));
+
+    let secret = "a-long-enough-access-token";
+    let ui = Dashboard::start_with_env(
+        &db,
+        &["--listen", "0.0.0.0:0"],
+        &[("OUTBOX_UI_TOKEN", secret)],
+    )?;
+    // Every page asks to sign in; /metrics wants a bearer token.
+    let (status, _, _) = get(&format!("{}/", ui.url))?;
+    assert_eq!(status, 303);
+    assert_eq!(get(&format!("{}/metrics", ui.url))?.0, 401);
+    let metrics = ureq::get(&format!("{}/metrics", ui.url))
+        .set("Authorization", &format!("Bearer {secret}"))
+        .call()?;
+    assert_eq!(metrics.status(), 200);
+    // Sign in: a wrong token is refused, the right one gives a session.
+    let (_, login, _) = get(&format!("{}/login", ui.url))?;
+    let csrf = csrf_of(&login)?;
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let wrong = agent
+        .post(&format!("{}/login", ui.url))
+        .set("Origin", &ui.url)
+        .send_form(&[("csrf", &csrf), ("token", "not-the-token-at-all")]);
+    assert!(matches!(wrong, Err(ureq::Error::Status(403, _))));
+    let right = agent
+        .post(&format!("{}/login", ui.url))
+        .set("Origin", &ui.url)
+        .send_form(&[("csrf", &csrf), ("token", secret)])?;
+    assert_eq!(right.status(), 303);
+    let cookie = right.header("Set-Cookie").ok_or("no cookie")?.to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap_or_default().to_owned();
+    let page = agent
+        .get(&format!("{}/", ui.url))
+        .set("Cookie", &session)
+        .call()?;
+    assert_eq!(page.status(), 200);
+    assert!(!page.into_string()?.contains(secret));
+    Ok(())
+}
+
+/// `promtool check metrics`, the Prometheus project's own parser and
+/// linter, on `text`.
+fn promtool(text: &str) -> Result<Option<()>> {
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "promtool is required in CI (apt-get install prometheus)"
+        );
+        eprintln!("SKIPPED: promtool not installed");
+        return Ok(None);
+    };
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(Some(()))
+}
+
+#[test]
+fn metrics_pass_promtool_and_count_what_is_there() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("app.db");
+    let k = known_outbox(&db)?;
+    // A type name that needs escaping in a label.
+    k.store
+        .enqueue(NewEvent::new("odd \"type\"\\x", json!({})))?;
+    let ui = Dashboard::start(&db, &[])?;
+    let served = ureq::get(&format!("{}/metrics", ui.url)).call()?;
+    assert!(served.content_type().starts_with("text/plain"));
+    let served = served.into_string()?;
+    let printed = common::cli::ok(&outbox(&db, &["stats", "--prometheus"])?)?;
+    for text in [&served, &printed] {
+        assert!(
+            text.contains("outbox_events{status=\"failed\",type=\"webhook.post\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_events{status=\"done\",type=\"email.send\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_events_due{type=\"odd \\\"type\\\"\\\\x\"} 1\n"),
+            "{text}"
+        );
+        if promtool(text)?.is_none() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
