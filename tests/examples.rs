@@ -1,5 +1,7 @@
 //! Every example runs, and does what it says.
 
+use std::time::Duration;
+
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/quickstart.rs"]
 mod quickstart;
@@ -7,6 +9,10 @@ mod quickstart;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/offline_sync.rs"]
 mod offline_sync;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/dashboard.rs"]
+mod dashboard;
 
 #[cfg(feature = "postgres")]
 #[allow(dead_code, unreachable_pub)]
@@ -57,5 +63,22 @@ fn offline_sync_drains_each_document_in_order() -> Result<(), Box<dyn std::error
             "{doc} out of order"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn dashboard_demo_leaves_something_to_look_at() -> Result<(), Box<dyn std::error::Error>> {
+    use sqlite_outbox::{Operator, SqliteStore};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("demo.db");
+    let made = dashboard::run(&path)?;
+    let stats = SqliteStore::open(&path)?.stats()?;
+    assert_eq!(stats.total(), made);
+    assert!(stats.failed > 0 && stats.done > stats.failed, "{stats:?}");
+    assert!(stats.processing == 3 && stats.due >= 40, "{stats:?}");
+    assert!(
+        stats.oldest_due_age >= Some(Duration::from_secs(50)),
+        "{stats:?}"
+    );
     Ok(())
 }

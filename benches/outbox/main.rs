@@ -6,7 +6,7 @@
 //! cargo bench --bench outbox -- --json F     # also write the rows as JSON
 //! cargo bench --bench outbox -- --only G     # one group: enqueue, dispatch,
 //!                                            # contention, latency, scaling, memory, idle,
-//!                                            # offline, schema, postgres (with
+//!                                            # offline, schema, dashboard, postgres (with
 //!                                            # --features postgres and a server
 //!                                            # in OUTBOX_TEST_POSTGRES)
 //! ```
@@ -29,6 +29,7 @@ use sqlite_outbox::{
 };
 
 mod contention;
+mod dashboard;
 mod dispatch;
 mod enqueue;
 mod idle;
@@ -145,6 +146,7 @@ fn main() -> Res<()> {
         ("idle", idle::idle_benches),
         ("offline", offline::offline_benches),
         ("schema", schema::schema_benches),
+        ("dashboard", dashboard::dashboard_benches),
     ];
     #[cfg(feature = "postgres")]
     groups.push(("postgres", postgres::postgres_benches));

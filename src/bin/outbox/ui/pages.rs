@@ -106,6 +106,15 @@ pub(super) fn overview(ui: &Ui, req: &Req) -> Reply {
         limit: 20,
         ..ListFilter::default()
     });
+    let now = Utc::now();
+    // Leases that ran out: their worker stopped (or the file is only read
+    // by nobody); the next dispatcher to look claims them again.
+    let ran_out = processing.as_ref().map_or(0, |events| {
+        events
+            .iter()
+            .filter(|e| e.locked_until.is_some_and(|t| t <= now))
+            .count()
+    });
     let mut b = String::new();
     let s = &o.stats;
     let _ = write!(
@@ -131,7 +140,7 @@ pub(super) fn overview(ui: &Ui, req: &Req) -> Reply {
             "waiting since due",
         ),
     );
-    attention(ui, &o, &mut b);
+    attention(ui, &o, ran_out, &mut b);
     b.push_str("<section><h2>Finished events</h2><div class=\"charts\">");
     let spans = |t: &[Throughput]| {
         t.iter()
@@ -216,9 +225,15 @@ fn card_text(label: &str, value: &str, sub: &str) -> String {
 
 /// What is stuck, first: failed events per type, a backlog nothing is
 /// working on, destinations held back.
-fn attention(ui: &Ui, o: &Overview, b: &mut String) {
+fn attention(ui: &Ui, o: &Overview, ran_out: usize, b: &mut String) {
     let s = &o.stats;
     let mut items = Vec::new();
+    if ran_out > 0 {
+        items.push(format!(
+            "<li><strong>{ran_out} processing</strong> with a lease that ran out: the worker holding it \
+             stopped; a running dispatcher claims it again</li>"
+        ));
+    }
     for t in s.by_type.iter().filter(|t| t.failed > 0) {
         let retry = if ui.read_only {
             String::new()
@@ -237,7 +252,8 @@ fn attention(ui: &Ui, o: &Overview, b: &mut String) {
         ));
     }
     if let Some(wait) = s.oldest_due_age.filter(|w| *w >= Duration::from_secs(60)) {
-        let hint = if s.processing == 0 {
+        let working = u64::try_from(ran_out).map_or(0, |r| s.processing.saturating_sub(r));
+        let hint = if working == 0 {
             " and nothing is being handled: is a dispatcher running on this outbox?"
         } else {
             ""
