@@ -1,4 +1,4 @@
--- sqlite-outbox on PostgreSQL, schema version 1: the layout of a fresh outbox.
+-- sqlite-outbox on PostgreSQL, schema version 2: the layout of a fresh outbox.
 --
 -- A public contract, as `schema.sql` is on SQLite. Programs in other
 -- languages insert rows into `outbox_events` with plain SQL, inside their
@@ -84,6 +84,11 @@ CREATE TABLE outbox_events (
         DEFAULT (floor(extract(epoch FROM clock_timestamp()) * 1000))::bigint
         CONSTRAINT created_at_is_milliseconds
         CHECK (created_at BETWEEN 100000000000 AND 253402300799999),
+    -- The W3C traceparent of the work that enqueued the event, or NULL (see
+    -- schema.sql). Added by version 2.
+    traceparent     text
+        CONSTRAINT traceparent_is_w3c
+        CHECK (traceparent ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'),
     CONSTRAINT processing_has_a_lease
         CHECK (status <> 'processing' OR (locked_at IS NOT NULL AND locked_until IS NOT NULL))
 );
@@ -142,7 +147,7 @@ CREATE VIEW outbox_events_readable AS
            to_timestamp(completed_at / 1000.0) AS completed_at,
            to_timestamp(delivered_at / 1000.0) AS delivered_at,
            last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key,
-           to_timestamp(created_at / 1000.0) AS created_at
+           to_timestamp(created_at / 1000.0) AS created_at, traceparent
     FROM outbox_events;
 
 -- Failed events, newest first.
@@ -181,9 +186,9 @@ CREATE TRIGGER outbox_events_notify
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
 
 -- The outbox's own bookkeeping; `schema_version` is the layout of the
--- outbox_* objects in this schema (this file is version 1).
+-- outbox_* objects in this schema (this file is version 2).
 CREATE TABLE outbox_meta (
     key   text   NOT NULL PRIMARY KEY,
     value bigint NOT NULL
 );
-INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 1);
+INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 2);

@@ -1,4 +1,4 @@
--- sqlite-outbox schema, version 4: the layout of a fresh outbox.
+-- sqlite-outbox schema, version 5: the layout of a fresh outbox.
 --
 -- A public contract. Programs in other languages insert rows into
 -- `outbox_events` with plain SQL, inside their own transactions. An insert
@@ -116,6 +116,14 @@ CREATE TABLE outbox_events (
         CONSTRAINT created_at_is_milliseconds
         CHECK (typeof(created_at) = 'integer'
                AND created_at BETWEEN 100000000000 AND 253402300799999),
+    -- The W3C traceparent of the work that enqueued the event
+    -- (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`), or NULL. The
+    -- delivery span links to it and the relay sends it as a `traceparent`
+    -- header. Added by version 5, at the end (as ALTER TABLE adds it).
+    traceparent     TEXT
+        CONSTRAINT traceparent_is_w3c
+        CHECK (traceparent IS NULL OR (typeof(traceparent) = 'text' AND traceparent GLOB
+            '[0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f]')),
     CONSTRAINT processing_has_a_lease
         CHECK (status <> 'processing' OR (locked_at IS NOT NULL AND locked_until IS NOT NULL))
 );
@@ -189,9 +197,9 @@ CREATE TABLE outbox_destinations (
 );
 
 -- The outbox's own bookkeeping; `schema_version` is the layout of the
--- outbox_* objects (this file is version 4).
+-- outbox_* objects (this file is version 5).
 CREATE TABLE outbox_meta (
     key   TEXT NOT NULL PRIMARY KEY,
     value NOT NULL
 );
-INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 4);
+INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 5);

@@ -133,6 +133,7 @@ mod event;
 mod id;
 mod retry;
 mod store;
+pub mod trace;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dispatch::{

@@ -184,7 +184,11 @@ fn contract(client: &Client) -> TestResult {
         .arg("--db")
         .arg(&db)
         .args(["relay", "--drain", "--exec"])
-        .arg(format!("cat > {}", sink.display()))
+        .arg(format!(
+            "cat > {}; printf %s \"$TRACEPARENT\" > {}",
+            sink.display(),
+            dir.path().join("traceparent").display()
+        ))
         .env_remove("OUTBOX_DB")
         .stdin(Stdio::null())
         .output()?;
@@ -198,6 +202,12 @@ fn contract(client: &Client) -> TestResult {
     assert_eq!(body["type"], json!("user.signed_up"));
     assert_eq!(body["payload"], json!({"email": "ada@example.com"}));
     assert_eq!(body["correlation_id"], json!("req-42"));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("traceparent"))?,
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "{}: the trace context did not travel",
+        client.name
+    );
     let status: String = conn.query_row("SELECT status FROM outbox_events", [], |r| r.get(0))?;
     assert_eq!(status, "done");
 
@@ -260,6 +270,14 @@ fn contract(client: &Client) -> TestResult {
         (
             "(event_type, payload, status) VALUES ('t', '{}', 'processing')",
             "processing_has_a_lease",
+        ),
+        (
+            "(event_type, payload, traceparent) VALUES ('t', '{}', '00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01')",
+            "traceparent_is_w3c",
+        ),
+        (
+            "(event_type, payload, traceparent) VALUES ('t', '{}', 'trace-me')",
+            "traceparent_is_w3c",
         ),
     ] {
         let out = client.run(&db, &format!("INSERT INTO outbox_events {values};"))?;

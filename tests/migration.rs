@@ -57,7 +57,27 @@ type Rows = Vec<Vec<Value>>;
 /// Every stored row, column by column, in `seq` order.
 fn rows(path: &Path) -> rusqlite::Result<Rows> {
     let conn = Connection::open(path)?;
-    let mut stmt = conn.prepare("SELECT * FROM outbox_events ORDER BY seq")?;
+    // The columns every version has; the ones added since must read NULL
+    // in rows carried over.
+    let added: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('outbox_events') WHERE name = 'traceparent'",
+        [],
+        |r| r.get(0),
+    )?;
+    if added == 1 {
+        let traced: i64 = conn.query_row(
+            "SELECT count(*) FROM outbox_events WHERE traceparent IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(traced, 0, "a row carried over gained a traceparent");
+    }
+    let mut stmt = conn.prepare(
+        "SELECT seq, id, event_type, payload, status, attempts, max_attempts, next_attempt_at,
+                locked_at, locked_until, lease_token, completed_at, delivered_at, last_error,
+                correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at
+         FROM outbox_events ORDER BY seq",
+    )?;
     let n = stmt.column_count();
     let rows = stmt.query_map([], |r| (0..n).map(|i| r.get::<_, Value>(i)).collect())?;
     rows.collect()
@@ -178,6 +198,7 @@ fn a_version_2_file_moves_to_the_current_version() -> TestResult {
     conn.execute_batch(
         "DROP INDEX outbox_events_due_by_type;
          DROP TABLE outbox_destinations;
+         ALTER TABLE outbox_events DROP COLUMN traceparent;
          UPDATE outbox_meta SET value = 2 WHERE key = 'schema_version';",
     )?;
     drop(conn);
@@ -190,7 +211,7 @@ fn a_version_2_file_moves_to_the_current_version() -> TestResult {
     assert_eq!(header(&old)?, (0, 0, Some(2)));
     let store = SqliteStore::open(&old)?;
     assert_eq!(header(&old)?, (0, 0, Some(SCHEMA_VERSION)));
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
     assert_eq!(schema_of(&fresh)?, schema_of(&old)?);
     assert_eq!(
         store.find(kept.id)?.map(|e| e.payload.into_value()),
@@ -203,7 +224,7 @@ fn a_version_2_file_moves_to_the_current_version() -> TestResult {
 /// with the faster check: every row and the sequence kept, exactly the
 /// schema of a fresh file, and the check refusing what it refused.
 #[test]
-fn a_version_3_file_moves_to_version_4_with_every_row_kept() -> TestResult {
+fn a_version_3_file_moves_to_the_current_version_with_every_row_kept() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (fresh, old) = (dir.path().join("fresh.db"), dir.path().join("v3.db"));
     SqliteStore::open(&fresh)?;
@@ -232,7 +253,7 @@ fn a_version_3_file_moves_to_version_4_with_every_row_kept() -> TestResult {
     let (before, seq_before) = (rows(&old)?, sequence(&old)?);
     assert_eq!((before.len(), seq_before), (490, 500));
     let store = SqliteStore::open(&old)?;
-    assert_eq!(header(&old)?, (0, 0, Some(4)));
+    assert_eq!(header(&old)?, (0, 0, Some(SCHEMA_VERSION)));
     assert_eq!(rows(&old)?, before, "every column of every row");
     assert_eq!(sequence(&old)?, seq_before);
     assert_eq!(schema_of(&fresh)?, schema_of(&old)?);
@@ -276,6 +297,7 @@ fn a_migration_blocked_by_an_app_object_fails_at_once_and_changes_nothing() -> T
     conn.execute_batch(
         "DROP INDEX outbox_events_due_by_type;
          DROP TABLE outbox_destinations;
+         ALTER TABLE outbox_events DROP COLUMN traceparent;
          UPDATE outbox_meta SET value = 2 WHERE key = 'schema_version';
          CREATE TABLE outbox_destinations (app_owned INTEGER);",
     )?;

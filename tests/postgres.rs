@@ -270,14 +270,14 @@ fn the_outbox_is_a_guest_in_its_own_schema() -> TestResult {
     // A newer layout is refused, and left as it is.
     admin.execute(
         &format!(
-            "UPDATE {}.outbox_meta SET value = 2 WHERE key = 'schema_version'",
+            "UPDATE {}.outbox_meta SET value = 3 WHERE key = 'schema_version'",
             schema.name
         ),
         &[],
     )?;
     let err = open(&schema).err().ok_or("a newer schema was opened")?;
     assert!(
-        matches!(err.kind(), ErrorKind::SchemaTooNew { found: 2, .. }),
+        matches!(err.kind(), ErrorKind::SchemaTooNew { found: 3, .. }),
         "{err}"
     );
 
@@ -386,5 +386,61 @@ fn rows_that_do_not_read_are_set_aside_not_panicked_on() -> TestResult {
     let error = after.last_error.unwrap_or_default();
     assert!(error.contains("user_id"), "{error}");
     assert_eq!(store.stats()?.failed, 1);
+    Ok(())
+}
+
+#[test]
+fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let kept = open(&schema)?.enqueue(NewEvent::new("t", json!({"kept": true})))?;
+    // Version 1 as it was: no traceparent column, in the table or the view.
+    let mut admin = schema.client();
+    admin.batch_execute(&format!(
+        "SET search_path TO {0};
+         DROP VIEW outbox_events_readable;
+         ALTER TABLE outbox_events DROP COLUMN traceparent;
+         CREATE VIEW outbox_events_readable AS SELECT seq, id FROM outbox_events;
+         UPDATE outbox_meta SET value = 1 WHERE key = 'schema_version';",
+        schema.name
+    ))?;
+    let store = open(&schema)?;
+    let version: i64 = admin
+        .query_one(
+            &format!(
+                "SELECT value FROM {}.outbox_meta WHERE key = 'schema_version'",
+                schema.name
+            ),
+            &[],
+        )?
+        .get(0);
+    assert_eq!(version, sqlite_outbox::POSTGRES_SCHEMA_VERSION);
+    assert_eq!(version, 2);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = store.enqueue(NewEvent::new("t", json!({})).with_traceparent(tp))?;
+    assert_eq!(
+        store
+            .find(traced.id)?
+            .and_then(|e| e.traceparent)
+            .as_deref(),
+        Some(tp)
+    );
+    assert_eq!(
+        store
+            .find(kept.id)?
+            .map(|e| (e.payload.into_value(), e.traceparent)),
+        Some((json!({"kept": true}), None))
+    );
+    let shown: Option<String> = admin
+        .query_one(
+            &format!(
+                "SELECT traceparent FROM {}.outbox_events_readable WHERE id = $1",
+                schema.name
+            ),
+            &[&traced.id.as_uuid()],
+        )?
+        .get(0);
+    assert_eq!(shown.as_deref(), Some(tp));
     Ok(())
 }

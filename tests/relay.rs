@@ -606,3 +606,46 @@ fn an_endpoint_that_is_down_spends_nothing_and_is_delivered_to_when_back() -> Te
     );
     Ok(())
 }
+
+#[test]
+fn trace_context_travels_as_a_header_and_a_forged_one_does_not() -> TestResult {
+    let endpoint = Server::start(|| (200, vec![], vec![]))?;
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = store.enqueue(NewEvent::new("t", json!(1)).with_traceparent(tp))?;
+    // Another program bypasses the table's check to write a header
+    // injection; the event is still delivered, without it.
+    let conn = rusqlite::Connection::open(&db)?;
+    conn.execute_batch(
+        "PRAGMA ignore_check_constraints = ON;
+         INSERT INTO outbox_events (event_type, payload, traceparent)
+         VALUES ('t', '2', '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX-Evil: 1');",
+    )?;
+    let out = relay(&db, &["--http", &endpoint.url, "--drain"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen = endpoint.seen();
+    assert_eq!(seen.len(), 2);
+    let traceparent = |s: &Seen| {
+        s.headers
+            .iter()
+            .find(|(k, _)| k == "traceparent")
+            .map(|(_, v)| v.clone())
+    };
+    let by_id = |s: &Seen| {
+        s.headers
+            .iter()
+            .any(|(k, v)| k == "idempotency-key" && *v == traced.id.to_string())
+    };
+    let (first, second) = if by_id(&seen[0]) {
+        (&seen[0], &seen[1])
+    } else {
+        (&seen[1], &seen[0])
+    };
+    assert_eq!(traceparent(first).as_deref(), Some(tp));
+    assert_eq!(traceparent(second), None);
+    assert!(second.headers.iter().all(|(k, _)| k != "x-evil"));
+    assert_eq!(store.stats()?.done, 2);
+    Ok(())
+}

@@ -1055,6 +1055,43 @@ fn throughput_counts_finished_events_per_span(f: &Fixture) -> TestResult {
     Ok(())
 }
 
+fn traceparent_round_trips_and_a_malformed_one_is_refused(f: &Fixture) -> TestResult {
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let e = f.store.enqueue(ev("t").with_traceparent(tp))?;
+    assert_eq!(e.traceparent.as_deref(), Some(tp));
+    assert_eq!(get(f, &e)?.traceparent.as_deref(), Some(tp));
+    let batch = f
+        .store
+        .enqueue_batch(vec![ev("t"), ev("t").with_traceparent(tp)])?;
+    let stored: Vec<Option<String>> = batch
+        .iter()
+        .map(|e| get(f, e).map(|e| e.traceparent))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(stored, vec![None, Some(tp.to_owned())]);
+    let claimed = f.store.claim(10, secs(30), None)?;
+    assert_eq!(
+        claimed
+            .iter()
+            .filter(|e| e.traceparent.as_deref() == Some(tp))
+            .count(),
+        2
+    );
+    for bad in [
+        "",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\nX: y",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ] {
+        let err = f
+            .store
+            .enqueue(ev("t").with_traceparent(bad))
+            .err()
+            .ok_or("accepted")?;
+        assert!(err.is_invalid_input(), "{err}");
+    }
+    assert_eq!(f.store.stats()?.total(), 3);
+    Ok(())
+}
+
 // ---- input ------------------------------------------------------------------
 
 fn invalid_events_write_nothing(f: &Fixture) -> TestResult {
@@ -1293,6 +1330,7 @@ suite!(
     list_filters_by_key_and_error_text,
     pages_follow_the_cursor_both_ways,
     throughput_counts_finished_events_per_span,
+    traceparent_round_trips_and_a_malformed_one_is_refused,
     invalid_events_write_nothing,
     duplicate_ids_are_rejected_whole,
     payloads_round_trip,

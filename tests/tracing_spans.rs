@@ -12,6 +12,8 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Metadata, Subscriber};
 
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 type Spans = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
 
 /// Records every span's name and fields, and every event's level and
@@ -70,8 +72,11 @@ fn every_delivery_has_a_span_with_the_event_fields() -> Result<(), Box<dyn std::
         next: AtomicU64::new(0),
     })?;
     let store = MemoryStore::new();
-    let event =
-        store.enqueue(NewEvent::new("email.invite", json!({})).with_correlation_id("req-7"))?;
+    let event = store.enqueue(
+        NewEvent::new("email.invite", json!({}))
+            .with_correlation_id("req-7")
+            .with_traceparent(TRACEPARENT),
+    )?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let dispatcher = Dispatcher::builder(store.clone())
         .handle("email.invite", move |_: &Event| {
@@ -95,6 +100,7 @@ fn every_delivery_has_a_span_with_the_event_fields() -> Result<(), Box<dyn std::
     assert_eq!(get("event_type"), Some("email.invite"));
     assert_eq!(get("attempt"), Some("1"));
     assert_eq!(get("correlation_id"), Some("req-7"));
+    assert_eq!(get("traceparent"), Some(TRACEPARENT));
     Ok(())
 }
 

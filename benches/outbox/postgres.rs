@@ -92,6 +92,7 @@ fn enqueue_one(f: &Fresh, n: usize, ours: bool) -> Res<f64> {
                     &None::<String>,
                     &None::<String>,
                     &now,
+                    &None::<String>,
                 ],
             )?;
         }
@@ -134,6 +135,7 @@ fn enqueue_batched(f: &Fresh, n: usize, ours: bool) -> Res<f64> {
                     &none_text,
                     &none_text,
                     &now,
+                    &none_text,
                 ],
             )?;
         }

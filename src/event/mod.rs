@@ -145,6 +145,12 @@ pub struct Event {
     pub ordering_key: Option<String>,
     /// The idempotency key.
     pub idempotency_key: Option<String>,
+    /// The W3C traceparent of the work that enqueued it, if any (see
+    /// [`crate::NewEvent::with_traceparent`]). Read from the database as
+    /// it is: check it with [`crate::trace::is_valid_traceparent`] before
+    /// passing it on.
+    #[serde(default)]
+    pub traceparent: Option<String>,
     /// When the event was enqueued.
     pub created_at: DateTime<Utc>,
 }

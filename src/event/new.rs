@@ -37,6 +37,7 @@ pub struct NewEvent {
     pub(crate) user_id: Option<Uuid>,
     pub(crate) ordering_key: Option<String>,
     pub(crate) idempotency_key: Option<String>,
+    pub(crate) traceparent: Option<String>,
     pub(crate) max_attempts: Option<u32>,
     pub(crate) run_at: Option<DateTime<Utc>>,
     pub(crate) delay: Option<Duration>,
@@ -45,6 +46,9 @@ pub struct NewEvent {
 impl NewEvent {
     /// An event of `event_type` (any string, e.g. `"email.invite"`, or a
     /// [`crate::catalog::OutboxEventType`]) carrying `payload`.
+    ///
+    /// With the `opentelemetry` feature, it carries the W3C traceparent of
+    /// the current span (see [`NewEvent::with_traceparent`]).
     pub fn new(event_type: impl Into<String>, payload: Value) -> Self {
         NewEvent {
             id: EventId::new(),
@@ -55,6 +59,7 @@ impl NewEvent {
             user_id: None,
             ordering_key: None,
             idempotency_key: None,
+            traceparent: crate::trace::current(),
             max_attempts: None,
             run_at: None,
             delay: None,
@@ -159,6 +164,17 @@ impl NewEvent {
         self
     }
 
+    /// The W3C `traceparent` of the work that enqueued the event
+    /// (`00-<trace id>-<span id>-<flags>`): the delivery span records it
+    /// (and links to it, with the `opentelemetry` feature) and the relay
+    /// sends it as a `traceparent` header. Default: none, or with the
+    /// `opentelemetry` feature the current span's. A malformed value is
+    /// refused at enqueue (see [`crate::trace::is_valid_traceparent`]).
+    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
     /// How many claims the event gets before it fails. Default: the store's
     /// [`crate::RetryPolicy`] (10).
     pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
@@ -201,6 +217,16 @@ impl NewEvent {
                     "{name} is {len} bytes, over the limit of {MAX_KEY_LEN}"
                 )));
             }
+        }
+        if let Some(tp) = self
+            .traceparent
+            .as_deref()
+            .filter(|t| !crate::trace::is_valid_traceparent(t))
+        {
+            return Err(Error::invalid(format!(
+                "traceparent {:?} is not a W3C traceparent (version-traceid-parentid-flags, lowercase hex)",
+                tp.chars().take(80).collect::<String>()
+            )));
         }
         if self.max_attempts == Some(0) {
             return Err(Error::invalid("max_attempts must be at least 1"));
@@ -251,6 +277,7 @@ impl NewEvent {
             user_id: self.user_id,
             ordering_key: self.ordering_key,
             idempotency_key: self.idempotency_key,
+            traceparent: self.traceparent,
             created_at: ms(now),
         }
     }

@@ -34,6 +34,7 @@ const USER_ID: usize = 16;
 const ORDERING_KEY: usize = 17;
 const IDEMPOTENCY_KEY: usize = 18;
 const CREATED_AT: usize = 19;
+const TRACEPARENT: usize = 20;
 
 /// Reads columns, noting the first that was not what the schema promises.
 struct Reader<'r, 's> {
@@ -75,6 +76,19 @@ impl Reader<'_, '_> {
                 self.note(column, "cannot be read");
                 None
             }
+        }
+    }
+
+    /// A traceparent, if the column holds a well-formed one. Anything else
+    /// reads as none: trace context is a hint, and a bad one must not hold
+    /// up a delivery (nor travel on in a header).
+    fn traceparent(&mut self, column: usize) -> Option<String> {
+        match self.row.get_ref(column) {
+            Ok(ValueRef::Text(bytes)) => std::str::from_utf8(bytes)
+                .ok()
+                .filter(|t| crate::trace::is_valid_traceparent(t))
+                .map(str::to_owned),
+            _ => None,
         }
     }
 
@@ -190,6 +204,7 @@ pub(crate) fn decode_row(row: &Row<'_>) -> rusqlite::Result<(Event, Option<Strin
         ordering_key: r.text_opt(ORDERING_KEY),
         idempotency_key: r.text_opt(IDEMPOTENCY_KEY),
         created_at: clock::from_millis(r.int(CREATED_AT)),
+        traceparent: r.traceparent(TRACEPARENT),
     };
     Ok((event, r.problem))
 }
@@ -207,7 +222,7 @@ mod tests {
     #[test]
     fn positions_follow_the_column_list() {
         let listed: Vec<&str> = COLUMNS.split(',').map(str::trim).collect();
-        assert_eq!(listed.len(), 20);
+        assert_eq!(listed.len(), 21);
         for (position, name) in [
             (SEQ, "seq"),
             (ID, "id"),
@@ -229,6 +244,7 @@ mod tests {
             (ORDERING_KEY, "ordering_key"),
             (IDEMPOTENCY_KEY, "idempotency_key"),
             (CREATED_AT, "created_at"),
+            (TRACEPARENT, "traceparent"),
         ] {
             assert_eq!(listed[position], name);
         }

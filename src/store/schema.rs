@@ -19,7 +19,7 @@ pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
 /// The schema version this crate writes and understands, kept in the
 /// `outbox_meta` table (`key = 'schema_version'`).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The forward-only steps, as `(version reached, SQL)`: each brings a file
 /// from the version before to this one, in one write transaction.
@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/002_guest.sql")),
     (3, include_str!("../../migrations/003_destinations.sql")),
     (4, include_str!("../../migrations/004_faster_checks.sql")),
+    (5, include_str!("../../migrations/005_traceparent.sql")),
 ];
 
 /// What schema version 1 wrote into `PRAGMA application_id` ("OUTB").
@@ -35,7 +36,15 @@ const V1_APPLICATION_ID: i64 = 0x4F55_5442;
 /// Every column of `outbox_events`, in the order `row_to_event` reads them.
 pub(crate) const COLUMNS: &str = "seq, id, event_type, payload, status, attempts, max_attempts, \
     next_attempt_at, locked_at, locked_until, lease_token, completed_at, delivered_at, \
-    last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at";
+    last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at, \
+    traceparent";
+
+/// As [`COLUMNS`], for a file read as it is (read-only) from before
+/// version 5, which has no `traceparent`: it reads as NULL.
+pub(crate) const COLUMNS_BEFORE_5: &str = "seq, id, event_type, payload, status, attempts, \
+    max_attempts, next_attempt_at, locked_at, locked_until, lease_token, completed_at, \
+    delivered_at, last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, \
+    created_at, NULL AS traceparent";
 
 /// What one snapshot of the file says about the outbox in it.
 #[derive(Debug)]
@@ -157,25 +166,27 @@ fn inspect_snapshot(conn: &Connection) -> Result<FileInfo> {
 
 /// Validates the file and creates or migrates the schema when needed. Safe
 /// to run from many processes at once: the write retries while others hold
-/// the lock, and checks again once it has it.
+/// the lock, and checks again once it has it. Returns the column list to
+/// read events with.
 pub(crate) fn prepare_file(
     conn: &Connection,
     read_only: bool,
     busy_timeout: Duration,
-) -> Result<()> {
+) -> Result<&'static str> {
     let needs = classify(&inspect_snapshot(conn)?)?;
     if read_only {
-        // A version-1 table has the same columns: it can be read as it is.
+        // An older table is read as it is: a column added since reads
+        // as NULL.
         if needs == Needs::Create {
             return Err(Error::not_an_outbox(
                 "the file has no outbox (open it read-write once to create one)",
             ));
         }
-        return check_columns(conn);
+        return check_columns(conn, needs != Needs::Nothing);
     }
     if needs == Needs::Nothing {
         // Refuse a malformed table before changing anything.
-        check_columns(conn)?;
+        check_columns(conn, false)?;
     }
     let deadline = Instant::now() + busy_timeout.max(Duration::from_secs(5)) * 2;
     let mut pause = Duration::from_millis(2);
@@ -193,7 +204,7 @@ pub(crate) fn prepare_file(
             other => break other?,
         }
     }
-    check_columns(conn)
+    check_columns(conn, false)
 }
 
 /// Turns WAL on (a file restored from a `VACUUM INTO` copy has a rollback
@@ -270,7 +281,9 @@ fn give_back_header(tx: &Transaction<'_>, info: &FileInfo) -> Result<()> {
     Ok(())
 }
 
-fn check_columns(conn: &Connection) -> Result<()> {
+/// Checks that `outbox_events` has every column; in a file of an older
+/// version read as it is, `traceparent` (version 5) may be missing.
+fn check_columns(conn: &Connection, older: bool) -> Result<&'static str> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('outbox_events')")?;
     let present: Vec<String> = stmt
         .query_map([], |r| r.get(0))?
@@ -281,7 +294,9 @@ fn check_columns(conn: &Connection) -> Result<()> {
         .filter(|c| !present.iter().any(|p| p == c))
         .collect();
     if missing.is_empty() {
-        Ok(())
+        Ok(COLUMNS)
+    } else if older && missing == ["traceparent"] {
+        Ok(COLUMNS_BEFORE_5)
     } else {
         Err(Error::new(ErrorKind::SchemaMismatch {
             reason: format!("outbox_events lacks column(s) {}", missing.join(", ")),

@@ -180,6 +180,10 @@ struct EnqueueArgs {
     /// A correlation id.
     #[arg(long)]
     correlation_id: Option<String>,
+    /// The W3C traceparent of the work that enqueues it (or set
+    /// TRACEPARENT), e.g. 00-<32 hex>-<16 hex>-01.
+    #[arg(long, env = "TRACEPARENT")]
+    traceparent: Option<String>,
     /// Attempts before the event fails.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: Option<u32>,

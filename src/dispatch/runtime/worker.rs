@@ -80,8 +80,14 @@ fn run_handler(ctx: &Ctx, event: &Event, lease: Lease) -> Outcome {
         event_type = %event.event_type,
         attempt = event.attempts,
         correlation_id = event.correlation_id.as_deref().unwrap_or(""),
+        traceparent = event.traceparent.as_deref().unwrap_or(""),
     );
     let _entered = span.enter();
+    // The work that enqueued the event, as a link: its trace ended long
+    // ago, and a retry days later is not its child.
+    if let Some(tp) = &event.traceparent {
+        crate::trace::link_current(tp);
+    }
     let last = event.attempts >= event.max_attempts;
     let handler = ctx
         .handlers

@@ -34,10 +34,13 @@ use sql::Sql;
 /// The layout of the outbox's objects in its schema that this build writes
 /// (`schema.postgres.sql`); its `outbox_meta` row `schema_version` holds
 /// the layout a schema has.
-pub const POSTGRES_SCHEMA_VERSION: i64 = 1;
+pub const POSTGRES_SCHEMA_VERSION: i64 = 2;
 
 /// The DDL of a fresh outbox on PostgreSQL, run in the chosen schema.
 pub const POSTGRES_SCHEMA_SQL: &str = include_str!("../../../schema.postgres.sql");
+
+/// The step from version 1 to 2 (a `traceparent` column).
+const POSTGRES_MIGRATION_2: &str = include_str!("../../../migrations/postgres_002_traceparent.sql");
 
 /// The schema the outbox lives in unless the builder names another.
 pub const DEFAULT_POSTGRES_SCHEMA: &str = "outbox";
@@ -268,6 +271,13 @@ fn migrate(client: &mut postgres::Client, schema: &str) -> Result<()> {
         .and_then(|v| v.parse().ok());
     match version {
         Some(POSTGRES_SCHEMA_VERSION) => Ok(()),
+        Some(1) => {
+            tracing::info!(schema, from = 1, to = 2, "migrating the outbox schema");
+            tx.batch_execute(&format!("SET LOCAL search_path TO {schema}, pg_catalog;"))?;
+            tx.batch_execute(POSTGRES_MIGRATION_2)?;
+            tx.commit()?;
+            Ok(())
+        }
         Some(v) if v > POSTGRES_SCHEMA_VERSION => Err(Error::new(ErrorKind::SchemaTooNew {
             found: v,
             supported: POSTGRES_SCHEMA_VERSION,
@@ -411,6 +421,7 @@ impl PostgresStore {
         let users: Vec<Option<uuid::Uuid>> = events.iter().map(|e| e.user_id).collect();
         let keys = col(&|e| e.ordering_key.clone());
         let idem = col(&|e| e.idempotency_key.clone());
+        let traces = col(&|e| e.traceparent.clone());
         let created = clock::to_millis(now);
         let rows = run(
             &self.inner.sql.insert_all,
@@ -426,6 +437,7 @@ impl PostgresStore {
                 (&keys, Type::TEXT_ARRAY),
                 (&idem, Type::TEXT_ARRAY),
                 (&created, Type::INT8),
+                (&traces, Type::TEXT_ARRAY),
             ],
         )
         .map_err(|e| not_stored(e, "an event"))?;
@@ -485,6 +497,7 @@ impl PostgresStore {
                 (&event.ordering_key, Type::TEXT),
                 (&event.idempotency_key, Type::TEXT),
                 (&created, Type::INT8),
+                (&event.traceparent, Type::TEXT),
             ],
         );
         let inserted = inserted.map_err(|e| not_stored(e, &format!("event {}", event.id)))?;
@@ -761,6 +774,12 @@ fn decode(row: &Row) -> (Event, Option<String>) {
         ordering_key: get!(17, "ordering_key", None),
         idempotency_key: get!(18, "idempotency_key", None),
         created_at: clock::from_millis(get!(19, "created_at", 0)),
+        // A hint only: a malformed one reads as none, and is never sent on.
+        traceparent: row
+            .try_get::<_, Option<String>>(20)
+            .ok()
+            .flatten()
+            .filter(|t| crate::trace::is_valid_traceparent(t)),
     };
     (event, problem)
 }

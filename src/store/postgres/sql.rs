@@ -8,7 +8,7 @@
 const COLUMNS: &str = "t.seq, t.id, t.event_type, t.payload::text, t.status, t.attempts, \
     t.max_attempts, t.next_attempt_at, t.locked_at, t.locked_until, t.lease_token, \
     t.completed_at, t.delivered_at, t.last_error, t.correlation_id, t.org_id, t.user_id, \
-    t.ordering_key, t.idempotency_key, t.created_at";
+    t.ordering_key, t.idempotency_key, t.created_at, t.traceparent";
 
 /// A fresh lease token: 64 random bits (near enough: `random()` has 52).
 pub(super) const NEW_TOKEN: &str =
@@ -24,8 +24,8 @@ pub(super) struct Sql {
     /// Every column, from the events table as `t`.
     pub(super) columns: &'static str,
     pub(super) insert: String,
-    /// Many events in one statement, in the order given: `$1`…`$10` arrays,
-    /// one element per event, and `$11` the time of enqueue.
+    /// Many events in one statement, in the order given: `$1`…`$10` and
+    /// `$12` arrays, one element per event, and `$11` the time of enqueue.
     pub(super) insert_all: String,
     pub(super) select_by_id: String,
     pub(super) select_by_key: String,
@@ -110,23 +110,25 @@ impl Sql {
             insert: format!(
                 "INSERT INTO {e} (id, event_type, payload, status, attempts, max_attempts,
                    next_attempt_at, correlation_id, org_id, user_id, ordering_key,
-                   idempotency_key, created_at)
+                   idempotency_key, created_at, traceparent)
                  VALUES ($1, $2, CAST($3::text AS json), 'pending', 0, $4, $5, $6, $7, $8, $9,
-                   $10, $11)
+                   $10, $11, $12)
                  ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING seq"
             ),
             insert_all: format!(
                 "INSERT INTO {e} (id, event_type, payload, status, attempts, max_attempts,
                    next_attempt_at, correlation_id, org_id, user_id, ordering_key,
-                   idempotency_key, created_at)
+                   idempotency_key, created_at, traceparent)
                  SELECT v.id, v.event_type, CAST(v.payload AS json), 'pending', 0, v.max_attempts,
                    v.next_attempt_at, v.correlation_id, v.org_id, v.user_id, v.ordering_key,
-                   v.idempotency_key, $11::bigint
+                   v.idempotency_key, $11::bigint, v.traceparent
                  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-                             $6::text[], $7::uuid[], $8::uuid[], $9::text[], $10::text[])
+                             $6::text[], $7::uuid[], $8::uuid[], $9::text[], $10::text[],
+                             $12::text[])
                       WITH ORDINALITY AS v(id, event_type, payload, max_attempts, next_attempt_at,
-                        correlation_id, org_id, user_id, ordering_key, idempotency_key, n)
+                        correlation_id, org_id, user_id, ordering_key, idempotency_key,
+                        traceparent, n)
                  ORDER BY v.n
                  ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING id, seq"

@@ -160,7 +160,7 @@ impl SqliteStoreBuilder {
         };
         let conn = Connection::open_with_flags(&self.path, flags)?;
         super::busy::install(&conn, self.busy_timeout)?;
-        prepare_file(&conn, self.read_only, self.busy_timeout)?;
+        let columns = prepare_file(&conn, self.read_only, self.busy_timeout)?;
         let db_path = conn.path().unwrap_or_default().to_owned();
         drop(conn);
 
@@ -190,6 +190,7 @@ impl SqliteStoreBuilder {
                 busy_timeout,
                 durability,
                 max_page_count,
+                columns,
             }),
         })
     }

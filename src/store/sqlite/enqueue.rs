@@ -245,6 +245,7 @@ fn insert_event(
             event.ordering_key,
             event.idempotency_key,
             clock::to_millis(now),
+            event.traceparent,
         ])
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation) => Error::with_source(

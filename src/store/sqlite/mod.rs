@@ -30,7 +30,6 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::row::row_to_event;
-use super::schema::COLUMNS;
 use super::sealed::TypeFilter;
 use super::{Ack, Backlog, DestinationState, Notifier, Store};
 use crate::clock::{self, Clock};
@@ -97,6 +96,9 @@ struct Inner {
     busy_timeout: Duration,
     durability: Durability,
     max_page_count: Option<u64>,
+    /// The columns events are read with (`schema::COLUMNS`, or for an
+    /// older file read as it is, a list that reads newer columns as NULL).
+    columns: &'static str,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -260,7 +262,10 @@ impl Store for SqliteStore {
 
     fn find(&self, id: EventId) -> Result<Option<Event>> {
         self.read(|conn| {
-            let sql = format!("SELECT {COLUMNS} FROM outbox_events WHERE id = ?1");
+            let sql = format!(
+                "SELECT {} FROM outbox_events WHERE id = ?1",
+                self.inner.columns
+            );
             Ok(conn
                 .prepare_cached(&sql)?
                 .query_row([id.to_string()], row_to_event)

@@ -17,7 +17,6 @@ use crate::event::Status;
 use crate::id::EventId;
 use crate::store::count_u64;
 use crate::store::row::{decode_row, row_to_event};
-use crate::store::schema::COLUMNS;
 use crate::store::unchanged;
 use crate::store::{
     throughput_bounds, DestinationState, Hold, ListFilter, Operator, Page, Requeue, Stats, Subject,
@@ -68,7 +67,8 @@ impl SqliteStore {
         }
         // SQLite's check cannot see a payload that is no longer UTF-8 or
         // JSON: read every row as a claim would.
-        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM outbox_events"))?;
+        let mut stmt =
+            conn.prepare(&format!("SELECT {} FROM outbox_events", self.inner.columns))?;
         let mut bad = Vec::new();
         let mut count = 0usize;
         for row in stmt.query_map([], decode_row)? {
@@ -204,7 +204,8 @@ impl Operator for SqliteStore {
         let order = if filter.newest_first { "DESC" } else { "ASC" };
         let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
         let sql = format!(
-            "SELECT {COLUMNS} FROM outbox_events WHERE {} ORDER BY {seq} {order} LIMIT {limit}",
+            "SELECT {} FROM outbox_events WHERE {} ORDER BY {seq} {order} LIMIT {limit}",
+            self.inner.columns,
             clauses.join(" AND ")
         );
         self.read(|conn| {

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use crate::store::schema::COLUMNS;
 pub(super) const INSERT_SQL: &str = "INSERT INTO outbox_events (id, event_type, payload, status, attempts, \
      max_attempts, next_attempt_at, correlation_id, org_id, user_id, ordering_key, idempotency_key, \
-     created_at) VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+     created_at, traceparent) VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
      ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
 
 pub(super) static SELECT_BY_KEY_SQL: LazyLock<String> =

@@ -32,6 +32,9 @@ pub(crate) fn enqueue(db: &Db, json_mode: bool, a: &EnqueueArgs) -> Result<(), F
     if let Some(u) = a.user {
         event = event.with_user_id(u);
     }
+    if let Some(t) = &a.traceparent {
+        event = event.with_traceparent(t);
+    }
     if let Some(c) = &a.correlation_id {
         event = event.with_correlation_id(c);
     }

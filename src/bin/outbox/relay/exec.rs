@@ -53,7 +53,17 @@ pub(crate) fn handler(
 ) -> impl Fn(&Event) -> Result<(), HandlerError> {
     move |event: &Event| {
         use std::os::unix::process::CommandExt;
-        let mut child = Command::new("sh")
+        let mut command = Command::new("sh");
+        // The W3C name for trace context in a child's environment.
+        match event
+            .traceparent
+            .as_deref()
+            .filter(|t| sqlite_outbox::trace::is_valid_traceparent(t))
+        {
+            Some(tp) => command.env("TRACEPARENT", tp),
+            None => command.env_remove("TRACEPARENT"),
+        };
+        let mut child = command
             .arg("-c")
             .arg(&cmd)
             .env("OUTBOX_EVENT_ID", event.id.to_string())

@@ -82,6 +82,15 @@ pub(crate) fn handler(
             .request_url("POST", &url)
             .set("Content-Type", "application/json")
             .set("Idempotency-Key", &event.id.to_string());
+        // Trace context, checked again: the column may have been written
+        // by any program, and a header value must not carry anything else.
+        if let Some(tp) = event
+            .traceparent
+            .as_deref()
+            .filter(|t| sqlite_outbox::trace::is_valid_traceparent(t))
+        {
+            req = req.set("traceparent", tp);
+        }
         for (k, v) in &headers {
             req = req.set(k, v);
         }

@@ -644,6 +644,7 @@ pub(super) fn event(ui: &Ui, req: &Req, id: &str) -> Reply {
         ("Correlation id", opt(e.correlation_id.clone())),
         ("Ordering key", opt(e.ordering_key.clone())),
         ("Idempotency key", opt(e.idempotency_key.clone())),
+        ("Traceparent", opt(e.traceparent.clone())),
         ("Organisation", opt(e.org_id.map(|u| u.to_string()))),
         ("User", opt(e.user_id.map(|u| u.to_string()))),
     ];
