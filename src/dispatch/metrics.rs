@@ -51,51 +51,91 @@ pub struct Metrics {
     pub paced: u64,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) claimed: AtomicU64,
-    pub(crate) done: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) panicked: AtomicU64,
-    pub(crate) lease_lost: AtomicU64,
-    pub(crate) extended: AtomicU64,
-    pub(crate) released: AtomicU64,
-    pub(crate) held_back: AtomicU64,
-    pub(crate) settle_batches: AtomicU64,
-    pub(crate) claim_batches: AtomicU64,
-    pub(crate) store_errors: AtomicU64,
-    pub(crate) thread_panics: AtomicU64,
-    pub(crate) overran: AtomicU64,
-    pub(crate) dropped_outcomes: AtomicU64,
-    pub(crate) paced: AtomicU64,
+/// One counter of a dispatcher; with the `metrics` feature, every
+/// increment also goes to the `metrics` facade under `name`.
+#[derive(Debug)]
+pub(crate) struct Counter {
+    n: AtomicU64,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    name: &'static str,
 }
 
-impl Counters {
-    pub(crate) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+impl Counter {
+    const fn named(name: &'static str) -> Counter {
+        Counter {
+            n: AtomicU64::new(0),
+            name,
+        }
     }
 
-    pub(crate) fn snapshot(&self) -> Metrics {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Metrics {
-            claimed: get(&self.claimed),
-            done: get(&self.done),
-            retried: get(&self.retried),
-            failed: get(&self.failed),
-            panicked: get(&self.panicked),
-            lease_lost: get(&self.lease_lost),
-            extended: get(&self.extended),
-            released: get(&self.released),
-            held_back: get(&self.held_back),
-            settle_batches: get(&self.settle_batches),
-            claim_batches: get(&self.claim_batches),
-            store_errors: get(&self.store_errors),
-            thread_panics: get(&self.thread_panics),
-            overran: get(&self.overran),
-            dropped_outcomes: get(&self.dropped_outcomes),
-            paced: get(&self.paced),
+    fn get(&self) -> u64 {
+        self.n.load(Ordering::Relaxed)
+    }
+}
+
+/// Every counter: field, facade name, description.
+macro_rules! counters {
+    ($($field:ident, $name:literal, $help:literal;)*) => {
+        #[derive(Debug)]
+        pub(crate) struct Counters {
+            $(pub(crate) $field: Counter,)*
         }
+
+        impl Default for Counters {
+            fn default() -> Self {
+                Counters { $($field: Counter::named($name),)* }
+            }
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self) -> Metrics {
+                Metrics { $($field: self.$field.get(),)* }
+            }
+
+            /// Gives each counter's name its description and unit, for
+            /// the app's recorder.
+            #[cfg(feature = "metrics")]
+            pub(crate) fn describe() {
+                $(::metrics::describe_counter!($name, ::metrics::Unit::Count, $help);)*
+                ::metrics::describe_histogram!(
+                    HANDLER_DURATION,
+                    ::metrics::Unit::Seconds,
+                    "How long handlers ran, by event type."
+                );
+            }
+        }
+    };
+}
+
+counters! {
+    claimed, "outbox_events_claimed_total", "Events claimed.";
+    done, "outbox_deliveries_total", "Events recorded done.";
+    retried, "outbox_retries_total", "Failed attempts recorded for a later retry.";
+    failed, "outbox_failures_total", "Events recorded failed (permanent errors and last attempts).";
+    panicked, "outbox_handler_panics_total", "Handler runs that panicked.";
+    lease_lost, "outbox_leases_lost_total", "Outcomes or extensions refused because the lease had moved on.";
+    extended, "outbox_lease_extensions_total", "Lease extensions written.";
+    released, "outbox_events_released_total", "Claimed events given back unstarted.";
+    held_back, "outbox_events_held_back_total", "Events given back because their destination was held back.";
+    settle_batches, "outbox_outcome_writes_total", "Transactions that wrote outcomes.";
+    claim_batches, "outbox_claim_batches_total", "Claim transactions that returned at least one event.";
+    store_errors, "outbox_store_errors_total", "Database errors met (and retried) by the dispatcher.";
+    thread_panics, "outbox_thread_panics_total", "Panics outside a handler caught by a thread's supervisor.";
+    overran, "outbox_handlers_overran_total", "Handlers that ran past max_run_time.";
+    dropped_outcomes, "outbox_outcomes_dropped_total", "Outcomes given up on; their events are redelivered.";
+    paced, "outbox_writes_paced_total", "Writes held back briefly to leave the app SQLite's one writer.";
+}
+
+/// The histogram of handler run times (`metrics` feature), labelled with
+/// the event type as `type`.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) const HANDLER_DURATION: &str = "outbox_handler_duration_seconds";
+
+impl Counters {
+    pub(crate) fn add(counter: &Counter, n: u64) {
+        counter.n.fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        ::metrics::counter!(counter.name).increment(n);
     }
 }
 

@@ -18,7 +18,7 @@ mod runtime;
 
 pub use destinations::{DestinationState, Hold, FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL};
 pub use handler::{Handler, HandlerError, MAX_RETRY_AFTER};
-pub(crate) use metrics::Counters;
+pub(crate) use metrics::{Counter, Counters};
 pub use metrics::{Metrics, ShutdownReport};
 
 /// Default number of worker threads.

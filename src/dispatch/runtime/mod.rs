@@ -324,6 +324,8 @@ fn context(b: DispatcherBuilder) -> Ctx {
         b.default_destination,
         b.store.clone(),
     ));
+    #[cfg(feature = "metrics")]
+    Counters::describe();
     Ctx {
         destinations,
         store: b.store,

@@ -12,11 +12,10 @@
 //! enqueues now and then, or not at all) it writes at once, and the latency
 //! from enqueue to handler stays a fraction of a millisecond.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::dispatch::Counters;
+use crate::dispatch::{Counter, Counters};
 
 /// The shortest time between the starts of two of the dispatcher's write
 /// transactions while the app enqueues fast.
@@ -57,7 +56,7 @@ impl Pacer {
 
     /// Waits for the dispatcher's turn to write; counts a wait in
     /// `paced`.
-    pub(super) fn turn(&self, app_enqueues: [Option<Instant>; 2], paced: &AtomicU64) {
+    pub(super) fn turn(&self, app_enqueues: [Option<Instant>; 2], paced: &Counter) {
         let wait = self.book(app_enqueues);
         if !wait.is_zero() {
             Counters::add(paced, 1);

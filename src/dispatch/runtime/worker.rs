@@ -93,6 +93,8 @@ fn run_handler(ctx: &Ctx, event: &Event, lease: Lease) -> Outcome {
         .handlers
         .get(&event.event_type)
         .or(ctx.fallback.as_ref());
+    #[cfg(feature = "metrics")]
+    let started = std::time::Instant::now();
     let result = match handler {
         Some(h) => catch_unwind(AssertUnwindSafe(|| h.handle(event))),
         None => Ok(Err(HandlerError::retry(format!(
@@ -100,6 +102,12 @@ fn run_handler(ctx: &Ctx, event: &Event, lease: Lease) -> Outcome {
             event.event_type
         )))),
     };
+    #[cfg(feature = "metrics")]
+    ::metrics::histogram!(
+        crate::dispatch::metrics::HANDLER_DURATION,
+        "type" => event.event_type.clone()
+    )
+    .record(started.elapsed().as_secs_f64());
     match result {
         Ok(Ok(())) => Outcome {
             ack: Ack::complete(lease),
