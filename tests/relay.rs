@@ -649,3 +649,104 @@ fn trace_context_travels_as_a_header_and_a_forged_one_does_not() -> TestResult {
     assert_eq!(store.stats()?.done, 2);
     Ok(())
 }
+
+#[test]
+fn the_relay_serves_its_counters_and_run_times_to_prometheus() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    for kind in ["good", "good", "bad"] {
+        store.enqueue(NewEvent::new(kind, json!({})))?;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut relay = Command::new(BIN)
+        .arg("--db")
+        .arg(&db)
+        .args(["relay", "--exec"])
+        .arg("cat > /dev/null; [ \"$OUTBOX_EVENT_TYPE\" != bad ] || exit 65")
+        .args(["--metrics", &format!("127.0.0.1:{port}"), "--poll", "50ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            let stats = store.stats()?;
+            if stats.done == 2 && stats.failed == 1 {
+                if let Ok(r) = ureq::get(&format!("http://127.0.0.1:{port}/metrics")).call() {
+                    let text = r.into_string()?;
+                    if text.contains("outbox_failures_total") {
+                        break text;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "{stats:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let sample = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        assert_eq!(sample("outbox_deliveries_total"), Some(2.0), "{text}");
+        assert_eq!(sample("outbox_failures_total"), Some(1.0), "{text}");
+        assert_eq!(
+            sample("outbox_handler_duration_seconds_count{type=\"good\"}"),
+            Some(2.0),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_handler_duration_seconds_bucket{type=\"bad\",le=\"+Inf\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_events{status=\"done\",type=\"good\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE outbox_deliveries_total counter"),
+            "{text}"
+        );
+        promtool_accepts(&text)
+    })();
+    let _ = relay.kill();
+    let _ = relay.wait();
+    result
+}
+
+/// `promtool check metrics` (the Prometheus project's parser and linter)
+/// accepts `text`; skipped outside CI when promtool is missing.
+fn promtool_accepts(text: &str) -> TestResult {
+    use std::io::Write as _;
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "promtool is required in CI"
+        );
+        eprintln!("SKIPPED: promtool not installed");
+        return Ok(());
+    };
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -3,6 +3,7 @@
 
 mod exec;
 mod http;
+mod metrics;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -87,6 +88,10 @@ pub(crate) struct RelayArgs {
     /// How long in-flight deliveries may finish after SIGINT/SIGTERM.
     #[arg(long, default_value = "30s", value_parser = duration_arg)]
     grace: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics: deliveries,
+    /// retries, failures, handler run times, and the outbox's counts.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// More log lines on stderr (-v: debug, -vv: trace). RUST_LOG, when
     /// set, decides instead.
     #[arg(short, long, action = clap::ArgAction::Count)]
@@ -166,6 +171,10 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
     let running = Arc::new(exec::Running::default());
     let (handler, target) = delivery(a, &running)?;
     let store = db.open_write_with(policy(a))?;
+    if let Some(addr) = a.metrics {
+        let bound = metrics::serve(addr, Arc::clone(&store))?;
+        tracing::info!("metrics at http://{bound}/metrics");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     // Without a handler SIGINT kills the process; with one, in-flight
