@@ -53,7 +53,12 @@ pub fn run(path: &std::path::Path) -> Result<u64, Box<dyn std::error::Error>> {
                 ),
                 _ => ("search.index", json!({ "id": minute * 100 + i })),
             };
-            let mut event = NewEvent::new(kind, payload).with_max_attempts(3);
+            // The trace of the request that wrote it, as an app with the
+            // `opentelemetry` feature records it.
+            let trace = format!("00-{:032x}-{:016x}-01", minute * 1_000 + i + 1, i + 1);
+            let mut event = NewEvent::new(kind, payload)
+                .with_max_attempts(3)
+                .with_traceparent(trace);
             if kind == "sync.push" {
                 event = event.with_ordering_key(format!("doc-{}", i % 5));
             }

@@ -103,7 +103,12 @@
 //! - `bundled` (default): compile SQLite from source through
 //!   `rusqlite/bundled`, so no system library is needed.
 //! - `cli`: the `outbox` command-line tool (operate a file, relay events
-//!   over HTTP or to a command). Its dependencies stay out of the library.
+//!   over HTTP or to a command, serve a dashboard). Its dependencies stay
+//!   out of the library.
+//! - `postgres`: `PostgresStore`, the same outbox on a PostgreSQL server.
+//! - `metrics`: the dispatcher's counters and handler run times through the
+//!   [`metrics`](https://docs.rs/metrics) facade.
+//! - `opentelemetry`: trace context across the queue (see [`trace`]).
 //! - `torture`: the `outbox-torture` crash-test driver used by the
 //!   reliability tests.
 

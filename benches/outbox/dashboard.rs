@@ -140,9 +140,9 @@ pub(crate) fn dashboard_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -
             }),
         ),
         (
-            "organisation (1 in 1,000)",
+            "organisation (1 in 100)",
             page(ListFilter {
-                org_id: Some("0191a2b3-0000-4000-8000-000000000003".parse()?),
+                org_id: Some("0191a2b3-0000-4000-8000-000000000000".parse()?),
                 ..ListFilter::default()
             }),
         ),

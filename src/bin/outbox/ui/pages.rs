@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlite_outbox::admin::parse_duration;
-use sqlite_outbox::{Event, EventId, ListFilter, Requeue, Status, Throughput};
+use sqlite_outbox::{Event, EventId, ListFilter, Requeue, Status};
 use uuid::Uuid;
 
 use super::html::{age, badge, enc, esc, excerpt, page, time_from, Frame};
@@ -142,21 +142,16 @@ pub(super) fn overview(ui: &Ui, req: &Req) -> Reply {
     );
     attention(ui, &o, ran_out, &mut b);
     b.push_str("<section><h2>Finished events</h2><div class=\"charts\">");
-    let spans = |t: &[Throughput]| {
-        t.iter()
-            .map(|t| (t.start, t.done, t.failed))
-            .collect::<Vec<_>>()
-    };
     b.push_str(&chart(
         "Last hour, per minute",
-        spans(&o.hour),
+        o.hour.iter().copied(),
         o.at,
         60,
         Duration::from_secs(60),
     ));
     b.push_str(&chart(
         "Last day, per hour",
-        spans(&o.day),
+        o.day.iter().copied(),
         o.at,
         24,
         Duration::from_secs(3600),
@@ -479,8 +474,10 @@ fn filter_form(ui: &Ui, req: &Req, b: &mut String) {
         };
         let _ = write!(options, "<option{sel}>{}</option>", s.as_str());
     }
+    // The types last counted: a page of the list never waits for a count
+    // of the whole outbox.
     let types = ui
-        .overview()
+        .last_overview()
         .map(|o| {
             o.stats
                 .by_type
@@ -740,15 +737,15 @@ pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
                 return error_page(ui, 400, "No type", "Say which event type to retry.");
             };
             let n = ui
-                .overview()
-                .ok()
+                .last_overview()
                 .and_then(|o| o.stats.by_type.iter().find(|t| t.event_type == ty).map(|t| t.failed))
-                .unwrap_or(0);
+                .map(|n| format!(" ({n} when last counted)"))
+                .unwrap_or_default();
             form(
                 "retry-type",
                 &format!("<input type=\"hidden\" name=\"type\" value=\"{}\">", esc(ty)),
                 &format!(
-                    "Retry every failed event of type <strong>{}</strong> (about {n}): they become pending and due now, with their attempts reset.",
+                    "Retry every failed event of type <strong>{}</strong>{n}: they become pending and due now, with their attempts reset.",
                     esc(ty)
                 ),
                 "Retry all",
