@@ -711,42 +711,10 @@ fn the_relay_serves_its_counters_and_run_times_to_prometheus() -> TestResult {
             text.contains("# TYPE outbox_deliveries_total counter"),
             "{text}"
         );
-        promtool_accepts(&text)
+        common::cli::promtool_accepts(&text)?;
+        Ok(())
     })();
     let _ = relay.kill();
     let _ = relay.wait();
     result
-}
-
-/// `promtool check metrics` (the Prometheus project's parser and linter)
-/// accepts `text`; skipped outside CI when promtool is missing.
-fn promtool_accepts(text: &str) -> TestResult {
-    use std::io::Write as _;
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "promtool is required in CI"
-        );
-        eprintln!("SKIPPED: promtool not installed");
-        return Ok(());
-    };
-    child
-        .stdin
-        .take()
-        .ok_or("no stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    assert!(
-        out.status.success(),
-        "promtool: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }

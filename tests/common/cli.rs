@@ -41,3 +41,37 @@ pub fn json_of(out: &Output) -> Result<Value, Box<dyn std::error::Error>> {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Checks `text` with `promtool check metrics`, the Prometheus project's
+/// own parser and linter. Returns false (with a line saying so) when
+/// promtool is missing outside CI; in CI (`CI=true`) that fails instead.
+pub fn promtool_accepts(text: &str) -> Result<bool, Box<dyn std::error::Error>> {
+    use std::io::Write as _;
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "promtool is required in CI (apt-get install prometheus)"
+        );
+        eprintln!("SKIPPED: promtool not installed");
+        return Ok(false);
+    };
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(true)
+}
