@@ -394,3 +394,48 @@ fn metrics_pass_promtool_and_count_what_is_there() -> Result<()> {
     }
     Ok(())
 }
+
+/// The same dashboard on a PostgreSQL outbox: the pages, the list and a
+/// retry through the operator calls of `PostgresStore`.
+#[test]
+fn the_dashboard_shows_and_changes_a_postgres_outbox() -> Result<()> {
+    let Some(schema) = common::pg::Schema::fresh() else {
+        return Ok(());
+    };
+    let store = sqlite_outbox::PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .build()?;
+    let failed = store.enqueue(NewEvent::new(
+        "webhook.post",
+        json!({ "html": HOSTILE_PAYLOAD }),
+    ))?;
+    store.mark_failed(failed.id, HOSTILE_ERROR)?;
+    store.enqueue(NewEvent::new("email.send", json!({})))?;
+    let ui = Dashboard::start(Path::new(&schema.url), &["--schema", &schema.name])?;
+    let (status, overview, _) = get(&format!("{}/", ui.url))?;
+    assert_eq!(status, 200);
+    assert!(overview.contains("data-count=\"failed\">1<"), "{overview}");
+    let (_, list, _) = get(&format!("{}/events?status=failed", ui.url))?;
+    assert!(list.contains(&format!("/events/{}", failed.id)), "{list}");
+    let (_, page, _) = get(&format!("{}/events/{}", ui.url, failed.id))?;
+    assert!(
+        page.contains("&lt;script&gt;") && !page.contains("<script>window"),
+        "{page}"
+    );
+    let (_, confirm, _) = get(&format!("{}/confirm?action=retry&id={}", ui.url, failed.id))?;
+    let token = csrf_of(&confirm)?;
+    let id = failed.id.to_string();
+    assert_eq!(
+        post(
+            &format!("{}/actions/retry", ui.url),
+            Some(&ui.url),
+            &[("csrf", &token), ("id", &id)]
+        )?,
+        303
+    );
+    assert_eq!(
+        store.find(failed.id)?.map(|e| e.status),
+        Some(Status::Pending)
+    );
+    Ok(())
+}
