@@ -195,7 +195,9 @@ fn http_pages(
     rows: &mut Vec<Row>,
 ) -> Res<()> {
     let _ = cfg;
-    let Some(bin) = option_env!("CARGO_BIN_EXE_outbox") else {
+    // Cargo names the binary even when its feature is off; it is built
+    // only with `--features cli`.
+    let Some(bin) = option_env!("CARGO_BIN_EXE_outbox").filter(|p| Path::new(p).exists()) else {
         println!("dashboard: HTTP pages need `--features cli` (the outbox binary)");
         return Ok(());
     };
