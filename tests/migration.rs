@@ -621,3 +621,27 @@ mod interrupted {
         Ok(())
     }
 }
+
+/// Only an older file is read without the columns added since: a file that
+/// says it is the current version and lacks one was altered by hand, and
+/// is refused by name, read-only as well.
+#[test]
+fn a_current_file_without_a_current_column_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("app.db");
+    SqliteStore::open(&path)?.enqueue(NewEvent::new("t", json!(1)))?;
+    Connection::open(&path)?.execute_batch("ALTER TABLE outbox_events DROP COLUMN traceparent")?;
+    for read_only in [true, false] {
+        let err = SqliteStore::builder(&path)
+            .read_only(read_only)
+            .build()
+            .err()
+            .ok_or("opened")?;
+        assert!(
+            matches!(err.kind(), sqlite_outbox::ErrorKind::SchemaMismatch { .. })
+                && err.to_string().contains("traceparent"),
+            "{err}"
+        );
+    }
+    Ok(())
+}

@@ -983,6 +983,19 @@ fn pages_follow_the_cursor_both_ways(f: &Fixture) -> TestResult {
         ..odd.clone()
     })?;
     assert_eq!((seqs(&newest), newest.next), (vec![s[5]], Some(s[4])));
+    // A bound that reaches the end, either way, leaves nothing to search.
+    for newest_first in [false, true] {
+        let whole = f.store.list_page(&ListFilter {
+            newest_first,
+            scan_limit: Some(7),
+            ..odd.clone()
+        })?;
+        assert_eq!(
+            (whole.events.len(), whole.next),
+            (3, None),
+            "newest_first = {newest_first}"
+        );
+    }
     // A full page goes on from its last event; past the end, nothing.
     let full = f.store.list_page(&ListFilter {
         limit: 2,
@@ -1046,12 +1059,32 @@ fn throughput_counts_finished_events_per_span(f: &Fixture) -> TestResult {
         later.iter().map(|t| (t.done, t.failed)).collect::<Vec<_>>(),
         vec![(0, 1)]
     );
+    // The lookback is a day: an event that waited 23 hours is counted.
+    assert_eq!(sqlite_outbox::THROUGHPUT_LOOKBACK, secs(24 * 3600));
+    let waited = f.store.enqueue(ev("t"))?;
+    f.advance(secs(23 * 3600));
+    f.store.mark_done(waited.id)?;
+    let recent = f.clock.now_utc() - chrono::Duration::seconds(1);
+    assert_eq!(f.store.throughput(recent, span)?.len(), 1);
+    // An event enqueued exactly the lookback before the span is counted.
+    let edge = f.store.enqueue(ev("t"))?;
+    f.advance(sqlite_outbox::THROUGHPUT_LOOKBACK + secs(60));
+    f.store.mark_done(edge.id)?;
+    let since = edge.created_at + chrono::Duration::from_std(sqlite_outbox::THROUGHPUT_LOOKBACK)?;
+    let at_edge = f.store.throughput(since, span)?;
+    assert_eq!(at_edge.iter().map(|t| t.done).sum::<u64>(), 1);
+    assert_eq!(
+        f.store
+            .throughput(since + chrono::Duration::milliseconds(1), span)?
+            .len(),
+        0
+    );
     // Events enqueued more than the lookback before it are not counted.
     f.advance(sqlite_outbox::THROUGHPUT_LOOKBACK + secs(10));
     let late = f.clock.now_utc() - chrono::Duration::seconds(1);
     f.store.mark_done(pending.id)?;
     assert_eq!(f.store.throughput(late, span)?, vec![]);
-    assert_eq!(f.store.throughput(start, span)?.len(), 4);
+    assert_eq!(f.store.throughput(start, span)?.len(), 6);
     Ok(())
 }
 
