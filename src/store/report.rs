@@ -274,7 +274,7 @@ impl ListFilter {
     /// the window's edge when the scan stopped short of the end.
     pub(crate) fn page(&self, events: Vec<Event>, window: Window, min: i64, max: i64) -> Page {
         let next = match events.last() {
-            Some(last) if self.limit > 0 && events.len() >= self.limit => Some(last.seq),
+            Some(last) if events.len() >= self.limit => Some(last.seq),
             _ if self.newest_first => (window.lo > min).then_some(window.lo),
             _ => (window.hi < max).then_some(window.hi),
         };
