@@ -146,9 +146,8 @@ pub struct Event {
     /// The idempotency key.
     pub idempotency_key: Option<String>,
     /// The W3C traceparent of the work that enqueued it, if any (see
-    /// [`crate::NewEvent::with_traceparent`]). Read from the database as
-    /// it is: check it with [`crate::trace::is_valid_traceparent`] before
-    /// passing it on.
+    /// [`crate::NewEvent::with_traceparent`]). A malformed value another
+    /// program wrote into the column reads as `None`.
     #[serde(default)]
     pub traceparent: Option<String>,
     /// When the event was enqueued.

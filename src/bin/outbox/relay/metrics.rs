@@ -2,7 +2,7 @@
 //! times (through the library's `metrics` facade, rendered by the
 //! Prometheus exporter) and the outbox's gauges, at `/metrics`.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -27,14 +27,8 @@ pub(crate) fn serve(addr: SocketAddr, store: Arc<dyn Operator>) -> Result<Socket
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| Failure(format!("--metrics: {e}"), 1))?;
-    let listener = TcpListener::bind(addr)
-        .map_err(|e| Failure(format!("--metrics: cannot listen on {addr}: {e}"), 1))?;
-    let _ = nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true);
-    let bound = listener
-        .local_addr()
-        .map_err(|e| Failure(format!("--metrics: {e}"), 1))?;
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| Failure(format!("--metrics: {e}"), 1))?;
+    let (server, bound) =
+        crate::ui::listen(addr).map_err(|e| Failure(format!("--metrics: {e}"), 1))?;
     std::thread::spawn(move || {
         while let Ok(rq) = server.recv() {
             let (status, body) = if rq.url() == "/metrics" {

@@ -31,12 +31,7 @@ pub(crate) fn enc(text: &str) -> String {
 
 /// At most `max` characters of `text` on one line, escaped.
 pub(crate) fn excerpt(text: &str, max: usize) -> String {
-    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let mut cut: String = one_line.chars().take(max).collect();
-    if one_line.chars().count() > max {
-        cut.push('…');
-    }
-    esc(&cut)
+    esc(&crate::text::excerpt(text, max))
 }
 
 /// A time as `2026-12-06 03:50:12 UTC`.

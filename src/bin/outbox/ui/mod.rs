@@ -177,18 +177,7 @@ pub(crate) fn run(db: &Db, args: &UiArgs) -> Result<(), Failure> {
     } else {
         db.open_write()?
     };
-    let listener = TcpListener::bind(args.listen)
-        .map_err(|e| Failure(format!("cannot listen on {}: {e}", args.listen), 1))?;
-    // Connections accepted from the listener inherit TCP_NODELAY (on
-    // Linux): a response's header and body go out at once, instead of the
-    // body waiting on a delayed ACK (40 ms a request on a kept-alive
-    // connection).
-    let _ = nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true);
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Failure(format!("cannot listen on {}: {e}", args.listen), 1))?;
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| Failure(format!("cannot serve on {addr}: {e}"), 1))?;
+    let (server, addr) = listen(args.listen).map_err(|e| Failure(e, 1))?;
     let hosts = loopback.then(|| {
         let port = addr.port();
         vec![
@@ -229,6 +218,21 @@ pub(crate) fn run(db: &Db, args: &UiArgs) -> Result<(), Failure> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// An HTTP server on `addr`, and the address it got (for port 0).
+/// Connections accepted from the listener inherit TCP_NODELAY (on Linux):
+/// a response's header and body go out at once, instead of the body
+/// waiting on a delayed ACK (40 ms a request on a kept-alive connection).
+pub(crate) fn listen(addr: SocketAddr) -> Result<(tiny_http::Server, SocketAddr), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let _ = nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true);
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| format!("cannot serve on {bound}: {e}"))?;
+    Ok((server, bound))
 }
 
 /// The token from `--token-file` or the environment; never from argv,
