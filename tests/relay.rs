@@ -718,3 +718,80 @@ fn the_relay_serves_its_counters_and_run_times_to_prometheus() -> TestResult {
     let _ = relay.wait();
     result
 }
+
+#[test]
+fn header_values_an_endpoint_echoes_never_reach_the_stored_error() -> TestResult {
+    let token = "tok-9f8e7d6c5b4a";
+    // The endpoint echoes the request's Authorization in its error body,
+    // whole and as the bare token.
+    let echo = format!("unauthorised: Authorization: Bearer {token} (token {token})");
+    let endpoint = Server::start(move || (401, vec![], echo.clone().into_bytes()))?;
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({"n": 1}))?;
+    let headers = dir.path().join("headers");
+    std::fs::write(&headers, format!("Authorization: Bearer {token}\n"))?;
+    let out = relay(
+        &db,
+        &[
+            "--http",
+            &endpoint.url,
+            "--header-file",
+            headers.to_str().ok_or("path")?,
+            "--drain",
+        ],
+    )?;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stored(&store, &event)?.last_error.unwrap_or_default();
+    assert!(err.contains("HTTP 401") && err.contains("***"), "{err}");
+    assert!(!err.contains(token) && !err.contains("tok-9f8e"), "{err}");
+    assert!(!stderr(&out).contains(token));
+    // The header did go out, as given.
+    assert_eq!(
+        endpoint.seen()[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.as_str()),
+        Some(format!("Bearer {token}").as_str())
+    );
+    Ok(())
+}
+
+#[test]
+fn commands_never_inherit_the_outboxs_secrets() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (db, store, event) = one_event(dir.path(), json!({"n": 1}))?;
+    let seen = dir.path().join("env");
+    let out = Command::new(BIN)
+        .args(["relay", "--exec"])
+        .arg(format!("cat > /dev/null; env > '{}'", seen.display()))
+        .arg("--drain")
+        .env("OUTBOX_DB", &db)
+        .env("OUTBOX_HEADERS", "Authorization: Bearer hdr-secret-123")
+        .env("OUTBOX_UI_TOKEN", "ui-secret-token-456")
+        .env("APP_SETTING", "kept")
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stored(&store, &event)?.status, Status::Done);
+    let env = std::fs::read_to_string(&seen)?;
+    for secret in [
+        "OUTBOX_DB=",
+        "OUTBOX_HEADERS=",
+        "OUTBOX_UI_TOKEN=",
+        "hdr-secret",
+        "ui-secret",
+    ] {
+        assert!(
+            !env.contains(secret),
+            "{secret} reached the command:\n{env}"
+        );
+    }
+    // The command's own environment and the event's variables remain.
+    assert!(env.contains("APP_SETTING=kept"), "{env}");
+    assert!(
+        env.contains(&format!("OUTBOX_EVENT_ID={}", event.id)),
+        "{env}"
+    );
+    Ok(())
+}

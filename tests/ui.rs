@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::browser::{chromium, Browser, Dashboard, Result};
+use common::browser::{chromium, csrf_of, Browser, Dashboard, Result, Visitor};
 use common::cli::outbox;
 use serde_json::json;
 use sqlite_outbox::legacy::UnfencedStore;
@@ -230,42 +230,17 @@ impl EvilPage {
 // ---- over plain HTTP ----------------------------------------------------------
 
 fn get(url: &str) -> Result<(u16, String, Option<String>)> {
-    let agent = ureq::AgentBuilder::new().redirects(0).build();
-    match agent.get(url).call() {
-        Ok(r) => {
-            let csp = r.header("Content-Security-Policy").map(str::to_owned);
-            Ok((r.status(), r.into_string()?, csp))
-        }
-        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string()?, None)),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn post(url: &str, origin: Option<&str>, form: &[(&str, &str)]) -> Result<u16> {
-    let agent = ureq::AgentBuilder::new().redirects(0).build();
-    let mut rq = agent.post(url);
-    if let Some(o) = origin {
-        rq = rq.set("Origin", o);
-    }
-    match rq.send_form(form) {
-        Ok(r) => Ok(r.status()),
-        Err(ureq::Error::Status(code, _)) => Ok(code),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn csrf_of(html: &str) -> Result<String> {
-    let at = html.find("name=\"csrf\" value=\"").ok_or("no form token")? + 19;
-    Ok(html[at..at + 32].to_owned())
+    Visitor::default().get(url)
 }
 
 #[test]
-fn changes_need_the_token_the_origin_and_the_right_host() -> Result<()> {
+fn changes_need_the_sessions_token_the_origin_and_the_right_host() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("app.db");
     let k = known_outbox(&db)?;
     let ui = Dashboard::start(&db, &[])?;
-    let (status, html, csp) = get(&format!(
+    let me = Visitor::default();
+    let (status, html, csp) = me.get(&format!(
         "{}/confirm?action=retry&id={}",
         ui.url, k.other_failed
     ))?;
@@ -279,22 +254,33 @@ fn changes_need_the_token_the_origin_and_the_right_host() -> Result<()> {
     let id = k.other_failed.to_string();
     let action = format!("{}/actions/retry", ui.url);
     let form = [("csrf", token.as_str()), ("id", id.as_str())];
+    let status = |r: Result<ureq::Response>| r.map(|r| r.status());
     // No Origin (nor Referer), a foreign Origin, a wrong token: refused.
-    assert_eq!(post(&action, None, &form)?, 403);
-    assert_eq!(post(&action, Some("http://evil.example"), &form)?, 403);
+    assert_eq!(status(me.post(&action, None, &form))?, 403);
     assert_eq!(
-        post(
-            &action,
-            Some(&ui.url),
-            &[("csrf", "0".repeat(32).as_str()), ("id", &id)]
-        )?,
+        status(me.post(&action, Some("http://evil.example"), &form))?,
+        403
+    );
+    let zeros = "0".repeat(32);
+    assert_eq!(
+        status(me.post(&action, Some(&ui.url), &[("csrf", &zeros), ("id", &id)]))?,
+        403
+    );
+    // The token belongs to this browser's session: another session (or
+    // none) cannot use it.
+    let other = Visitor::default();
+    other.get(&format!("{}/", ui.url))?;
+    assert!(other.cookie.borrow().is_some());
+    assert_eq!(status(other.post(&action, Some(&ui.url), &form))?, 403);
+    assert_eq!(
+        status(Visitor::default().post(&action, Some(&ui.url), &form))?,
         403
     );
     // GET never changes anything.
-    assert_eq!(get(&format!("{action}?csrf={token}&id={id}"))?.0, 405);
+    assert_eq!(me.get(&format!("{action}?csrf={token}&id={id}"))?.0, 405);
     assert_eq!(status_of(&k.store, k.other_failed)?, Status::Failed);
     // The dashboard's own form: done, and sent on to the event.
-    assert_eq!(post(&action, Some(&ui.url), &form)?, 303);
+    assert_eq!(status(me.post(&action, Some(&ui.url), &form))?, 303);
     assert_eq!(status_of(&k.store, k.other_failed)?, Status::Pending);
     // A name that resolves to loopback but is not (DNS rebinding).
     let rebinding = ureq::get(&format!("{}/", ui.url))
@@ -304,6 +290,38 @@ fn changes_need_the_token_the_origin_and_the_right_host() -> Result<()> {
         matches!(rebinding, Err(ureq::Error::Status(421, _))),
         "{rebinding:?}"
     );
+    // Any loopback address names it, with its port.
+    let port = ui.url.rsplit(':').next().ok_or("no port")?;
+    for host in [
+        format!("127.0.0.2:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let r = ureq::get(&format!("{}/", ui.url))
+            .set("Host", &host)
+            .call()?;
+        assert_eq!(r.status(), 200, "{host}");
+    }
+    for host in [
+        "127.0.0.1".to_owned(),
+        "127.0.0.1:1".to_owned(),
+        format!("evil.localhost.example:{port}"),
+    ] {
+        let r = ureq::get(&format!("{}/", ui.url)).set("Host", &host).call();
+        assert!(
+            matches!(r, Err(ureq::Error::Status(421, _))),
+            "{host}: {r:?}"
+        );
+    }
+    // An age too far back for any date is refused, not a server error.
+    let (_, confirm, _) = me.get(&format!("{}/confirm?action=purge", ui.url))?;
+    let token = csrf_of(&confirm)?;
+    let purge = me.post(
+        &format!("{}/actions/purge", ui.url),
+        Some(&ui.url),
+        &[("csrf", &token), ("older_than", "1000000000w")],
+    )?;
+    assert_eq!(purge.status(), 400);
     Ok(())
 }
 
@@ -333,32 +351,37 @@ fn off_loopback_an_access_token_is_required() -> Result<()> {
         .set("Authorization", &format!("Bearer {secret}"))
         .call()?;
     assert_eq!(metrics.status(), 200);
-    // Sign in: a wrong token is refused, the right one gives a session.
-    let (_, login, _) = get(&format!("{}/login", ui.url))?;
-    let csrf = csrf_of(&login)?;
-    let agent = ureq::AgentBuilder::new().redirects(0).build();
-    let wrong = agent
-        .post(&format!("{}/login", ui.url))
-        .set("Origin", &ui.url)
-        .send_form(&[("csrf", &csrf), ("token", "not-the-token-at-all")]);
-    assert!(matches!(wrong, Err(ureq::Error::Status(403, _))));
-    let right = agent
-        .post(&format!("{}/login", ui.url))
-        .set("Origin", &ui.url)
-        .send_form(&[("csrf", &csrf), ("token", secret)])?;
+    // The sign-in page says nothing of the outbox and hands out no token.
+    let me = Visitor::default();
+    let (_, login, _) = me.get(&format!("{}/login", ui.url))?;
+    assert!(
+        !login.contains("app.db") && !login.contains("name=\"csrf\""),
+        "{login}"
+    );
+    assert!(me.cookie.borrow().is_none());
+    // Sign in: from another origin, refused; a wrong token is refused; the
+    // right one gives a session.
+    let url = format!("{}/login", ui.url);
+    let evil = me.post(&url, Some("http://evil.example"), &[("token", secret)])?;
+    assert_eq!(evil.status(), 403);
+    let wrong = me.post(&url, Some(&ui.url), &[("token", "not-the-token-at-all")])?;
+    assert_eq!(wrong.status(), 403);
+    let right = me.post(&url, Some(&ui.url), &[("token", secret)])?;
     assert_eq!(right.status(), 303);
     let cookie = right.header("Set-Cookie").ok_or("no cookie")?.to_owned();
     assert!(
-        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict")
+            && !cookie.contains("Secure"),
         "{cookie}"
     );
-    let session = cookie.split(';').next().unwrap_or_default().to_owned();
-    let page = agent
-        .get(&format!("{}/", ui.url))
-        .set("Cookie", &session)
-        .call()?;
-    assert_eq!(page.status(), 200);
-    assert!(!page.into_string()?.contains(secret));
+    let (status, page, _) = me.get(&format!("{}/", ui.url))?;
+    assert_eq!(status, 200);
+    assert!(!page.contains(secret));
+    // A session cookie made up, or one from another run, is no session.
+    let forged = Visitor::default();
+    *forged.cookie.borrow_mut() = Some(format!("outbox_ui={}", "1.ab.cd"));
+    assert_eq!(forged.get(&format!("{}/", ui.url))?.0, 303);
     Ok(())
 }
 
@@ -422,17 +445,16 @@ fn the_dashboard_shows_and_changes_a_postgres_outbox() -> Result<()> {
         page.contains("&lt;script&gt;") && !page.contains("<script>window"),
         "{page}"
     );
-    let (_, confirm, _) = get(&format!("{}/confirm?action=retry&id={}", ui.url, failed.id))?;
+    let me = Visitor::default();
+    let (_, confirm, _) = me.get(&format!("{}/confirm?action=retry&id={}", ui.url, failed.id))?;
     let token = csrf_of(&confirm)?;
     let id = failed.id.to_string();
-    assert_eq!(
-        post(
-            &format!("{}/actions/retry", ui.url),
-            Some(&ui.url),
-            &[("csrf", &token), ("id", &id)]
-        )?,
-        303
-    );
+    let done = me.post(
+        &format!("{}/actions/retry", ui.url),
+        Some(&ui.url),
+        &[("csrf", &token), ("id", &id)],
+    )?;
+    assert_eq!(done.status(), 303);
     assert_eq!(
         store.find(failed.id)?.map(|e| e.status),
         Some(Status::Pending)

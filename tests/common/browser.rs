@@ -77,11 +77,18 @@ impl Dashboard {
         BufReader::new(stdout).read_line(&mut line)?;
         let url = line
             .split_whitespace()
-            .find(|w| w.starts_with("http://"))
+            .find(|w| w.starts_with("http://") || w.starts_with("https://"))
             .ok_or_else(|| format!("no URL in {line:?}"))?
             .trim_end_matches('/')
             .to_owned();
         Ok(Dashboard { child, url })
+    }
+}
+
+impl Dashboard {
+    /// The dashboard's process.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
     }
 }
 
@@ -90,6 +97,82 @@ impl Drop for Dashboard {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A plain HTTP client that keeps the dashboard's session cookie, as a
+/// browser would; it follows no redirects.
+pub struct Visitor {
+    agent: ureq::Agent,
+    pub cookie: std::cell::RefCell<Option<String>>,
+}
+
+impl Default for Visitor {
+    fn default() -> Self {
+        Visitor::with(ureq::AgentBuilder::new())
+    }
+}
+
+impl Visitor {
+    pub fn with(builder: ureq::AgentBuilder) -> Visitor {
+        Visitor {
+            agent: builder.redirects(0).build(),
+            cookie: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn keep(&self, r: &ureq::Response) {
+        if let Some(c) = r.header("Set-Cookie") {
+            *self.cookie.borrow_mut() = c.split(';').next().map(str::to_owned);
+        }
+    }
+
+    fn send(&self, rq: ureq::Request, form: Option<&[(&str, &str)]>) -> Result<ureq::Response> {
+        let rq = match self.cookie.borrow().as_deref() {
+            Some(c) => rq.set("Cookie", c),
+            None => rq,
+        };
+        let sent = match form {
+            Some(form) => rq.send_form(form),
+            None => rq.call(),
+        };
+        let r = match sent {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(e.into()),
+        };
+        self.keep(&r);
+        Ok(r)
+    }
+
+    /// GET: the status, the body and the Content-Security-Policy.
+    pub fn get(&self, url: &str) -> Result<(u16, String, Option<String>)> {
+        let r = self.send(self.agent.get(url), None)?;
+        let csp = r.header("Content-Security-Policy").map(str::to_owned);
+        Ok((r.status(), r.into_string()?, csp))
+    }
+
+    /// POST a form with an `Origin` (or none): the status and the
+    /// response, for its headers.
+    pub fn post(
+        &self,
+        url: &str,
+        origin: Option<&str>,
+        form: &[(&str, &str)],
+    ) -> Result<ureq::Response> {
+        let mut rq = self.agent.post(url);
+        if let Some(o) = origin {
+            rq = rq.set("Origin", o);
+        }
+        self.send(rq, Some(form))
+    }
+}
+
+/// The form token in a page.
+pub fn csrf_of(html: &str) -> Result<String> {
+    let at = html.find("name=\"csrf\" value=\"").ok_or("no form token")? + 19;
+    Ok(html
+        .get(at..at + 32)
+        .ok_or("a short form token")?
+        .to_owned())
 }
 
 /// A ChromeDriver process and one browser session.

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sqlite_outbox::{Operator, PostgresStore, RetryPolicy, SqliteStore};
+use sqlite_outbox::{Operator, PostgresStore, PostgresTarget, RetryPolicy, SqliteStore};
 
 use crate::{describe, Failure};
 
@@ -127,59 +127,17 @@ impl fmt::Display for Db {
 }
 
 fn is_server(db: &str) -> bool {
-    db.starts_with("postgres://")
-        || db.starts_with("postgresql://")
-        || db
-            .split_whitespace()
-            .any(|w| w.starts_with("host=") || w.starts_with("dbname="))
+    PostgresTarget::looks_like(db)
 }
 
-/// The connection string with any password left out.
+/// The connection string as it may be shown: rebuilt from what was read
+/// (host, port, user, database, TLS mode), never from the text given, so
+/// no form of a password can reach a message.
 fn without_password(url: &str) -> String {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return match url::Url::parse(url) {
-            Ok(mut u) => {
-                if u.password().is_some() {
-                    let _ = u.set_password(Some("***"));
-                }
-                let query: Vec<(String, String)> = u
-                    .query_pairs()
-                    .map(|(k, v)| {
-                        let v = if k == "password" {
-                            "***".into()
-                        } else {
-                            v.into_owned()
-                        };
-                        (k.into_owned(), v)
-                    })
-                    .collect();
-                if !query.is_empty() {
-                    u.query_pairs_mut().clear().extend_pairs(query);
-                }
-                u.to_string()
-            }
-            // Unreadable: show nothing of it that could be a secret.
-            Err(_) => "a PostgreSQL URL that cannot be read".into(),
-        };
+    match PostgresTarget::parse(url) {
+        Ok(target) => target.to_string(),
+        Err(_) => "a PostgreSQL connection string that cannot be read".into(),
     }
-    // key=value pairs; a quoted value may hold spaces.
-    let mut out = Vec::new();
-    let mut words = url.split_whitespace();
-    while let Some(w) = words.next() {
-        if let Some(v) = w.strip_prefix("password=") {
-            out.push("password=***".to_owned());
-            if v.starts_with('\'') && !(v.len() > 1 && v.ends_with('\'')) {
-                for rest in words.by_ref() {
-                    if rest.ends_with('\'') {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(w.to_owned());
-        }
-    }
-    out.join(" ")
 }
 
 #[cfg(test)]
@@ -189,22 +147,25 @@ mod tests {
     #[test]
     fn passwords_are_never_shown() {
         for (url, shown) in [
-            ("postgres://app:s3cret@db/app", "postgres://app:***@db/app"),
+            (
+                "postgres://app:s3cret@db/app",
+                "host=db user=app dbname=app sslmode=verify-full",
+            ),
             (
                 "postgresql://app@db/app?password=s3cret&sslmode=disable",
-                "postgresql://app@db/app?password=***&sslmode=disable",
+                "host=db user=app dbname=app sslmode=disable",
             ),
             (
                 "host=/tmp port=5 password=s3cret user=x",
-                "host=/tmp port=5 password=*** user=x",
+                "host=/tmp port=5 user=x sslmode=prefer",
             ),
             (
-                "host=/tmp password='s3 cr et' user=x",
-                "host=/tmp password=*** user=x",
+                "host = /tmp password = 's3 cr et' user=x",
+                "host=/tmp user=x sslmode=prefer",
             ),
             (
                 "postgres://app:s3cret@[bad",
-                "a PostgreSQL URL that cannot be read",
+                "a PostgreSQL connection string that cannot be read",
             ),
         ] {
             assert_eq!(without_password(url), shown);
@@ -215,6 +176,7 @@ mod tests {
     fn servers_and_files_are_told_apart() {
         assert!(is_server("postgres://x/y"));
         assert!(is_server("host=/tmp dbname=app"));
+        assert!(is_server("host = /tmp dbname = app"));
         assert!(!is_server("app.db"));
         assert!(!is_server("./host=1.db"));
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 mod commands;
 mod db;
+mod http;
 mod output;
 mod prometheus;
 mod relay;

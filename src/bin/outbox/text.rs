@@ -52,15 +52,24 @@ pub(crate) fn redact_url(url: &url::Url) -> String {
     shown.to_string()
 }
 
-/// `text` with every credential that `url` carries replaced by `***`: the
-/// whole URL, its password, user name and query.
-pub(crate) fn redact(text: &str, url: &url::Url) -> String {
+/// `text` with every credential that `url` and the request's `headers`
+/// carry replaced by `***`: the whole URL, its password, user name and
+/// query, and each header value (whole, and each long word of it, so that
+/// an endpoint echoing `Authorization: Bearer …` in its error shows
+/// neither the value nor the token).
+pub(crate) fn redact(text: &str, url: &url::Url, headers: &[(String, String)]) -> String {
     let mut out = text.replace(url.as_str(), &redact_url(url));
-    let secrets = [
+    let mut secrets = vec![
         url.password().unwrap_or(""),
         url.query().unwrap_or(""),
         url.username(),
     ];
+    for (_, value) in headers {
+        secrets.push(value.trim());
+        secrets.extend(value.split_whitespace().filter(|w| w.len() >= 8));
+    }
+    // Longest first: a value is hidden whole before its words are.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     for secret in secrets.into_iter().filter(|s| s.len() >= 3) {
         out = out.replace(secret, "***");
     }
@@ -92,8 +101,21 @@ mod tests {
         let url = url::Url::parse("https://ada:s3cret@api.example.com/hook?token=abc123#x")?;
         assert_eq!(redact_url(&url), "https://***@api.example.com/hook?***");
         let message = format!("connection refused: {url} (token=abc123, pw s3cret)");
-        let shown = redact(&message, &url);
+        let shown = redact(&message, &url, &[]);
         for secret in ["s3cret", "abc123", "ada"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        // Header values, echoed whole or in part.
+        let headers = [
+            (
+                "Authorization".to_owned(),
+                "Bearer tok-0123456789".to_owned(),
+            ),
+            ("X-Api-Key".to_owned(), "k3y-value".to_owned()),
+        ];
+        let echoed = "HTTP 401: got authorization=Bearer tok-0123456789, token tok-0123456789, key k3y-value";
+        let shown = redact(echoed, &url, &headers);
+        for secret in ["tok-0123456789", "k3y-value"] {
             assert!(!shown.contains(secret), "{shown}");
         }
         Ok(())

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use postgres::types::ToSql;
-use postgres::{NoTls, Row, Statement};
+use std::sync::Arc;
+
+use postgres::{Row, Statement};
 
 use crate::error::Result;
 
@@ -18,7 +20,7 @@ pub(super) struct Conn {
 /// Opens connections for the pool.
 #[derive(Debug)]
 pub(super) struct Manager {
-    pub(super) config: postgres::Config,
+    pub(super) target: Arc<super::PostgresTarget>,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -27,7 +29,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<Conn, postgres::Error> {
         Ok(Conn {
-            client: self.config.connect(NoTls)?,
+            client: self.target.connect()?,
             cache: HashMap::new(),
         })
     }

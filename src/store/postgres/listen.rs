@@ -1,16 +1,18 @@
 //! Wake-ups from other processes: a thread per store that `LISTEN`s on the
 //! schema's channel, which every committed insert notifies (the trigger in
-//! `schema.postgres.sql`), and wakes this process's dispatchers. While it
-//! is not connected (before it starts, after the server dropped it), every
-//! look reports a change, so dispatchers fall back to polling.
+//! `schema.postgres.sql`), and wakes this process's dispatchers at once.
+//! It only hastens pickup: dispatchers also look at every poll interval,
+//! whatever it hears, since a connection can go silent without an error.
+//! Keepalives and a TCP user timeout (set by [`super::PostgresTarget`])
+//! end such a connection within about a minute, and the thread reconnects.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::NoTls;
 
+use super::PostgresTarget;
 use crate::store::Notifier;
 
 /// How often the thread looks whether its store is gone.
@@ -21,17 +23,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct State {
-    /// A notice (or a reconnect, which may have missed some) since the last
-    /// look.
-    changed: AtomicBool,
-    /// The thread holds a live `LISTEN`.
-    connected: AtomicBool,
     /// The store is gone: the thread ends.
     stop: AtomicBool,
 }
 
 pub(super) struct Listener {
-    config: postgres::Config,
+    target: Arc<PostgresTarget>,
     channel: String,
     notifier: Arc<Notifier>,
     state: Arc<State>,
@@ -39,14 +36,12 @@ pub(super) struct Listener {
 }
 
 impl Listener {
-    pub(super) fn new(config: postgres::Config, schema: &str, notifier: Arc<Notifier>) -> Self {
+    pub(super) fn new(target: Arc<PostgresTarget>, schema: &str, notifier: Arc<Notifier>) -> Self {
         Listener {
-            config,
+            target,
             channel: format!("outbox_{schema}"),
             notifier,
             state: Arc::new(State {
-                changed: AtomicBool::new(true),
-                connected: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
             }),
             started: Once::new(),
@@ -58,26 +53,18 @@ impl Listener {
         &self.channel
     }
 
-    /// Whether others committed something to look at since the last call:
-    /// always true while not listening.
-    pub(super) fn take_changes(&self) -> bool {
-        self.ensure_running();
-        let changed = self.state.changed.swap(false, Ordering::SeqCst);
-        changed || !self.state.connected.load(Ordering::SeqCst)
-    }
-
     /// Starts the thread, once.
     pub(super) fn ensure_running(&self) {
         self.started.call_once(|| {
-            let (config, channel, notifier, state) = (
-                self.config.clone(),
+            let (target, channel, notifier, state) = (
+                Arc::clone(&self.target),
                 self.channel.clone(),
                 self.notifier.clone(),
                 self.state.clone(),
             );
             let spawned = std::thread::Builder::new()
                 .name("outbox-listen".into())
-                .spawn(move || listen_loop(&config, &channel, &notifier, &state));
+                .spawn(move || listen_loop(&target, &channel, &notifier, &state));
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "outbox cannot start its PostgreSQL listener; polling instead");
             }
@@ -91,11 +78,11 @@ impl Drop for Listener {
     }
 }
 
-fn listen_loop(config: &postgres::Config, channel: &str, notifier: &Notifier, state: &State) {
+fn listen_loop(target: &PostgresTarget, channel: &str, notifier: &Notifier, state: &State) {
     let mut backoff = Duration::from_millis(250);
     let mut was_down = false;
     while !state.stop.load(Ordering::SeqCst) {
-        let mut client = match config.connect(NoTls) {
+        let mut client = match target.connect() {
             Ok(c) => c,
             Err(e) => {
                 if !was_down {
@@ -118,9 +105,7 @@ fn listen_loop(config: &postgres::Config, channel: &str, notifier: &Notifier, st
             was_down = false;
         }
         backoff = Duration::from_millis(250);
-        state.connected.store(true, Ordering::SeqCst);
         // Whatever was committed while not listening is looked at once.
-        state.changed.store(true, Ordering::SeqCst);
         notifier.wake();
         while !state.stop.load(Ordering::SeqCst) {
             let mut notices = client.notifications();
@@ -130,12 +115,9 @@ fn listen_loop(config: &postgres::Config, channel: &str, notifier: &Notifier, st
                 Ok(Some(_)) => {
                     // Take every notice already here, then wake once.
                     while let Ok(Some(_)) = notices.iter().next() {}
-                    state.changed.store(true, Ordering::SeqCst);
                     notifier.wake();
                 }
                 Err(e) => {
-                    state.connected.store(false, Ordering::SeqCst);
-                    state.changed.store(true, Ordering::SeqCst);
                     tracing::warn!(error = %e, "outbox lost its PostgreSQL listener; polling until it reconnects");
                     was_down = true;
                     break;
@@ -143,7 +125,6 @@ fn listen_loop(config: &postgres::Config, channel: &str, notifier: &Notifier, st
             }
         }
     }
-    state.connected.store(false, Ordering::SeqCst);
 }
 
 fn sleep_unless_stopped(state: &State, pause: Duration) {

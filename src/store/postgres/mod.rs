@@ -11,16 +11,18 @@ mod conn;
 mod listen;
 mod operator;
 mod sql;
+mod target;
+
+pub use target::{PostgresTarget, SslMode};
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use crossbeam_channel::Receiver;
 use postgres::types::Type;
-use postgres::{GenericClient, NoTls, Row};
+use postgres::{GenericClient, Row};
 
 use crate::clock::{self, Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
@@ -81,7 +83,7 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: Pool,
-    config: postgres::Config,
+    target: Arc<PostgresTarget>,
     schema: String,
     sql: Sql,
     clock: Arc<dyn Clock>,
@@ -92,9 +94,8 @@ struct Inner {
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The config's own Debug leaves the password out.
         f.debug_struct("PostgresStore")
-            .field("config", &self.inner.config)
+            .field("target", &self.inner.target)
             .field("schema", &self.inner.schema)
             .field("policy", &self.inner.policy)
             .finish_non_exhaustive()
@@ -103,7 +104,6 @@ impl fmt::Debug for PostgresStore {
 
 /// Builds a [`PostgresStore`]: where to connect, which schema, and the
 /// store's clock and retry policy.
-#[derive(Debug)]
 pub struct PostgresStoreBuilder {
     url: String,
     schema: String,
@@ -111,6 +111,24 @@ pub struct PostgresStoreBuilder {
     connect_timeout: Duration,
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
+}
+
+impl fmt::Debug for PostgresStoreBuilder {
+    /// The connection string as [`PostgresTarget`] shows it: never its
+    /// password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = PostgresTarget::parse(&self.url).map_or_else(
+            |_| "(a connection string that cannot be read)".into(),
+            |t| t.to_string(),
+        );
+        f.debug_struct("PostgresStoreBuilder")
+            .field("target", &target)
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PostgresStoreBuilder {
@@ -159,20 +177,13 @@ impl PostgresStoreBuilder {
     /// `NotAnOutbox` when it holds an `outbox_events` table that is not one.
     pub fn build(self) -> Result<PostgresStore> {
         check_schema_name(&self.schema)?;
-        let mut config = postgres::Config::from_str(&self.url).map_err(|e| {
-            Error::with_source(
-                ErrorKind::InvalidInput {
-                    reason: "the PostgreSQL connection string cannot be read".into(),
-                },
-                e,
-            )
-        })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(self.connect_timeout);
+        let mut target = PostgresTarget::parse(&self.url)?;
+        if target.config().get_connect_timeout().is_none() {
+            target.config_mut().connect_timeout(self.connect_timeout);
         }
-        config.application_name("sqlite-outbox");
+        let target = Arc::new(target);
         let manager = conn::Manager {
-            config: config.clone(),
+            target: Arc::clone(&target),
         };
         let pool = r2d2::Pool::builder()
             .max_size(self.pool_size.max(1))
@@ -187,17 +198,17 @@ impl PostgresStoreBuilder {
         // The first connection is made directly: a server that is not
         // there is reported at once, with its cause, not after the pool's
         // timeout.
-        let mut client = config.connect(NoTls)?;
+        let mut client = target.connect()?;
         migrate(&mut client, &self.schema)?;
         drop(client);
         let notifier = Arc::new(Notifier::default());
-        let listener = listen::Listener::new(config.clone(), &self.schema, notifier.clone());
+        let listener = listen::Listener::new(Arc::clone(&target), &self.schema, notifier.clone());
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 pool,
                 sql: Sql::new(&self.schema),
                 schema: self.schema,
-                config,
+                target,
                 clock: self.clock,
                 policy: self.policy,
                 notifier,
@@ -321,6 +332,23 @@ impl PostgresStore {
     /// The schema that holds the outbox.
     pub fn schema(&self) -> &str {
         &self.inner.schema
+    }
+
+    /// Where the store connects, as it may be shown (no password).
+    pub fn target(&self) -> &PostgresTarget {
+        &self.inner.target
+    }
+
+    /// A new connection of the app's own to the same server, made as the
+    /// store makes its own (TLS as `sslmode` says, the same timeouts): for
+    /// the transactions that [`enqueue_tx`](Self::enqueue_tx) joins.
+    ///
+    /// # Errors
+    ///
+    /// `Postgres` when the server cannot be reached, refuses, or cannot
+    /// prove who it is.
+    pub fn connect(&self) -> Result<postgres::Client> {
+        Ok(self.inner.target.connect()?)
     }
 
     /// The text of one of the store's statements (`insert`, `insert_all`, `claim_due`,
@@ -894,8 +922,14 @@ impl crate::store::sealed::Sealed for PostgresStore {
         })
     }
 
+    /// Always true: the listener only hastens pickup. A `LISTEN`
+    /// connection can go deaf without an error (a half-open TCP
+    /// connection, a proxy or pooler that stops forwarding), so its
+    /// silence proves nothing, and every poll interval looks at the table
+    /// (one index probe when nothing is due).
     fn has_external_changes(&self) -> Result<bool> {
-        Ok(self.inner.listener.take_changes())
+        self.inner.listener.ensure_running();
+        Ok(true)
     }
 
     fn subscribe(&self) -> Receiver<()> {

@@ -17,6 +17,11 @@ use sqlite_outbox::{Event, HandlerError};
 use super::delivery_json;
 use crate::text::excerpt;
 
+/// The outbox's own secrets, which a command never inherits: the database
+/// (a connection string may hold a password), the relay's HTTP headers and
+/// the dashboard's token.
+const WITHHELD: &[&str] = &["OUTBOX_DB", "OUTBOX_HEADERS", crate::ui::TOKEN_ENV];
+
 /// How much of a command's stderr is kept for the event's last error; the
 /// rest is read and dropped, so a chatty command never blocks on a full
 /// pipe.
@@ -54,6 +59,9 @@ pub(crate) fn handler(
     move |event: &Event| {
         use std::os::unix::process::CommandExt;
         let mut command = Command::new("sh");
+        for name in WITHHELD {
+            command.env_remove(name);
+        }
         // The W3C name for trace context in a child's environment.
         match event
             .traceparent

@@ -113,7 +113,11 @@ pub(crate) fn handler(
             }
             Err(ureq::Error::Status(code, resp)) => {
                 let after = retry_after(resp.header("Retry-After"));
-                let msg = redact(&format!("HTTP {code}: {}", body_excerpt(resp)), &url);
+                let msg = redact(
+                    &format!("HTTP {code}: {}", body_excerpt(resp)),
+                    &url,
+                    &headers,
+                );
                 match code {
                     408 | 425 | 429 | 500..=599 => Err(match after {
                         Some(d) => HandlerError::retry_after(msg, d),
@@ -131,6 +135,7 @@ pub(crate) fn handler(
                         redact_url(&url)
                     ),
                     &url,
+                    &headers,
                 );
                 Err(if unreachable(t.kind()) {
                     HandlerError::unavailable(msg)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlite_outbox::Operator;
 
+use crate::http::{App, Head, Limits, Listener, Reply};
 use crate::Failure;
 
 /// Run-time buckets, in seconds: from a local call to a slow webhook.
@@ -15,8 +16,10 @@ const BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Installs the recorder and serves `/metrics` on `addr` from a thread of
-/// its own; returns the address it listens on.
+/// Installs the recorder and serves `/metrics` on `addr` from the HTTP
+/// front's own thread; returns the address it listens on. Nothing a client
+/// sends can stop the relay: the front bounds headers, bodies, connections
+/// and time, and this server reads no body at all.
 pub(crate) fn serve(addr: SocketAddr, store: Arc<dyn Operator>) -> Result<SocketAddr, Failure> {
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -27,26 +30,49 @@ pub(crate) fn serve(addr: SocketAddr, store: Arc<dyn Operator>) -> Result<Socket
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| Failure(format!("--metrics: {e}"), 1))?;
-    let (server, bound) =
-        crate::ui::listen(addr).map_err(|e| Failure(format!("--metrics: {e}"), 1))?;
-    std::thread::spawn(move || {
-        while let Ok(rq) = server.recv() {
-            let (status, body) = if rq.url() == "/metrics" {
-                scrape(&handle, store.as_ref())
-            } else {
-                (404, "see /metrics\n".to_owned())
-            };
-            let mut res = tiny_http::Response::from_string(body).with_status_code(status);
-            if let Ok(h) = tiny_http::Header::from_bytes(
-                &b"Content-Type"[..],
-                &b"text/plain; version=0.0.4; charset=utf-8"[..],
-            ) {
-                res.add_header(h);
-            }
-            let _ = rq.respond(res);
-        }
-    });
+    let listener = Listener::bind(addr).map_err(|e| Failure(format!("--metrics: {e}"), 1))?;
+    let bound = listener.addr();
+    let app = Arc::new(Scrape { handle, store });
+    listener
+        .spawn(
+            app,
+            None,
+            Limits {
+                handlers: 2,
+                ..Limits::default()
+            },
+        )
+        .map_err(|e| Failure(format!("--metrics: {e}"), 1))?;
     Ok(bound)
+}
+
+struct Scrape {
+    handle: PrometheusHandle,
+    store: Arc<dyn Operator>,
+}
+
+impl App for Scrape {
+    fn admit(&self, head: &Head) -> Result<(), Reply> {
+        if head.method != "GET" && head.method != "HEAD" {
+            let mut r = Reply::text(405, "GET /metrics\n");
+            r.headers.push(("Allow", "GET".into()));
+            return Err(r);
+        }
+        if head.path != "/metrics" {
+            return Err(Reply::text(404, "see /metrics\n"));
+        }
+        Ok(())
+    }
+
+    fn handle(&self, _head: Head, _body: Vec<u8>) -> Reply {
+        let (status, body) = scrape(&self.handle, self.store.as_ref());
+        Reply {
+            status,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: body.into_bytes(),
+            headers: Vec::new(),
+        }
+    }
 }
 
 /// The relay's counters and run times, then the outbox's gauges.

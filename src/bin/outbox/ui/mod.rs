@@ -1,18 +1,22 @@
-//! `outbox ui`: a dashboard for one outbox, served by a few threads of a
-//! small synchronous HTTP server. Every asset is in the binary; nothing is
+//! `outbox ui`: a dashboard for one outbox, served by the hardened HTTP
+//! front ([`crate::http`]). Every asset is in the binary; nothing is
 //! fetched from elsewhere.
 //!
 //! Safety: everything from the database is escaped; a strict
 //! Content-Security-Policy allows only this server's own script and style;
-//! changes are POST-only, need the page's CSRF token and a same-origin
-//! `Origin` (or `Referer`), and are refused with `--read-only`. On
+//! changes are POST-only, need a same-origin `Origin` (or `Referer`) and
+//! the form token of the browser's session (an HMAC of the session's id
+//! under a key of this process), and are refused with `--read-only`. On
 //! loopback the `Host` must name loopback too (no DNS rebinding); bound to
 //! anything else, an access token from a file or the environment is
-//! required.
+//! required, and nothing about the outbox is shown before sign-in. The
+//! dashboard serves TLS itself (`--tls-cert`, `--tls-key`) or sits behind
+//! a TLS proxy (`--public-origin https://…`); either way its cookies are
+//! then `Secure`.
 
 use std::collections::HashMap;
-use std::io::{Read, Write as _};
-use std::net::{SocketAddr, TcpListener};
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,10 +25,15 @@ use clap::Args;
 use sqlite_outbox::{Operator, Stats};
 
 use crate::db::Db;
+pub(crate) use crate::http::Reply;
+use crate::http::{App, Head, Limits, Listener};
 use crate::{describe, Failure};
 
 mod html;
 mod pages;
+mod session;
+
+use session::Sessions;
 
 /// The environment variable that may hold the access token.
 pub(crate) const TOKEN_ENV: &str = "OUTBOX_UI_TOKEN";
@@ -41,6 +50,18 @@ pub(crate) struct UiArgs {
     /// when --listen is not a loopback address.
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs
+    /// --tls-key.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The address browsers use when a proxy in front serves the dashboard
+    /// (e.g. https://outbox.example.com): its Host and Origin are
+    /// accepted, and with https its cookies are Secure.
+    #[arg(long, value_name = "URL")]
+    public_origin: Option<String>,
     /// Seconds between the pages' own refreshes (0: none).
     #[arg(long, default_value_t = 5)]
     refresh: u64,
@@ -54,15 +75,80 @@ pub(crate) struct Ui {
     db: String,
     read_only: bool,
     refresh: u64,
-    /// Every form carries it; a POST without it is refused.
-    csrf: String,
-    /// The access token, if one is required, and the session cookie value
-    /// given for it.
+    /// The access token, if one is required.
     token: Option<String>,
-    session: String,
-    /// The `Host` values a request may name (on loopback).
-    hosts: Option<Vec<String>>,
+    sessions: Sessions,
+    /// Which `Host` values a request may name.
+    hosts: HostRule,
+    /// The public origin behind a proxy, as browsers send it.
+    public_origin: Option<String>,
+    /// Whether browsers reach the dashboard over HTTPS (its own TLS or a
+    /// proxy's): cookies are then `Secure`.
+    https: bool,
     overview: Mutex<Option<Cached>>,
+}
+
+/// Which `Host` a request may name.
+#[derive(Debug)]
+enum HostRule {
+    /// Bound to loopback: a loopback name or address (any of 127/8,
+    /// `localhost`, `[::1]`) with the bound port, or none when the port is
+    /// the scheme's default; and the public origin's host, if any.
+    Loopback {
+        port: u16,
+        default_port: u16,
+        public: Option<String>,
+    },
+    /// Bound elsewhere: the access token guards every page.
+    Any,
+}
+
+impl HostRule {
+    fn allows(&self, host: &str) -> bool {
+        let HostRule::Loopback {
+            port,
+            default_port,
+            public,
+        } = self
+        else {
+            return true;
+        };
+        if public
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case(host))
+        {
+            return true;
+        }
+        let (name, given) = split_host(host);
+        let port_ok = match given {
+            Some(p) => p.parse::<u16>().is_ok_and(|p| p == *port),
+            None => port == default_port,
+        };
+        let name_ok = name.eq_ignore_ascii_case("localhost")
+            || name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        port_ok && name_ok
+    }
+}
+
+/// `host[:port]` (or `[v6]:port`) into its parts.
+fn split_host(host: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((ip, tail)) => (
+                &host[..ip.len() + 2],
+                tail.strip_prefix(':').filter(|p| !p.is_empty()),
+            ),
+            None => (host, None),
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    }
 }
 
 /// A span of a chart: its start, done and failed events.
@@ -86,48 +172,14 @@ struct Cached {
     cost: Duration,
 }
 
-/// A response.
-pub(crate) struct Reply {
-    pub(crate) status: u16,
-    pub(crate) content_type: &'static str,
-    pub(crate) body: Vec<u8>,
-    pub(crate) headers: Vec<(&'static str, String)>,
-}
-
-impl Reply {
-    pub(crate) fn html(status: u16, body: String) -> Reply {
-        Reply {
-            status,
-            content_type: "text/html; charset=utf-8",
-            body: body.into_bytes(),
-            headers: Vec::new(),
-        }
-    }
-
-    pub(crate) fn text(status: u16, body: impl Into<String>) -> Reply {
-        Reply {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into().into_bytes(),
-            headers: Vec::new(),
-        }
-    }
-
-    /// 303 See Other to `location` (a path on this server).
-    pub(crate) fn redirect(location: String) -> Reply {
-        let mut r = Reply::text(303, "");
-        r.headers.push(("Location", location));
-        r
-    }
-}
-
 /// What the handlers need from a request.
 pub(crate) struct Req {
     pub(crate) method: String,
     pub(crate) path: String,
     pub(crate) query: HashMap<String, String>,
     pub(crate) form: HashMap<String, String>,
-    headers: HashMap<String, String>,
+    /// The form token of the request's session (empty without one).
+    pub(crate) csrf: String,
 }
 
 impl Req {
@@ -144,24 +196,16 @@ impl Req {
             .map(String::as_str)
             .filter(|v| !v.is_empty())
     }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(String::as_str)
-    }
-
-    fn cookie(&self, name: &str) -> Option<&str> {
-        self.header("cookie")?.split(';').find_map(|c| {
-            let (k, v) = c.trim().split_once('=')?;
-            (k == name).then_some(v)
-        })
-    }
 }
 
-const MAX_BODY: u64 = 64 * 1024;
+fn cookie<'h>(head: &'h Head, name: &str) -> Option<&'h str> {
+    head.header("cookie")?.split(';').find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
 const SESSION_COOKIE: &str = "outbox_ui";
-const THREADS: usize = 4;
 
 pub(crate) fn run(db: &Db, args: &UiArgs) -> Result<(), Failure> {
     let token = access_token(args)?;
@@ -172,67 +216,89 @@ pub(crate) fn run(db: &Db, args: &UiArgs) -> Result<(), Failure> {
             args.listen
         )));
     }
+    let public_origin = args
+        .public_origin
+        .as_deref()
+        .map(public_origin)
+        .transpose()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(crate::http::tls_config(cert, key).map_err(Failure::usage)?)
+        }
+        _ => None,
+    };
     let store = if args.read_only {
         db.open_read()?
     } else {
         db.open_write()?
     };
-    let (server, addr) = listen(args.listen).map_err(|e| Failure(e, 1))?;
-    let hosts = loopback.then(|| {
-        let port = addr.port();
-        vec![
-            format!("127.0.0.1:{port}"),
-            format!("localhost:{port}"),
-            format!("[::1]:{port}"),
-        ]
-    });
+    let listener = Listener::bind(args.listen).map_err(|e| Failure(e, 1))?;
+    let addr = listener.addr();
+    let https = tls.is_some()
+        || public_origin
+            .as_deref()
+            .is_some_and(|o| o.starts_with("https://"));
+    let hosts = if loopback {
+        HostRule::Loopback {
+            port: addr.port(),
+            default_port: if tls.is_some() { 443 } else { 80 },
+            public: public_origin
+                .as_deref()
+                .and_then(|o| o.split_once("://"))
+                .map(|(_, h)| h.to_owned()),
+        }
+    } else {
+        HostRule::Any
+    };
     let ui = Arc::new(Ui {
         store,
         db: db.to_string(),
         read_only: args.read_only,
         refresh: args.refresh,
-        csrf: secret(),
         token,
-        session: secret(),
+        sessions: Sessions::new().map_err(|e| Failure(e, 1))?,
         hosts,
+        public_origin,
+        https,
         overview: Mutex::new(None),
     });
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let shown = if addr.ip().is_unspecified() {
-        format!("http://127.0.0.1:{}/", addr.port())
+        format!("{scheme}://127.0.0.1:{}/", addr.port())
     } else {
-        format!("http://{addr}/")
+        format!("{scheme}://{addr}/")
     };
     println!(
         "outbox ui: {shown}{}",
         if args.read_only { " (read-only)" } else { "" }
     );
     let _ = std::io::stdout().flush();
-    let server = Arc::new(server);
-    let threads: Vec<_> = (0..THREADS)
-        .map(|_| {
-            let (server, ui) = (Arc::clone(&server), Arc::clone(&ui));
-            std::thread::spawn(move || serve(&server, &ui))
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+    let server = listener
+        .spawn(ui, tls, Limits::default())
+        .map_err(|e| Failure(e, 1))?;
+    let _ = server.join();
     Ok(())
 }
 
-/// An HTTP server on `addr`, and the address it got (for port 0).
-/// Connections accepted from the listener inherit TCP_NODELAY (on Linux):
-/// a response's header and body go out at once, instead of the body
-/// waiting on a delayed ACK (40 ms a request on a kept-alive connection).
-pub(crate) fn listen(addr: SocketAddr) -> Result<(tiny_http::Server, SocketAddr), String> {
-    let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let _ = nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true);
-    let bound = listener
-        .local_addr()
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| format!("cannot serve on {bound}: {e}"))?;
-    Ok((server, bound))
+/// `--public-origin`: `http(s)://host[:port]`, nothing after it.
+fn public_origin(text: &str) -> Result<String, Failure> {
+    let bad = || {
+        Failure::usage(format!(
+            "--public-origin {text:?}: give the address browsers use, as https://host[:port]"
+        ))
+    };
+    let url = url::Url::parse(text).map_err(|_| bad())?;
+    if !matches!(url.scheme(), "http" | "https")
+        || url.host_str().is_none()
+        || !url.username().is_empty()
+        || url.password().is_some()
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || url.path() != "/"
+    {
+        return Err(bad());
+    }
+    Ok(url.origin().ascii_serialization())
 }
 
 /// The token from `--token-file` or the environment; never from argv,
@@ -253,194 +319,217 @@ fn access_token(args: &UiArgs) -> Result<Option<String>, Failure> {
     }
 }
 
-/// 128 random bits, as hex (UUID v4 takes them from the OS).
-fn secret() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-fn serve(server: &tiny_http::Server, ui: &Ui) {
-    loop {
-        let Ok(rq) = server.recv() else { return };
-        // A bug must cost one request, not a thread of the server.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(ui, rq)));
-    }
-}
+const FIXED: &[(&str, &str)] = &[
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "same-origin"),
+];
 
-fn handle(ui: &Ui, mut rq: tiny_http::Request) {
-    let reply = match read(&mut rq) {
-        Ok(req) => route(ui, &req),
-        Err(reply) => reply,
-    };
-    let _ = rq.respond(respond(reply));
-}
-
-/// The request's method, path, query, headers and (for a form) body.
-fn read(rq: &mut tiny_http::Request) -> Result<Req, Reply> {
-    let (path, query) = match rq.url().split_once('?') {
-        Some((p, q)) => (p.to_owned(), q.to_owned()),
-        None => (rq.url().to_owned(), String::new()),
-    };
-    let headers = rq
-        .headers()
-        .iter()
-        .map(|h| {
-            (
-                h.field.as_str().as_str().to_ascii_lowercase(),
-                h.value.as_str().to_owned(),
-            )
-        })
-        .collect();
-    let mut body = Vec::new();
-    let method = rq.method().as_str().to_owned();
-    if method == "POST" {
-        rq.as_reader()
-            .take(MAX_BODY + 1)
-            .read_to_end(&mut body)
-            .map_err(|_| Reply::text(400, "the request body could not be read"))?;
-        if body.len() as u64 > MAX_BODY {
-            return Err(Reply::text(413, "the request body is too large"));
+impl App for Ui {
+    /// Everything that can be decided without the body: the Host, the
+    /// session or bearer token, the method, the Origin of a change, and
+    /// read-only mode.
+    fn admit(&self, head: &Head) -> Result<(), Reply> {
+        if !head.header("host").is_some_and(|h| self.hosts.allows(h)) {
+            return Err(Reply::text(
+                421,
+                "this dashboard answers to its loopback address only",
+            ));
         }
-    }
-    let pairs = |s: &[u8]| {
-        url::form_urlencoded::parse(s)
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect::<HashMap<_, _>>()
-    };
-    Ok(Req {
-        method,
-        path,
-        query: pairs(query.as_bytes()),
-        form: pairs(&body),
-        headers,
-    })
-}
-
-fn route(ui: &Ui, req: &Req) -> Reply {
-    if let Some(hosts) = &ui.hosts {
-        if !req
-            .header("host")
-            .is_some_and(|h| hosts.iter().any(|a| a == h))
-        {
-            return Reply::text(421, "this dashboard answers to its loopback address only");
+        let path = head.path.as_str();
+        if path.starts_with("/assets/") {
+            return Ok(());
         }
-    }
-    let path = req.path.as_str();
-    if let Some(asset) = path.strip_prefix("/assets/") {
-        return assets(asset);
-    }
-    if ui.token.is_some() {
-        if path == "/login" {
-            return login(ui, req);
+        let post = head.method == "POST";
+        if self.token.is_some() && path == "/login" {
+            return if post { self.same_origin(head) } else { Ok(()) };
         }
-        if !authorised(ui, req) {
-            return if path == "/metrics" {
+        if self.token.is_some() && !self.authorised(head) {
+            return Err(if path == "/metrics" {
                 Reply::text(401, "an access token is required (Authorization: Bearer …)")
             } else {
                 Reply::redirect("/login".into())
-            };
+            });
         }
-    }
-    if req.method == "POST" {
-        if let Err(reply) = check_post(ui, req) {
-            return reply;
+        if post {
+            self.same_origin(head)?;
+            if self.read_only {
+                return Err(Reply::text(403, "refused: the dashboard is read-only"));
+            }
+            if !path.starts_with("/actions/") {
+                return Err(Reply::text(404, "there is no such action"));
+            }
+            return Ok(());
         }
-        if ui.read_only {
-            return Reply::text(403, "refused: the dashboard is read-only");
-        }
-        return pages::act(ui, req);
-    }
-    if req.method != "GET" && req.method != "HEAD" || path.starts_with("/actions/") {
-        let mut r = Reply::text(405, "changes are POSTed from the dashboard's own forms");
-        r.headers.push((
-            "Allow",
-            if path.starts_with("/actions/") {
+        if head.method != "GET" && head.method != "HEAD" || path.starts_with("/actions/") {
+            let mut r = Reply::text(405, "changes are POSTed from the dashboard's own forms");
+            let allow = if path.starts_with("/actions/") {
                 "POST"
             } else {
                 "GET, POST"
+            };
+            r.headers.push(("Allow", allow.into()));
+            return Err(r);
+        }
+        Ok(())
+    }
+
+    fn handle(&self, head: Head, body: Vec<u8>) -> Reply {
+        let mut reply = self.route(&head, &body);
+        let cache = !reply.headers.iter().any(|(k, _)| *k == "Cache-Control");
+        if cache {
+            reply.headers.push(("Cache-Control", "no-store".into()));
+        }
+        reply
+    }
+
+    fn fixed_headers(&self) -> &[(&'static str, &'static str)] {
+        FIXED
+    }
+}
+
+impl Ui {
+    fn route(&self, head: &Head, body: &[u8]) -> Reply {
+        let path = head.path.as_str();
+        if let Some(asset) = path.strip_prefix("/assets/") {
+            return assets(asset);
+        }
+        let pairs = |s: &[u8]| {
+            url::form_urlencoded::parse(s)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect::<HashMap<_, _>>()
+        };
+        // The browser's session: signed in (with a token), or a visitor's
+        // (without one), given on its first page.
+        let mut new_session = None;
+        let session = match cookie(head, SESSION_COOKIE).and_then(|c| self.sessions.check(c)) {
+            Some(id) => Some(id),
+            None if self.token.is_none() && head.method != "POST" => {
+                let (id, value) = self.sessions.issue();
+                new_session = Some(value);
+                Some(id)
             }
-            .into(),
-        ));
-        return r;
+            None => None,
+        };
+        let req = Req {
+            method: head.method.clone(),
+            path: path.to_owned(),
+            query: pairs(head.query.as_bytes()),
+            form: pairs(body),
+            csrf: session
+                .as_deref()
+                .map(|id| self.sessions.csrf(id))
+                .unwrap_or_default(),
+        };
+        let mut reply = if self.token.is_some() && path == "/login" {
+            self.login(&req)
+        } else if req.method == "POST" {
+            if req.csrf.is_empty() || !req.f("csrf").is_some_and(|t| same(t, &req.csrf)) {
+                Reply::text(
+                    403,
+                    "refused: the form's token is missing or stale; reload the page",
+                )
+            } else {
+                pages::act(self, &req)
+            }
+        } else {
+            self.page(&req)
+        };
+        if let Some(value) = new_session {
+            reply
+                .headers
+                .push(("Set-Cookie", self.session_cookie(&value)));
+        }
+        reply
     }
-    match path {
-        "/" => pages::overview(ui, req),
-        "/events" => pages::events(ui, req),
-        "/confirm" => pages::confirm(ui, req),
-        "/metrics" => match ui.overview() {
-            Ok(o) => Reply {
-                status: 200,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: crate::prometheus::render(&o.stats).into_bytes(),
-                headers: Vec::new(),
+
+    fn page(&self, req: &Req) -> Reply {
+        match req.path.as_str() {
+            "/" => pages::overview(self, req),
+            "/events" => pages::events(self, req),
+            "/confirm" => pages::confirm(self, req),
+            "/metrics" => match self.overview() {
+                Ok(o) => Reply {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: crate::prometheus::render(&o.stats).into_bytes(),
+                    headers: Vec::new(),
+                },
+                Err(e) => Reply::text(503, e),
             },
-            Err(e) => Reply::text(503, e),
-        },
-        _ => match path.strip_prefix("/events/") {
-            Some(id) => pages::event(ui, req, id),
-            None => Reply::html(404, pages::not_found(ui)),
-        },
+            path => match path.strip_prefix("/events/") {
+                Some(id) => pages::event(self, req, id),
+                None => Reply::html(404, pages::not_found(self)),
+            },
+        }
     }
-}
 
-/// A change must come from this dashboard's own page: the form's CSRF
-/// token, and an `Origin` (or else a `Referer`) naming this server.
-fn check_post(ui: &Ui, req: &Req) -> Result<(), Reply> {
-    let host = req.header("host").unwrap_or_default();
-    let own = format!("http://{host}");
-    let same_origin = match (req.header("origin"), req.header("referer")) {
-        (Some(origin), _) => origin == own,
-        (None, Some(referer)) => referer
-            .strip_prefix(&own)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
-        (None, None) => false,
-    };
-    if !same_origin {
-        return Err(Reply::text(
-            403,
-            "refused: the request did not come from this dashboard",
-        ));
+    fn session_cookie(&self, value: &str) -> String {
+        format!(
+            "{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/{}",
+            if self.https { "; Secure" } else { "" }
+        )
     }
-    if !req.f("csrf").is_some_and(|t| same(t, &ui.csrf)) {
-        return Err(Reply::text(
-            403,
-            "refused: the form's token is missing or stale; reload the page",
-        ));
+
+    /// A change must come from this dashboard's own page: an `Origin` (or
+    /// else a `Referer`) naming this server as the browser reaches it.
+    fn same_origin(&self, head: &Head) -> Result<(), Reply> {
+        let host = head.header("host").unwrap_or_default();
+        let scheme = if head.secure { "https" } else { "http" };
+        let own = format!("{scheme}://{host}");
+        let ours = |origin: &str| origin == own || self.public_origin.as_deref() == Some(origin);
+        let same_origin = match (head.header("origin"), head.header("referer")) {
+            (Some(origin), _) => ours(origin),
+            (None, Some(referer)) => [Some(own.as_str()), self.public_origin.as_deref()]
+                .into_iter()
+                .flatten()
+                .any(|o| {
+                    referer
+                        .strip_prefix(o)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                }),
+            (None, None) => false,
+        };
+        if same_origin {
+            Ok(())
+        } else {
+            Err(Reply::text(
+                403,
+                "refused: the request did not come from this dashboard",
+            ))
+        }
     }
-    Ok(())
-}
 
-fn authorised(ui: &Ui, req: &Req) -> bool {
-    let Some(token) = &ui.token else { return true };
-    req.cookie(SESSION_COOKIE)
-        .is_some_and(|c| same(c, &ui.session))
-        || req
-            .header("authorization")
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .is_some_and(|t| same(t.trim(), token))
-}
+    fn authorised(&self, head: &Head) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        cookie(head, SESSION_COOKIE).is_some_and(|c| self.sessions.check(c).is_some())
+            || head
+                .header("authorization")
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .is_some_and(|t| same(t.trim(), token))
+    }
 
-fn login(ui: &Ui, req: &Req) -> Reply {
-    let Some(token) = &ui.token else {
-        return Reply::redirect("/".into());
-    };
-    if req.method == "POST" {
-        if let Err(reply) = check_post(ui, req) {
-            return reply;
+    fn login(&self, req: &Req) -> Reply {
+        let Some(token) = &self.token else {
+            return Reply::redirect("/".into());
+        };
+        if req.method != "POST" {
+            return Reply::html(200, pages::login_page(self, false));
         }
         if req.f("token").is_some_and(|t| same(t.trim(), token)) {
+            let (_, value) = self.sessions.issue();
             let mut r = Reply::redirect("/".into());
-            r.headers.push((
-                "Set-Cookie",
-                format!(
-                    "{SESSION_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
-                    ui.session
-                ),
-            ));
+            r.headers.push(("Set-Cookie", self.session_cookie(&value)));
             return r;
         }
-        return Reply::html(403, pages::login_page(ui, true));
+        Reply::html(403, pages::login_page(self, true))
     }
-    Reply::html(200, pages::login_page(ui, false))
 }
 
 /// Equal, in a time that does not depend on where they differ.
@@ -467,31 +556,6 @@ fn assets(name: &str) -> Reply {
         body: body.to_vec(),
         headers: vec![("Cache-Control", "max-age=3600".into())],
     }
-}
-
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
-                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
-
-fn respond(reply: Reply) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let mut r = tiny_http::Response::from_data(reply.body).with_status_code(reply.status);
-    let cache = if reply.headers.iter().any(|(k, _)| *k == "Cache-Control") {
-        None
-    } else {
-        Some(("Cache-Control", "no-store".to_owned()))
-    };
-    let fixed = [
-        ("Content-Type", reply.content_type.to_owned()),
-        ("Content-Security-Policy", CSP.to_owned()),
-        ("X-Content-Type-Options", "nosniff".to_owned()),
-        ("X-Frame-Options", "DENY".to_owned()),
-        ("Referrer-Policy", "same-origin".to_owned()),
-    ];
-    for (k, v) in fixed.into_iter().chain(cache).chain(reply.headers) {
-        if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-            r.add_header(h);
-        }
-    }
-    r
 }
 
 impl Ui {
@@ -559,5 +623,129 @@ impl Ui {
     /// Forgets the overview's numbers, after a change.
     pub(crate) fn changed(&self) {
         *self.overview.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loopback(port: u16, default_port: u16, public: Option<&str>) -> HostRule {
+        HostRule::Loopback {
+            port,
+            default_port,
+            public: public.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn on_loopback_any_loopback_name_with_the_port_is_this_dashboard() {
+        let rule = loopback(8025, 80, None);
+        for host in [
+            "127.0.0.1:8025",
+            "127.0.0.2:8025",
+            "127.255.0.9:8025",
+            "localhost:8025",
+            "LOCALHOST:8025",
+            "[::1]:8025",
+        ] {
+            assert!(rule.allows(host), "{host}");
+        }
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "127.0.0.1:8026",
+            "128.0.0.1:8025",
+            "evil.example:8025",
+            "localhost.evil.example:8025",
+            "[::2]:8025",
+            "[::1]",
+            "",
+            "127.0.0.1:notaport",
+        ] {
+            assert!(!rule.allows(host), "{host}");
+        }
+        // On the scheme's default port, browsers leave the port out.
+        let rule = loopback(80, 80, None);
+        assert!(rule.allows("localhost") && rule.allows("127.0.0.1") && rule.allows("[::1]"));
+        assert!(rule.allows("127.0.0.1:80"));
+        let rule = loopback(443, 443, Some("outbox.example.com"));
+        assert!(rule.allows("127.0.0.1") && rule.allows("outbox.example.com"));
+        assert!(!rule.allows("other.example.com"));
+        assert!(HostRule::Any.allows("anything"));
+    }
+
+    #[test]
+    fn a_public_origin_is_a_bare_origin() {
+        assert_eq!(
+            public_origin("https://Outbox.Example.com").ok(),
+            Some("https://outbox.example.com".to_owned())
+        );
+        assert_eq!(
+            public_origin("https://outbox.example.com:8443/").ok(),
+            Some("https://outbox.example.com:8443".to_owned())
+        );
+        for bad in [
+            "outbox.example.com",
+            "ftp://outbox.example.com",
+            "https://outbox.example.com/ui",
+            "https://u:p@outbox.example.com",
+            "https://outbox.example.com/?x=1",
+        ] {
+            assert!(public_origin(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn split_host_takes_ports_off_names_and_v6_addresses() {
+        assert_eq!(split_host("a:1"), ("a", Some("1")));
+        assert_eq!(split_host("a"), ("a", None));
+        assert_eq!(split_host("[::1]:2"), ("[::1]", Some("2")));
+        assert_eq!(split_host("[::1]"), ("[::1]", None));
+        assert_eq!(split_host("[::1]:"), ("[::1]", None));
+    }
+
+    #[test]
+    fn a_change_must_name_this_dashboard_as_its_origin() -> Result<(), String> {
+        let ui = Ui {
+            store: Arc::new(sqlite_outbox::MemoryStore::new()),
+            db: String::new(),
+            read_only: false,
+            refresh: 0,
+            token: None,
+            sessions: Sessions::new()?,
+            hosts: HostRule::Any,
+            public_origin: Some("https://outbox.example.com".into()),
+            https: true,
+            overview: Mutex::new(None),
+        };
+        let post = |headers: &[(&str, &str)], secure: bool| {
+            let mut head = Head::new("POST", "/actions/retry", headers);
+            head.secure = secure;
+            ui.same_origin(&head).is_ok()
+        };
+        let host = ("Host", "127.0.0.1:8025");
+        assert!(post(&[host, ("Origin", "http://127.0.0.1:8025")], false));
+        assert!(!post(&[host, ("Origin", "https://127.0.0.1:8025")], false));
+        assert!(post(&[host, ("Origin", "https://127.0.0.1:8025")], true));
+        assert!(post(
+            &[host, ("Origin", "https://outbox.example.com")],
+            false
+        ));
+        assert!(!post(
+            &[host, ("Origin", "https://outbox.example.com.evil")],
+            false
+        ));
+        assert!(post(
+            &[host, ("Referer", "https://outbox.example.com/events")],
+            false
+        ));
+        assert!(!post(
+            &[host, ("Referer", "https://outbox.example.com.evil/")],
+            false
+        ));
+        assert!(post(&[host, ("Referer", "http://127.0.0.1:8025/")], false));
+        assert!(!post(&[host], false));
+        Ok(())
     }
 }

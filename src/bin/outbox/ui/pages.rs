@@ -29,14 +29,6 @@ impl Ui {
             refresh: self.refresh,
         }
     }
-
-    /// A hidden field with the form token.
-    fn csrf_field(&self) -> String {
-        format!(
-            "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
-            self.csrf
-        )
-    }
 }
 
 /// The message a finished action left, from the fixed set (nothing from
@@ -72,9 +64,20 @@ pub(super) fn not_found(ui: &Ui) -> String {
     )
 }
 
+/// A hidden field with the form token of the request's session.
+fn csrf_field(req: &Req) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        esc(&req.csrf)
+    )
+}
+
+/// The sign-in page: nothing about the outbox (not even which one) before
+/// sign-in, and no form token (signing in needs the access token itself).
 pub(super) fn login_page(ui: &Ui, wrong: bool) -> String {
     let frame = Frame {
         refresh: 0,
+        db: "",
         ..ui.frame("Sign in", "")
     };
     let wrong = if wrong {
@@ -86,10 +89,9 @@ pub(super) fn login_page(ui: &Ui, wrong: bool) -> String {
         &frame,
         "",
         &format!(
-            "<h1>Sign in</h1>{wrong}<form method=\"post\" action=\"/login\" class=\"stack\">{}\
+            "<h1>Sign in</h1>{wrong}<form method=\"post\" action=\"/login\" class=\"stack\">\
              <label>Access token <input type=\"password\" name=\"token\" autocomplete=\"current-password\" required></label>\
-             <button type=\"submit\">Sign in</button></form>",
-            ui.csrf_field()
+             <button type=\"submit\">Sign in</button></form>"
         ),
     )
 }
@@ -693,7 +695,7 @@ pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
         format!(
             "<h1>Are you sure?</h1><p>{question}</p><form method=\"post\" action=\"/actions/{action}\" class=\"stack\">{}{fields}\
              <p><button type=\"submit\" class=\"{class}\" id=\"confirm\">{button}</button> <a href=\"{back}\">cancel</a></p></form>",
-            ui.csrf_field()
+            csrf_field(req)
         )
     };
     let body = match req.q("action") {
@@ -822,14 +824,22 @@ pub(super) fn act(ui: &Ui, req: &Req) -> Reply {
                 .map_err(fail),
         },
         "/actions/purge" => match req.f("older_than").map(parse_duration) {
-            Some(Ok(age)) => {
-                let cutoff =
-                    Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
-                ui.store
+            Some(Ok(age)) => match chrono::Duration::from_std(age)
+                .ok()
+                .and_then(|age| Utc::now().checked_sub_signed(age))
+            {
+                Some(cutoff) => ui
+                    .store
                     .purge(cutoff)
                     .map(|n| Reply::redirect(format!("/?done=purged&n={n}")))
-                    .map_err(fail)
-            }
+                    .map_err(fail),
+                None => Err(error_page(
+                    ui,
+                    400,
+                    "Not done",
+                    "That age reaches back before any date this outbox can hold.",
+                )),
+            },
             _ => Err(error_page(
                 ui,
                 400,

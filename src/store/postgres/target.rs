@@ -1,0 +1,808 @@
+//! Where a PostgreSQL store connects, and how: a libpq connection string
+//! (a `postgres://` URL or `key=value` pairs) read once, TLS as libpq's
+//! `sslmode` means it, and a way to show it that holds no secret.
+//!
+//! TLS is rustls (with ring), so a fresh machine needs no system library.
+//! `sslmode`:
+//! - `disable`: never TLS;
+//! - `prefer`: TLS when the server offers it, the certificate unchecked
+//!   (as libpq does); plain text otherwise;
+//! - `require`: TLS or no connection; the certificate is checked against
+//!   `sslrootcert` when one is given (libpq's rule), else unchecked;
+//! - `verify-ca`: TLS, and the certificate must chain to a trusted root;
+//! - `verify-full`: as `verify-ca`, and it must name the host connected to.
+//!
+//! Trusted roots: the `sslrootcert` file (PEM), or `sslrootcert=system`
+//! for the Mozilla roots built in; without it, `~/.postgresql/root.crt`
+//! when that exists (libpq's default), else the built-in roots.
+//!
+//! The default, when the string names no `sslmode`, is `prefer` for a
+//! server on this machine (a Unix socket, `localhost`, a loopback address)
+//! and `verify-full` for any other: payloads and passwords never cross a
+//! network in clear, and a server elsewhere must prove it is the one named.
+//! TLS does not apply to Unix sockets, whatever the mode.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::config::{Host, SslMode as PgSslMode};
+use postgres::NoTls;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// How a connection uses TLS: libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Never.
+    Disable,
+    /// When the server offers it, unchecked.
+    Prefer,
+    /// Always; checked against `sslrootcert` only when one is given.
+    Require,
+    /// Always, and the certificate chains to a trusted root.
+    VerifyCa,
+    /// Always, from a trusted root, naming the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The mode as libpq spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<SslMode> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "prefer" | "allow" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => {
+                return Err(Error::invalid(
+                    "sslmode is not one of disable, prefer, require, verify-ca, verify-full",
+                ))
+            }
+        })
+    }
+}
+
+/// The keys of a connection string that may be shown: never a password,
+/// nor anything unknown (which could be one misspelt).
+const SHOWN: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "user",
+    "dbname",
+    "application_name",
+    "target_session_attrs",
+];
+
+/// The keys the connection takes, besides `sslmode` and `sslrootcert`,
+/// which are ours to act on.
+const KNOWN: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslnegotiation",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+
+/// Where and how a [`PostgresStore`](crate::PostgresStore) connects: a
+/// connection string, read. Its `Display` and `Debug` show the host, port,
+/// user, database and TLS mode, never a password or anything unknown.
+#[derive(Clone)]
+pub struct PostgresTarget {
+    config: postgres::Config,
+    mode: SslMode,
+    tls: Option<MakeRustlsConnect>,
+    shown: String,
+}
+
+impl fmt::Debug for PostgresTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PostgresTarget").field(&self.shown).finish()
+    }
+}
+
+impl fmt::Display for PostgresTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PostgresTarget {
+    /// Reads a connection string: a `postgres://` (or `postgresql://`)
+    /// URL, or libpq's `key=value` pairs (values may be quoted with `'`,
+    /// spaces around `=` allowed), with `sslmode` and `sslrootcert` as
+    /// libpq means them (see the module's docs for the default).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a string that cannot be read, a key that is not
+    /// supported, or an `sslrootcert` that cannot be read. The message
+    /// never repeats a value that could be a secret.
+    pub fn parse(text: &str) -> Result<PostgresTarget> {
+        let pairs = if is_url(text) {
+            url_pairs(text)?
+        } else {
+            keyword_pairs(text)?
+        };
+        PostgresTarget::from_pairs(pairs)
+    }
+
+    /// Whether `text` reads as a PostgreSQL connection string (rather than,
+    /// say, a file name): a `postgres://` URL, or `key=value` pairs whose
+    /// keys are all known.
+    pub fn looks_like(text: &str) -> bool {
+        if is_url(text) {
+            return true;
+        }
+        match keyword_pairs(text) {
+            Ok(pairs) => {
+                !pairs.is_empty()
+                    && pairs.iter().all(|(k, _)| {
+                        KNOWN.contains(&k.as_str()) || k == "sslmode" || k == "sslrootcert"
+                    })
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The TLS mode in force.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.mode
+    }
+
+    fn from_pairs(pairs: Vec<(String, String)>) -> Result<PostgresTarget> {
+        let mut mode = None;
+        let mut root = None;
+        let mut rest = Vec::new();
+        for (k, v) in pairs {
+            match k.as_str() {
+                "sslmode" => mode = Some(v.parse::<SslMode>()?),
+                "sslrootcert" => root = Some(v),
+                "sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir" | "sslsni" => {
+                    return Err(Error::invalid(format!(
+                        "{k} is not supported by this build (client certificates and CRLs)"
+                    )))
+                }
+                key if KNOWN.contains(&key) => rest.push((k, v)),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "{:?} is not a connection setting this build knows",
+                        shown_value(&k)
+                    )))
+                }
+            }
+        }
+        let text: Vec<String> = rest
+            .iter()
+            .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+            .collect();
+        let mut config = postgres::Config::from_str(&text.join(" ")).map_err(|e| {
+            Error::with_source(
+                ErrorKind::InvalidInput {
+                    reason: "the PostgreSQL connection string cannot be read".into(),
+                },
+                e,
+            )
+        })?;
+        let given = |key: &str| rest.iter().any(|(k, _)| k == key);
+        let hosts = config.get_hosts();
+        let all_unix = !hosts.is_empty() && hosts.iter().all(|h| matches!(h, Host::Unix(_)));
+        let local = all_unix
+            || (!hosts.is_empty()
+                && hosts.iter().all(|h| match h {
+                    Host::Tcp(name) => is_local(name),
+                    Host::Unix(_) => true,
+                }));
+        let mode = mode.unwrap_or(if local {
+            SslMode::Prefer
+        } else {
+            SslMode::VerifyFull
+        });
+        // A connection that goes silent is noticed: keepalives after 30 s of
+        // quiet, and unacknowledged writes give up after a minute, unless
+        // the string says otherwise.
+        if !given("keepalives_idle") {
+            config.keepalives_idle(Duration::from_secs(30));
+        }
+        if !given("keepalives_interval") {
+            config.keepalives_interval(Duration::from_secs(10));
+        }
+        if !given("keepalives_retries") {
+            config.keepalives_retries(3);
+        }
+        if !given("tcp_user_timeout") {
+            config.tcp_user_timeout(Duration::from_secs(60));
+        }
+        if !given("application_name") {
+            config.application_name("sqlite-outbox");
+        }
+        let tls = if all_unix || mode == SslMode::Disable {
+            config.ssl_mode(PgSslMode::Disable);
+            None
+        } else {
+            config.ssl_mode(if mode == SslMode::Prefer {
+                PgSslMode::Prefer
+            } else {
+                PgSslMode::Require
+            });
+            Some(MakeRustlsConnect::new(client_config(
+                mode,
+                root.as_deref(),
+            )?))
+        };
+        let mut shown: Vec<String> = SHOWN
+            .iter()
+            .filter_map(|key| rest.iter().rev().find(|(k, _)| k == key))
+            .map(|(k, v)| format!("{k}={}", quoted(v)))
+            .collect();
+        shown.push(format!("sslmode={}", mode.as_str()));
+        Ok(PostgresTarget {
+            config,
+            mode,
+            tls,
+            shown: shown.join(" "),
+        })
+    }
+
+    /// The `postgres` configuration, for what reads it (timeouts, names).
+    pub(super) fn config(&self) -> &postgres::Config {
+        &self.config
+    }
+
+    /// As `config`, to change before connecting.
+    pub(super) fn config_mut(&mut self) -> &mut postgres::Config {
+        &mut self.config
+    }
+
+    /// A new connection, with TLS as the mode says.
+    ///
+    /// # Errors
+    ///
+    /// The server cannot be reached, refuses, or cannot prove who it is.
+    pub fn connect(&self) -> std::result::Result<postgres::Client, postgres::Error> {
+        match &self.tls {
+            None => self.config.connect(NoTls),
+            Some(tls) => self.config.connect(tls.clone()),
+        }
+    }
+}
+
+fn is_url(text: &str) -> bool {
+    text.starts_with("postgres://") || text.starts_with("postgresql://")
+}
+
+fn is_local(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A value as a key/value string holds it: bare when it can be, quoted
+/// otherwise, with control characters left out.
+fn quoted(v: &str) -> String {
+    let v: String = v.chars().filter(|c| !c.is_control()).collect();
+    if !v.is_empty() && !v.contains([' ', '\'', '\\', '=']) {
+        v
+    } else {
+        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}
+
+/// Some of an unknown key or value for a message: enough to find it, too
+/// little to give away a secret that was put in the wrong place.
+fn shown_value(v: &str) -> String {
+    let short: String = v.chars().filter(|c| !c.is_control()).take(24).collect();
+    if v.chars().count() > 24 {
+        format!("{short}…")
+    } else {
+        short
+    }
+}
+
+fn bad(reason: &str) -> Error {
+    Error::invalid(format!(
+        "the PostgreSQL connection string cannot be read: {reason}"
+    ))
+}
+
+/// libpq's `key = value` pairs.
+fn keyword_pairs(text: &str) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut it = text.chars().peekable();
+    loop {
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        if it.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = it.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        if it.next() != Some('=') {
+            return Err(bad("a setting without '='"));
+        }
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if it.next_if_eq(&'\'').is_some() {
+            loop {
+                match it.next() {
+                    None => return Err(bad("a quoted value without its closing quote")),
+                    Some('\'') => break,
+                    Some('\\') => value.extend(it.next()),
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = it.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(it.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        if key.is_empty() {
+            return Err(bad("a setting without a name"));
+        }
+        pairs.push((key, value));
+    }
+}
+
+/// `postgres[ql]://[user[:password]@][host[:port][,...]][/dbname][?k=v&...]`.
+fn url_pairs(text: &str) -> Result<Vec<(String, String)>> {
+    let rest = text
+        .strip_prefix("postgresql://")
+        .or_else(|| text.strip_prefix("postgres://"))
+        .ok_or_else(|| bad("not a postgres:// URL"))?;
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, db) = match rest.split_once('/') {
+        Some((a, d)) => (a, Some(d)),
+        None => (rest, None),
+    };
+    let mut pairs = Vec::new();
+    let (userinfo, hostspec) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    if let Some(userinfo) = userinfo {
+        let (user, password) = match userinfo.split_once(':') {
+            Some((u, p)) => (u, Some(p)),
+            None => (userinfo, None),
+        };
+        if !user.is_empty() {
+            pairs.push(("user".to_owned(), decode(user)?));
+        }
+        if let Some(p) = password {
+            pairs.push(("password".to_owned(), decode(p)?));
+        }
+    }
+    if !hostspec.is_empty() {
+        let mut hosts = Vec::new();
+        let mut ports = Vec::new();
+        for spec in hostspec.split(',') {
+            let (host, port) = if let Some(v6) = spec.strip_prefix('[') {
+                let (ip, tail) = v6
+                    .split_once(']')
+                    .ok_or_else(|| bad("an IPv6 host without its ']'"))?;
+                (ip, tail.strip_prefix(':'))
+            } else {
+                match spec.rsplit_once(':') {
+                    Some((h, p)) => (h, Some(p)),
+                    None => (spec, None),
+                }
+            };
+            hosts.push(decode(host)?);
+            ports.push(port.unwrap_or("").to_owned());
+        }
+        pairs.push(("host".to_owned(), hosts.join(",")));
+        if ports.iter().any(|p| !p.is_empty()) {
+            pairs.push(("port".to_owned(), ports.join(",")));
+        }
+    }
+    if let Some(db) = db.filter(|d| !d.is_empty()) {
+        pairs.push(("dbname".to_owned(), decode(db)?));
+    }
+    for param in query.into_iter().flat_map(|q| q.split('&')) {
+        if param.is_empty() {
+            continue;
+        }
+        let (k, v) = param
+            .split_once('=')
+            .ok_or_else(|| bad("a URL parameter without '='"))?;
+        pairs.push((decode(k)?, decode(v)?));
+    }
+    Ok(pairs)
+}
+
+/// Percent-decoding, as libpq does it (no `+` for space).
+fn decode(s: &str) -> Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| bad("a '%' not followed by two hex digits"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad("a percent-encoded value that is not UTF-8"))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The TLS client for `mode`, trusting `root` (a PEM file, or `system`).
+fn client_config(mode: SslMode, root: Option<&str>) -> Result<rustls::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::invalid(format!("TLS: {e}")))?;
+    let verifier: Arc<dyn ServerCertVerifier> = match mode {
+        SslMode::Disable | SslMode::Prefer => Arc::new(Unchecked(provider())),
+        SslMode::Require if root.is_none() => Arc::new(Unchecked(provider())),
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            let (roots, pinned) = trusted_roots(root)?;
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| Error::invalid(format!("sslrootcert: {e}")))?;
+            Arc::new(Checked {
+                inner,
+                pinned,
+                check_name: mode == SslMode::VerifyFull,
+            })
+        }
+    };
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// The roots a certificate must chain to, and the certificates of the
+/// root file itself (which a server may present as they are).
+fn trusted_roots(root: Option<&str>) -> Result<(RootCertStore, Vec<CertificateDer<'static>>)> {
+    use rustls::pki_types::pem::PemObject;
+    let file = match root {
+        Some("system") => None,
+        Some(path) => Some(PathBuf::from(path)),
+        None => std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(".postgresql/root.crt"))
+            .filter(|p| p.exists()),
+    };
+    let mut store = RootCertStore::empty();
+    let Some(file) = file else {
+        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        return Ok((store, Vec::new()));
+    };
+    let unreadable =
+        |e: &dyn fmt::Display| Error::invalid(format!("sslrootcert {}: {e}", file.display()));
+    let certs = CertificateDer::pem_file_iter(&file)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| unreadable(&e))?;
+    let (added, _) = store.add_parsable_certificates(certs.iter().cloned());
+    if added == 0 {
+        return Err(unreadable(&"no certificate in it"));
+    }
+    Ok((store, certs))
+}
+
+/// `verify-ca` and `verify-full`: the chain is checked, and the name when
+/// `check_name`. A certificate that is itself in `sslrootcert` (a
+/// self-signed server certificate, as libpq's documentation suggests) is
+/// trusted as itself, as OpenSSL does: its name is still checked, and a
+/// date it is not valid on is still refused.
+#[derive(Debug)]
+struct Checked {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+    check_name: bool,
+}
+
+impl ServerCertVerifier for Checked {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let verdict =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        let name_only = |e: &rustls::Error| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. }
+                )
+            )
+        };
+        match verdict {
+            Err(e) if name_only(&e) && !self.check_name => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::Other(_),
+            )) if self
+                .pinned
+                .iter()
+                .any(|p| p.as_ref() == end_entity.as_ref()) =>
+            {
+                if self.check_name {
+                    let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
+                        rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+                    })?;
+                    cert.verify_is_valid_for_subject_name(server_name)
+                        .map_err(|_| {
+                            rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+                        })?;
+                }
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `prefer` and `require` without a root: encrypted, the certificate not
+/// checked (libpq's meaning); the handshake's signatures still are.
+#[derive(Debug)]
+struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "s3cr3t-Pa55";
+
+    #[test]
+    fn no_form_of_a_password_is_ever_shown() -> Result<()> {
+        for text in [
+            format!("postgres://app:{SECRET}@db.example.com/app"),
+            format!("postgresql://app@db.example.com:6543/app?password={SECRET}&sslmode=require"),
+            format!("host=/tmp port=5432 password={SECRET} user=x"),
+            format!("host=/tmp password = {SECRET} user=x"),
+            format!("host=/tmp password= '{SECRET}' user=x"),
+            format!("host = /tmp password ='{SECRET} with spaces' user=x"),
+            format!("host=/tmp password='it\\'s {SECRET}' user=x"),
+            format!("host=/tmp password={SECRET}\\ escaped user=x"),
+            format!("host=/tmp\tpassword={SECRET}\nuser=x"),
+            format!(
+                "postgres://app:{}@db.example.com/app",
+                SECRET.replace('5', "%35")
+            ),
+        ] {
+            let target = PostgresTarget::parse(&text)?;
+            for shown in [target.to_string(), format!("{target:?}")] {
+                assert!(
+                    !shown.contains(SECRET) && !shown.contains("s3cr3t"),
+                    "{text:?} shown as {shown}"
+                );
+                assert!(!shown.contains("password"), "{shown}");
+            }
+        }
+        // Unreadable strings and unknown keys: the error holds no secret.
+        for text in [
+            format!("host=/tmp password='{SECRET}"),
+            format!("host=/tmp pasword={SECRET}"),
+            format!("host=/tmp {SECRET}"),
+            format!("postgres://app:{SECRET}@db/%zz"),
+            format!("host=/tmp sslmode={SECRET}"),
+        ] {
+            let Err(err) = PostgresTarget::parse(&text) else {
+                panic!("accepted: {text}");
+            };
+            assert!(!err.to_string().contains(SECRET), "{text}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn both_forms_read_the_same() -> Result<()> {
+        let url = PostgresTarget::parse(
+            "postgres://ada%40x:pw@db.example.com:6543/my%20db?application_name=relay-1",
+        )?;
+        assert_eq!(
+            url.to_string(),
+            "host=db.example.com port=6543 user=ada@x dbname='my db' application_name=relay-1 \
+             sslmode=verify-full"
+        );
+        assert_eq!(url.config().get_user(), Some("ada@x"));
+        assert_eq!(url.config().get_password(), Some(&b"pw"[..]));
+        assert_eq!(url.config().get_application_name(), Some("relay-1"));
+        let kv = PostgresTarget::parse(
+            "host = db.example.com port=6543 user='ada@x' password='pw' dbname='my db' \
+             application_name=relay-1",
+        )?;
+        assert_eq!(kv.to_string(), url.to_string());
+        let v6 = PostgresTarget::parse("postgres://u@[::1]:5433,[::2]/d")?;
+        assert_eq!(
+            v6.to_string(),
+            "host=::1,::2 port=5433, user=u dbname=d sslmode=verify-full"
+        );
+        let socket = PostgresTarget::parse("postgres://u@%2Ftmp%2Fpg/d")?;
+        assert_eq!(socket.ssl_mode(), SslMode::Prefer);
+        assert!(
+            matches!(socket.config().get_hosts(), [Host::Unix(p)] if p.as_os_str() == "/tmp/pg")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn tls_is_required_off_this_machine_and_modes_mean_what_libpq_says() -> Result<()> {
+        let mode = |s: &str| PostgresTarget::parse(s).map(|t| t.ssl_mode());
+        assert_eq!(mode("host=/tmp dbname=x")?, SslMode::Prefer);
+        assert_eq!(mode("host=localhost dbname=x")?, SslMode::Prefer);
+        assert_eq!(mode("host=127.0.0.1 dbname=x")?, SslMode::Prefer);
+        assert_eq!(mode("host=db.example.com dbname=x")?, SslMode::VerifyFull);
+        assert_eq!(
+            mode("host=localhost,db.example.com dbname=x")?,
+            SslMode::VerifyFull
+        );
+        assert_eq!(
+            mode("host=db.example.com sslmode=require")?,
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgres://db.example.com/x?sslmode=disable")?,
+            SslMode::Disable
+        );
+        assert!(mode("host=x sslmode=bogus").is_err());
+        assert!(mode("host=x sslcert=/c.pem").is_err());
+        assert!(mode("host=x sslmode=verify-full sslrootcert=/no/such/file").is_err());
+        // A socket never speaks TLS, whatever the mode.
+        let socket = PostgresTarget::parse("host=/tmp sslmode=verify-full")?;
+        assert!(socket.tls.is_none());
+        assert_eq!(socket.config().get_ssl_mode(), PgSslMode::Disable);
+        Ok(())
+    }
+
+    #[test]
+    fn what_looks_like_a_server() {
+        assert!(PostgresTarget::looks_like("postgres://x/y"));
+        assert!(PostgresTarget::looks_like("host=/tmp dbname=app"));
+        assert!(PostgresTarget::looks_like("host = /tmp"));
+        assert!(PostgresTarget::looks_like("dbname=app user=x"));
+        assert!(!PostgresTarget::looks_like("app.db"));
+        assert!(!PostgresTarget::looks_like("./host=1.db"));
+        assert!(!PostgresTarget::looks_like("data/x=1.db"));
+        assert!(!PostgresTarget::looks_like(""));
+    }
+
+    #[test]
+    fn settings_the_user_gives_are_kept() -> Result<()> {
+        let t =
+            PostgresTarget::parse("host=/tmp application_name=billing-relay keepalives_idle=5")?;
+        assert_eq!(t.config().get_application_name(), Some("billing-relay"));
+        assert_eq!(t.config().get_keepalives_idle(), Duration::from_secs(5));
+        let t = PostgresTarget::parse("host=/tmp")?;
+        assert_eq!(t.config().get_application_name(), Some("sqlite-outbox"));
+        assert_eq!(t.config().get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            t.config().get_tcp_user_timeout(),
+            Some(&Duration::from_secs(60))
+        );
+        Ok(())
+    }
+}

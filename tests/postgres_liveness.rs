@@ -1,0 +1,141 @@
+//! A `LISTEN` connection that goes deaf without an error (a half-open TCP
+//! connection, a failover proxy, a pooler that stops forwarding) must not
+//! stop the pickup of other processes' events: a real server behind a
+//! real TCP proxy that, once the store's listener has subscribed, swallows
+//! everything on that one connection in both directions.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlite_outbox::{Dispatcher, NewEvent, PostgresStore, Store};
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// Forwards `127.0.0.1:port` to the server; the connection that sends
+/// `LISTEN` gets its answer, then goes silent (`frozen` is set).
+fn freezing_proxy(server: &str, frozen: Arc<AtomicBool>) -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let server = server.to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(upstream) = TcpStream::connect(&server) else {
+                continue;
+            };
+            let listening = Arc::new(AtomicBool::new(false));
+            let deaf = Arc::new(AtomicBool::new(false));
+            let (c2, u2) = (client.try_clone(), upstream.try_clone());
+            let (Ok(c2), Ok(u2)) = (c2, u2) else { continue };
+            // Client to server: watch for LISTEN.
+            {
+                let (listening, deaf) = (listening.clone(), deaf.clone());
+                std::thread::spawn(move || {
+                    pump(client, u2, |chunk| {
+                        if chunk.windows(6).any(|w| w == b"LISTEN") {
+                            listening.store(true, Ordering::SeqCst);
+                        }
+                        deaf.load(Ordering::SeqCst)
+                    })
+                });
+            }
+            // Server to client: after LISTEN's answer, nothing more.
+            let frozen = frozen.clone();
+            std::thread::spawn(move || {
+                pump(upstream, c2, |_| {
+                    if deaf.load(Ordering::SeqCst) {
+                        return true;
+                    }
+                    if listening.load(Ordering::SeqCst) {
+                        deaf.store(true, Ordering::SeqCst);
+                        frozen.store(true, Ordering::SeqCst);
+                    }
+                    false
+                })
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// Copies `from` to `to`, chunk by chunk, dropping a chunk when `drop_it`
+/// says so (the connection stays open: nothing is closed or reset).
+fn pump(mut from: TcpStream, mut to: TcpStream, mut drop_it: impl FnMut(&[u8]) -> bool) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !drop_it(&buf[..n]) && to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[test]
+fn a_deaf_listen_connection_delays_pickup_by_no_more_than_a_poll() -> Result {
+    let Some(schema) = common::pg::Schema::fresh() else {
+        return Ok(());
+    };
+    let Ok(tcp) = std::env::var("OUTBOX_TEST_POSTGRES_TLS") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but scripts/postgres.sh's TCP server is not set"
+        );
+        return Ok(());
+    };
+    let port = tcp
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("port="))
+        .ok_or("no port")?;
+    let frozen = Arc::new(AtomicBool::new(false));
+    let proxy = freezing_proxy(&format!("127.0.0.1:{port}"), frozen.clone())?;
+    // Plain text through the proxy, so that it can see the LISTEN.
+    let through =
+        format!("host=127.0.0.1 port={proxy} user=postgres dbname=postgres sslmode=disable");
+    let store = PostgresStore::builder(&through)
+        .schema(&schema.name)
+        .build()?;
+    let poll = Duration::from_millis(500);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .poll_interval(poll)
+        .handle("t", move |_| {
+            let _ = tx.send(Instant::now());
+            Ok(())
+        })
+        .start()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !frozen.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the listener never subscribed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another process writes, straight to the server: its notice goes to
+    // the deaf connection.
+    let other = PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .build()?;
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let sent = Instant::now();
+        other.enqueue(NewEvent::new("t", json!({})))?;
+        let handled = rx.recv_timeout(Duration::from_secs(30))?;
+        took.push(handled.saturating_duration_since(sent));
+    }
+    eprintln!("picked up after {took:?} with the listener deaf (poll {poll:?})");
+    for t in &took {
+        // Two poll intervals, with room for a busy machine; the fault this
+        // guards against waited for TCP keepalive (two hours).
+        assert!(*t < poll * 2 + Duration::from_secs(2), "{took:?}");
+    }
+    dispatcher.shutdown(Duration::from_secs(5));
+    Ok(())
+}
