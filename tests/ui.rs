@@ -461,3 +461,146 @@ fn the_dashboard_shows_and_changes_a_postgres_outbox() -> Result<()> {
     );
     Ok(())
 }
+
+/// A self-signed certificate for localhost and 127.0.0.1, made by the
+/// system's openssl: (certificate, key) paths.
+fn certificate(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (cert, key) = (dir.join("ui.crt"), dir.join("ui.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-x509",
+            "-days",
+            "2",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // A server certificate, not a CA: what a client's TLS accepts as
+        // the leaf it trusts.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
+    }
+    Ok((cert, key))
+}
+
+/// A client that trusts only `cert`.
+fn https_client(cert: &Path) -> Result<Visitor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert)? {
+        roots.add(c?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Visitor::with(
+        ureq::AgentBuilder::new().tls_config(std::sync::Arc::new(config)),
+    ))
+}
+
+#[test]
+fn over_tls_the_token_and_the_session_never_cross_in_clear() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("app.db");
+    let k = known_outbox(&db)?;
+    let (cert, key) = certificate(dir.path())?;
+    let secret = "a-long-enough-access-token";
+    let ui = Dashboard::start_with_env(
+        &db,
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--tls-cert",
+            cert.to_str().ok_or("path")?,
+            "--tls-key",
+            key.to_str().ok_or("path")?,
+        ],
+        &[("OUTBOX_UI_TOKEN", secret)],
+    )?;
+    assert!(ui.url.starts_with("https://127.0.0.1:"), "{}", ui.url);
+    let me = https_client(&cert)?;
+    let right = me.post(
+        &format!("{}/login", ui.url),
+        Some(&ui.url),
+        &[("token", secret)],
+    )?;
+    assert_eq!(right.status(), 303);
+    let cookie = right.header("Set-Cookie").ok_or("no cookie")?.to_owned();
+    assert!(
+        cookie.contains("Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    // A change from the dashboard's own https page.
+    let (_, confirm, _) = me.get(&format!(
+        "{}/confirm?action=retry&id={}",
+        ui.url, k.other_failed
+    ))?;
+    let token = csrf_of(&confirm)?;
+    let id = k.other_failed.to_string();
+    let action = format!("{}/actions/retry", ui.url);
+    // The same origin in plain http is another origin.
+    let http_origin = ui.url.replace("https://", "http://");
+    let form = [("csrf", token.as_str()), ("id", id.as_str())];
+    assert_eq!(me.post(&action, Some(&http_origin), &form)?.status(), 403);
+    assert_eq!(me.post(&action, Some(&ui.url), &form)?.status(), 303);
+    assert_eq!(status_of(&k.store, k.other_failed)?, Status::Pending);
+    // Plain HTTP on the TLS port gets nothing of the outbox.
+    let plain = ureq::get(&format!("{http_origin}/metrics"))
+        .set("Authorization", &format!("Bearer {secret}"))
+        .call();
+    assert!(plain.is_err(), "{plain:?}");
+    Ok(())
+}
+
+#[test]
+fn behind_a_tls_proxy_its_public_origin_signs_in() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("app.db");
+    let k = known_outbox(&db)?;
+    let public = "https://outbox.example.com";
+    let ui = Dashboard::start(&db, &["--public-origin", public])?;
+    let me = Visitor::default();
+    // The proxy passes the public Host on; the browser names the public origin.
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let page = agent
+        .get(&format!(
+            "{}/confirm?action=retry&id={}",
+            ui.url, k.other_failed
+        ))
+        .set("Host", "outbox.example.com")
+        .call()?;
+    let cookie = page.header("Set-Cookie").ok_or("no session")?.to_owned();
+    assert!(cookie.contains("Secure"), "{cookie}");
+    *me.cookie.borrow_mut() = cookie.split(';').next().map(str::to_owned);
+    let token = csrf_of(&page.into_string()?)?;
+    let id = k.other_failed.to_string();
+    let done = me.post(
+        &format!("{}/actions/retry", ui.url),
+        Some(public),
+        &[("csrf", &token), ("id", &id)],
+    )?;
+    assert_eq!(done.status(), 303);
+    assert_eq!(status_of(&k.store, k.other_failed)?, Status::Pending);
+    // Another public name is still not this dashboard.
+    let other = agent
+        .get(&format!("{}/", ui.url))
+        .set("Host", "evil.example.com")
+        .call();
+    assert!(
+        matches!(other, Err(ureq::Error::Status(421, _))),
+        "{other:?}"
+    );
+    Ok(())
+}
