@@ -1,4 +1,4 @@
--- sqlite-outbox on PostgreSQL, schema version 2: the layout of a fresh outbox.
+-- sqlite-outbox on PostgreSQL, schema version 3: the layout of a fresh outbox.
 --
 -- A public contract, as `schema.sql` is on SQLite. Programs in other
 -- languages insert rows into `outbox_events` with plain SQL, inside their
@@ -174,8 +174,12 @@ CREATE TABLE outbox_destinations (
 
 -- A committed insert wakes every dispatcher that listens on this schema's
 -- channel (`outbox_<schema>`), whoever inserted: the crate, or plain SQL
--- from any language. One notice per transaction, however many rows.
-CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+-- from any language. One notice per transaction, however many rows. The
+-- function's search_path is pinned (version 3): a trigger otherwise runs
+-- with the inserting session's, where another schema's pg_notify could
+-- stand in for the real one.
+CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_notify('outbox_' || TG_TABLE_SCHEMA, '');
     RETURN NULL;
@@ -186,9 +190,9 @@ CREATE TRIGGER outbox_events_notify
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
 
 -- The outbox's own bookkeeping; `schema_version` is the layout of the
--- outbox_* objects in this schema (this file is version 2).
+-- outbox_* objects in this schema (this file is version 3).
 CREATE TABLE outbox_meta (
     key   text   NOT NULL PRIMARY KEY,
     value bigint NOT NULL
 );
-INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 2);
+INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 3);

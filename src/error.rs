@@ -161,6 +161,18 @@ impl Error {
         matches!(self.kind(), ErrorKind::InvalidInput { .. })
     }
 
+    /// True if the outbox's tables are not what this build expects (not an
+    /// outbox, a newer schema, or a table or column changed by hand): no
+    /// retry will mend it.
+    pub fn is_schema_problem(&self) -> bool {
+        matches!(
+            self.kind(),
+            ErrorKind::NotAnOutbox { .. }
+                | ErrorKind::SchemaTooNew { .. }
+                | ErrorKind::SchemaMismatch { .. }
+        )
+    }
+
     /// True if retrying the same call later may succeed: the database was
     /// busy, the disk was full, or the pool had no free connection.
     pub fn is_transient(&self) -> bool {
@@ -187,10 +199,36 @@ impl fmt::Display for Error {
     /// so an error reporter that walks the chain prints nothing twice.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.fmt_kind(f)?;
+        #[cfg(feature = "postgres")]
+        if let Some(db) = self.server_error() {
+            // What the server said, with its SQLSTATE, rather than the
+            // client's bare "db error".
+            write!(f, ": {} (SQLSTATE {})", db.message(), db.code().code())?;
+            if let Some(detail) = db.detail() {
+                write!(f, "; {detail}")?;
+            }
+            if let Some(hint) = db.hint() {
+                write!(f, "; hint: {hint}")?;
+            }
+            return Ok(());
+        }
         if let Some(cause) = &self.inner.source {
             write!(f, ": {cause}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Error {
+    /// The PostgreSQL server's own error (SQLSTATE, message, detail), when
+    /// the server refused something.
+    pub fn server_error(&self) -> Option<&postgres::error::DbError> {
+        self.inner
+            .source
+            .as_deref()?
+            .downcast_ref::<postgres::Error>()?
+            .as_db_error()
     }
 }
 
@@ -235,6 +273,11 @@ impl std::error::Error for Error {
     /// The cause of [`Error::cause`]: the one after the message `Display`
     /// already shows.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        #[cfg(feature = "postgres")]
+        if self.server_error().is_some() {
+            // `Display` showed the server's message, which is all there is.
+            return None;
+        }
         self.inner.source.as_ref().and_then(|e| e.source())
     }
 }

@@ -632,3 +632,95 @@ fn the_same_commands_on_a_postgresql_server() -> TestResult {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     Ok(())
 }
+
+#[test]
+fn verify_compares_indexes_with_their_table() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    for i in 0..20 {
+        store.enqueue(NewEvent::new("t", json!({ "n": i })))?;
+    }
+    drop(store);
+    // Everything in the main file, then one index entry pointed at a row
+    // that is not there. The id index's root page ends with its first
+    // entry: a record header (size 3, a 36-byte text, the row id 1 as
+    // serial type 9, "the constant 1"), then the id's text. Serial type 8
+    // is the constant 0: the entry then names row 0.
+    let (root, page_size) = {
+        let c = Connection::open(&db)?;
+        c.pragma_update(None, "journal_mode", "DELETE")?;
+        let root: i64 = c.query_row(
+            "SELECT rootpage FROM sqlite_schema WHERE name = 'sqlite_autoindex_outbox_events_1'",
+            [],
+            |r| r.get(0),
+        )?;
+        let size: i64 = c.pragma_query_value(None, "page_size", |r| r.get(0))?;
+        (root, size)
+    };
+    let mut bytes = std::fs::read(&db)?;
+    let rowid_type = usize::try_from(root * page_size)? - 36 - 1;
+    assert_eq!(
+        &bytes[rowid_type - 2..=rowid_type],
+        &[3, 13 + 2 * 36, 9],
+        "not the record header expected"
+    );
+    bytes[rowid_type] = 8;
+    std::fs::write(&db, &bytes)?;
+    // The quick check sees a sound file; the full one (the default) does
+    // not, and says where.
+    let quick = outbox(&db, &["verify", "--quick"])?;
+    assert!(quick.status.success(), "{}", stderr(&quick));
+    let full = outbox(&db, &["verify"])?;
+    assert_eq!(
+        full.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&full.stdout)
+    );
+    let err = stderr(&full);
+    assert!(
+        err.contains("corrupt") && err.contains("sqlite_autoindex_outbox_events_1"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn operator_commands_never_plant_an_outbox_in_someone_elses_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let app = dir.path().join("app.db");
+    {
+        let c = Connection::open(&app)?;
+        c.execute_batch("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT); INSERT INTO notes (body) VALUES ('x');")?;
+    }
+    let tables = || -> Result<Vec<String>, rusqlite::Error> {
+        let c = Connection::open(&app)?;
+        let mut s =
+            c.prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")?;
+        let names = s.query_map([], |r| r.get(0))?.collect();
+        names
+    };
+    let before = tables()?;
+    for args in [
+        &["requeue", "--failed"][..],
+        &["purge", "--older-than", "30d"],
+        &["stats"],
+        &["list"],
+        &["verify"],
+        &["erase", "--org", "00000000-0000-0000-0000-000000000001"],
+    ] {
+        let out = outbox(&app, args)?;
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no outbox"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(tables()?, before, "{args:?} changed the file");
+    }
+    // `init` and `enqueue` may create one, on purpose.
+    assert!(outbox(&app, &["init"])?.status.success());
+    assert!(tables()?.contains(&"outbox_events".to_owned()));
+    Ok(())
+}

@@ -270,14 +270,14 @@ fn the_outbox_is_a_guest_in_its_own_schema() -> TestResult {
     // A newer layout is refused, and left as it is.
     admin.execute(
         &format!(
-            "UPDATE {}.outbox_meta SET value = 3 WHERE key = 'schema_version'",
+            "UPDATE {}.outbox_meta SET value = 4 WHERE key = 'schema_version'",
             schema.name
         ),
         &[],
     )?;
     let err = open(&schema).err().ok_or("a newer schema was opened")?;
     assert!(
-        matches!(err.kind(), ErrorKind::SchemaTooNew { found: 3, .. }),
+        matches!(err.kind(), ErrorKind::SchemaTooNew { found: 4, .. }),
         "{err}"
     );
 
@@ -416,7 +416,7 @@ fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestR
         )?
         .get(0);
     assert_eq!(version, sqlite_outbox::POSTGRES_SCHEMA_VERSION);
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let traced = store.enqueue(NewEvent::new("t", json!({})).with_traceparent(tp))?;
     assert_eq!(
@@ -442,5 +442,163 @@ fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestR
         )?
         .get(0);
     assert_eq!(shown.as_deref(), Some(tp));
+    Ok(())
+}
+
+#[test]
+fn a_schema_is_created_only_by_those_allowed_and_read_only_writes_nothing() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let mut admin = schema.client();
+    let schemas =
+        |admin: &mut sqlite_outbox::postgres::Client| -> Result<i64, Box<dyn std::error::Error>> {
+            Ok(admin
+                .query_one(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                    &[&schema.name],
+                )?
+                .get(0))
+        };
+    // A mistyped schema: reported, not created, by a reader or a writer
+    // that may not create.
+    for builder in [
+        PostgresStore::builder(&schema.url)
+            .schema(&schema.name)
+            .read_only(true),
+        PostgresStore::builder(&schema.url)
+            .schema(&schema.name)
+            .create(false),
+    ] {
+        let err = builder.build().err().ok_or("a missing outbox was opened")?;
+        assert!(matches!(err.kind(), ErrorKind::NotAnOutbox { .. }), "{err}");
+        assert!(err.to_string().contains("holds no outbox"), "{err}");
+        assert_eq!(schemas(&mut admin)?, 0, "the schema was created");
+    }
+    let writer = open(&schema)?;
+    let e = writer.enqueue(NewEvent::new("t", json!({})))?;
+    // Read-only: reads work, the server refuses every write.
+    let reader = PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .read_only(true)
+        .build()?;
+    assert_eq!(reader.stats()?.pending, 1);
+    let err = reader
+        .enqueue(NewEvent::new("t", json!({})))
+        .err()
+        .ok_or("a read-only store wrote")?;
+    assert_eq!(err.kind(), &ErrorKind::ReadOnly, "{err}");
+    let err = reader.requeue(sqlite_outbox::Requeue::One(e.id)).err();
+    assert!(err.is_some_and(|e| e.kind() == &ErrorKind::ReadOnly));
+    assert_eq!(writer.stats()?.pending, 1);
+    // An older layout is reported to a reader, not migrated.
+    admin.batch_execute(&format!(
+        "UPDATE {}.outbox_meta SET value = 2 WHERE key = 'schema_version'",
+        schema.name
+    ))?;
+    let err = PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .read_only(true)
+        .build()
+        .err()
+        .ok_or("an older outbox was opened read-only")?;
+    assert!(
+        matches!(err.kind(), ErrorKind::SchemaMismatch { .. }),
+        "{err}"
+    );
+    // A writer migrates it: the trigger's function gets its search_path.
+    open(&schema)?;
+    let config: Option<Vec<String>> = admin
+        .query_one(
+            "SELECT p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = 'outbox_notify'",
+            &[&schema.name],
+        )?
+        .get(0);
+    assert_eq!(
+        config,
+        Some(vec!["search_path=pg_catalog, pg_temp".to_owned()])
+    );
+    Ok(())
+}
+
+#[test]
+fn system_schemas_and_reserved_words_are_refused_with_a_reason() -> TestResult {
+    let Some(url) = common::pg::url() else {
+        return Ok(());
+    };
+    for (name, says) in [
+        ("information_schema", "PostgreSQL itself"),
+        ("pg_temp_x", "PostgreSQL itself"),
+        ("user", "reserved word"),
+        ("order", "reserved word"),
+        ("select", "reserved word"),
+    ] {
+        let err = PostgresStore::builder(&url)
+            .schema(name)
+            .build()
+            .err()
+            .ok_or(format!("schema {name} was accepted"))?;
+        assert!(
+            err.is_invalid_input() && err.to_string().contains(says),
+            "{name}: {err}"
+        );
+    }
+    let mut admin = sqlite_outbox::postgres::Client::connect(&url, sqlite_outbox::postgres::NoTls)?;
+    let made: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables \
+             WHERE table_schema = 'information_schema' AND table_name LIKE 'outbox%'",
+            &[],
+        )?
+        .get(0);
+    assert_eq!(made, 0);
+    Ok(())
+}
+
+#[test]
+fn a_table_changed_by_hand_is_named_with_what_the_server_said() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    store.enqueue(NewEvent::new("t", json!({})))?;
+    let mut admin = schema.client();
+    for (change, says) in [
+        ("ALTER TABLE {s}.outbox_events DROP COLUMN traceparent CASCADE", "no column traceparent"),
+        ("DROP VIEW {s}.outbox_events_readable, {s}.outbox_events_failed; ALTER TABLE {s}.outbox_events DROP CONSTRAINT created_at_is_milliseconds, ALTER COLUMN created_at DROP DEFAULT, ALTER COLUMN created_at TYPE timestamptz USING to_timestamp(created_at / 1000.0)", "created_at is timestamp with time zone"),
+        ("DROP VIEW {s}.outbox_events_readable, {s}.outbox_events_failed; ALTER TABLE {s}.outbox_events ALTER COLUMN id TYPE text", "id is text"),
+        ("DROP TABLE {s}.outbox_events CASCADE", "has no table outbox_events"),
+    ] {
+        let Some(fresh) = Schema::fresh() else {
+            return Ok(());
+        };
+        open(&fresh)?;
+        let mut admin2 = fresh.client();
+        admin2.batch_execute(&change.replace("{s}", &fresh.name))?;
+        let err = open(&fresh).err().ok_or(format!("opened after {change}"))?;
+        assert!(
+            matches!(err.kind(), ErrorKind::SchemaMismatch { .. }) && err.to_string().contains(says),
+            "{change}: {err}"
+        );
+    }
+    // A store that was open when the column went: its next claim says what
+    // the server said, with the SQLSTATE, and is a schema problem.
+    admin.batch_execute(&format!(
+        "ALTER TABLE {}.outbox_events DROP COLUMN traceparent CASCADE",
+        schema.name
+    ))?;
+    let err = store
+        .claim(10, std::time::Duration::from_secs(30), None)
+        .err()
+        .ok_or("claimed without the column")?;
+    let text = err.to_string();
+    assert!(err.is_schema_problem(), "{text}");
+    assert!(
+        text.contains("traceparent") && text.contains("does not exist"),
+        "{text}"
+    );
+    assert!(text.contains("SQLSTATE 42703"), "{text}");
+    assert!(!text.contains("db error"), "{text}");
     Ok(())
 }

@@ -139,3 +139,144 @@ fn a_deaf_listen_connection_delays_pickup_by_no_more_than_a_poll() -> Result {
     dispatcher.shutdown(Duration::from_secs(5));
     Ok(())
 }
+
+/// Forwards every connection to `listener` to the server, as it is.
+fn forward(listener: TcpListener, server: String) {
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(upstream) = TcpStream::connect(&server) else {
+                continue;
+            };
+            let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
+                continue;
+            };
+            std::thread::spawn(move || pump(client, u2, |_| false));
+            std::thread::spawn(move || pump(upstream, c2, |_| false));
+        }
+    });
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn a_relay_started_before_its_server_waits_for_it() -> Result {
+    use std::process::{Command, Stdio};
+    let Some(schema) = common::pg::Schema::fresh() else {
+        return Ok(());
+    };
+    let Ok(tcp) = std::env::var("OUTBOX_TEST_POSTGRES_TLS") else {
+        return Ok(());
+    };
+    let port = tcp
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("port="))
+        .ok_or("no port")?
+        .to_owned();
+    let store = PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .build()?;
+    let e = store.enqueue(NewEvent::new("t", json!({})))?;
+    // A port where nothing listens yet: the server is "restarting".
+    let later = TcpListener::bind("127.0.0.1:0")?;
+    let at = later.local_addr()?.port();
+    drop(later);
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("relay.log");
+    let mut relay = Command::new(common::cli::BIN)
+        .arg("--db")
+        .arg(format!(
+            "host=127.0.0.1 port={at} user=postgres dbname=postgres sslmode=disable connect_timeout=2"
+        ))
+        .args(["--schema", &schema.name, "relay", "--exec", "cat > /dev/null", "--drain"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        relay.try_wait()?.is_none(),
+        "the relay gave up on a server that was not up yet"
+    );
+    // The server comes up.
+    forward(
+        TcpListener::bind(("127.0.0.1", at))?,
+        format!("127.0.0.1:{port}"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = relay.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = relay.kill();
+            return Err("the relay never delivered".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let said = std::fs::read_to_string(&log)?;
+    assert!(status.success(), "{said}");
+    assert_eq!(said.matches("waiting for it").count(), 1, "{said}");
+    assert_eq!(
+        store.find(e.id)?.map(|e| e.status),
+        Some(sqlite_outbox::Status::Done)
+    );
+    Ok(())
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn a_relay_meeting_a_broken_table_stops_and_says_what_the_server_said() -> Result {
+    use std::process::{Command, Stdio};
+    let Some(schema) = common::pg::Schema::fresh() else {
+        return Ok(());
+    };
+    let store = PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .build()?;
+    let first = store.enqueue(NewEvent::new("t", json!({})))?;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("relay.log");
+    let mut relay = Command::new(common::cli::BIN)
+        .arg("--db")
+        .arg(&schema.url)
+        .args([
+            "--schema",
+            &schema.name,
+            "relay",
+            "--exec",
+            "cat > /dev/null",
+            "--poll",
+            "100ms",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.find(first.id)?.map(|e| e.status) != Some(sqlite_outbox::Status::Done) {
+        assert!(Instant::now() < deadline, "the relay never delivered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Someone drops a column the relay reads.
+    schema.client().batch_execute(&format!(
+        "ALTER TABLE {}.outbox_events DROP COLUMN traceparent CASCADE",
+        schema.name
+    ))?;
+    let status = loop {
+        if let Some(status) = relay.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = relay.kill();
+            return Err("the relay went on retrying a broken table".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let said = std::fs::read_to_string(&log)?;
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("traceparent") && said.contains("does not exist"),
+        "{said}"
+    );
+    assert!(said.contains("SQLSTATE 42703"), "{said}");
+    Ok(())
+}

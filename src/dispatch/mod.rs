@@ -275,6 +275,14 @@ impl Dispatcher {
             .unwrap_or_default()
     }
 
+    /// Why the dispatcher stopped claiming by itself, if it did: the store
+    /// found the outbox's tables not as this build expects them (a column
+    /// dropped or changed by hand, a newer schema), which no retry mends.
+    /// Events already claimed still finish. `None` while it claims.
+    pub fn halted(&self) -> Option<String> {
+        self.runtime.as_ref().and_then(|r| r.halted())
+    }
+
     /// Makes the dispatcher look for due events now, e.g. after rows were
     /// inserted with plain SQL in this process (enqueues through this crate
     /// wake it by themselves).
@@ -310,9 +318,10 @@ impl Dispatcher {
     /// Tells the dispatcher whether the device is online, from the
     /// operating system's connectivity callbacks, say. Offline, nothing is
     /// claimed and nothing is probed: no CPU, no attempts. Back online,
-    /// every destination held back is released, events waiting out a
-    /// retry's backoff are made due now (their attempts kept), and delivery
-    /// starts at once.
+    /// every destination found unreachable is released (one paused with
+    /// [`Dispatcher::pause`] stays paused until [`Dispatcher::resume`]),
+    /// events waiting out a retry's backoff are made due now (their
+    /// attempts kept), and delivery starts at once.
     pub fn set_online(&self, online: bool) {
         if let Some(r) = &self.runtime {
             r.destinations.set_online(online);

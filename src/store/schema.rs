@@ -171,9 +171,15 @@ fn inspect_snapshot(conn: &Connection) -> Result<FileInfo> {
 pub(crate) fn prepare_file(
     conn: &Connection,
     read_only: bool,
+    create: bool,
     busy_timeout: Duration,
 ) -> Result<&'static str> {
     let needs = classify(&inspect_snapshot(conn)?)?;
+    if !create && !read_only && needs == Needs::Create {
+        return Err(Error::not_an_outbox(
+            "the file has no outbox (a mistyped path?); `outbox init` creates one",
+        ));
+    }
     if read_only {
         // An older table is read as it is: a column added since reads
         // as NULL.

@@ -10,6 +10,17 @@ use sqlite_outbox::{Operator, PostgresStore, PostgresTarget, RetryPolicy, Sqlite
 
 use crate::{describe, Failure};
 
+/// What opening may do to an outbox on a server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Open {
+    /// Nothing: read-only transactions, no DDL.
+    Read,
+    /// Migrate an outbox that is there.
+    Existing,
+    /// Create one when it is missing.
+    Create,
+}
+
 pub(crate) enum Db {
     File(PathBuf),
     Server {
@@ -46,19 +57,23 @@ impl Db {
                     .map_err(|e| self.fail(&e))?;
                 Ok(Arc::new(store))
             }
-            Db::Server { .. } => self.open_server(RetryPolicy::default()),
+            Db::Server { .. } => self.open_server(RetryPolicy::default(), Open::Read),
         }
     }
 
-    /// Opens an existing outbox to change it: a file is never created.
+    /// Opens an existing outbox to change it: a file, or an outbox in a
+    /// file or schema, is never created.
     pub(crate) fn open_write(&self) -> Result<Arc<dyn Operator>, Failure> {
-        self.open_write_with(RetryPolicy::default())
+        self.open_write_with(RetryPolicy::default(), false)
     }
 
-    /// As `open_write`, with the retry policy of the store.
+    /// As `open_write`, with the retry policy of the store; `create`: the
+    /// outbox may be created in an existing file, or in the server's
+    /// schema (for the relay, which waits for events).
     pub(crate) fn open_write_with(
         &self,
         policy: RetryPolicy,
+        create: bool,
     ) -> Result<Arc<dyn Operator>, Failure> {
         match self {
             Db::File(path) => {
@@ -67,11 +82,14 @@ impl Db {
                 }
                 let store = SqliteStore::builder(path)
                     .retry_policy(policy)
+                    .create(create)
                     .build()
                     .map_err(|e| self.fail(&e))?;
                 Ok(Arc::new(store))
             }
-            Db::Server { .. } => self.open_server(policy),
+            Db::Server { .. } => {
+                self.open_server(policy, if create { Open::Create } else { Open::Existing })
+            }
         }
     }
 
@@ -82,7 +100,7 @@ impl Db {
             Db::File(path) => Ok(Arc::new(
                 SqliteStore::open(path).map_err(|e| self.fail(&e))?,
             )),
-            Db::Server { .. } => self.open_server(RetryPolicy::default()),
+            Db::Server { .. } => self.open_server(RetryPolicy::default(), Open::Create),
         }
     }
 
@@ -97,13 +115,15 @@ impl Db {
         }
     }
 
-    fn open_server(&self, policy: RetryPolicy) -> Result<Arc<dyn Operator>, Failure> {
+    fn open_server(&self, policy: RetryPolicy, open: Open) -> Result<Arc<dyn Operator>, Failure> {
         let Db::Server { url, schema, .. } = self else {
             return Err(Failure("not a server".into(), 1));
         };
         let store = PostgresStore::builder(url)
             .schema(schema)
             .retry_policy(policy)
+            .read_only(open == Open::Read)
+            .create(open == Open::Create)
             .build()
             .map_err(|e| self.fail(&e))?;
         Ok(Arc::new(store))

@@ -356,8 +356,23 @@ impl Destinations {
     pub(crate) fn set_online(&self, online: bool) {
         let was_offline = self.offline.swap(!online, Ordering::SeqCst);
         if online {
-            self.forget_all();
-            self.held().clear();
+            // What was unreachable is tried again; what the app paused stays
+            // paused until `resume`.
+            let released: Vec<String> = {
+                let mut held = self.held();
+                let names: Vec<String> = held
+                    .iter()
+                    .filter(|(_, h)| !h.paused)
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in &names {
+                    held.remove(name);
+                }
+                names
+            };
+            for name in released {
+                self.persist(&name);
+            }
         }
         if was_offline == online {
             tracing::info!(online, "outbox dispatcher connectivity changed");

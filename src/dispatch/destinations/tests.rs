@@ -196,6 +196,16 @@ fn paused_destinations_wait_for_resume_and_offline_stops_all() {
     assert!(d.probes_due().is_empty() && d.next_probe_at().is_none());
     d.set_online(true);
     assert!(d.snapshot().is_empty() && d.may_run("x", &lease(4)));
+    // Going online releases what was unreachable, not what the app paused:
+    // a pause holds until `resume`.
+    d.pause("p");
+    d.unreachable("y", &lease(5), "down");
+    d.set_online(false);
+    d.set_online(true);
+    let held = d.snapshot();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!((held[0].name.as_str(), held[0].hold), ("p", Hold::Paused));
+    assert!(d.may_run("y", &lease(6)) && !d.may_run("p", &lease(7)));
 }
 
 /// Each probe of a destination draws its own jitter: successive waits are

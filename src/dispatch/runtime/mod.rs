@@ -78,6 +78,9 @@ struct Shared {
     jobs: Mutex<Option<Sender<Event>>>,
     /// Spaces the dispatcher's writes while the app writes in this process.
     pacer: pace::Pacer,
+    /// Why the poller stopped claiming on its own: the store said the
+    /// outbox's objects are not what this build expects.
+    halted: Mutex<Option<String>>,
 }
 
 struct InFlight {
@@ -88,6 +91,17 @@ struct InFlight {
 }
 
 impl Shared {
+    fn halted(&self) -> Option<String> {
+        self.halted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn halt(&self, why: String) {
+        *self.halted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
     fn inflight(&self) -> MutexGuard<'_, HashMap<InFlightKey, InFlight>> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -336,6 +350,7 @@ fn context(b: DispatcherBuilder) -> Ctx {
             claiming: Mutex::new(()),
             jobs: Mutex::new(None),
             pacer: pace::Pacer::default(),
+            halted: Mutex::new(None),
         }),
         handlers: Arc::new(b.handlers),
         fallback: b.fallback,
@@ -381,6 +396,11 @@ fn spawn_workers(
 }
 
 impl Runtime {
+    /// Why the poller stopped claiming by itself, if it did.
+    pub(crate) fn halted(&self) -> Option<String> {
+        self.shared.halted()
+    }
+
     pub(crate) fn wake(&self) {
         let _ = self.wake_tx.try_send(());
     }

@@ -89,6 +89,14 @@ pub(super) fn poll_loop(
                     claimed = true;
                     got = leases.len();
                 }
+                Some(Err(err)) if err.is_schema_problem() => {
+                    // No retry mends a table altered by hand: stop claiming,
+                    // say why once, and let the handle report it.
+                    Counters::add(&ctx.counters.store_errors, 1);
+                    tracing::error!(error = %err, "outbox claim failed; the dispatcher stops claiming");
+                    ctx.shared.halt(err.to_string());
+                    break;
+                }
                 Some(Err(err)) => {
                     Counters::add(&ctx.counters.store_errors, 1);
                     tracing::warn!(error = %err, "outbox claim failed; retrying");

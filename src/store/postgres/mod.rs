@@ -9,6 +9,7 @@
 
 mod conn;
 mod listen;
+mod migrate;
 mod operator;
 mod sql;
 mod target;
@@ -36,13 +37,10 @@ use sql::Sql;
 /// The layout of the outbox's objects in its schema that this build writes
 /// (`schema.postgres.sql`); its `outbox_meta` row `schema_version` holds
 /// the layout a schema has.
-pub const POSTGRES_SCHEMA_VERSION: i64 = 2;
+pub const POSTGRES_SCHEMA_VERSION: i64 = 3;
 
 /// The DDL of a fresh outbox on PostgreSQL, run in the chosen schema.
 pub const POSTGRES_SCHEMA_SQL: &str = include_str!("../../../schema.postgres.sql");
-
-/// The step from version 1 to 2 (a `traceparent` column).
-const POSTGRES_MIGRATION_2: &str = include_str!("../../../migrations/postgres_002_traceparent.sql");
 
 /// The schema the outbox lives in unless the builder names another.
 pub const DEFAULT_POSTGRES_SCHEMA: &str = "outbox";
@@ -111,6 +109,8 @@ pub struct PostgresStoreBuilder {
     connect_timeout: Duration,
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
+    create: bool,
+    read_only: bool,
 }
 
 impl fmt::Debug for PostgresStoreBuilder {
@@ -127,11 +127,30 @@ impl fmt::Debug for PostgresStoreBuilder {
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("policy", &self.policy)
+            .field("create", &self.create)
+            .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
 }
 
 impl PostgresStoreBuilder {
+    /// Whether to create the outbox's objects when the schema holds none.
+    /// Default: true. With false, a schema without an outbox (a mistyped
+    /// name, say) is a `NotAnOutbox` error, and nothing is created.
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Open without changing anything: no DDL (a missing or older outbox
+    /// is an error, not created or migrated), and every connection's
+    /// transactions are read-only (`default_transaction_read_only`), so
+    /// the server refuses any write. Default: false.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
     /// The schema that holds the outbox's objects (created if missing):
     /// lowercase ASCII letters, digits and `_`, starting with a letter or
     /// `_`, at most 40 characters. Default: `outbox`.
@@ -176,11 +195,25 @@ impl PostgresStoreBuilder {
     /// when the schema holds an outbox written by a newer build;
     /// `NotAnOutbox` when it holds an `outbox_events` table that is not one.
     pub fn build(self) -> Result<PostgresStore> {
-        check_schema_name(&self.schema)?;
+        migrate::check_schema_name(&self.schema)?;
         let mut target = PostgresTarget::parse(&self.url)?;
         if target.config().get_connect_timeout().is_none() {
             target.config_mut().connect_timeout(self.connect_timeout);
         }
+        if self.read_only {
+            let options = match target.config().get_options() {
+                Some(o) if !o.trim().is_empty() => {
+                    format!("{o} -c default_transaction_read_only=on")
+                }
+                _ => "-c default_transaction_read_only=on".to_owned(),
+            };
+            target.config_mut().options(&options);
+        }
+        let mode = match (self.read_only, self.create) {
+            (true, _) => migrate::Mode::ReadOnly,
+            (false, true) => migrate::Mode::Create,
+            (false, false) => migrate::Mode::Existing,
+        };
         let target = Arc::new(target);
         let manager = conn::Manager {
             target: Arc::clone(&target),
@@ -199,7 +232,7 @@ impl PostgresStoreBuilder {
         // there is reported at once, with its cause, not after the pool's
         // timeout.
         let mut client = target.connect()?;
-        migrate(&mut client, &self.schema)?;
+        migrate::migrate(&mut client, &self.schema, mode)?;
         drop(client);
         let notifier = Arc::new(Notifier::default());
         let listener = listen::Listener::new(Arc::clone(&target), &self.schema, notifier.clone());
@@ -215,89 +248,6 @@ impl PostgresStoreBuilder {
                 listener,
             }),
         })
-    }
-}
-
-/// A schema name that needs no quoting anywhere it appears (SQL, channel
-/// names): nothing from it can reach a statement as SQL.
-fn check_schema_name(schema: &str) -> Result<()> {
-    let mut chars = schema.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if first_ok && rest_ok && schema.len() <= 40 && !schema.starts_with("pg_") {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "schema name {schema:?} is not usable: lowercase letters, digits and _, \
-             starting with a letter or _, at most 40 characters, not pg_*"
-        )))
-    }
-}
-
-/// Creates the outbox in `schema` if it is not there, or checks the one
-/// that is.
-fn migrate(client: &mut postgres::Client, schema: &str) -> Result<()> {
-    let mut tx = client.transaction()?;
-    // Two processes that start at once: the second waits, then finds it.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('sqlite-outbox:' || $1))",
-        &[&schema],
-    )?;
-    let meta: Option<String> = tx
-        .query_one(
-            "SELECT to_regclass(format('%I.outbox_meta', $1::text))::text",
-            &[&schema],
-        )?
-        .get(0);
-    if meta.is_none() {
-        let events: Option<String> = tx
-            .query_one(
-                "SELECT to_regclass(format('%I.outbox_events', $1::text))::text",
-                &[&schema],
-            )?
-            .get(0);
-        if events.is_some() {
-            return Err(Error::new(ErrorKind::NotAnOutbox {
-                reason: format!(
-                    "schema {schema} has an outbox_events table but no outbox_meta: \
-                     it is not an outbox this crate wrote"
-                ),
-            }));
-        }
-        tx.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema}; SET LOCAL search_path TO {schema}, pg_catalog;"
-        ))?;
-        tx.batch_execute(POSTGRES_SCHEMA_SQL)?;
-        tx.commit()?;
-        return Ok(());
-    }
-    let version: Option<i64> = tx
-        .query_opt(
-            &format!("SELECT value::text FROM {schema}.outbox_meta WHERE key = 'schema_version'"),
-            &[],
-        )?
-        .and_then(|r| r.try_get::<_, String>(0).ok())
-        .and_then(|v| v.parse().ok());
-    match version {
-        Some(POSTGRES_SCHEMA_VERSION) => Ok(()),
-        Some(1) => {
-            tracing::info!(schema, from = 1, to = 2, "migrating the outbox schema");
-            tx.batch_execute(&format!("SET LOCAL search_path TO {schema}, pg_catalog;"))?;
-            tx.batch_execute(POSTGRES_MIGRATION_2)?;
-            tx.commit()?;
-            Ok(())
-        }
-        Some(v) if v > POSTGRES_SCHEMA_VERSION => Err(Error::new(ErrorKind::SchemaTooNew {
-            found: v,
-            supported: POSTGRES_SCHEMA_VERSION,
-        })),
-        other => Err(Error::new(ErrorKind::NotAnOutbox {
-            reason: format!(
-                "schema {schema}'s outbox_meta holds schema_version {other:?}, which no build wrote"
-            ),
-        })),
     }
 }
 
@@ -326,6 +276,8 @@ impl PostgresStore {
             connect_timeout: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
             policy: RetryPolicy::default(),
+            create: true,
+            read_only: false,
         }
     }
 
@@ -975,6 +927,19 @@ impl From<postgres::Error> for Error {
             Some(c) if is_invalid_data(c) => ErrorKind::InvalidInput {
                 reason: "the server refused a value".into(),
             },
+            // The outbox's objects are not what the code expects (a column
+            // dropped or changed by hand): no retry will help.
+            Some(c)
+                if *c == S::UNDEFINED_COLUMN
+                    || *c == S::UNDEFINED_TABLE
+                    || *c == S::UNDEFINED_FUNCTION
+                    || *c == S::DATATYPE_MISMATCH
+                    || *c == S::INVALID_SCHEMA_NAME =>
+            {
+                ErrorKind::SchemaMismatch {
+                    reason: "an object of the outbox is missing or not of the expected type".into(),
+                }
+            }
             _ => ErrorKind::Postgres,
         };
         Error::with_source(kind, err)

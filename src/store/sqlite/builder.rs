@@ -56,6 +56,7 @@ pub struct SqliteStoreBuilder {
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
     read_only: bool,
+    create: bool,
     max_page_count: Option<u64>,
 }
 
@@ -115,6 +116,16 @@ impl SqliteStoreBuilder {
         self
     }
 
+    /// Whether to create the outbox (and the file) when there is none.
+    /// Default: true. With false, a missing file, or an app's database
+    /// without an outbox (a mistyped path, say), is an error and is left
+    /// unchanged: for tools that operate an outbox and must not plant one
+    /// in someone else's file.
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
     /// Cap the database at this many pages (`PRAGMA max_page_count`), so a
     /// full "disk" can be tested without root. Default: no cap.
     pub fn max_page_count(mut self, pages: u64) -> Self {
@@ -152,6 +163,17 @@ impl SqliteStoreBuilder {
         // rests on.
         let flags = if self.read_only {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else if !self.create {
+            if !self.path.exists() {
+                return Err(Error::with_source(
+                    ErrorKind::Io,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{}: no such file", self.path.display()),
+                    ),
+                ));
+            }
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
             create_private(&self.path)?;
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -160,7 +182,7 @@ impl SqliteStoreBuilder {
         };
         let conn = Connection::open_with_flags(&self.path, flags)?;
         super::busy::install(&conn, self.busy_timeout)?;
-        let columns = prepare_file(&conn, self.read_only, self.busy_timeout)?;
+        let columns = prepare_file(&conn, self.read_only, self.create, self.busy_timeout)?;
         let db_path = conn.path().unwrap_or_default().to_owned();
         drop(conn);
 
@@ -261,6 +283,7 @@ impl SqliteStore {
             clock: Arc::new(SystemClock),
             policy: RetryPolicy::default(),
             read_only: false,
+            create: true,
             max_page_count: None,
         }
     }

@@ -170,17 +170,19 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
     // Everything the operator gave is checked before anything is claimed.
     let running = Arc::new(exec::Running::default());
     let (handler, target) = delivery(a, &running)?;
-    let store = db.open_write_with(policy(a))?;
-    if let Some(addr) = a.metrics {
-        let bound = metrics::serve(addr, Arc::clone(&store))?;
-        tracing::info!("metrics at http://{bound}/metrics");
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     // Without a handler SIGINT kills the process; with one, in-flight
     // deliveries finish or are given back.
     if let Err(e) = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)) {
         tracing::warn!("cannot catch SIGINT/SIGTERM ({e}); stop with care");
+    }
+    let Some(store) = open_when_up(db, a, &stop)? else {
+        return Ok(());
+    };
+    if let Some(addr) = a.metrics {
+        let bound = metrics::serve(addr, Arc::clone(&store))?;
+        tracing::info!("metrics at http://{bound}/metrics");
     }
     // Rows set aside at claim time (undecodable) fail outside the
     // dispatcher's counters: the exit status counts them from the file.
@@ -201,6 +203,7 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
     );
     let types = (!a.types.is_empty()).then(|| a.types.clone());
     let waited = watch(&store, &dispatcher, &stop, a, types.as_deref()).map_err(fail)?;
+    let halted = dispatcher.halted();
     let unreachable = dispatcher.destinations().into_iter().next();
     let report = dispatcher.shutdown(a.grace);
     let killed = running.kill_all();
@@ -211,6 +214,15 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
         );
     }
     print_summary(json_mode, &report, waited.as_ref());
+    if let Some(why) = halted {
+        return Err(Failure(
+            format!(
+                "{db}: the relay stopped: {}",
+                crate::text::terminal_safe(&why)
+            ),
+            1,
+        ));
+    }
     let Some(left) = waited else {
         return Ok(());
     };
@@ -281,6 +293,58 @@ fn delivery(
         }
         (None, None) => Err(Failure::usage("give --http URL or --exec CMD")),
     }
+}
+
+/// Opens the outbox; a server that cannot be reached yet (restarting,
+/// booting with the machine) is waited for, with backoff, said once,
+/// until it answers or the relay is stopped (`None`). Anything the server
+/// says (a wrong password, a missing database, a certificate that does not
+/// verify) ends the relay at once.
+fn open_when_up(
+    db: &Db,
+    a: &RelayArgs,
+    stop: &AtomicBool,
+) -> Result<Option<Arc<dyn Operator>>, Failure> {
+    let mut pause = Duration::from_millis(250);
+    let mut said = false;
+    loop {
+        match db.open_write_with(policy(a), true) {
+            Ok(store) => {
+                if said {
+                    tracing::info!("the database answers; relaying");
+                }
+                return Ok(Some(store));
+            }
+            Err(failure) if matches!(db, Db::Server { .. }) && unreachable_server(&failure.0) => {
+                if !said {
+                    tracing::warn!(
+                        error = %failure.0,
+                        "the database cannot be reached; waiting for it"
+                    );
+                    said = true;
+                }
+            }
+            Err(failure) => return Err(failure),
+        }
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Whether a failure to open says the server could not be reached (no
+/// answer, refused, reset, timed out), rather than anything it said.
+fn unreachable_server(message: &str) -> bool {
+    message.contains("error connecting to server")
+        || message.contains("timeout waiting for server")
+        || message.contains("the database system is starting up")
+        || message.contains("the database system is shutting down")
+        || message.contains("connection closed")
 }
 
 /// The retry schedule: `--backoff` and `--max-attempts` over the default.
@@ -373,10 +437,21 @@ fn watch(
             break None;
         }
         std::thread::sleep(Duration::from_millis(50));
+        if dispatcher.halted().is_some() {
+            break None;
+        }
         let m = dispatcher.metrics();
         if a.drain {
+            // Outcomes the store refused for good leave their events to
+            // their leases: not in hand any more.
             let in_hand = m.claimed.saturating_sub(
-                m.done + m.retried + m.failed + m.released + m.held_back + m.lease_lost,
+                m.done
+                    + m.retried
+                    + m.failed
+                    + m.released
+                    + m.held_back
+                    + m.lease_lost
+                    + m.dropped_outcomes,
             );
             if in_hand == 0 && !dispatcher.destinations().is_empty() {
                 // The endpoint cannot be reached: what is left waits for a
