@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::postgres::{Client, NoTls};
+use sqlite_outbox::postgres::Client;
 use sqlite_outbox::{Dispatcher, Event, NewEvent, Operator, PostgresStore, SqliteStore, Store};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,13 +33,15 @@ enum Db {
 /// A PostgreSQL connection string (`postgres://…`, `postgresql://…` or
 /// libpq's `host=… dbname=…`), else a path to a SQLite file.
 fn is_postgres(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://") || url.contains("host=")
+    sqlite_outbox::PostgresTarget::looks_like(url)
 }
 
 fn open(url: &str, schema: &str) -> Result<Db, Box<dyn std::error::Error>> {
     if is_postgres(url) {
         let store = PostgresStore::builder(url).schema(schema).build()?;
-        let mut app = Client::connect(url, NoTls)?;
+        // The app's own connection, made as the store makes its own (TLS
+        // as the connection string's sslmode says).
+        let mut app = store.connect()?;
         app.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {schema}_orders (id bigint PRIMARY KEY, total_cents bigint NOT NULL)"
         ))?;

@@ -5,6 +5,7 @@
 # listed, with the reason each is acceptable, in TESTING.md.
 #
 #   scripts/mutants.sh                  # every group below, one after another
+#   scripts/mutants.sh postgres         # needs a server: eval "$(scripts/postgres.sh start)"
 #   scripts/mutants.sh dispatch         # one group
 #   scripts/mutants.sh sqlite --re 'requeue|backlog'   # extra cargo-mutants arguments
 #
@@ -43,8 +44,22 @@ run_group() {
         tests=(--lib --test dispatch --test supervision --test store_suite
             --test tracing_spans --test offline)
         ;;
+    postgres)
+        files=(-f 'src/store/postgres/*.rs')
+        tests=(--lib --test postgres --test postgres_tls --test postgres_liveness
+            --test store_suite --test differential)
+        ;;
+    edges)
+        # The network edges of the binary: the HTTP front, the dashboard's
+        # checks and sessions, what is shown of a connection string, and
+        # what is redacted.
+        files=(-f src/bin/outbox/http.rs -f src/bin/outbox/ui/mod.rs
+            -f src/bin/outbox/ui/session.rs -f src/bin/outbox/db.rs
+            -f src/bin/outbox/text.rs -f src/bin/outbox/relay/exec.rs)
+        tests=(--bin outbox --test ui --test listener --test relay --test cli)
+        ;;
     *)
-        echo "unknown group: $group (store, schema, sqlite, dispatch)" >&2
+        echo "unknown group: $group (store, schema, sqlite, dispatch, postgres, edges)" >&2
         exit 2
         ;;
     esac
@@ -55,7 +70,7 @@ run_group() {
 
 if [ "$#" -eq 0 ]; then
     status=0
-    for group in store schema sqlite dispatch; do
+    for group in store schema sqlite dispatch postgres edges; do
         run_group "$group" || status=$?
     done
     exit "$status"

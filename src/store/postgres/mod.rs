@@ -67,7 +67,7 @@ type TypedQuery<'q> = dyn FnMut(
 /// let store = PostgresStore::open("postgres://app@localhost/app")?;
 ///
 /// // The app's own write and the event commit together, or not at all.
-/// let mut client = postgres::Client::connect("postgres://app@localhost/app", postgres::NoTls)?;
+/// let mut client = store.connect()?; // the app's own, with the store's TLS
 /// let mut tx = client.transaction()?;
 /// tx.execute("INSERT INTO users (email) VALUES ($1)", &[&"ada@example.com"])?;
 /// store.enqueue_tx(&mut tx, NewEvent::new("user.created", json!({"email": "ada@example.com"})))?;

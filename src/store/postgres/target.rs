@@ -694,7 +694,8 @@ mod tests {
             ),
         ] {
             let target = PostgresTarget::parse(&text)?;
-            for shown in [target.to_string(), format!("{target:?}")] {
+            let builder = format!("{:?}", crate::PostgresStore::builder(&text));
+            for shown in [target.to_string(), format!("{target:?}"), builder] {
                 assert!(
                     !shown.contains(SECRET) && !shown.contains("s3cr3t"),
                     "{text:?} shown as {shown}"
@@ -716,6 +717,55 @@ mod tests {
             assert!(!err.to_string().contains(SECRET), "{text}: {err}");
         }
         Ok(())
+    }
+
+    /// `text` percent-encoded for a URL's user info or query.
+    fn url_encoded(text: &str) -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// Any password, in every place and spelling libpq takes one,
+        /// reads back as itself and never shows.
+        #[test]
+        fn any_password_in_any_form_reads_back_and_never_shows(
+            tail in "[ -~]{0,24}",
+            spaces in 0usize..3,
+        ) {
+            // A marker no other field holds, then anything printable.
+            let password = format!("Pw9{tail}");
+            let quoted = password.replace('\\', "\\\\").replace('\'', "\\'");
+            let bare: String = password
+                .chars()
+                .flat_map(|c| {
+                    let escape = c.is_whitespace() || c == '\\' || c == '\'';
+                    escape.then_some('\\').into_iter().chain(std::iter::once(c))
+                })
+                .collect();
+            let pad = " ".repeat(spaces);
+            let forms = [
+                format!("postgres://app:{}@db.example.com:5433/app", url_encoded(&password)),
+                format!("postgresql://app@db.example.com/app?password={}&sslmode=require", url_encoded(&password)),
+                format!("host=db.example.com user=app password{pad}={pad}'{quoted}' dbname=app"),
+                format!("host=db.example.com password{pad}={pad}{bare} user=app"),
+                format!("password='{quoted}'{pad} host=db.example.com"),
+            ];
+            for text in &forms {
+                let target = PostgresTarget::parse(text)
+                    .map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{text}: {e}")))?;
+                proptest::prop_assert_eq!(target.config().get_password(), Some(password.as_bytes()), "{}", text);
+                for shown in [target.to_string(), format!("{target:?}")] {
+                    proptest::prop_assert!(!shown.contains("Pw9"), "{} shown as {}", text, shown);
+                }
+            }
+        }
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub(crate) struct UiArgs {
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// The address browsers use when a proxy in front serves the dashboard
-    /// (e.g. https://outbox.example.com): its Host and Origin are
+    /// (e.g. `https://outbox.example.com`): its Host and Origin are
     /// accepted, and with https its cookies are Secure.
     #[arg(long, value_name = "URL")]
     public_origin: Option<String>,
