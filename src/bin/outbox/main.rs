@@ -228,6 +228,17 @@ fn describe(err: &sqlite_outbox::Error) -> String {
         }
         next = e.source();
     }
+    // What to do about the TLS failures a first connection meets.
+    if text.contains("invalid peer certificate") {
+        text.push_str(
+            " (the server's certificate did not verify: give sslrootcert=PATH with the CA that \
+             signed it, or sslmode=require to encrypt without checking who the server is)",
+        );
+    } else if text.contains("server does not support TLS") {
+        text.push_str(
+            " (the server offers no TLS; sslmode=disable would send everything in clear)",
+        );
+    }
     text
 }
 

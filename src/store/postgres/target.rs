@@ -593,6 +593,15 @@ impl ServerCertVerifier for Checked {
                 }
                 Ok(ServerCertVerified::assertion())
             }
+            // A self-signed certificate that is not in the roots: say so as
+            // an unknown issuer, not as webpki's "CA used as end entity".
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(e)))
+                if format!("{e:?}").contains("CaUsedAsEndEntity") =>
+            {
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer,
+                ))
+            }
             other => other,
         }
     }
