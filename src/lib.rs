@@ -109,6 +109,8 @@
 //! - `metrics`: the dispatcher's counters and handler run times through the
 //!   [`metrics`](https://docs.rs/metrics) facade.
 //! - `opentelemetry`: trace context across the queue (see [`trace`]).
+//! - `nats`: [`sink::NatsJetStream`], a handler that publishes to NATS
+//!   JetStream.
 //! - `torture`: the `outbox-torture` crash-test driver used by the
 //!   reliability tests.
 
@@ -137,6 +139,7 @@ mod error;
 mod event;
 mod id;
 mod retry;
+pub mod sink;
 mod store;
 pub mod trace;
 

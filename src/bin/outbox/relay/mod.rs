@@ -29,8 +29,27 @@ const EXIT_UNFINISHED: u8 = 3;
 #[derive(Args)]
 pub(crate) struct RelayArgs {
     /// POST each event as JSON to this URL.
-    #[arg(long, conflicts_with = "exec", required_unless_present = "exec")]
+    #[arg(long, conflicts_with_all = ["exec", "nats"], required_unless_present_any = ["exec", "nats"])]
     http: Option<String>,
+    /// Publish each event to NATS JetStream through this server
+    /// (nats://host:4222); done when a stream acknowledges it. A token in
+    /// OUTBOX_NATS_TOKEN, or a credentials file in --nats-creds.
+    #[arg(long, conflicts_with = "exec", value_name = "URL")]
+    nats: Option<String>,
+    /// The subject of each event, `{type}` standing for its type.
+    #[arg(long, default_value = "outbox.{type}", requires = "nats")]
+    subject: String,
+    /// A NATS credentials file (user JWT and NKey seed).
+    #[arg(long, value_name = "PATH", requires = "nats")]
+    nats_creds: Option<PathBuf>,
+    /// A NATS token, from the environment only.
+    #[arg(
+        long = "nats-token-from-env",
+        env = "OUTBOX_NATS_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    nats_token: Option<String>,
     /// Extra request header, `Name: value` (repeatable). Visible to other
     /// users in the process list: put secrets in --header-file or
     /// OUTBOX_HEADERS instead.
@@ -98,16 +117,9 @@ pub(crate) struct RelayArgs {
     verbose: u8,
 }
 
-/// The body posted (or piped) for each event.
+/// The body posted (or piped) for each event: the sinks' envelope.
 fn delivery_json(event: &Event) -> Value {
-    json!({
-        "id": event.id,
-        "type": event.event_type,
-        "payload": event.payload,
-        "attempt": event.attempts,
-        "correlation_id": event.correlation_id,
-        "created_at": event.created_at,
-    })
+    sqlite_outbox::sink::envelope(event)
 }
 
 /// Log lines on stderr, whatever stderr is (a terminal, a pipe, a
@@ -265,6 +277,27 @@ fn delivery(
     a: &RelayArgs,
     running: &Arc<exec::Running>,
 ) -> Result<(Arc<DeliverFn>, String), Failure> {
+    if let Some(url) = &a.nats {
+        let mut builder = sqlite_outbox::sink::NatsJetStream::builder(url.clone())
+            .subject(a.subject.clone())
+            .ack_timeout(a.timeout);
+        if let Some(path) = &a.nats_creds {
+            builder = builder.credentials_file(path.clone());
+        }
+        if let Some(token) = &a.nats_token {
+            builder = builder.token(token.clone());
+        }
+        let sink = builder
+            .connect()
+            .map_err(|e| Failure::usage(format!("--nats: {}", describe(&e))))?;
+        let target = format!("{sink:?}");
+        let name = format!("nats {}", a.subject);
+        tracing::debug!(sink = %target, "relaying to NATS JetStream");
+        return Ok((
+            Arc::new(move |e: &Event| sqlite_outbox::Handler::handle(&sink, e)),
+            name,
+        ));
+    }
     match (&a.http, &a.exec) {
         (Some(url), _) => {
             let url = http::parse_endpoint(url).map_err(Failure::usage)?;
@@ -291,7 +324,7 @@ fn delivery(
                 format!("command {}", crate::text::terminal_safe(&program)),
             ))
         }
-        (None, None) => Err(Failure::usage("give --http URL or --exec CMD")),
+        (None, None) => Err(Failure::usage("give --http URL, --nats URL or --exec CMD")),
     }
 }
 

@@ -1,0 +1,302 @@
+//! Publishing to NATS JetStream, with the official `async-nats` client on
+//! a small runtime of the sink's own (one thread): every event is one
+//! publish whose ack must name the stream that stored it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::HeaderMap;
+
+use crate::dispatch::{Handler, HandlerError};
+use crate::error::{Error, Result};
+use crate::event::Event;
+
+/// A [`Handler`] that publishes each event to a JetStream stream: to the
+/// subject its template names (`outbox.{type}` by default), the body as
+/// [`super::envelope`], with headers `Nats-Msg-Id` (the event id, which
+/// the stream's duplicate window uses to drop redeliveries),
+/// `Outbox-Event-Id`, `Outbox-Event-Type`, `Outbox-Attempt`, and when set
+/// `Outbox-Correlation-Id`, `Outbox-Ordering-Key` and `traceparent`.
+///
+/// An event is done when the server's ack names a stream. No stream for
+/// the subject, no responders, an error from the stream, or no ack in time
+/// is a retry with the reason in `last_error`; a server that cannot be
+/// reached holds the destination back without spending attempts.
+///
+/// ```no_run
+/// use sqlite_outbox::{sink::NatsJetStream, Dispatcher, SqliteStore};
+///
+/// let store = SqliteStore::open("app.db")?;
+/// let nats = NatsJetStream::builder("nats://127.0.0.1:4222")
+///     .subject("orders.{type}")
+///     .connect()?;
+/// let dispatcher = Dispatcher::builder(store).handler("order.placed", nats).start()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct NatsJetStream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    runtime: tokio::runtime::Runtime,
+    client: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
+    subject: String,
+    ack_timeout: Duration,
+    shown: String,
+}
+
+impl fmt::Debug for NatsJetStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsJetStream")
+            .field("server", &self.inner.shown)
+            .field("subject", &self.inner.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`NatsJetStream`].
+pub struct NatsJetStreamBuilder {
+    url: String,
+    subject: String,
+    ack_timeout: Duration,
+    connect_timeout: Duration,
+    credentials: Option<std::path::PathBuf>,
+    token: Option<String>,
+}
+
+impl fmt::Debug for NatsJetStreamBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsJetStreamBuilder")
+            .field("server", &shown(&self.url))
+            .field("subject", &self.subject)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("credentials", &self.credentials)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// The server's address without user information.
+fn shown(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            format!("{scheme}://{rest}")
+        }
+        None => url
+            .rsplit_once('@')
+            .map_or(url, |(_, host)| host)
+            .to_owned(),
+    }
+}
+
+impl NatsJetStreamBuilder {
+    /// The subject template; `{type}` becomes the event type (characters a
+    /// subject cannot hold become `_`). Default: `outbox.{type}`.
+    pub fn subject(mut self, template: impl Into<String>) -> Self {
+        self.subject = template.into();
+        self
+    }
+
+    /// How long to wait for the stream's ack before the attempt is a
+    /// retry. Default: 10 s.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for the first connection. Default: 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// A NATS credentials file (a user JWT and its NKey seed).
+    pub fn credentials_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.credentials = Some(path.into());
+        self
+    }
+
+    /// An authentication token (from a file or the environment, never
+    /// argv).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Connects. A server that is down at this point is waited for by the
+    /// client in the background; publishes meanwhile hold the destination
+    /// back.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a template without a subject, an address or a
+    /// credentials file that cannot be used; `Io` when the runtime cannot
+    /// start.
+    pub fn connect(self) -> Result<NatsJetStream> {
+        if self.subject.trim().is_empty() {
+            return Err(Error::invalid("the NATS subject template is empty"));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("outbox-nats")
+            .enable_all()
+            .build()?;
+        let mut options = async_nats::ConnectOptions::new()
+            .connection_timeout(self.connect_timeout)
+            // Keep trying for ever: the dispatcher holds the destination
+            // back meanwhile, and no event waits on a reconnect.
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .name("sqlite-outbox");
+        if let Some(token) = self.token {
+            options = options.token(token);
+        }
+        if let Some(path) = &self.credentials {
+            options = runtime
+                .block_on(options.credentials_file(path))
+                .map_err(|e| {
+                    Error::invalid(format!("NATS credentials file {}: {e}", path.display()))
+                })?;
+        }
+        let url = self.url.clone();
+        let client = runtime
+            .block_on(options.connect(url.as_str()))
+            .map_err(|e| Error::invalid(format!("NATS server {}: {e}", shown(&url))))?;
+        // A server that is up is connected to before the first event; one
+        // that is not is waited for no longer than the connect timeout.
+        let wait = self.connect_timeout;
+        let probe = client.clone();
+        runtime.block_on(async move {
+            let _ = tokio::time::timeout(wait, async {
+                while probe.connection_state() != State::Connected {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+        });
+        // The context spawns onto the runtime it is made in.
+        let jetstream = {
+            let _inside = runtime.enter();
+            async_nats::jetstream::new(client.clone())
+        };
+        Ok(NatsJetStream {
+            inner: Arc::new(Inner {
+                runtime,
+                client,
+                jetstream,
+                subject: self.subject,
+                ack_timeout: self.ack_timeout,
+                shown: shown(&self.url),
+            }),
+        })
+    }
+}
+
+impl NatsJetStream {
+    /// A builder for a sink publishing through the server at `url`
+    /// (`nats://host:4222`, `tls://…`, or several separated by commas).
+    pub fn builder(url: impl Into<String>) -> NatsJetStreamBuilder {
+        NatsJetStreamBuilder {
+            url: url.into(),
+            subject: "outbox.{type}".to_owned(),
+            ack_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            credentials: None,
+            token: None,
+        }
+    }
+
+    /// The subject an event goes to.
+    pub fn subject_of(&self, event: &Event) -> String {
+        super::render_name(&self.inner.subject, event)
+    }
+
+    fn headers(event: &Event) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let id = event.id.to_string();
+        h.insert("Nats-Msg-Id", id.as_str());
+        h.insert("Outbox-Event-Id", id.as_str());
+        h.insert(
+            "Outbox-Event-Type",
+            header_value(&event.event_type).as_str(),
+        );
+        h.insert("Outbox-Attempt", event.attempts.to_string().as_str());
+        if let Some(c) = &event.correlation_id {
+            h.insert("Outbox-Correlation-Id", header_value(c).as_str());
+        }
+        if let Some(k) = &event.ordering_key {
+            h.insert("Outbox-Ordering-Key", header_value(k).as_str());
+        }
+        if let Some(tp) = event
+            .traceparent
+            .as_deref()
+            .filter(|t| crate::trace::is_valid_traceparent(t))
+        {
+            h.insert("traceparent", tp);
+        }
+        h
+    }
+}
+
+/// A value safe in a NATS header: no line breaks or other control
+/// characters (which would end the header block).
+fn header_value(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+impl Handler for NatsJetStream {
+    fn handle(&self, event: &Event) -> std::result::Result<(), HandlerError> {
+        let inner = &self.inner;
+        if inner.client.connection_state() != State::Connected {
+            return Err(HandlerError::unavailable(format!(
+                "NATS server {} is not connected",
+                inner.shown
+            )));
+        }
+        let subject = self.subject_of(event);
+        let body = super::envelope(event).to_string();
+        let headers = Self::headers(event);
+        let js = inner.jetstream.clone();
+        let wait = inner.ack_timeout;
+        let published = inner.runtime.block_on(async move {
+            let ack = js
+                .publish_with_headers(subject.clone(), headers, body.into())
+                .await?;
+            match tokio::time::timeout(wait, ack).await {
+                Ok(ack) => ack.map(|a| (subject, a)),
+                Err(_) => Err(PublishErrorKind::TimedOut.into()),
+            }
+        });
+        match published {
+            Ok((_, ack)) if !ack.stream.is_empty() => Ok(()),
+            Ok((subject, _)) => Err(HandlerError::retry(format!(
+                "NATS acknowledged {subject} without naming a stream"
+            ))),
+            Err(e) => {
+                let reason = match e.kind() {
+                    PublishErrorKind::StreamNotFound => format!(
+                        "no JetStream stream takes subject {}",
+                        self.subject_of(event)
+                    ),
+                    PublishErrorKind::TimedOut => {
+                        format!("no ack from JetStream within {:?}", inner.ack_timeout)
+                    }
+                    _ => format!("JetStream publish failed: {e}"),
+                };
+                if inner.client.connection_state() != State::Connected {
+                    Err(HandlerError::unavailable(reason))
+                } else {
+                    Err(HandlerError::retry(reason))
+                }
+            }
+        }
+    }
+}
