@@ -71,7 +71,15 @@ fn proc_status(pid: u32, key: &str) -> Result<u64> {
         .ok_or("not a number")?)
 }
 
-fn attack(child: &mut Child, addr: SocketAddr, host: &str, post_path: &str) -> Result<()> {
+/// `admits_bodies`: whether the server reads a body for `post_path` at all
+/// (the dashboard does for its actions; the metrics server reads none).
+fn attack(
+    child: &mut Child,
+    addr: SocketAddr,
+    host: &str,
+    post_path: &str,
+    admits_bodies: bool,
+) -> Result<()> {
     let pid = child.id();
     let baseline = scrape(addr, host)?;
     // A Content-Length of a terabyte, on a GET and on an admitted POST:
@@ -81,9 +89,37 @@ fn attack(child: &mut Child, addr: SocketAddr, host: &str, post_path: &str) -> R
             "{method} HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n\
              Content-Length: 1000000000000\r\n\r\n"
         );
+        let started = Instant::now();
         let code = request(addr, raw.as_bytes())?;
-        assert!((400..500).contains(&code), "{method}: {code}");
+        // Refused at once, from the header alone: not after waiting for a
+        // body (408) nor after reading one.
+        if admits_bodies {
+            assert_eq!(code, 413, "{method}");
+        } else {
+            assert!(
+                (400..500).contains(&code) && code != 408,
+                "{method}: {code}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{method}: {:?}",
+            started.elapsed()
+        );
     }
+    // A body of exactly the limit is read, and the request goes on to the
+    // app's own checks.
+    let limit = 64 * 1024;
+    let raw = format!(
+        "{post_path} HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {limit}\r\n\r\n{}",
+        "a".repeat(limit)
+    );
+    let code = request(addr, raw.as_bytes())?;
+    if admits_bodies {
+        assert_ne!(code, 413, "a body of exactly the limit was refused");
+    }
+    assert!((400..500).contains(&code), "{code}");
     // A header line that never ends: the server hangs up long before
     // 256 MiB (tiny_http held all of it).
     let mut s = TcpStream::connect(addr)?;
@@ -160,7 +196,7 @@ fn the_dashboard_survives_what_anyone_can_send() -> Result<()> {
     let mut ui = Dashboard::start(&db, &[])?;
     let addr = addr_of(&ui.url)?;
     let host = addr.to_string();
-    attack(ui.child(), addr, &host, "POST /actions/retry")
+    attack(ui.child(), addr, &host, "POST /actions/retry", true)
 }
 
 #[test]
@@ -187,7 +223,7 @@ fn the_relays_metrics_port_cannot_stop_delivery() -> Result<()> {
             assert!(Instant::now() < deadline, "the relay never listened");
             std::thread::sleep(Duration::from_millis(50));
         }
-        attack(&mut relay, addr, "x", "POST /metrics")?;
+        attack(&mut relay, addr, "x", "POST /metrics", false)?;
         // And it still delivers.
         let e = store.enqueue(NewEvent::new("t", serde_json::json!({})))?;
         while store.find(e.id)?.map(|e| e.status) != Some(sqlite_outbox::Status::Done) {

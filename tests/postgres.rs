@@ -483,6 +483,28 @@ fn a_schema_is_created_only_by_those_allowed_and_read_only_writes_nothing() -> T
         .read_only(true)
         .build()?;
     assert_eq!(reader.stats()?.pending, 1);
+    // Its Debug names where it connects, and never a password.
+    let shown = format!("{reader:?}");
+    assert!(
+        shown.contains("dbname=postgres") && shown.contains(&schema.name),
+        "{shown}"
+    );
+    // The user's own server options are kept beside read-only.
+    let with_options = PostgresStore::builder(&format!(
+        "{} options='-c statement_timeout=5000'",
+        schema.url
+    ))
+    .schema(&schema.name)
+    .read_only(true)
+    .build()?;
+    let mut c = with_options.connect()?;
+    let show = |c: &mut sqlite_outbox::postgres::Client,
+                what: &str|
+     -> Result<String, Box<dyn std::error::Error>> {
+        Ok(c.query_one(&format!("SHOW {what}"), &[])?.get(0))
+    };
+    assert_eq!(show(&mut c, "statement_timeout")?, "5s");
+    assert_eq!(show(&mut c, "default_transaction_read_only")?, "on");
     let err = reader
         .enqueue(NewEvent::new("t", json!({})))
         .err()

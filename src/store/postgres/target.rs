@@ -704,6 +704,7 @@ mod tests {
         ] {
             let target = PostgresTarget::parse(&text)?;
             let builder = format!("{:?}", crate::PostgresStore::builder(&text));
+            assert!(builder.contains("host="), "{builder}");
             for shown in [target.to_string(), format!("{target:?}"), builder] {
                 assert!(
                     !shown.contains(SECRET) && !shown.contains("s3cr3t"),
