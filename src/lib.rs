@@ -111,6 +111,8 @@
 //! - `opentelemetry`: trace context across the queue (see [`trace`]).
 //! - `nats`: [`sink::NatsJetStream`], a handler that publishes to NATS
 //!   JetStream.
+//! - `mqtt`: [`sink::MqttSink`], a handler that publishes to an MQTT 5
+//!   broker at QoS 1.
 //! - `torture`: the `outbox-torture` crash-test driver used by the
 //!   reliability tests.
 

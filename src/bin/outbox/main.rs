@@ -124,7 +124,7 @@ enum Command {
         path: PathBuf,
     },
     /// Deliver events over HTTP or to a command until interrupted.
-    Relay(relay::RelayArgs),
+    Relay(Box<relay::RelayArgs>),
     /// Serve a dashboard of the outbox (and /metrics) on 127.0.0.1.
     Ui(ui::UiArgs),
 }

@@ -20,7 +20,14 @@ use crate::text::excerpt;
 /// The outbox's own secrets, which a command never inherits: the database
 /// (a connection string may hold a password), the relay's HTTP headers and
 /// the dashboard's token.
-const WITHHELD: &[&str] = &["OUTBOX_DB", "OUTBOX_HEADERS", crate::ui::TOKEN_ENV];
+const WITHHELD: &[&str] = &[
+    "OUTBOX_DB",
+    "OUTBOX_HEADERS",
+    crate::ui::TOKEN_ENV,
+    "OUTBOX_NATS_TOKEN",
+    "OUTBOX_MQTT_USER",
+    "OUTBOX_MQTT_PASSWORD",
+];
 
 /// How much of a command's stderr is kept for the event's last error; the
 /// rest is read and dropped, so a chatty command never blocks on a full

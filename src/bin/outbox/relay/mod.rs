@@ -29,8 +29,31 @@ const EXIT_UNFINISHED: u8 = 3;
 #[derive(Args)]
 pub(crate) struct RelayArgs {
     /// POST each event as JSON to this URL.
-    #[arg(long, conflicts_with_all = ["exec", "nats"], required_unless_present_any = ["exec", "nats"])]
+    #[arg(long, conflicts_with_all = ["exec", "nats", "mqtt"], required_unless_present_any = ["exec", "nats", "mqtt"])]
     http: Option<String>,
+    /// Publish each event to this MQTT 5 broker (mqtt://host:1883) at QoS
+    /// 1; done on the broker's PUBACK. A user in OUTBOX_MQTT_USER and its
+    /// password in OUTBOX_MQTT_PASSWORD.
+    #[arg(long, conflicts_with_all = ["exec", "nats"], value_name = "URL")]
+    mqtt: Option<String>,
+    /// The topic of each event, `{type}` standing for its type.
+    #[arg(long, default_value = "outbox/{type}", requires = "mqtt")]
+    topic: String,
+    /// A client id of the relay's own, which also keeps a persistent
+    /// session across reconnects and restarts (default: a random id).
+    #[arg(long, requires = "mqtt")]
+    mqtt_client_id: Option<String>,
+    /// The MQTT user, from the environment only.
+    #[arg(long = "mqtt-user-from-env", env = "OUTBOX_MQTT_USER", hide = true)]
+    mqtt_user: Option<String>,
+    /// The MQTT password, from the environment only.
+    #[arg(
+        long = "mqtt-password-from-env",
+        env = "OUTBOX_MQTT_PASSWORD",
+        hide_env_values = true,
+        hide = true
+    )]
+    mqtt_password: Option<String>,
     /// Publish each event to NATS JetStream through this server
     /// (nats://host:4222); done when a stream acknowledges it. A token in
     /// OUTBOX_NATS_TOKEN, or a credentials file in --nats-creds.
@@ -277,6 +300,26 @@ fn delivery(
     a: &RelayArgs,
     running: &Arc<exec::Running>,
 ) -> Result<(Arc<DeliverFn>, String), Failure> {
+    if let Some(url) = &a.mqtt {
+        let fail = |e: sqlite_outbox::Error| Failure::usage(format!("--mqtt: {}", describe(&e)));
+        let mut builder = sqlite_outbox::sink::MqttSink::builder(url)
+            .map_err(fail)?
+            .topic(a.topic.clone())
+            .ack_timeout(a.timeout);
+        if let Some(id) = &a.mqtt_client_id {
+            builder = builder.client_id(id.clone());
+        }
+        if let Some(user) = &a.mqtt_user {
+            builder =
+                builder.credentials(user.clone(), a.mqtt_password.clone().unwrap_or_default());
+        }
+        let sink = builder.connect().map_err(fail)?;
+        let name = format!("mqtt {}", a.topic);
+        return Ok((
+            Arc::new(move |e: &Event| sqlite_outbox::Handler::handle(&sink, e)),
+            name,
+        ));
+    }
     if let Some(url) = &a.nats {
         let mut builder = sqlite_outbox::sink::NatsJetStream::builder(url.clone())
             .subject(a.subject.clone())
@@ -324,7 +367,9 @@ fn delivery(
                 format!("command {}", crate::text::terminal_safe(&program)),
             ))
         }
-        (None, None) => Err(Failure::usage("give --http URL, --nats URL or --exec CMD")),
+        (None, None) => Err(Failure::usage(
+            "give --http URL, --nats URL, --mqtt URL or --exec CMD",
+        )),
     }
 }
 

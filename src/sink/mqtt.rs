@@ -1,0 +1,402 @@
+//! Publishing to an MQTT broker (version 5) with `rumqttc`, at QoS 1: an
+//! event is done when the broker's PUBACK for its publish says success.
+//!
+//! One thread (`outbox-mqtt`) drives the connection: it reconnects by
+//! itself, and matches each PUBACK to the publish it answers. Publishes go
+//! out in the order handlers ask, and the client's packet ids tie each
+//! acknowledgement to its event.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Sender};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{Client, Connection, Event as MqttEvent, MqttOptions};
+use rumqttc::Outgoing;
+
+use crate::dispatch::{Handler, HandlerError};
+use crate::error::{Error, Result};
+use crate::event::Event;
+
+/// A [`Handler`] that publishes each event to an MQTT broker at QoS 1
+/// (MQTT 5): to the topic its template names (`outbox/{type}` by
+/// default), the body as [`super::envelope`], with user properties
+/// `outbox-event-id`, `outbox-event-type`, `outbox-attempt`, and when set
+/// `outbox-correlation-id`, `outbox-ordering-key` and `traceparent`.
+///
+/// An event is done when the broker's PUBACK reports success. A PUBACK
+/// with an error code, or none within the ack timeout, is a retry with the
+/// reason in `last_error`; a broker that cannot be reached holds the
+/// destination back without spending attempts.
+///
+/// With a client id of its own ([`MqttSinkBuilder::client_id`]) the sink
+/// keeps a persistent session (clean start off, kept a day), so the
+/// broker and the client resend what was in flight when a connection
+/// dropped; without one, each start is a fresh session under a random id.
+#[derive(Clone)]
+pub struct MqttSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    topic: String,
+    ack_timeout: Duration,
+    shown: String,
+    shared: Arc<Shared>,
+    /// Held while a publish is handed to the client, so that the order of
+    /// `waiting` is the order of the client's packet ids.
+    order: Mutex<()>,
+}
+
+/// What the connection thread and the handlers share.
+#[derive(Default)]
+struct Shared {
+    connected: AtomicBool,
+    stop: AtomicBool,
+    waiters: Mutex<Waiters>,
+}
+
+/// How a publish ended, other than with a PUBACK of success.
+enum Verdict {
+    /// The broker answered with an error code.
+    Refused(String),
+    /// The connection dropped before an answer: the broker may or may not
+    /// have the message.
+    Lost(String),
+}
+
+type Waiter = Sender<std::result::Result<(), Verdict>>;
+
+#[derive(Default)]
+struct Waiters {
+    /// Publishes handed to the client whose packet id is not known yet.
+    unsent: VecDeque<Waiter>,
+    /// Sent publishes by packet id, waiting for their PUBACK.
+    sent: HashMap<u16, Waiter>,
+    /// Packet ids of publishes given up on when a connection dropped: the
+    /// client sends them again after reconnecting, under the same ids, and
+    /// neither that nor their PUBACK may be taken for another event's.
+    orphans: HashSet<u16>,
+}
+
+impl Shared {
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl fmt::Debug for MqttSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttSink")
+            .field("broker", &self.inner.shown)
+            .field("topic", &self.inner.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// Builds an [`MqttSink`].
+pub struct MqttSinkBuilder {
+    host: String,
+    port: u16,
+    topic: String,
+    client_id: Option<String>,
+    credentials: Option<(String, String)>,
+    ack_timeout: Duration,
+    keep_alive: Duration,
+}
+
+impl fmt::Debug for MqttSinkBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttSinkBuilder")
+            .field("broker", &format!("{}:{}", self.host, self.port))
+            .field("topic", &self.topic)
+            .field("client_id", &self.client_id)
+            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttSinkBuilder {
+    /// The topic template; `{type}` becomes the event type (`+` and `#`
+    /// become `_`). Default: `outbox/{type}`.
+    pub fn topic(mut self, template: impl Into<String>) -> Self {
+        self.topic = template.into();
+        self
+    }
+
+    /// A client id of the sink's own, which also keeps a persistent
+    /// session. Default: a random id and a clean session.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// A user name and password (from a file or the environment, never
+    /// argv).
+    pub fn credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// How long to wait for a PUBACK. Default: 10 s.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
+    /// Starts the connection thread. A broker that is down is waited for;
+    /// events meanwhile hold the destination back.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for an empty topic template; `Io` if the thread
+    /// cannot start.
+    pub fn connect(self) -> Result<MqttSink> {
+        if self.topic.trim().is_empty() {
+            return Err(Error::invalid("the MQTT topic template is empty"));
+        }
+        let persistent = self.client_id.is_some();
+        let id = self
+            .client_id
+            .unwrap_or_else(|| format!("sqlite-outbox-{}", uuid::Uuid::new_v4().simple()));
+        let mut options = MqttOptions::new(id, self.host.clone(), self.port);
+        options.set_keep_alive(self.keep_alive);
+        options.set_clean_start(!persistent);
+        if persistent {
+            options.set_connect_properties(rumqttc::v5::mqttbytes::v5::ConnectProperties {
+                session_expiry_interval: Some(24 * 3600),
+                ..rumqttc::v5::mqttbytes::v5::ConnectProperties::new()
+            });
+        }
+        if let Some((user, password)) = self.credentials {
+            options.set_credentials(user, password);
+        }
+        let (client, connection) = Client::new(options, 64);
+        let shared = Arc::new(Shared::default());
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("outbox-mqtt".into())
+            .spawn(move || drive(connection, &thread_shared))?;
+        // A broker that is up is connected to before the first event.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while !shared.connected.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(MqttSink {
+            inner: Arc::new(Inner {
+                client,
+                topic: self.topic,
+                ack_timeout: self.ack_timeout,
+                shown: format!("{}:{}", self.host, self.port),
+                shared,
+                order: Mutex::new(()),
+            }),
+        })
+    }
+}
+
+/// Polls the connection for ever (reconnecting after errors, with a
+/// pause), and settles the waiters as PUBACKs arrive.
+fn drive(mut connection: Connection, shared: &Shared) {
+    let mut was_down = false;
+    while !shared.stop.load(Ordering::SeqCst) {
+        match connection.recv_timeout(Duration::from_millis(200)) {
+            Err(rumqttc::v5::RecvTimeoutError::Timeout) => {}
+            Err(rumqttc::v5::RecvTimeoutError::Disconnected) => break,
+            Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => {
+                shared.connected.store(true, Ordering::SeqCst);
+                if was_down {
+                    tracing::info!("MQTT broker reachable again");
+                    was_down = false;
+                }
+            }
+            Ok(Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid)))) => {
+                let mut w = shared.waiters();
+                // A publish resent after a reconnect keeps its id (and its
+                // waiter, or none); a new one takes the oldest unsent waiter.
+                if !w.sent.contains_key(&pkid) && !w.orphans.contains(&pkid) {
+                    if let Some(tx) = w.unsent.pop_front() {
+                        w.sent.insert(pkid, tx);
+                    }
+                }
+            }
+            Ok(Ok(MqttEvent::Incoming(Packet::PubAck(ack)))) => {
+                let tx = {
+                    let mut w = shared.waiters();
+                    if w.orphans.remove(&ack.pkid) {
+                        None
+                    } else {
+                        w.sent.remove(&ack.pkid)
+                    }
+                };
+                if let Some(tx) = tx {
+                    let verdict = match ack.reason {
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+                        other => Err(Verdict::Refused(format!(
+                            "the broker refused the publish: {other:?}"
+                        ))),
+                    };
+                    let _ = tx.send(verdict);
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                shared.connected.store(false, Ordering::SeqCst);
+                // What was sent and not acknowledged is given back at once,
+                // its attempt not spent (the broker may have it: it may
+                // arrive twice). What was not sent yet goes out after the
+                // reconnect, in order, and keeps its waiter.
+                let lost: Vec<Waiter> = {
+                    let mut w = shared.waiters();
+                    let sent: Vec<(u16, Waiter)> = w.sent.drain().collect();
+                    w.orphans.extend(sent.iter().map(|(pkid, _)| *pkid));
+                    sent.into_iter().map(|(_, tx)| tx).collect()
+                };
+                for tx in lost {
+                    let _ = tx.send(Err(Verdict::Lost(format!(
+                        "the connection to the MQTT broker dropped before its PUBACK: {e}"
+                    ))));
+                }
+                if !was_down {
+                    tracing::warn!(error = %e, "MQTT broker unreachable; retrying");
+                    was_down = true;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+impl MqttSink {
+    /// A builder for a sink publishing to the broker at `url`
+    /// (`mqtt://host:1883`).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for an address that is not `mqtt://host[:port]`
+    /// (TLS, `mqtts://`, is not supported by this build yet).
+    pub fn builder(url: &str) -> Result<MqttSinkBuilder> {
+        let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
+            Error::invalid(
+                "an MQTT broker is given as mqtt://host[:port]; mqtts:// is not supported yet",
+            )
+        })?;
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('@') || rest.contains('/') || rest.is_empty() {
+            return Err(Error::invalid(
+                "an MQTT broker is given as mqtt://host[:port], credentials apart",
+            ));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                p.parse::<u16>()
+                    .map_err(|_| Error::invalid("the MQTT port is not a number"))?,
+            ),
+            _ => (rest.to_owned(), 1883),
+        };
+        Ok(MqttSinkBuilder {
+            host,
+            port,
+            topic: "outbox/{type}".to_owned(),
+            client_id: None,
+            credentials: None,
+            ack_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(30),
+        })
+    }
+
+    /// The topic an event goes to.
+    pub fn topic_of(&self, event: &Event) -> String {
+        super::render_name(&self.inner.topic, event)
+    }
+
+    fn properties(event: &Event) -> PublishProperties {
+        let clean = |t: &str| -> String {
+            t.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect()
+        };
+        let mut user = vec![
+            ("outbox-event-id".to_owned(), event.id.to_string()),
+            ("outbox-event-type".to_owned(), clean(&event.event_type)),
+            ("outbox-attempt".to_owned(), event.attempts.to_string()),
+        ];
+        if let Some(c) = &event.correlation_id {
+            user.push(("outbox-correlation-id".to_owned(), clean(c)));
+        }
+        if let Some(k) = &event.ordering_key {
+            user.push(("outbox-ordering-key".to_owned(), clean(k)));
+        }
+        if let Some(tp) = event
+            .traceparent
+            .as_deref()
+            .filter(|t| crate::trace::is_valid_traceparent(t))
+        {
+            user.push(("traceparent".to_owned(), tp.to_owned()));
+        }
+        PublishProperties {
+            user_properties: user,
+            content_type: Some("application/json".to_owned()),
+            payload_format_indicator: Some(1),
+            ..PublishProperties::default()
+        }
+    }
+}
+
+impl Handler for MqttSink {
+    fn handle(&self, event: &Event) -> std::result::Result<(), HandlerError> {
+        let inner = &self.inner;
+        if !inner.shared.connected.load(Ordering::SeqCst) {
+            return Err(HandlerError::unavailable(format!(
+                "MQTT broker {} is not connected",
+                inner.shown
+            )));
+        }
+        let topic = self.topic_of(event);
+        let body = super::envelope(event).to_string();
+        let (tx, rx) = bounded(1);
+        {
+            let _order = inner.order.lock().unwrap_or_else(|p| p.into_inner());
+            inner.shared.waiters().unsent.push_back(tx);
+            if let Err(e) = inner.client.publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                body,
+                Self::properties(event),
+            ) {
+                // Never handed to the connection: take the waiter back.
+                inner.shared.waiters().unsent.pop_back();
+                return Err(HandlerError::retry(format!("MQTT publish refused: {e}")));
+            }
+        }
+        match rx.recv_timeout(inner.ack_timeout) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Verdict::Refused(reason))) => Err(HandlerError::retry(reason)),
+            Ok(Err(Verdict::Lost(reason))) => Err(HandlerError::unavailable(reason)),
+            Err(_) if !inner.shared.connected.load(Ordering::SeqCst) => {
+                Err(HandlerError::unavailable(format!(
+                    "MQTT broker {} went away before acknowledging",
+                    inner.shown
+                )))
+            }
+            Err(_) => Err(HandlerError::retry(format!(
+                "no PUBACK from {} within {:?}",
+                inner.shown, inner.ack_timeout
+            ))),
+        }
+    }
+}
