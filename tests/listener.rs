@@ -120,6 +120,23 @@ fn attack(
         assert_ne!(code, 413, "a body of exactly the limit was refused");
     }
     assert!((400..500).contains(&code), "{code}");
+    // A chunked body, with no length declared, is cut at the limit.
+    if admits_bodies {
+        let chunk = "b".repeat(16 * 1024);
+        let mut raw = format!(
+            "{post_path} HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+        );
+        for _ in 0..5 {
+            raw.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+        }
+        raw.push_str("0\r\n\r\n");
+        assert_eq!(
+            request(addr, raw.as_bytes())?,
+            413,
+            "a chunked body over the limit"
+        );
+    }
     // A header line that never ends: the server hangs up long before
     // 256 MiB (tiny_http held all of it).
     let mut s = TcpStream::connect(addr)?;

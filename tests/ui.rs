@@ -276,8 +276,17 @@ fn changes_need_the_sessions_token_the_origin_and_the_right_host() -> Result<()>
         status(Visitor::default().post(&action, Some(&ui.url), &form))?,
         403
     );
-    // GET never changes anything.
+    // GET never changes anything, and no other method is taken.
     assert_eq!(me.get(&format!("{action}?csrf={token}&id={id}"))?.0, 405);
+    for method in ["DELETE", "PUT", "PATCH"] {
+        let r = ureq::request(method, &format!("{}/", ui.url)).call();
+        assert!(
+            matches!(r, Err(ureq::Error::Status(405, _))),
+            "{method}: {r:?}"
+        );
+    }
+    let head = ureq::request("HEAD", &format!("{}/", ui.url)).call()?;
+    assert_eq!(head.status(), 200);
     assert_eq!(status_of(&k.store, k.other_failed)?, Status::Failed);
     // The dashboard's own form: done, and sent on to the event.
     assert_eq!(status(me.post(&action, Some(&ui.url), &form))?, 303);
@@ -336,6 +345,27 @@ fn off_loopback_an_access_token_is_required() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("access token"));
     let out = outbox(&db, &["ui", "--token", "x"])?;
     assert_eq!(out.status.code(), Some(2));
+    // A token of 15 characters is too short; 16 will do.
+    let short = dir.path().join("short");
+    std::fs::write(&short, "fifteen-chars-x\n")?;
+    let out = outbox(
+        &db,
+        &[
+            "ui",
+            "--listen",
+            "0.0.0.0:0",
+            "--token-file",
+            short.to_str().ok_or("path")?,
+        ],
+    )?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
+    let long_enough = Dashboard::start_with_env(
+        &db,
+        &["--listen", "0.0.0.0:0"],
+        &[("OUTBOX_UI_TOKEN", "sixteen-chars-xx")],
+    )?;
+    drop(long_enough);
 
     let secret = "a-long-enough-access-token";
     let ui = Dashboard::start_with_env(

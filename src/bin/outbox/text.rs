@@ -93,6 +93,8 @@ mod tests {
     fn excerpts_are_one_short_safe_line() {
         assert_eq!(excerpt("a\n\n  b\tc", 10), "a b c");
         assert_eq!(excerpt("abcdef", 3), "abc…");
+        // Exactly the limit is whole.
+        assert_eq!(excerpt("abc", 3), "abc");
         assert_eq!(excerpt("\u{1b}[2J", 10), "\\u{1b}[2J");
     }
 
@@ -100,6 +102,9 @@ mod tests {
     fn credentials_in_urls_are_hidden() -> Result<(), url::ParseError> {
         let url = url::Url::parse("https://ada:s3cret@api.example.com/hook?token=abc123#x")?;
         assert_eq!(redact_url(&url), "https://***@api.example.com/hook?***");
+        // A user name alone (a token in the user part) is hidden too.
+        let user_only = url::Url::parse("https://tok3n@api.example.com/hook")?;
+        assert_eq!(redact_url(&user_only), "https://***@api.example.com/hook");
         let message = format!("connection refused: {url} (token=abc123, pw s3cret)");
         let shown = redact(&message, &url, &[]);
         for secret in ["s3cret", "abc123", "ada"] {

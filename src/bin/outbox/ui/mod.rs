@@ -690,6 +690,9 @@ mod tests {
             "ftp://outbox.example.com",
             "https://outbox.example.com/ui",
             "https://u:p@outbox.example.com",
+            "https://u@outbox.example.com",
+            "https://:p@outbox.example.com",
+            "https://outbox.example.com/#x",
             "https://outbox.example.com/?x=1",
         ] {
             assert!(public_origin(bad).is_err(), "{bad}");
