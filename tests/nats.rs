@@ -350,3 +350,68 @@ fn the_relay_survives_a_kill_and_a_broker_restart_and_the_stream_keeps_one_of_ea
     assert!(status.success());
     Ok(())
 }
+
+#[test]
+fn cloudevents_over_nats_read_back_with_the_reference_sdk() -> Result {
+    use cloudevents::AttributesReader;
+    let dir = tempfile::tempdir()?;
+    let Some(nats) = Nats::start(dir.path())? else {
+        return Ok(());
+    };
+    create_stream(&nats.url())?;
+    let store = SqliteStore::open(dir.path().join("app.db"))?;
+    let structured = store.enqueue(NewEvent::new("s", json!({ "n": 1 })).with_ordering_key("k"))?;
+    let binary = store.enqueue(NewEvent::new("b", json!({ "n": 2 })))?;
+    let source = "/edge/7".to_owned();
+    let report = Dispatcher::builder(store.clone())
+        .handler(
+            "s",
+            NatsJetStream::builder(nats.url())
+                .format(sqlite_outbox::sink::Format::CloudEvents {
+                    source: source.clone(),
+                })
+                .connect()?,
+        )
+        .handler(
+            "b",
+            NatsJetStream::builder(nats.url())
+                .format(sqlite_outbox::sink::Format::CloudEventsBinary {
+                    source: source.clone(),
+                })
+                .connect()?,
+        )
+        .start()?
+        .drain(Duration::from_secs(30));
+    assert_eq!(report.metrics.done, 2);
+    let got = stored(&nats.url())?;
+    let (_, headers, body) = got
+        .iter()
+        .find(|(s, _, _)| s == "outbox.s")
+        .ok_or("no structured event")?;
+    assert_eq!(
+        headers.get("Content-Type").map(String::as_str),
+        Some("application/cloudevents+json")
+    );
+    let ce: cloudevents::Event = serde_json::from_value(body.clone())?;
+    assert_eq!(ce.id(), structured.id.to_string());
+    assert_eq!(ce.source().as_str(), source);
+    assert_eq!(
+        ce.extension("partitionkey")
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("k")
+    );
+    let (_, headers, body) = got
+        .iter()
+        .find(|(s, _, _)| s == "outbox.b")
+        .ok_or("no binary event")?;
+    // Binary mode: the payload as it is, the attributes as ce- headers.
+    assert_eq!(body, &json!({ "n": 2 }));
+    assert_eq!(headers.get("ce-id"), Some(&binary.id.to_string()));
+    assert_eq!(
+        headers.get("ce-specversion").map(String::as_str),
+        Some("1.0")
+    );
+    assert_eq!(headers.get("ce-type").map(String::as_str), Some("b"));
+    Ok(())
+}

@@ -27,6 +27,7 @@ struct Seen {
     method: String,
     url: String,
     headers: Vec<(String, String)>,
+    body: String,
 }
 
 /// A local HTTP server that answers every request with `answer` and keeps
@@ -60,7 +61,9 @@ impl Server {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let (srv, log) = (server.clone(), seen.clone());
         let thread = std::thread::spawn(move || {
-            while let Ok(Some(req)) = srv.recv_timeout(Duration::from_secs(60)) {
+            while let Ok(Some(mut req)) = srv.recv_timeout(Duration::from_secs(60)) {
+                let mut body = String::new();
+                let _ = std::io::Read::read_to_string(req.as_reader(), &mut body);
                 if let Ok(mut log) = log.lock() {
                     log.push(Seen {
                         method: req.method().to_string(),
@@ -75,6 +78,7 @@ impl Server {
                                 )
                             })
                             .collect(),
+                        body,
                     });
                 }
                 let (code, headers, body) = answer();
@@ -793,5 +797,78 @@ fn commands_never_inherit_the_outboxs_secrets() -> TestResult {
         env.contains(&format!("OUTBOX_EVENT_ID={}", event.id)),
         "{env}"
     );
+    Ok(())
+}
+
+#[test]
+fn cloudevents_in_both_modes_read_back_with_the_reference_sdk() -> TestResult {
+    use cloudevents::{AttributesReader, Data};
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for mode in ["cloudevents", "cloudevents-binary"] {
+        let endpoint = Server::start(|| (200, vec![], vec![]))?;
+        let dir = tempfile::tempdir()?;
+        let db = dir.path().join("o.db");
+        let store = SqliteStore::open(&db)?;
+        let event = store.enqueue(
+            NewEvent::new("order.placed", json!({"order": 7, "note": "ß\u{1b}"}))
+                .with_ordering_key("customer-1")
+                .with_correlation_id("req-9")
+                .with_traceparent(tp),
+        )?;
+        let out = relay(
+            &db,
+            &[
+                "--http",
+                &endpoint.url,
+                "--format",
+                mode,
+                "--source",
+                "/shop/orders",
+                "--drain",
+            ],
+        )?;
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        let seen = endpoint.seen();
+        let request = seen.first().ok_or("nothing arrived")?;
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in &request.headers {
+            headers.append(
+                http::header::HeaderName::from_bytes(k.as_bytes())?,
+                http::header::HeaderValue::from_str(v)?,
+            );
+        }
+        let ce = cloudevents::binding::http::to_event(&headers, request.body.clone().into_bytes())?;
+        assert_eq!(ce.id(), event.id.to_string(), "{mode}");
+        assert_eq!(ce.ty(), "order.placed");
+        assert_eq!(ce.source().as_str(), "/shop/orders");
+        assert_eq!(ce.specversion().as_str(), "1.0");
+        assert_eq!(ce.datacontenttype(), Some("application/json"));
+        assert_eq!(
+            ce.time().map(|t| t.timestamp_millis()),
+            Some(event.created_at.timestamp_millis())
+        );
+        let ext = |name: &str| ce.extension(name).map(ToString::to_string);
+        assert_eq!(ext("traceparent").as_deref(), Some(tp), "{mode}");
+        assert_eq!(ext("partitionkey").as_deref(), Some("customer-1"));
+        assert_eq!(ext("correlationid").as_deref(), Some("req-9"));
+        let data = match ce.data() {
+            Some(Data::Json(v)) => v.clone(),
+            Some(Data::Binary(b)) => serde_json::from_slice(b)?,
+            Some(Data::String(s)) => serde_json::from_str(s)?,
+            None => return Err(format!("{mode}: no data").into()),
+        };
+        assert_eq!(data, json!({"order": 7, "note": "ß\u{1b}"}), "{mode}");
+        let content_type = request
+            .headers
+            .iter()
+            .find(|(k, _)| k == "content-type")
+            .map(|(_, v)| v.as_str());
+        let expected = if mode == "cloudevents" {
+            "application/cloudevents+json"
+        } else {
+            "application/json"
+        };
+        assert_eq!(content_type, Some(expected));
+    }
     Ok(())
 }

@@ -20,11 +20,13 @@
 //! no async runtime; a sink whose client is async drives a small runtime of
 //! its own. A new destination (Kafka, say) is one more file here.
 
+mod format;
 #[cfg(feature = "mqtt")]
 mod mqtt;
 #[cfg(feature = "nats")]
 mod nats;
 
+pub use format::{Format, Message, DEFAULT_CLOUDEVENTS_SOURCE};
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttSink, MqttSinkBuilder};
 #[cfg(feature = "nats")]

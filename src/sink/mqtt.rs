@@ -47,6 +47,7 @@ struct Inner {
     topic: String,
     ack_timeout: Duration,
     shown: String,
+    format: super::Format,
     shared: Arc<Shared>,
     /// Held while a publish is handed to the client, so that the order of
     /// `waiting` is the order of the client's packet ids.
@@ -111,6 +112,7 @@ pub struct MqttSinkBuilder {
     host: String,
     port: u16,
     topic: String,
+    format: super::Format,
     client_id: Option<String>,
     credentials: Option<(String, String)>,
     ack_timeout: Duration,
@@ -147,6 +149,14 @@ impl MqttSinkBuilder {
     /// argv).
     pub fn credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
         self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// What each message holds: the envelope (default), or a CloudEvent in
+    /// structured mode (content type `application/cloudevents+json`) or
+    /// binary mode (the payload, with the attributes as user properties).
+    pub fn format(mut self, format: super::Format) -> Self {
+        self.format = format;
         self
     }
 
@@ -200,6 +210,7 @@ impl MqttSinkBuilder {
                 topic: self.topic,
                 ack_timeout: self.ack_timeout,
                 shown: format!("{}:{}", self.host, self.port),
+                format: self.format,
                 shared,
                 order: Mutex::new(()),
             }),
@@ -311,6 +322,7 @@ impl MqttSink {
             host,
             port,
             topic: "outbox/{type}".to_owned(),
+            format: super::Format::Envelope,
             client_id: None,
             credentials: None,
             ack_timeout: Duration::from_secs(10),
@@ -323,7 +335,7 @@ impl MqttSink {
         super::render_name(&self.inner.topic, event)
     }
 
-    fn properties(event: &Event) -> PublishProperties {
+    fn properties(event: &Event, message: &super::Message) -> PublishProperties {
         let clean = |t: &str| -> String {
             t.chars()
                 .map(|c| if c.is_control() { ' ' } else { c })
@@ -347,9 +359,15 @@ impl MqttSink {
         {
             user.push(("traceparent".to_owned(), tp.to_owned()));
         }
+        user.extend(
+            message
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), clean(v))),
+        );
         PublishProperties {
             user_properties: user,
-            content_type: Some("application/json".to_owned()),
+            content_type: Some(message.content_type.to_owned()),
             payload_format_indicator: Some(1),
             ..PublishProperties::default()
         }
@@ -366,7 +384,9 @@ impl Handler for MqttSink {
             )));
         }
         let topic = self.topic_of(event);
-        let body = super::envelope(event).to_string();
+        let message = inner.format.message(event);
+        let properties = Self::properties(event, &message);
+        let body = message.body;
         let (tx, rx) = bounded(1);
         {
             let _order = inner.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -376,7 +396,7 @@ impl Handler for MqttSink {
                 QoS::AtLeastOnce,
                 false,
                 body,
-                Self::properties(event),
+                properties,
             ) {
                 // Never handed to the connection: take the waiter back.
                 inner.shared.waiters().unsent.pop_back();

@@ -48,6 +48,7 @@ struct Inner {
     subject: String,
     ack_timeout: Duration,
     shown: String,
+    format: super::Format,
 }
 
 impl fmt::Debug for NatsJetStream {
@@ -63,6 +64,7 @@ impl fmt::Debug for NatsJetStream {
 pub struct NatsJetStreamBuilder {
     url: String,
     subject: String,
+    format: super::Format,
     ack_timeout: Duration,
     connect_timeout: Duration,
     credentials: Option<std::path::PathBuf>,
@@ -100,6 +102,14 @@ impl NatsJetStreamBuilder {
     /// subject cannot hold become `_`). Default: `outbox.{type}`.
     pub fn subject(mut self, template: impl Into<String>) -> Self {
         self.subject = template.into();
+        self
+    }
+
+    /// What each message holds: the envelope (default), or a CloudEvent in
+    /// structured mode (`Content-Type: application/cloudevents+json`) or
+    /// binary mode (the payload, with `ce-` headers).
+    pub fn format(mut self, format: super::Format) -> Self {
+        self.format = format;
         self
     }
 
@@ -193,6 +203,7 @@ impl NatsJetStreamBuilder {
                 subject: self.subject,
                 ack_timeout: self.ack_timeout,
                 shown: shown(&self.url),
+                format: self.format,
             }),
         })
     }
@@ -205,6 +216,7 @@ impl NatsJetStream {
         NatsJetStreamBuilder {
             url: url.into(),
             subject: "outbox.{type}".to_owned(),
+            format: super::Format::Envelope,
             ack_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             credentials: None,
@@ -217,8 +229,12 @@ impl NatsJetStream {
         super::render_name(&self.inner.subject, event)
     }
 
-    fn headers(event: &Event) -> HeaderMap {
+    fn headers(event: &Event, message: &super::Message) -> HeaderMap {
         let mut h = HeaderMap::new();
+        h.insert("Content-Type", message.content_type);
+        for (name, value) in &message.attributes {
+            h.insert(format!("ce-{name}").as_str(), header_value(value).as_str());
+        }
         let id = event.id.to_string();
         h.insert("Nats-Msg-Id", id.as_str());
         h.insert("Outbox-Event-Id", id.as_str());
@@ -262,8 +278,9 @@ impl Handler for NatsJetStream {
             )));
         }
         let subject = self.subject_of(event);
-        let body = super::envelope(event).to_string();
-        let headers = Self::headers(event);
+        let message = inner.format.message(event);
+        let headers = Self::headers(event, &message);
+        let body = message.body;
         let js = inner.jetstream.clone();
         let wait = inner.ack_timeout;
         let published = inner.runtime.block_on(async move {

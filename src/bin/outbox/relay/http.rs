@@ -8,7 +8,6 @@ use std::time::Duration;
 use sqlite_outbox::{Event, HandlerError};
 use url::Url;
 
-use super::delivery_json;
 use crate::text::{excerpt, redact, redact_url};
 
 /// How much of an error response is read for the event's last error.
@@ -72,15 +71,17 @@ pub(crate) fn handler(
     url: Url,
     headers: Vec<(String, String)>,
     timeout: Duration,
+    format: sqlite_outbox::sink::Format,
 ) -> impl Fn(&Event) -> Result<(), HandlerError> {
     let agent = ureq::AgentBuilder::new()
         .timeout(timeout)
         .redirects(0)
         .build();
     move |event: &Event| {
+        let message = format.message(event);
         let mut req = agent
             .request_url("POST", &url)
-            .set("Content-Type", "application/json")
+            .set("Content-Type", message.content_type)
             .set("Idempotency-Key", &event.id.to_string());
         // Trace context, checked again: the column may have been written
         // by any program, and a header value must not carry anything else.
@@ -91,10 +92,15 @@ pub(crate) fn handler(
         {
             req = req.set("traceparent", tp);
         }
+        // Binary-mode CloudEvents attributes, as the HTTP binding names
+        // them (their values have no control characters).
+        for (k, v) in &message.attributes {
+            req = req.set(&format!("ce-{k}"), v);
+        }
         for (k, v) in &headers {
             req = req.set(k, v);
         }
-        match req.send_string(&delivery_json(event).to_string()) {
+        match req.send_string(&message.body) {
             Ok(resp) if (200..300).contains(&resp.status()) => Ok(()),
             Ok(resp) => {
                 // With redirects off, ureq hands back every status below

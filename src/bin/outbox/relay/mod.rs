@@ -90,6 +90,15 @@ pub(crate) struct RelayArgs {
         hide = true
     )]
     env_headers: Option<String>,
+    /// What is sent for each event over --http, --nats or --mqtt:
+    /// `envelope` (the outbox's JSON), `cloudevents` (a CloudEvent in
+    /// structured mode) or `cloudevents-binary` (the payload, with the
+    /// attributes as headers or properties).
+    #[arg(long, default_value = "envelope", value_parser = ["envelope", "cloudevents", "cloudevents-binary"])]
+    format: String,
+    /// The CloudEvents `source` attribute (a URI reference).
+    #[arg(long, default_value = sqlite_outbox::sink::DEFAULT_CLOUDEVENTS_SOURCE)]
+    source: String,
     /// HTTP request timeout, or how long --exec may run.
     #[arg(long, default_value = "30s", value_parser = duration_arg)]
     timeout: Duration,
@@ -300,11 +309,13 @@ fn delivery(
     a: &RelayArgs,
     running: &Arc<exec::Running>,
 ) -> Result<(Arc<DeliverFn>, String), Failure> {
+    let format = format_of(a)?;
     if let Some(url) = &a.mqtt {
         let fail = |e: sqlite_outbox::Error| Failure::usage(format!("--mqtt: {}", describe(&e)));
         let mut builder = sqlite_outbox::sink::MqttSink::builder(url)
             .map_err(fail)?
             .topic(a.topic.clone())
+            .format(format.clone())
             .ack_timeout(a.timeout);
         if let Some(id) = &a.mqtt_client_id {
             builder = builder.client_id(id.clone());
@@ -323,6 +334,7 @@ fn delivery(
     if let Some(url) = &a.nats {
         let mut builder = sqlite_outbox::sink::NatsJetStream::builder(url.clone())
             .subject(a.subject.clone())
+            .format(format.clone())
             .ack_timeout(a.timeout);
         if let Some(path) = &a.nats_creds {
             builder = builder.credentials_file(path.clone());
@@ -352,7 +364,10 @@ fn delivery(
                 );
             }
             let target = crate::text::redact_url(&url);
-            Ok((Arc::new(http::handler(url, headers, a.timeout)), target))
+            Ok((
+                Arc::new(http::handler(url, headers, a.timeout, format)),
+                target,
+            ))
         }
         (None, Some(cmd)) => {
             let program = cmd.split_whitespace().next().unwrap_or("").to_owned();
@@ -371,6 +386,20 @@ fn delivery(
             "give --http URL, --nats URL, --mqtt URL or --exec CMD",
         )),
     }
+}
+
+/// `--format` and `--source`, checked.
+fn format_of(a: &RelayArgs) -> Result<sqlite_outbox::sink::Format, Failure> {
+    use sqlite_outbox::sink::Format;
+    if a.source.is_empty() || a.source.chars().any(char::is_control) {
+        return Err(Failure::usage("--source must be a URI reference"));
+    }
+    let source = a.source.clone();
+    Ok(match a.format.as_str() {
+        "cloudevents" => Format::CloudEvents { source },
+        "cloudevents-binary" => Format::CloudEventsBinary { source },
+        _ => Format::Envelope,
+    })
 }
 
 /// Opens the outbox; a server that cannot be reached yet (restarting,
