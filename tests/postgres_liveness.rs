@@ -280,3 +280,73 @@ fn a_relay_meeting_a_broken_table_stops_and_says_what_the_server_said() -> Resul
     assert!(said.contains("SQLSTATE 42703"), "{said}");
     Ok(())
 }
+
+#[cfg(feature = "cli")]
+#[test]
+fn relay_drain_ends_when_the_store_refuses_outcomes_for_good() -> Result {
+    use std::process::{Command, Stdio};
+    let Some(schema) = common::pg::Schema::fresh() else {
+        return Ok(());
+    };
+    let store = PostgresStore::builder(&schema.url)
+        .schema(&schema.name)
+        .build()?;
+    let e = store.enqueue(NewEvent::new("t", json!({})))?;
+    // The server refuses every "done" as a read-only transaction would:
+    // an error no retry cures.
+    schema.client().batch_execute(&format!(
+        "CREATE FUNCTION {s}.refuse_done() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.status = 'done' THEN
+             RAISE EXCEPTION 'refused' USING ERRCODE = '25006';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_done BEFORE UPDATE ON {s}.outbox_events
+           FOR EACH ROW EXECUTE FUNCTION {s}.refuse_done();",
+        s = schema.name
+    ))?;
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("relay.log");
+    let mut relay = Command::new(common::cli::BIN)
+        .arg("--db")
+        .arg(&schema.url)
+        .args([
+            "--schema",
+            &schema.name,
+            "relay",
+            "--exec",
+            "cat > /dev/null",
+            "--drain",
+        ])
+        .args(["--lease", "60s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let status = loop {
+        if let Some(status) = relay.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(45) {
+            let _ = relay.kill();
+            return Err("relay --drain waited on outcomes the store had refused".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let said = std::fs::read_to_string(&log)?;
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("could not be written"), "{said}");
+    // Well before the lease would have let the event be claimed again.
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        store.find(e.id)?.map(|e| e.status),
+        Some(sqlite_outbox::Status::Processing)
+    );
+    Ok(())
+}

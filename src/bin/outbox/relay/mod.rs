@@ -258,6 +258,16 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
         );
     }
     print_summary(json_mode, &report, waited.as_ref());
+    if report.metrics.dropped_outcomes > 0 {
+        return Err(Failure(
+            format!(
+                "{db}: {} outcome(s) could not be written (the store refused them for good); \
+                 their events will be delivered again once their leases run out",
+                report.metrics.dropped_outcomes
+            ),
+            1,
+        ));
+    }
     if let Some(why) = halted {
         return Err(Failure(
             format!(
@@ -560,6 +570,11 @@ fn watch(
                     + m.lease_lost
                     + m.dropped_outcomes,
             );
+            if in_hand == 0 && m.dropped_outcomes > 0 {
+                // The store refused outcomes for good: waiting would only
+                // deliver their events again when their leases run out.
+                break Some(store.backlog(types)?);
+            }
             if in_hand == 0 && !dispatcher.destinations().is_empty() {
                 // The endpoint cannot be reached: what is left waits for a
                 // later run.
