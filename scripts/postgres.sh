@@ -14,8 +14,10 @@
 #   scripts/postgres.sh restart "$OUTBOX_TEST_POSTGRES_DIR"   # a server fault, for tests
 #   scripts/postgres.sh stop "$OUTBOX_TEST_POSTGRES_DIR"
 set -euo pipefail
-port=54329
-plain_port=54330
+# Fixed ports (a fresh CI machine has them free); set
+# OUTBOX_TEST_POSTGRES_PORT to run a second set beside one already running.
+port=${OUTBOX_TEST_POSTGRES_PORT:-54329}
+plain_port=$((port + 1))
 
 case "${1:-}" in
 start)
