@@ -844,6 +844,10 @@ mod tests {
         assert!(PostgresTarget::looks_like("host=/tmp dbname=app"));
         assert!(PostgresTarget::looks_like("host = /tmp"));
         assert!(PostgresTarget::looks_like("dbname=app user=x"));
+        assert!(PostgresTarget::looks_like(
+            "host=db sslmode=verify-full sslrootcert=/ca.pem"
+        ));
+        assert!(!PostgresTarget::looks_like("host=db colour=blue"));
         assert!(!PostgresTarget::looks_like("app.db"));
         assert!(!PostgresTarget::looks_like("./host=1.db"));
         assert!(!PostgresTarget::looks_like("data/x=1.db"));
