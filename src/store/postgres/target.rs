@@ -829,7 +829,14 @@ mod tests {
             SslMode::Disable
         );
         assert!(mode("host=x sslmode=bogus").is_err());
-        assert!(mode("host=x sslcert=/c.pem").is_err());
+        let err = |s: &str| {
+            PostgresTarget::parse(s)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(err("host=x sslcert=/c.pem").contains("not supported"));
+        assert!(err("host=x pasword=y").contains("not a connection setting this build knows"));
         assert!(mode("host=x sslmode=verify-full sslrootcert=/no/such/file").is_err());
         // A socket never speaks TLS, whatever the mode.
         let socket = PostgresTarget::parse("host=/tmp sslmode=verify-full")?;
@@ -860,9 +867,26 @@ mod tests {
             PostgresTarget::parse("host=/tmp application_name=billing-relay keepalives_idle=5")?;
         assert_eq!(t.config().get_application_name(), Some("billing-relay"));
         assert_eq!(t.config().get_keepalives_idle(), Duration::from_secs(5));
+        let t = PostgresTarget::parse(
+            "host=/tmp keepalives_interval=3 keepalives_retries=7 tcp_user_timeout=9",
+        )?;
+        assert_eq!(
+            t.config().get_keepalives_interval(),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(t.config().get_keepalives_retries(), Some(7));
+        assert_eq!(
+            t.config().get_tcp_user_timeout(),
+            Some(&Duration::from_secs(9))
+        );
         let t = PostgresTarget::parse("host=/tmp")?;
         assert_eq!(t.config().get_application_name(), Some("sqlite-outbox"));
         assert_eq!(t.config().get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            t.config().get_keepalives_interval(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(t.config().get_keepalives_retries(), Some(3));
         assert_eq!(
             t.config().get_tcp_user_timeout(),
             Some(&Duration::from_secs(60))
