@@ -846,6 +846,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_key_is_named_but_never_in_full() {
+        assert_eq!(shown_value("colour"), "colour");
+        assert_eq!(shown_value("a\u{1b}b"), "ab");
+        assert_eq!(shown_value(&"k".repeat(24)), "k".repeat(24));
+        assert_eq!(shown_value(&"k".repeat(25)), format!("{}…", "k".repeat(24)));
+        let err = PostgresTarget::parse("host=db colour=blue")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("\"colour\"") && !err.contains("blue"), "{err}");
+    }
+
+    #[test]
     fn what_looks_like_a_server() {
         assert!(PostgresTarget::looks_like("postgres://x/y"));
         assert!(PostgresTarget::looks_like("host=/tmp dbname=app"));
