@@ -161,6 +161,18 @@ fn require_refuses_a_server_without_tls_and_prefer_falls_back() -> Result {
         .to_owned();
     let (require, _drop2) = open(&format!("{no_root} sslmode=require"))?;
     assert!(server_sees_tls(&require)?);
+    // libpq's rule: require with a root certificate checks the chain.
+    let err = open(&format!(
+        "{no_root} sslmode=require sslrootcert={}",
+        s.other_ca
+    ))
+    .err()
+    .ok_or("require with sslrootcert trusted another CA's server")?;
+    assert!(
+        error_text(&err).contains("certificate"),
+        "{}",
+        error_text(&err)
+    );
     let (default, _drop3) = open(&no_root)?;
     assert_eq!(default.target().ssl_mode(), SslMode::Prefer);
     assert!(server_sees_tls(&default)?);
