@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::wait_until;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -192,17 +194,6 @@ impl Drop for Reap {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn wait_until(secs: u64, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done()? {
-        if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what}").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 #[test]

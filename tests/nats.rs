@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::wait_until;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -161,18 +163,6 @@ fn stored(url: &str) -> Result<Vec<Stored>> {
         }
         Ok::<_, Box<dyn std::error::Error>>(out)
     })
-}
-
-/// Waits until `done` holds, or fails after `secs`.
-fn wait_until(secs: u64, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done()? {
-        if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what}").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 #[test]

@@ -176,6 +176,22 @@ pub mod pg {
     }
 }
 
+/// Waits until `done` holds, or fails after `secs` seconds.
+pub fn wait_until(
+    secs: u64,
+    what: &str,
+    mut done: impl FnMut() -> Result<bool, Box<dyn std::error::Error>>,
+) -> TestResult {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !done()? {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
