@@ -147,9 +147,10 @@ pub mod trace;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dispatch::{
-    DestinationState, Dispatcher, DispatcherBuilder, Handler, HandlerError, Hold, Metrics,
-    ShutdownReport, DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT,
-    DEFAULT_WORKERS, FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL, MAX_RETRY_AFTER,
+    BatchFn, BatchResult, DestinationState, Dispatcher, DispatcherBuilder, Handler, HandlerError,
+    Hold, Metrics, ShutdownReport, DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL,
+    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS, FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL,
+    MAX_RETRY_AFTER,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use event::{

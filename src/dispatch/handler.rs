@@ -24,6 +24,89 @@ pub trait Handler: Send + Sync + 'static {
     ///
     /// A [`HandlerError`] saying whether and when to retry.
     fn handle(&self, event: &Event) -> Result<(), HandlerError>;
+
+    /// The most events [`Handler::handle_batch`] takes in one call. Default
+    /// 1: the dispatcher calls [`Handler::handle`] for each event.
+    ///
+    /// A batch holds events already claimed and waiting for a worker, of
+    /// types that share this handler, so it is at most the dispatcher's
+    /// claim size (which grows to this limit); it never waits for more
+    /// events to arrive. A batch holds at most one event of each ordering
+    /// key: the next event of a key is claimed once the one before it is
+    /// done.
+    fn batch_limit(&self) -> usize {
+        1
+    }
+
+    /// Handles several events at once: one request or one round of
+    /// pipelined publishes for all of them.
+    ///
+    /// `Ok` holds one result per event, in the order given; each is
+    /// recorded as [`Handler::handle`]'s result would be (an event without
+    /// a result, if the list is short, is retried). `Err` is the result of
+    /// every event in the batch. A panic is a failed attempt for each.
+    ///
+    /// The default calls [`Handler::handle`] for each event in turn.
+    ///
+    /// # Errors
+    ///
+    /// A [`HandlerError`] for the whole batch.
+    fn handle_batch(&self, events: &[Event]) -> BatchResult {
+        Ok(events.iter().map(|e| self.handle(e)).collect())
+    }
+}
+
+/// What [`Handler::handle_batch`] returns: a result per event, or one
+/// error for the whole batch.
+pub type BatchResult = Result<Vec<Result<(), HandlerError>>, HandlerError>;
+
+/// A [`Handler`] made of a closure over batches, with its limit: see
+/// [`crate::DispatcherBuilder::handle_batch`].
+pub struct BatchFn<F> {
+    limit: usize,
+    f: F,
+}
+
+impl<F> BatchFn<F>
+where
+    F: Fn(&[Event]) -> BatchResult + Send + Sync + 'static,
+{
+    /// A handler that gives `f` up to `limit` events at a time (at least 1).
+    pub fn new(limit: usize, f: F) -> Self {
+        BatchFn {
+            limit: limit.max(1),
+            f,
+        }
+    }
+}
+
+impl<F> fmt::Debug for BatchFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchFn")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F> Handler for BatchFn<F>
+where
+    F: Fn(&[Event]) -> BatchResult + Send + Sync + 'static,
+{
+    fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        let mut results = (self.f)(std::slice::from_ref(event))?;
+        if results.is_empty() {
+            return Err(HandlerError::retry("the batch handler returned no result"));
+        }
+        results.swap_remove(0)
+    }
+
+    fn batch_limit(&self) -> usize {
+        self.limit
+    }
+
+    fn handle_batch(&self, events: &[Event]) -> BatchResult {
+        (self.f)(events)
+    }
 }
 
 impl<F> Handler for F
@@ -117,6 +200,15 @@ impl HandlerError {
         match self.action {
             Action::Retry(delay) => delay,
             Action::Permanent | Action::Unavailable => None,
+        }
+    }
+
+    /// The same action, with the message of this error: one batch error
+    /// recorded for each of its events.
+    pub(crate) fn copied(&self) -> HandlerError {
+        HandlerError {
+            error: self.message().into(),
+            action: self.action,
         }
     }
 

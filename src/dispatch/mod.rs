@@ -17,7 +17,7 @@ mod metrics;
 mod runtime;
 
 pub use destinations::{DestinationState, Hold, FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL};
-pub use handler::{Handler, HandlerError, MAX_RETRY_AFTER};
+pub use handler::{BatchFn, BatchResult, Handler, HandlerError, MAX_RETRY_AFTER};
 pub(crate) use metrics::{Counter, Counters};
 pub use metrics::{Metrics, ShutdownReport};
 
@@ -82,6 +82,43 @@ impl DispatcherBuilder {
     /// [`Handler`] itself.
     pub fn handler(mut self, event_type: impl Into<String>, handler: impl Handler) -> Self {
         self.handlers.insert(event_type.into(), Arc::new(handler));
+        self
+    }
+
+    /// Runs the closure `handler` for events of `event_type` in batches of
+    /// up to `limit` (see [`Handler::handle_batch`]): one result per event,
+    /// or one error for all of them.
+    ///
+    /// ```
+    /// use sqlite_outbox::{Dispatcher, HandlerError, MemoryStore};
+    ///
+    /// let dispatcher = Dispatcher::builder(MemoryStore::new())
+    ///     .handle_batch("note.created", 100, |events| {
+    ///         // One request for the whole batch, say; here every event
+    ///         // is accepted but those without a payload.
+    ///         Ok(events
+    ///             .iter()
+    ///             .map(|e| match e.payload.value().is_null() {
+    ///                 true => Err(HandlerError::permanent("empty note")),
+    ///                 false => Ok(()),
+    ///             })
+    ///             .collect())
+    ///     })
+    ///     .start()?;
+    /// # drop(dispatcher);
+    /// # Ok::<(), sqlite_outbox::Error>(())
+    /// ```
+    pub fn handle_batch<F>(self, event_type: impl Into<String>, limit: usize, handler: F) -> Self
+    where
+        F: Fn(&[Event]) -> BatchResult + Send + Sync + 'static,
+    {
+        self.handler(event_type, BatchFn::new(limit, handler))
+    }
+
+    /// Like [`DispatcherBuilder::fallback`], for a type that implements
+    /// [`Handler`] itself (a sink, say, or a [`BatchFn`]).
+    pub fn fallback_handler(mut self, handler: impl Handler) -> Self {
+        self.fallback = Some(Arc::new(handler));
         self
     }
 

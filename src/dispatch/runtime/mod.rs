@@ -48,6 +48,10 @@ use worker::worker_loop;
 
 type InFlightKey = (i64, i64);
 
+/// The largest batch a handler is given, whatever its limit says: a claim
+/// of this many is one transaction, and each waits in memory.
+const MAX_HANDLER_BATCH: usize = 10_000;
+
 pub(crate) struct Runtime {
     pub(crate) store: Arc<dyn Store>,
     /// The event types this dispatcher claims (`None`: all).
@@ -333,6 +337,15 @@ fn context(b: DispatcherBuilder) -> Ctx {
         t.sort();
         Some(t.into())
     };
+    // A handler of batches gets full ones only if a claim can fill them.
+    let widest = b
+        .handlers
+        .values()
+        .chain(b.fallback.as_ref())
+        .map(|h| h.batch_limit().clamp(1, MAX_HANDLER_BATCH))
+        .max()
+        .unwrap_or(1);
+    let batch_size = b.batch_size.max(widest);
     let destinations = Arc::new(Destinations::new(
         b.routes,
         b.default_destination,
@@ -358,11 +371,12 @@ fn context(b: DispatcherBuilder) -> Ctx {
         lease: b.lease,
         max_run_time: b.max_run_time,
         max_age: b.max_age,
-        batch_size: b.batch_size,
-        // Claimed events wait in the queue or run: one per worker, and two
-        // batches, so that the workers have one to run while the outcomes
-        // of the other are written and its room claimed again.
-        capacity: b.workers + 2 * b.batch_size,
+        batch_size,
+        // Claimed events wait in the queue or run: what the workers run
+        // (one each, or a handler's batch), and two claims, so that the
+        // workers have one to run while the outcomes of the other are
+        // written and its room claimed again.
+        capacity: b.workers * widest + 2 * batch_size,
         poll_interval: b.poll_interval,
     }
 }
