@@ -5,8 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -15,102 +13,11 @@ use sqlite_outbox::{Event, NewEvent, Operator, SqliteStore, Status, Store};
 mod common;
 
 use common::cli::{outbox, stderr, BIN};
+use common::endpoint::{Seen, Server};
 use common::TestResult;
 
 fn relay(db: &Path, args: &[&str]) -> std::io::Result<Output> {
     outbox(db, &[&["relay"], args].concat())
-}
-
-/// A request as a server saw it: method, URL, headers (lowercase names).
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    url: String,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-/// A local HTTP server that answers every request with `answer` and keeps
-/// what it saw.
-struct Server {
-    url: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
-}
-
-type Answer = (u16, Vec<(&'static str, String)>, Vec<u8>);
-
-impl Server {
-    fn start(
-        answer: impl Fn() -> Answer + Send + 'static,
-    ) -> Result<Server, Box<dyn std::error::Error>> {
-        Server::start_on("127.0.0.1:0", answer)
-    }
-
-    fn start_on(
-        addr: &str,
-        answer: impl Fn() -> Answer + Send + 'static,
-    ) -> Result<Server, Box<dyn std::error::Error>> {
-        let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| e.to_string())?);
-        let port = server
-            .server_addr()
-            .to_ip()
-            .map(|a| a.port())
-            .ok_or("no port")?;
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let (srv, log) = (server.clone(), seen.clone());
-        let thread = std::thread::spawn(move || {
-            while let Ok(Some(mut req)) = srv.recv_timeout(Duration::from_secs(60)) {
-                let mut body = String::new();
-                let _ = std::io::Read::read_to_string(req.as_reader(), &mut body);
-                if let Ok(mut log) = log.lock() {
-                    log.push(Seen {
-                        method: req.method().to_string(),
-                        url: req.url().to_owned(),
-                        headers: req
-                            .headers()
-                            .iter()
-                            .map(|h| {
-                                (
-                                    h.field.as_str().as_str().to_ascii_lowercase(),
-                                    h.value.as_str().to_owned(),
-                                )
-                            })
-                            .collect(),
-                        body,
-                    });
-                }
-                let (code, headers, body) = answer();
-                let mut resp = tiny_http::Response::from_data(body).with_status_code(code);
-                for (k, v) in headers {
-                    if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-                        resp.add_header(h);
-                    }
-                }
-                let _ = req.respond(resp);
-            }
-        });
-        Ok(Server {
-            url: format!("http://127.0.0.1:{port}"),
-            seen,
-            server,
-            thread: Some(thread),
-        })
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// A fresh outbox with one event of type `t`.

@@ -56,6 +56,21 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// A shared handler: the same handler under several registrations.
+impl<H: Handler + ?Sized> Handler for std::sync::Arc<H> {
+    fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        (**self).handle(event)
+    }
+
+    fn batch_limit(&self) -> usize {
+        (**self).batch_limit()
+    }
+
+    fn handle_batch(&self, events: &[Event]) -> BatchResult {
+        (**self).handle_batch(events)
+    }
+}
+
 /// What [`Handler::handle_batch`] returns: a result per event, or one
 /// error for the whole batch.
 pub type BatchResult = Result<Vec<Result<(), HandlerError>>, HandlerError>;

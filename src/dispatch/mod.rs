@@ -85,6 +85,22 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Runs one `handler` for the events of all of `event_types`: a
+    /// handler of batches (a sink, say) then gets events of those types
+    /// together in one batch. A later registration of one of the types
+    /// replaces it for that type.
+    pub fn handler_for<T: Into<String>>(
+        mut self,
+        event_types: impl IntoIterator<Item = T>,
+        handler: impl Handler,
+    ) -> Self {
+        let shared: Arc<dyn Handler> = Arc::new(handler);
+        for t in event_types {
+            self.handlers.insert(t.into(), Arc::clone(&shared));
+        }
+        self
+    }
+
     /// Runs the closure `handler` for events of `event_type` in batches of
     /// up to `limit` (see [`Handler::handle_batch`]): one result per event,
     /// or one error for all of them.

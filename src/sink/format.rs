@@ -80,6 +80,18 @@ pub struct Message {
 }
 
 impl Format {
+    /// The media type of a JSON array of messages in this format:
+    /// `application/cloudevents-batch+json` for CloudEvents (binary mode
+    /// has no batches), `application/json` for envelopes.
+    pub fn batch_content_type(&self) -> &'static str {
+        match self {
+            Format::CloudEvents { .. } | Format::CloudEventsBinary { .. } => {
+                "application/cloudevents-batch+json"
+            }
+            Format::Envelope => "application/json",
+        }
+    }
+
     /// The message for `event` in this format.
     pub fn message(&self, event: &Event) -> Message {
         match self {

@@ -21,12 +21,16 @@
 //! its own. A new destination (Kafka, say) is one more file here.
 
 mod format;
+#[cfg(feature = "http")]
+mod http;
 #[cfg(feature = "mqtt")]
 mod mqtt;
 #[cfg(feature = "nats")]
 mod nats;
 
 pub use format::{Format, Message, DEFAULT_CLOUDEVENTS_SOURCE};
+#[cfg(feature = "http")]
+pub use http::{redact_url, HttpSink, HttpSinkBuilder};
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttSink, MqttSinkBuilder};
 #[cfg(feature = "nats")]

@@ -5,6 +5,8 @@
 pub mod browser;
 #[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "cli")]
+pub mod endpoint;
 pub mod journal;
 
 use std::path::{Path, PathBuf};

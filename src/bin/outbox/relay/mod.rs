@@ -15,8 +15,8 @@ use clap::Args;
 use serde_json::{json, Value};
 use sqlite_outbox::admin::format_duration;
 use sqlite_outbox::{
-    Backlog, Dispatcher, DispatcherBuilder, Event, HandlerError, Operator, RetryPolicy,
-    ShutdownReport, Store,
+    Backlog, Dispatcher, DispatcherBuilder, Event, Handler, Operator, RetryPolicy, ShutdownReport,
+    Store,
 };
 
 use crate::db::Db;
@@ -90,6 +90,14 @@ pub(crate) struct RelayArgs {
         hide = true
     )]
     env_headers: Option<String>,
+    /// With --http: up to this many events per request, as one JSON array
+    /// (see the README for what the answer decides). 1: one per request.
+    #[arg(long, default_value_t = 1, requires = "http", value_parser = batch_count)]
+    batch: usize,
+    /// With --http --batch: at most this many bytes of events per request
+    /// (an event larger than this goes alone).
+    #[arg(long, default_value = "1MiB", requires = "http", value_parser = byte_size)]
+    batch_bytes: usize,
     /// What is sent for each event over --http, --nats or --mqtt:
     /// `envelope` (the outbox's JSON), `cloudevents` (a CloudEvent in
     /// structured mode) or `cloudevents-binary` (the payload, with the
@@ -147,6 +155,38 @@ pub(crate) struct RelayArgs {
     /// set, decides instead.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+/// `--batch`: from 1 to 10,000 events.
+fn batch_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=10_000).contains(&n) => Ok(n),
+        _ => Err("a batch holds from 1 to 10000 events".to_owned()),
+    }
+}
+
+/// A size in bytes: a number, with `KiB`, `MiB`, `KB` or `MB` after it
+/// if wanted, from 1 KiB to 64 MiB.
+fn byte_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: usize = n
+        .parse()
+        .map_err(|_| "a size is a number of bytes, like 1048576 or 1MiB".to_owned())?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        _ => return Err("the unit of a size is B, KiB, MiB, KB or MB".to_owned()),
+    };
+    let bytes = n.saturating_mul(scale);
+    if !(1024..=64 * 1024 * 1024).contains(&bytes) {
+        return Err("a batch's size is from 1KiB to 64MiB".to_owned());
+    }
+    Ok(bytes)
 }
 
 /// The body posted (or piped) for each event: the sinks' envelope.
@@ -336,10 +376,7 @@ fn delivery(
         }
         let sink = builder.connect().map_err(fail)?;
         let name = format!("mqtt {}", a.topic);
-        return Ok((
-            Arc::new(move |e: &Event| sqlite_outbox::Handler::handle(&sink, e)),
-            name,
-        ));
+        return Ok((Arc::new(sink), name));
     }
     if let Some(url) = &a.nats {
         let mut builder = sqlite_outbox::sink::NatsJetStream::builder(url.clone())
@@ -358,26 +395,16 @@ fn delivery(
         let target = format!("{sink:?}");
         let name = format!("nats {}", a.subject);
         tracing::debug!(sink = %target, "relaying to NATS JetStream");
-        return Ok((
-            Arc::new(move |e: &Event| sqlite_outbox::Handler::handle(&sink, e)),
-            name,
-        ));
+        return Ok((Arc::new(sink), name));
     }
     match (&a.http, &a.exec) {
         (Some(url), _) => {
-            let url = http::parse_endpoint(url).map_err(Failure::usage)?;
             let headers = collect_headers(a)?;
-            if http::sends_credentials_in_the_clear(&url, &headers) {
-                tracing::warn!(
-                    "credentials (a user, a query or extra headers) will go over plain http to {}",
-                    crate::text::redact_url(&url)
-                );
-            }
-            let target = crate::text::redact_url(&url);
-            Ok((
-                Arc::new(http::handler(url, headers, a.timeout, format)),
-                target,
-            ))
+            let batch = (a.batch, a.batch_bytes);
+            let sink =
+                http::sink(url, headers, a.timeout, format, batch).map_err(Failure::usage)?;
+            let target = sink.endpoint();
+            Ok((Arc::new(sink), target))
         }
         (None, Some(cmd)) => {
             let program = cmd.split_whitespace().next().unwrap_or("").to_owned();
@@ -484,21 +511,17 @@ fn dispatcher(
     a: &RelayArgs,
     handler: &Arc<DeliverFn>,
 ) -> DispatcherBuilder {
-    let mut builder = Dispatcher::builder(store.clone() as Arc<dyn Store>)
+    let builder = Dispatcher::builder(store.clone() as Arc<dyn Store>)
         .workers(a.workers)
         .poll_interval(a.poll)
         .lease(a.lease)
         .name("relay");
+    // One handler for every type, so that a batch may hold any of them.
     if a.types.is_empty() {
-        let h = handler.clone();
-        builder = builder.fallback(move |e: &Event| h(e));
+        builder.fallback_handler(Arc::clone(handler))
     } else {
-        for t in &a.types {
-            let h = handler.clone();
-            builder = builder.handle(t.clone(), move |e: &Event| h(e));
-        }
+        builder.handler_for(a.types.iter().cloned(), Arc::clone(handler))
     }
-    builder
 }
 
 /// The last line (or JSON object) of a run.
@@ -533,7 +556,7 @@ fn print_summary(json_mode: bool, report: &ShutdownReport, waited: Option<&Backl
 }
 
 /// One delivery: over HTTP or to a command.
-type DeliverFn = dyn Fn(&Event) -> Result<(), HandlerError> + Send + Sync;
+type DeliverFn = dyn Handler;
 
 /// Shows progress on a terminal and, with `--drain`, waits until nothing is
 /// left to do; returns the backlog it stopped on (`None` when stopped by a

@@ -1,0 +1,719 @@
+//! Posting events to an HTTP endpoint with `ureq` (blocking, no async
+//! runtime): one event per request, or batches of them as one JSON array.
+//!
+//! Only a 2xx answer is a delivery. Redirects are not followed (a
+//! redirected POST becomes a GET elsewhere, and would carry the headers to
+//! another host).
+
+use std::fmt;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::dispatch::{BatchResult, Handler, HandlerError};
+use crate::error::{Error, Result};
+use crate::event::Event;
+
+/// How much of an error response is read for the event's last error.
+const ERROR_BODY_LIMIT: u64 = 64 * 1024;
+
+/// How much of a batch's 2xx answer is read for the events it rejects.
+const ANSWER_LIMIT: u64 = 1024 * 1024;
+
+/// A [`Handler`] that POSTs events to one endpoint.
+///
+/// One event per request by default: the body is the event in the sink's
+/// [`super::Format`], with `Idempotency-Key` (the event id) and
+/// `traceparent` headers, and `ce-` headers in CloudEvents binary mode.
+///
+/// With [`HttpSinkBuilder::batch`] above 1, the events waiting for the
+/// dispatcher go out together: the body is a JSON array of the events
+/// (`application/json` for envelopes, `application/cloudevents-batch+json`
+/// for CloudEvents), up to the batch's count and byte limit per request.
+/// The answer decides for every event in the request:
+///
+/// - a 2xx accepts all of them, except those its JSON body lists as
+///   rejected: `{"rejected": [{"id": "<event id>", "reason": "…",
+///   "permanent": false}]}`; a rejected event is retried (or fails at once
+///   with `"permanent": true`), with the reason as its last error;
+/// - 408, 425, 429 and 5xx retry all of them (after `Retry-After` when
+///   given);
+/// - any other 4xx refuses the request as a whole: each event is sent
+///   again alone (as a batch of one), so one bad event cannot fail the
+///   others;
+/// - an endpoint that cannot be reached holds the destination back
+///   without spending attempts.
+///
+/// ```no_run
+/// use sqlite_outbox::{sink::HttpSink, Dispatcher, SqliteStore};
+///
+/// let store = SqliteStore::open("app.db")?;
+/// let sink = HttpSink::builder("https://api.example.com/events")?
+///     .header("Authorization", std::env::var("API_TOKEN")?)?
+///     .batch(100)
+///     .build()?;
+/// let dispatcher = Dispatcher::builder(store).fallback_handler(sink).start()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct HttpSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    agent: ureq::Agent,
+    url: Url,
+    headers: Vec<(String, String)>,
+    format: super::Format,
+    batch: usize,
+    batch_bytes: usize,
+}
+
+impl fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSink")
+            .field("endpoint", &redact_url(&self.inner.url))
+            .field(
+                "headers",
+                &self
+                    .inner
+                    .headers
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("format", &self.inner.format)
+            .field("batch", &self.inner.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`HttpSink`].
+pub struct HttpSinkBuilder {
+    url: Url,
+    headers: Vec<(String, String)>,
+    timeout: Duration,
+    format: super::Format,
+    batch: usize,
+    batch_bytes: usize,
+}
+
+impl fmt::Debug for HttpSinkBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSinkBuilder")
+            .field("endpoint", &redact_url(&self.url))
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpSink {
+    /// A builder for a sink posting to `url`, an absolute `http` or
+    /// `https` URL with a host.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for anything else (the message shows the URL without
+    /// its credentials).
+    pub fn builder(url: &str) -> Result<HttpSinkBuilder> {
+        let url = Url::parse(url).map_err(|e| Error::invalid(format!("not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::invalid(format!(
+                "{}: the scheme must be http or https",
+                redact_url(&url)
+            )));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(Error::invalid(format!("{}: no host", redact_url(&url))));
+        }
+        Ok(HttpSinkBuilder {
+            url,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(30),
+            format: super::Format::Envelope,
+            batch: 1,
+            batch_bytes: 1024 * 1024,
+        })
+    }
+
+    /// The endpoint as it may be shown: user, password and query hidden.
+    pub fn endpoint(&self) -> String {
+        redact_url(&self.inner.url)
+    }
+
+    /// Whether requests would carry credentials in the clear: plain `http`
+    /// to a host other than this machine, with a user name, a password, a
+    /// query or any extra header.
+    pub fn sends_credentials_in_the_clear(&self) -> bool {
+        let url = &self.inner.url;
+        let loopback = match url.host() {
+            Some(url::Host::Domain(d)) => d == "localhost",
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        };
+        url.scheme() == "http"
+            && !loopback
+            && (!url.username().is_empty()
+                || url.password().is_some()
+                || url.query().is_some()
+                || !self.inner.headers.is_empty())
+    }
+}
+
+impl HttpSinkBuilder {
+    /// An extra request header (an `Authorization`, say: from a file or
+    /// the environment, never argv). Its value never appears in errors.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a name that is not an HTTP token or a value with
+    /// control characters (the value is not shown).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Result<Self> {
+        let (name, value) = (name.into(), value.into());
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !name_ok || value.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(Error::invalid(
+                "a header needs a token for a name and a value without control characters",
+            ));
+        }
+        self.headers.push((name, value.trim().to_owned()));
+        Ok(self)
+    }
+
+    /// How long one request may take, answer included. Default: 30 s.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What each event is sent as. Default: the envelope.
+    pub fn format(mut self, format: super::Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Up to `events` events per request, as one JSON array (1: one event
+    /// per request, the default).
+    pub fn batch(mut self, events: usize) -> Self {
+        self.batch = events.max(1);
+        self
+    }
+
+    /// At most this many bytes of events per request (default 1 MiB); an
+    /// event larger than this goes alone.
+    pub fn batch_bytes(mut self, bytes: usize) -> Self {
+        self.batch_bytes = bytes.max(1);
+        self
+    }
+
+    /// The sink.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for batches in CloudEvents binary mode, which has no
+    /// batch form.
+    pub fn build(self) -> Result<HttpSink> {
+        if self.batch > 1 && matches!(self.format, super::Format::CloudEventsBinary { .. }) {
+            return Err(Error::invalid(
+                "CloudEvents binary mode has no batches: use the structured mode (cloudevents)",
+            ));
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout(self.timeout)
+            .redirects(0)
+            .build();
+        Ok(HttpSink {
+            inner: Arc::new(Inner {
+                agent,
+                url: self.url,
+                headers: self.headers,
+                format: self.format,
+                batch: self.batch,
+                batch_bytes: self.batch_bytes,
+            }),
+        })
+    }
+}
+
+/// The rejections a batch's 2xx answer may list.
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    rejected: Vec<Rejected>,
+}
+
+#[derive(Deserialize)]
+struct Rejected {
+    id: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    permanent: bool,
+}
+
+/// How one request ended, for every event it carried.
+enum Sent {
+    Accepted(Answer),
+    Failed(HandlerError),
+    /// A 4xx other than 408, 425 and 429: the request as a whole.
+    Refused(HandlerError),
+}
+
+impl Inner {
+    fn request(&self, content_type: &str) -> ureq::Request {
+        let mut req = self
+            .agent
+            .request_url("POST", &self.url)
+            .set("Content-Type", content_type);
+        for (k, v) in &self.headers {
+            req = req.set(k, v);
+        }
+        req
+    }
+
+    /// Sends `body`, and reads a 2xx answer's rejections when `batch`.
+    fn send(&self, req: ureq::Request, body: &str, batch: bool) -> Sent {
+        match req.send_string(body) {
+            Ok(resp) if (200..300).contains(&resp.status()) => {
+                if !batch {
+                    return Sent::Accepted(Answer {
+                        rejected: Vec::new(),
+                    });
+                }
+                match self.answer(resp) {
+                    Ok(answer) => Sent::Accepted(answer),
+                    Err(e) => Sent::Failed(e),
+                }
+            }
+            Ok(resp) => {
+                // With redirects off, ureq hands back every status below
+                // 400: none of them is an acceptance.
+                let code = resp.status();
+                let location = resp
+                    .header("Location")
+                    .and_then(|l| self.url.join(l).ok())
+                    .map(|l| redact_url(&l))
+                    .unwrap_or_else(|| "nowhere".to_owned());
+                Sent::Failed(HandlerError::permanent(format!(
+                    "HTTP {code}, redirecting to {}: not a delivery; redirects are not \
+                     followed, give the final URL",
+                    one_line(&location, 300)
+                )))
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                let after = retry_after(resp.header("Retry-After"));
+                let msg = self.redact(&format!("HTTP {code}: {}", body_excerpt(resp)));
+                match code {
+                    408 | 425 | 429 | 500..=599 => Sent::Failed(match after {
+                        Some(d) => HandlerError::retry_after(msg, d),
+                        None => HandlerError::retry(msg),
+                    }),
+                    _ => Sent::Refused(HandlerError::permanent(msg)),
+                }
+            }
+            Err(ureq::Error::Transport(t)) => {
+                let what = t.message().map(str::to_owned).unwrap_or_default();
+                let msg = self.redact(&format!(
+                    "transport error ({}) at {}: {what}",
+                    t.kind(),
+                    redact_url(&self.url)
+                ));
+                Sent::Failed(if unreachable(t.kind()) {
+                    HandlerError::unavailable(msg)
+                } else {
+                    HandlerError::retry(msg)
+                })
+            }
+        }
+    }
+
+    /// The rejections in a batch's 2xx answer: none unless it is JSON.
+    fn answer(&self, resp: ureq::Response) -> std::result::Result<Answer, HandlerError> {
+        let json = resp.content_type().ends_with("json");
+        let mut bytes = Vec::new();
+        let read = resp
+            .into_reader()
+            .take(ANSWER_LIMIT + 1)
+            .read_to_end(&mut bytes);
+        if !json {
+            return Ok(Answer {
+                rejected: Vec::new(),
+            });
+        }
+        if read.is_err() || bytes.len() as u64 > ANSWER_LIMIT {
+            // It may list rejections we cannot read: accept none of it.
+            return Err(HandlerError::retry(format!(
+                "the endpoint's 2xx answer could not be read whole (over {} KiB or cut \
+                 short), so which events it rejected is unknown",
+                ANSWER_LIMIT / 1024
+            )));
+        }
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Answer {
+                rejected: Vec::new(),
+            });
+        }
+        serde_json::from_slice::<Answer>(&bytes).map_err(|e| {
+            HandlerError::retry(format!(
+                "the endpoint's 2xx answer is JSON but not {{\"rejected\": [...]}}: {}",
+                one_line(&e.to_string(), 200)
+            ))
+        })
+    }
+
+    fn redact(&self, text: &str) -> String {
+        redact(text, &self.url, &self.headers)
+    }
+
+    fn post_one(&self, event: &Event) -> std::result::Result<(), HandlerError> {
+        let message = self.format.message(event);
+        let mut req = self
+            .request(message.content_type)
+            .set("Idempotency-Key", &event.id.to_string());
+        // Trace context, checked again: the column may have been written
+        // by any program, and a header value must not carry anything else.
+        if let Some(tp) = event
+            .traceparent
+            .as_deref()
+            .filter(|t| crate::trace::is_valid_traceparent(t))
+        {
+            req = req.set("traceparent", tp);
+        }
+        // Binary-mode CloudEvents attributes, as the HTTP binding names
+        // them (their values have no control characters).
+        for (k, v) in &message.attributes {
+            req = req.set(&format!("ce-{k}"), v);
+        }
+        match self.send(req, &message.body, false) {
+            Sent::Accepted(_) => Ok(()),
+            Sent::Failed(e) | Sent::Refused(e) => Err(e),
+        }
+    }
+
+    /// Posts `events` as one array; a result per event.
+    fn post_batch(&self, events: &[Event], bodies: &[String]) -> Vec<Result<(), HandlerError>> {
+        let content_type = self.format.batch_content_type();
+        let body = format!("[{}]", bodies.join(","));
+        match self.send(self.request(content_type), &body, true) {
+            Sent::Accepted(answer) => events
+                .iter()
+                .map(|e| {
+                    let id = e.id.to_string();
+                    match answer.rejected.iter().find(|r| r.id == id) {
+                        None => Ok(()),
+                        Some(r) => {
+                            let why = format!(
+                                "rejected by the endpoint: {}",
+                                self.redact(&one_line(
+                                    r.reason.as_deref().unwrap_or("no reason given"),
+                                    300
+                                ))
+                            );
+                            Err(if r.permanent {
+                                HandlerError::permanent(why)
+                            } else {
+                                HandlerError::retry(why)
+                            })
+                        }
+                    }
+                })
+                .collect(),
+            Sent::Failed(e) => events.iter().map(|_| Err(e.copied())).collect(),
+            Sent::Refused(e) if events.len() == 1 => vec![Err(e)],
+            Sent::Refused(_) => {
+                // Refused as a whole: each alone finds the one at fault.
+                let mut results = Vec::with_capacity(events.len());
+                let mut unreachable = None;
+                for (event, body) in events.iter().zip(bodies) {
+                    if let Some(e) = &unreachable {
+                        results.push(Err(HandlerError::copied(e)));
+                        continue;
+                    }
+                    let mut one =
+                        self.post_batch(std::slice::from_ref(event), std::slice::from_ref(body));
+                    let result = one
+                        .pop()
+                        .unwrap_or_else(|| Err(HandlerError::retry("no result")));
+                    if let Err(e) = &result {
+                        if e.is_unavailable() {
+                            unreachable = Some(e.copied());
+                        }
+                    }
+                    results.push(result);
+                }
+                results
+            }
+        }
+    }
+}
+
+impl Handler for HttpSink {
+    fn handle(&self, event: &Event) -> std::result::Result<(), HandlerError> {
+        if self.inner.batch > 1 {
+            let body = self.inner.format.message(event).body;
+            let mut results = self.inner.post_batch(std::slice::from_ref(event), &[body]);
+            return results
+                .pop()
+                .unwrap_or_else(|| Err(HandlerError::retry("no result")));
+        }
+        self.inner.post_one(event)
+    }
+
+    fn batch_limit(&self) -> usize {
+        self.inner.batch
+    }
+
+    fn handle_batch(&self, events: &[Event]) -> BatchResult {
+        let inner = &self.inner;
+        let bodies: Vec<String> = events
+            .iter()
+            .map(|e| inner.format.message(e).body)
+            .collect();
+        let mut results = Vec::with_capacity(events.len());
+        let mut start = 0;
+        while start < events.len() {
+            // As many as fit in the byte limit (at least one).
+            let mut end = start + 1;
+            let mut size = bodies[start].len() + 2;
+            while end < events.len() && size + bodies[end].len() < inner.batch_bytes {
+                size += bodies[end].len() + 1;
+                end += 1;
+            }
+            let part = inner.post_batch(&events[start..end], &bodies[start..end]);
+            // Unreachable: the rest would be too; no request is made.
+            let down = part
+                .iter()
+                .find_map(|r| r.as_ref().err().filter(|e| e.is_unavailable()))
+                .map(HandlerError::copied);
+            results.extend(part);
+            start = end;
+            if let Some(e) = down {
+                results.extend(events[start..].iter().map(|_| Err(e.copied())));
+                break;
+            }
+        }
+        Ok(results)
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date (the library caps the delay).
+fn retry_after(value: Option<&str>) -> Option<Duration> {
+    let v = value?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .ok()
+}
+
+/// The start of an error response's body, as one line.
+fn body_excerpt(resp: ureq::Response) -> String {
+    let mut bytes = Vec::new();
+    let _ = resp
+        .into_reader()
+        .take(ERROR_BODY_LIMIT)
+        .read_to_end(&mut bytes);
+    one_line(&String::from_utf8_lossy(&bytes), 200)
+}
+
+/// At most `max` characters of `text` on one line: whitespace runs become
+/// one space, other control characters are written as escapes such as
+/// `\u{1b}` (an answer cannot drive the terminal that shows it), and a
+/// cut is marked.
+fn one_line(text: &str, max: usize) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out = String::with_capacity(one_line.len().min(max * 2));
+    for c in one_line.chars().take(max) {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    if one_line.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// Errors that happen before the request could reach the endpoint: no
+/// name, no route, nobody listening, no proxy. The endpoint is unreachable,
+/// and the event is not at fault. Anything later (a reset or a timeout
+/// while the request was sent or answered) may have reached it, and counts
+/// as an attempt.
+fn unreachable(kind: ureq::ErrorKind) -> bool {
+    matches!(
+        kind,
+        ureq::ErrorKind::Dns | ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::ProxyConnect
+    )
+}
+
+/// `url` as it may appear in errors and logs: the user name, password and
+/// query string hidden, since they often carry credentials
+/// (`https://user:pw@host/hook?token=…`).
+pub fn redact_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if !shown.username().is_empty() || shown.password().is_some() {
+        // Only a URL that cannot carry credentials refuses these.
+        let _ = shown.set_username("***");
+        let _ = shown.set_password(None);
+    }
+    if shown.query().is_some() {
+        shown.set_query(Some("***"));
+    }
+    shown.set_fragment(None);
+    shown.to_string()
+}
+
+/// `text` with every credential that `url` and the request's `headers`
+/// carry replaced by `***`: the whole URL, its password, user name and
+/// query, and each header value (whole, and each long word of it, so that
+/// an endpoint echoing `Authorization: Bearer …` in its error shows
+/// neither the value nor the token).
+fn redact(text: &str, url: &Url, headers: &[(String, String)]) -> String {
+    let mut out = text.replace(url.as_str(), &redact_url(url));
+    let mut secrets = vec![
+        url.password().unwrap_or(""),
+        url.query().unwrap_or(""),
+        url.username(),
+    ];
+    for (_, value) in headers {
+        secrets.push(value.trim());
+        secrets.extend(value.split_whitespace().filter(|w| w.len() >= 8));
+    }
+    // Longest first: a value is hidden whole before its words are.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for secret in secrets.into_iter().filter(|s| s.len() >= 3) {
+        out = out.replace(secret, "***");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_checked_before_delivery() {
+        for bad in [
+            "",
+            "not a url",
+            "ftp://example.com/x",
+            "http://",
+            "/relative",
+            "mailto:a@b",
+        ] {
+            assert!(HttpSink::builder(bad).is_err(), "{bad:?}");
+        }
+        assert!(HttpSink::builder("https://api.example.com/events").is_ok());
+    }
+
+    fn sink(url: &str, header: bool) -> Result<HttpSink> {
+        let mut b = HttpSink::builder(url)?;
+        if header {
+            b = b.header("Authorization", "Bearer x")?;
+        }
+        b.build()
+    }
+
+    #[test]
+    fn plain_http_with_credentials_is_noticed() -> Result<()> {
+        let remote = "http://api.example.com/x";
+        assert!(sink(remote, true)?.sends_credentials_in_the_clear());
+        assert!(!sink(remote, false)?.sends_credentials_in_the_clear());
+        assert!(sink("http://u:p@api.example.com/", false)?.sends_credentials_in_the_clear());
+        assert!(sink("http://api.example.com/?k=v", false)?.sends_credentials_in_the_clear());
+        assert!(!sink("https://api.example.com/", true)?.sends_credentials_in_the_clear());
+        assert!(!sink("http://127.0.0.1:8080/", true)?.sends_credentials_in_the_clear());
+        assert!(!sink("http://localhost/", true)?.sends_credentials_in_the_clear());
+        assert!(!sink("http://[::1]/", true)?.sends_credentials_in_the_clear());
+        Ok(())
+    }
+
+    #[test]
+    fn headers_are_checked_and_their_values_never_shown() -> Result<()> {
+        let b = HttpSink::builder("https://api.example.com/")?;
+        let refused = b
+            .header("Bad Name", "s3cret-value")
+            .err()
+            .ok_or_else(|| Error::invalid("taken"))?;
+        assert!(!refused.to_string().contains("s3cret"), "{refused}");
+        let b = HttpSink::builder("https://api.example.com/")?;
+        assert!(b.header("X-Key", "a\r\nInjected: 1").is_err());
+        let s = HttpSink::builder("https://u:pw@api.example.com/?token=t0k")?
+            .header("X-Key", "s3cret-value")?
+            .build()?;
+        let shown = format!("{s:?}");
+        for secret in ["s3cret", "pw", "t0k"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("X-Key"), "{shown}");
+        Ok(())
+    }
+
+    #[test]
+    fn binary_cloudevents_have_no_batches() -> Result<()> {
+        let b = HttpSink::builder("https://api.example.com/")?
+            .format(super::super::Format::CloudEventsBinary {
+                source: "/x".into(),
+            })
+            .batch(10);
+        assert!(b.build().is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates_and_never_panics() {
+        assert_eq!(retry_after(Some("120")), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after(Some("18446744073709551615")),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(retry_after(Some("soon")), None);
+        assert_eq!(retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
+        assert_eq!(retry_after(None), None);
+    }
+
+    #[test]
+    fn one_line_is_short_and_safe() {
+        assert_eq!(one_line("a\n\n  b\tc", 10), "a b c");
+        assert_eq!(one_line("abcdef", 3), "abc…");
+        assert_eq!(one_line("abc", 3), "abc");
+        assert_eq!(one_line("\u{1b}[2J", 10), "\\u{1b}[2J");
+    }
+
+    #[test]
+    fn credentials_in_urls_and_headers_are_hidden() -> std::result::Result<(), url::ParseError> {
+        let url = Url::parse("https://ada:s3cret@api.example.com/hook?token=abc123#x")?;
+        assert_eq!(redact_url(&url), "https://***@api.example.com/hook?***");
+        let user_only = Url::parse("https://tok3n@api.example.com/hook")?;
+        assert_eq!(redact_url(&user_only), "https://***@api.example.com/hook");
+        let message = format!("connection refused: {url} (token=abc123, pw s3cret)");
+        let shown = redact(&message, &url, &[]);
+        for secret in ["s3cret", "abc123", "ada"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let headers = [
+            (
+                "Authorization".to_owned(),
+                "Bearer tok-0123456789".to_owned(),
+            ),
+            ("X-Api-Key".to_owned(), "k3y-value".to_owned()),
+        ];
+        let echoed = "HTTP 401: got authorization=Bearer tok-0123456789, token tok-0123456789, key k3y-value";
+        let shown = redact(echoed, &url, &headers);
+        for secret in ["tok-0123456789", "k3y-value"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        Ok(())
+    }
+}
