@@ -13,11 +13,10 @@
 
 mod common;
 
+use common::brokers::Mosquitto;
 use common::wait_until;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,87 +26,6 @@ use sqlite_outbox::sink::MqttSink;
 use sqlite_outbox::{Dispatcher, NewEvent, Operator, SqliteStore, Status, Store};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-struct Broker {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Broker {
-    fn start(dir: &Path) -> Result<Option<Broker>> {
-        if Command::new("mosquitto").arg("-h").output().is_err() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but mosquitto is not installed"
-            );
-            println!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
-            return Ok(None);
-        }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let data = dir.join("mosquitto");
-        std::fs::create_dir_all(&data)?;
-        std::fs::write(
-            dir.join("mosquitto.conf"),
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {}/\nmax_queued_messages 100000\n\
-                 # Started as root, mosquitto would switch to its own user,\n\
-                 # which cannot write here: its saved state would be lost.\n\
-                 user root\n",
-                data.display()
-            ),
-        )?;
-        let mut broker = Broker {
-            child: None,
-            port,
-            dir: dir.to_owned(),
-        };
-        broker.up()?;
-        Ok(Some(broker))
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    fn up(&mut self) -> Result {
-        self.child = Some(
-            Command::new("mosquitto")
-                .arg("-c")
-                .arg(self.dir.join("mosquitto.conf"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    /// SIGTERM: the broker saves its state and stops.
-    fn down(&mut self) -> Result {
-        if let Some(mut child) = self.child.take() {
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// What a subscriber received: (topic, user properties, body).
 type Received = Arc<Mutex<Vec<(String, HashMap<String, String>, serde_json::Value)>>>;
@@ -199,7 +117,7 @@ impl Drop for Reap {
 #[test]
 fn every_event_arrives_with_its_properties_in_key_order() -> Result {
     let dir = tempfile::tempdir()?;
-    let Some(broker) = Broker::start(dir.path())? else {
+    let Some(broker) = Mosquitto::start(dir.path())? else {
         return Ok(());
     };
     let (got, sub) = subscribe(broker.port)?;
@@ -253,7 +171,7 @@ fn every_event_arrives_with_its_properties_in_key_order() -> Result {
 #[test]
 fn a_broker_that_is_down_costs_no_attempts_and_is_waited_for() -> Result {
     let dir = tempfile::tempdir()?;
-    let Some(mut broker) = Broker::start(dir.path())? else {
+    let Some(mut broker) = Mosquitto::start(dir.path())? else {
         return Ok(());
     };
     let (got, sub) = subscribe(broker.port)?;
@@ -288,7 +206,7 @@ fn a_broker_that_is_down_costs_no_attempts_and_is_waited_for() -> Result {
 fn the_relay_survives_a_kill_and_a_broker_restart_and_every_event_arrives() -> Result {
     use common::cli::BIN;
     let dir = tempfile::tempdir()?;
-    let Some(mut broker) = Broker::start(dir.path())? else {
+    let Some(mut broker) = Mosquitto::start(dir.path())? else {
         return Ok(());
     };
     let (got, sub) = subscribe(broker.port)?;

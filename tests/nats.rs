@@ -14,100 +14,18 @@
 
 mod common;
 
+use common::brokers::Nats;
 use common::wait_until;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use sqlite_outbox::sink::NatsJetStream;
 use sqlite_outbox::{Dispatcher, NewEvent, Operator, SqliteStore, Status, Store};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-/// A `nats-server -js` of the test's own.
-struct Nats {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Nats {
-    /// `None` (one line saying so) when nats-server is not installed; in
-    /// CI (`CI=true`) that fails the test.
-    fn start(dir: &Path) -> Result<Option<Nats>> {
-        if Command::new("nats-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but nats-server is not installed"
-            );
-            println!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
-            return Ok(None);
-        }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut nats = Nats {
-            child: None,
-            port,
-            dir: dir.to_owned(),
-        };
-        nats.up()?;
-        Ok(Some(nats))
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn up(&mut self) -> Result {
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(self.dir.join("js"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    /// Stops the server with SIGTERM (it flushes its streams) and waits.
-    fn down(&mut self) -> Result {
-        if let Some(mut child) = self.child.take() {
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()

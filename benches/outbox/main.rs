@@ -8,7 +8,9 @@
 //!                                            # contention, latency, scaling, memory, idle,
 //!                                            # offline, schema, dashboard, postgres (with
 //!                                            # --features postgres and a server
-//!                                            # in OUTBOX_TEST_POSTGRES)
+//!                                            # in OUTBOX_TEST_POSTGRES), sinks (with
+//!                                            # --features cli, nats-server and
+//!                                            # mosquitto)
 //! ```
 //!
 //! Every figure is paired with a raw-rusqlite baseline doing the same SQL
@@ -40,6 +42,8 @@ mod offline;
 mod postgres;
 mod scaling;
 mod schema;
+#[cfg(all(feature = "http", feature = "nats", feature = "mqtt"))]
+mod sinks;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -135,7 +139,7 @@ fn main() -> Res<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     type Group = fn(&Config, &Path, &mut Vec<Row>) -> Res<()>;
-    #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+    #[cfg_attr(not(any(feature = "postgres", feature = "http")), allow(unused_mut))]
     let mut groups: Vec<(&str, Group)> = vec![
         ("enqueue", enqueue::enqueue_benches),
         ("dispatch", dispatch::dispatch_benches),
@@ -150,6 +154,8 @@ fn main() -> Res<()> {
     ];
     #[cfg(feature = "postgres")]
     groups.push(("postgres", postgres::postgres_benches));
+    #[cfg(all(feature = "http", feature = "nats", feature = "mqtt"))]
+    groups.push(("sinks", sinks::sink_benches));
     let mut rows = Vec::new();
     for (name, run) in groups {
         if only.as_deref().is_none_or(|o| o == name) {

@@ -10,7 +10,7 @@ use async_nats::connection::State;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::HeaderMap;
 
-use crate::dispatch::{Handler, HandlerError};
+use crate::dispatch::{BatchResult, Handler, HandlerError};
 use crate::error::{Error, Result};
 use crate::event::Event;
 
@@ -49,6 +49,7 @@ struct Inner {
     ack_timeout: Duration,
     shown: String,
     format: super::Format,
+    batch: usize,
 }
 
 impl fmt::Debug for NatsJetStream {
@@ -69,6 +70,7 @@ pub struct NatsJetStreamBuilder {
     connect_timeout: Duration,
     credentials: Option<std::path::PathBuf>,
     token: Option<String>,
+    batch: usize,
 }
 
 impl fmt::Debug for NatsJetStreamBuilder {
@@ -117,6 +119,14 @@ impl NatsJetStreamBuilder {
     /// retry. Default: 10 s.
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
         self.ack_timeout = timeout;
+        self
+    }
+
+    /// Up to this many events published before their acks are awaited
+    /// (pipelined: one round trip for all of them). Default: 64; 1
+    /// publishes one event at a time.
+    pub fn batch(mut self, events: usize) -> Self {
+        self.batch = events.max(1);
         self
     }
 
@@ -204,6 +214,7 @@ impl NatsJetStreamBuilder {
                 ack_timeout: self.ack_timeout,
                 shown: shown(&self.url),
                 format: self.format,
+                batch: self.batch,
             }),
         })
     }
@@ -221,6 +232,7 @@ impl NatsJetStream {
             connect_timeout: Duration::from_secs(10),
             credentials: None,
             token: None,
+            batch: 64,
         }
     }
 
@@ -270,32 +282,95 @@ fn header_value(text: &str) -> String {
 
 impl Handler for NatsJetStream {
     fn handle(&self, event: &Event) -> std::result::Result<(), HandlerError> {
+        self.publish(std::slice::from_ref(event))
+            .pop()
+            .unwrap_or_else(|| Err(HandlerError::retry("no result")))
+    }
+
+    fn batch_limit(&self) -> usize {
+        self.inner.batch
+    }
+
+    fn handle_batch(&self, events: &[Event]) -> BatchResult {
+        Ok(self.publish(events))
+    }
+}
+
+impl NatsJetStream {
+    /// Publishes `events` in order, then waits for their acks: a result
+    /// per event.
+    fn publish(&self, events: &[Event]) -> Vec<std::result::Result<(), HandlerError>> {
         let inner = &self.inner;
         if inner.client.connection_state() != State::Connected {
-            return Err(HandlerError::unavailable(format!(
-                "NATS server {} is not connected",
-                inner.shown
-            )));
+            let why = format!("NATS server {} is not connected", inner.shown);
+            return events
+                .iter()
+                .map(|_| Err(HandlerError::unavailable(why.clone())))
+                .collect();
         }
-        let subject = self.subject_of(event);
-        let message = inner.format.message(event);
-        let headers = Self::headers(event, &message);
-        let body = message.body;
+        let messages: Vec<(String, HeaderMap, String)> = events
+            .iter()
+            .map(|event| {
+                let message = inner.format.message(event);
+                let headers = Self::headers(event, &message);
+                (self.subject_of(event), headers, message.body)
+            })
+            .collect();
         let js = inner.jetstream.clone();
         let wait = inner.ack_timeout;
-        let published = inner.runtime.block_on(async move {
-            let ack = js
-                .publish_with_headers(subject.clone(), headers, body.into())
-                .await?;
-            match tokio::time::timeout(wait, ack).await {
-                Ok(ack) => ack.map(|a| (subject, a)),
-                Err(_) => Err(PublishErrorKind::TimedOut.into()),
+        let acks = inner.runtime.block_on(async move {
+            // Every publish goes out before any ack is awaited; a publish
+            // that cannot go out fails the ones after it too, so none
+            // overtakes another.
+            let mut pending = Vec::with_capacity(messages.len());
+            let mut broken = None;
+            for (subject, headers, body) in messages {
+                if broken.is_some() {
+                    pending.push(Err(PublishErrorKind::BrokenPipe.into()));
+                    continue;
+                }
+                match js.publish_with_headers(subject, headers, body.into()).await {
+                    Ok(ack) => pending.push(Ok(ack)),
+                    Err(e) => {
+                        broken = Some(());
+                        pending.push(Err(e));
+                    }
+                }
             }
+            let deadline = tokio::time::Instant::now() + wait;
+            let mut acks = Vec::with_capacity(pending.len());
+            for p in pending {
+                acks.push(match p {
+                    Ok(ack) => match tokio::time::timeout_at(deadline, ack).await {
+                        Ok(ack) => ack,
+                        Err(_) => Err(PublishErrorKind::TimedOut.into()),
+                    },
+                    Err(e) => Err(e),
+                });
+            }
+            acks
         });
-        match published {
-            Ok((_, ack)) if !ack.stream.is_empty() => Ok(()),
-            Ok((subject, _)) => Err(HandlerError::retry(format!(
-                "NATS acknowledged {subject} without naming a stream"
+        events
+            .iter()
+            .zip(acks)
+            .map(|(event, ack)| self.verdict(event, ack))
+            .collect()
+    }
+
+    fn verdict(
+        &self,
+        event: &Event,
+        ack: std::result::Result<
+            async_nats::jetstream::publish::PublishAck,
+            async_nats::jetstream::context::PublishError,
+        >,
+    ) -> std::result::Result<(), HandlerError> {
+        let inner = &self.inner;
+        match ack {
+            Ok(ack) if !ack.stream.is_empty() => Ok(()),
+            Ok(_) => Err(HandlerError::retry(format!(
+                "NATS acknowledged {} without naming a stream",
+                self.subject_of(event)
             ))),
             Err(e) => {
                 let reason = match e.kind() {

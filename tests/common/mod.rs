@@ -1,6 +1,8 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(any(feature = "nats", feature = "mqtt"))]
+pub mod brokers;
 #[cfg(feature = "cli")]
 pub mod browser;
 #[cfg(feature = "cli")]

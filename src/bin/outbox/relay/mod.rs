@@ -91,9 +91,11 @@ pub(crate) struct RelayArgs {
     )]
     env_headers: Option<String>,
     /// With --http: up to this many events per request, as one JSON array
-    /// (see the README for what the answer decides). 1: one per request.
-    #[arg(long, default_value_t = 1, requires = "http", value_parser = batch_count)]
-    batch: usize,
+    /// (see the README for what the answer decides; default 1, one per
+    /// request). With --nats and --mqtt: up to this many publishes in
+    /// flight before their acks are awaited (default 64).
+    #[arg(long, conflicts_with = "exec", value_parser = batch_count)]
+    batch: Option<usize>,
     /// With --http --batch: at most this many bytes of events per request
     /// (an event larger than this goes alone).
     #[arg(long, default_value = "1MiB", requires = "http", value_parser = byte_size)]
@@ -370,6 +372,9 @@ fn delivery(
         if let Some(id) = &a.mqtt_client_id {
             builder = builder.client_id(id.clone());
         }
+        if let Some(n) = a.batch {
+            builder = builder.batch(n);
+        }
         if let Some(user) = &a.mqtt_user {
             builder =
                 builder.credentials(user.clone(), a.mqtt_password.clone().unwrap_or_default());
@@ -386,6 +391,9 @@ fn delivery(
         if let Some(path) = &a.nats_creds {
             builder = builder.credentials_file(path.clone());
         }
+        if let Some(n) = a.batch {
+            builder = builder.batch(n);
+        }
         if let Some(token) = &a.nats_token {
             builder = builder.token(token.clone());
         }
@@ -400,7 +408,7 @@ fn delivery(
     match (&a.http, &a.exec) {
         (Some(url), _) => {
             let headers = collect_headers(a)?;
-            let batch = (a.batch, a.batch_bytes);
+            let batch = (a.batch.unwrap_or(1), a.batch_bytes);
             let sink =
                 http::sink(url, headers, a.timeout, format, batch).map_err(Failure::usage)?;
             let target = sink.endpoint();
