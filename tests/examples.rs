@@ -19,8 +19,53 @@ mod dashboard;
 #[path = "../examples/grow_out.rs"]
 mod grow_out;
 
-#[cfg(feature = "postgres")]
+#[cfg(all(feature = "http", feature = "nats"))]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../examples/sinks.rs"]
+mod sinks;
+
+#[cfg(any(feature = "postgres", feature = "nats"))]
 mod common;
+
+/// Notes in batches to a local sync server, orders to a real JetStream.
+#[cfg(all(feature = "http", feature = "nats"))]
+#[test]
+fn sinks_deliver_in_batches_and_to_jetstream() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let server = sinks::SyncServer::start()?;
+    let Some(nats) = common::brokers::Nats::start(dir.path())? else {
+        return Ok(());
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let url = nats.url();
+    let stream = rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await?);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await?;
+        Ok::<_, Box<dyn std::error::Error>>(js)
+    })?;
+    let summary = sinks::run(&dir.path().join("app.db"), &server.url, Some(&url), 400)?;
+    assert_eq!(summary.delivered, 440, "{summary:?}");
+    assert_eq!(summary.orders, 40);
+    let requests = server.requests();
+    assert_eq!(requests.iter().sum::<usize>(), 400);
+    assert!(
+        requests.len() < 400 && requests.iter().all(|&n| n <= 50),
+        "{requests:?}"
+    );
+    let held = rt.block_on(async {
+        let mut s = stream.get_stream("ORDERS").await?;
+        Ok::<_, Box<dyn std::error::Error>>(s.info().await?.state.messages)
+    })?;
+    assert_eq!(held, 40, "the stream holds each order once");
+    Ok(())
+}
 
 /// The same program on a SQLite file and on a PostgreSQL server.
 #[cfg(feature = "postgres")]
