@@ -163,7 +163,7 @@ impl MqttSinkBuilder {
     }
 
     /// Up to this many events published before their PUBACKs are awaited
-    /// (pipelined). Default: 64; 1 publishes one event at a time.
+    /// (pipelined). Default: 256; 1 publishes one event at a time.
     pub fn batch(mut self, events: usize) -> Self {
         self.batch = events.max(1);
         self
@@ -342,7 +342,7 @@ impl MqttSink {
             credentials: None,
             ack_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(30),
-            batch: 64,
+            batch: 256,
         })
     }
 

@@ -123,7 +123,7 @@ impl NatsJetStreamBuilder {
     }
 
     /// Up to this many events published before their acks are awaited
-    /// (pipelined: one round trip for all of them). Default: 64; 1
+    /// (pipelined: one round trip for all of them). Default: 256; 1
     /// publishes one event at a time.
     pub fn batch(mut self, events: usize) -> Self {
         self.batch = events.max(1);
@@ -232,7 +232,7 @@ impl NatsJetStream {
             connect_timeout: Duration::from_secs(10),
             credentials: None,
             token: None,
-            batch: 64,
+            batch: 256,
         }
     }
 

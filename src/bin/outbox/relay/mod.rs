@@ -93,7 +93,7 @@ pub(crate) struct RelayArgs {
     /// With --http: up to this many events per request, as one JSON array
     /// (see the README for what the answer decides; default 1, one per
     /// request). With --nats and --mqtt: up to this many publishes in
-    /// flight before their acks are awaited (default 64).
+    /// flight before their acks are awaited (default 256).
     #[arg(long, conflicts_with = "exec", value_parser = batch_count)]
     batch: Option<usize>,
     /// With --http --batch: at most this many bytes of events per request
