@@ -268,3 +268,50 @@ fn the_relay_survives_a_kill_and_a_broker_restart_and_every_event_arrives() -> R
     );
     Ok(())
 }
+
+/// Over TLS (`mqtts://`): with the CA that signed the broker's certificate
+/// events are published and acknowledged; with another CA nothing is, no
+/// attempt is spent, and the reason names the certificate.
+#[test]
+fn tls_with_the_right_ca_delivers_and_with_another_delivers_nothing() -> Result {
+    let dir = tempfile::tempdir()?;
+    let certs = common::brokers::Certificates::make(dir.path())?;
+    let Some(broker) = Mosquitto::start_tls(dir.path(), &certs)? else {
+        return Ok(());
+    };
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let store = SqliteStore::open(dir.path().join("app.db"))?;
+    for i in 0..20 {
+        store.enqueue(NewEvent::new("t", json!({ "n": i })))?;
+    }
+    let refused = MqttSink::builder(&url)?
+        .ca_file(&certs.other_ca)
+        .connect()?;
+    let dispatcher = Dispatcher::builder(store.clone())
+        .fallback_handler(refused)
+        .start()?;
+    wait_until(20, "the destination held back", || {
+        Ok(!dispatcher.destinations().is_empty())
+    })?;
+    let held = dispatcher.destinations();
+    dispatcher.shutdown(Duration::from_secs(5));
+    let why = held[0].last_error.clone().unwrap_or_default();
+    assert!(
+        why.contains("not connected") && why.contains("ertificate"),
+        "{why}"
+    );
+    let stats = store.stats()?;
+    assert_eq!((stats.pending, stats.done), (20, 0));
+    assert!(store
+        .list(&sqlite_outbox::ListFilter::default())?
+        .iter()
+        .all(|e| e.attempts == 0));
+
+    let sink = MqttSink::builder(&url)?.ca_file(&certs.ca).connect()?;
+    let report = Dispatcher::builder(store.clone())
+        .fallback_handler(sink)
+        .start()?
+        .drain(Duration::from_secs(60));
+    assert_eq!(report.metrics.done, 20, "{report:?}");
+    Ok(())
+}

@@ -323,3 +323,82 @@ fn cloudevents_over_nats_read_back_with_the_reference_sdk() -> Result {
     assert_eq!(headers.get("ce-type").map(String::as_str), Some("b"));
     Ok(())
 }
+
+/// Over TLS: with the CA that signed the server's certificate, events are
+/// published (by the library and by `relay --broker-ca`); with another CA
+/// nothing is, no attempt is spent, and the reason says TLS.
+#[test]
+fn tls_with_the_right_ca_delivers_and_with_another_delivers_nothing() -> Result {
+    let dir = tempfile::tempdir()?;
+    let certs = common::brokers::Certificates::make(dir.path())?;
+    let Some(nats) = Nats::start_tls(dir.path(), &certs)? else {
+        return Ok(());
+    };
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let count = || -> Result<u64> {
+        let ca = certs.ca.clone();
+        let url = url.clone();
+        runtime()?.block_on(async move {
+            let client = async_nats::ConnectOptions::new()
+                .add_root_certificates(ca)
+                .require_tls(true)
+                .connect(url.as_str())
+                .await?;
+            let js = async_nats::jetstream::new(client);
+            let stream = js
+                .get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: "OUTBOX".into(),
+                    subjects: vec!["outbox.>".into()],
+                    ..Default::default()
+                })
+                .await?;
+            Ok::<_, Box<dyn std::error::Error>>(stream.cached_info().state.messages)
+        })
+    };
+    assert_eq!(count()?, 0);
+    let db = dir.path().join("app.db");
+    let store = SqliteStore::open(&db)?;
+    for i in 0..20 {
+        store.enqueue(NewEvent::new("t", json!({ "n": i })))?;
+    }
+    let sink = NatsJetStream::builder(url.clone())
+        .ca_file(&certs.ca)
+        .connect()?;
+    let report = Dispatcher::builder(store.clone())
+        .fallback_handler(sink)
+        .start()?
+        .drain(Duration::from_secs(60));
+    assert_eq!(report.metrics.done, 20, "{report:?}");
+    assert_eq!(count()?, 20);
+
+    for i in 0..10 {
+        store.enqueue(NewEvent::new("t", json!({ "later": i })))?;
+    }
+    let relay = |ca: &std::path::Path| {
+        std::process::Command::new(common::cli::BIN)
+            .arg("--db")
+            .arg(&db)
+            .args(["relay", "--nats", &url, "--drain", "--broker-ca"])
+            .arg(ca)
+            .output()
+    };
+    let out = relay(&certs.other_ca)?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("unreachable") && err.contains("tls"), "{err}");
+    assert_eq!(
+        count()?,
+        20,
+        "nothing went to a server that did not prove itself"
+    );
+    let waiting = store.stats()?.pending;
+    assert_eq!(waiting, 10);
+    let out = relay(&certs.ca)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count()?, 30);
+    Ok(())
+}

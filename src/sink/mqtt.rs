@@ -61,6 +61,8 @@ struct Shared {
     connected: AtomicBool,
     stop: AtomicBool,
     waiters: Mutex<Waiters>,
+    /// Why the connection last failed, while it is down.
+    failure: Mutex<Option<String>>,
 }
 
 /// How a publish ended, other than with a PUBACK of success.
@@ -119,6 +121,8 @@ pub struct MqttSinkBuilder {
     ack_timeout: Duration,
     keep_alive: Duration,
     batch: usize,
+    tls: bool,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for MqttSinkBuilder {
@@ -159,6 +163,15 @@ impl MqttSinkBuilder {
     /// binary mode (the payload, with the attributes as user properties).
     pub fn format(mut self, format: super::Format) -> Self {
         self.format = format;
+        self
+    }
+
+    /// CA certificates (a PEM file) the broker's certificate must chain
+    /// to, and TLS required. Default, for an `mqtts://` address: Mozilla's
+    /// roots (`webpki-roots`).
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self.tls = true;
         self
     }
 
@@ -204,6 +217,12 @@ impl MqttSinkBuilder {
                 ..rumqttc::v5::mqttbytes::v5::ConnectProperties::new()
             });
         }
+        if self.tls {
+            let config = tls_config(self.ca_file.as_deref())?;
+            options.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                Arc::new(config),
+            )));
+        }
         if let Some((user, password)) = self.credentials {
             options.set_credentials(user, password);
         }
@@ -243,6 +262,7 @@ fn drive(mut connection: Connection, shared: &Shared) {
             Err(rumqttc::v5::RecvTimeoutError::Disconnected) => break,
             Ok(Ok(MqttEvent::Incoming(Packet::ConnAck(_)))) => {
                 shared.connected.store(true, Ordering::SeqCst);
+                *shared.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 if was_down {
                     tracing::info!("MQTT broker reachable again");
                     was_down = false;
@@ -280,6 +300,7 @@ fn drive(mut connection: Connection, shared: &Shared) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 shared.connected.store(false, Ordering::SeqCst);
+                *shared.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 // What was sent and not acknowledged is given back at once,
                 // its attempt not spent (the broker may have it: it may
                 // arrive twice). What was not sent yet goes out after the
@@ -307,22 +328,28 @@ fn drive(mut connection: Connection, shared: &Shared) {
 
 impl MqttSink {
     /// A builder for a sink publishing to the broker at `url`
-    /// (`mqtt://host:1883`).
+    /// (`mqtt://host:1883`),
     ///
     /// # Errors
     ///
     /// `InvalidInput` for an address that is not `mqtt://host[:port]`
-    /// (TLS, `mqtts://`, is not supported by this build yet).
+    /// or over TLS (`mqtts://host:8883`), the broker's certificate checked
+    /// against [`MqttSinkBuilder::ca_file`] or Mozilla's roots, and its
+    /// name against the host.
     pub fn builder(url: &str) -> Result<MqttSinkBuilder> {
-        let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
-            Error::invalid(
-                "an MQTT broker is given as mqtt://host[:port]; mqtts:// is not supported yet",
-            )
-        })?;
+        let (tls, rest) = match (url.strip_prefix("mqtt://"), url.strip_prefix("mqtts://")) {
+            (Some(rest), _) => (false, rest),
+            (None, Some(rest)) => (true, rest),
+            (None, None) => {
+                return Err(Error::invalid(
+                    "an MQTT broker is given as mqtt://host[:port] or mqtts://host[:port]",
+                ))
+            }
+        };
         let rest = rest.trim_end_matches('/');
         if rest.contains('@') || rest.contains('/') || rest.is_empty() {
             return Err(Error::invalid(
-                "an MQTT broker is given as mqtt://host[:port], credentials apart",
+                "an MQTT broker is given as mqtt[s]://host[:port], credentials apart",
             ));
         }
         let (host, port) = match rest.rsplit_once(':') {
@@ -331,7 +358,7 @@ impl MqttSink {
                 p.parse::<u16>()
                     .map_err(|_| Error::invalid("the MQTT port is not a number"))?,
             ),
-            _ => (rest.to_owned(), 1883),
+            _ => (rest.to_owned(), if tls { 8883 } else { 1883 }),
         };
         Ok(MqttSinkBuilder {
             host,
@@ -343,6 +370,8 @@ impl MqttSink {
             ack_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(30),
             batch: 256,
+            tls,
+            ca_file: None,
         })
     }
 
@@ -412,7 +441,16 @@ impl MqttSink {
     fn publish(&self, events: &[Event]) -> Vec<std::result::Result<(), HandlerError>> {
         let inner = &self.inner;
         if !inner.shared.connected.load(Ordering::SeqCst) {
-            let why = format!("MQTT broker {} is not connected", inner.shown);
+            let why = match inner
+                .shared
+                .failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+            {
+                Some(e) => format!("MQTT broker {} is not connected ({e})", inner.shown),
+                None => format!("MQTT broker {} is not connected", inner.shown),
+            };
             return events
                 .iter()
                 .map(|_| Err(HandlerError::unavailable(why.clone())))
@@ -465,4 +503,33 @@ impl MqttSink {
             })
             .collect()
     }
+}
+
+/// A TLS client configuration that checks the broker's certificate against
+/// the CA file, or Mozilla's roots.
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let unreadable = |e: &dyn fmt::Display| {
+                Error::invalid(format!("MQTT CA file {}: {e}", path.display()))
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| unreadable(&e))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(unreadable(&"no certificate in it"));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::invalid(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }

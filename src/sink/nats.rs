@@ -50,6 +50,7 @@ struct Inner {
     shown: String,
     format: super::Format,
     batch: usize,
+    last_failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl fmt::Debug for NatsJetStream {
@@ -71,6 +72,7 @@ pub struct NatsJetStreamBuilder {
     credentials: Option<std::path::PathBuf>,
     token: Option<String>,
     batch: usize,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for NatsJetStreamBuilder {
@@ -81,6 +83,7 @@ impl fmt::Debug for NatsJetStreamBuilder {
             .field("ack_timeout", &self.ack_timeout)
             .field("credentials", &self.credentials)
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -136,6 +139,15 @@ impl NatsJetStreamBuilder {
         self
     }
 
+    /// CA certificates (a PEM file) the server's certificate must chain
+    /// to, and TLS required (as a `tls://` address also requires it).
+    /// Default: the system's roots, when the address or the server asks
+    /// for TLS.
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
     /// A NATS credentials file (a user JWT and its NKey seed).
     pub fn credentials_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.credentials = Some(path.into());
@@ -174,6 +186,35 @@ impl NatsJetStreamBuilder {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .name("sqlite-outbox");
+        if let Some(path) = &self.ca_file {
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(Error::invalid(format!(
+                    "NATS CA file {}: {e}",
+                    path.display()
+                )));
+            }
+            options = options
+                .add_root_certificates(path.clone())
+                .require_tls(true);
+        }
+        if self.url.trim_start().starts_with("tls://") {
+            options = options.require_tls(true);
+        }
+        // Why the last connection attempt failed, for the events held back
+        // meanwhile.
+        let last_failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let failure = Arc::clone(&last_failure);
+        options = options.event_callback(move |event| {
+            let failure = Arc::clone(&failure);
+            async move {
+                let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+                match event {
+                    async_nats::Event::Connected => *f = None,
+                    async_nats::Event::ClientError(e) => *f = Some(e.to_string()),
+                    _ => {}
+                }
+            }
+        });
         if let Some(token) = self.token {
             options = options.token(token);
         }
@@ -215,6 +256,7 @@ impl NatsJetStreamBuilder {
                 shown: shown(&self.url),
                 format: self.format,
                 batch: self.batch,
+                last_failure,
             }),
         })
     }
@@ -233,6 +275,7 @@ impl NatsJetStream {
             credentials: None,
             token: None,
             batch: 256,
+            ca_file: None,
         }
     }
 
@@ -302,7 +345,15 @@ impl NatsJetStream {
     fn publish(&self, events: &[Event]) -> Vec<std::result::Result<(), HandlerError>> {
         let inner = &self.inner;
         if inner.client.connection_state() != State::Connected {
-            let why = format!("NATS server {} is not connected", inner.shown);
+            let why = match inner
+                .last_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+            {
+                Some(e) => format!("NATS server {} is not connected ({e})", inner.shown),
+                None => format!("NATS server {} is not connected", inner.shown),
+            };
             return events
                 .iter()
                 .map(|_| Err(HandlerError::unavailable(why.clone())))

@@ -15,12 +15,23 @@ pub struct Nats {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    /// The server's certificate and key, when it speaks TLS only.
+    tls: Option<Certificates>,
 }
 
 impl Nats {
     /// `None` (one line saying so) when nats-server is not installed; in
     /// CI (`CI=true`) that fails the test.
     pub fn start(dir: &Path) -> Result<Option<Nats>> {
+        Nats::start_with(dir, None)
+    }
+
+    /// A server that requires TLS with `certificates`' server certificate.
+    pub fn start_tls(dir: &Path, certificates: &Certificates) -> Result<Option<Nats>> {
+        Nats::start_with(dir, Some(certificates.clone()))
+    }
+
+    fn start_with(dir: &Path, tls: Option<Certificates>) -> Result<Option<Nats>> {
         if Command::new("nats-server")
             .arg("--version")
             .output()
@@ -38,6 +49,7 @@ impl Nats {
             child: None,
             port,
             dir: dir.to_owned(),
+            tls,
         };
         nats.up()?;
         Ok(Some(nats))
@@ -58,6 +70,15 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.dir.join("js"))
+            .args(self.tls.iter().flat_map(|c| {
+                [
+                    "--tls".into(),
+                    "--tlscert".into(),
+                    c.cert.clone().into_os_string(),
+                    "--tlskey".into(),
+                    c.key.clone().into_os_string(),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
@@ -100,6 +121,16 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Result<Option<Mosquitto>> {
+        Mosquitto::start_with(dir, None)
+    }
+
+    /// A broker that speaks only TLS, with `certificates`' server
+    /// certificate.
+    pub fn start_tls(dir: &Path, certificates: &Certificates) -> Result<Option<Mosquitto>> {
+        Mosquitto::start_with(dir, Some(certificates))
+    }
+
+    fn start_with(dir: &Path, tls: Option<&Certificates>) -> Result<Option<Mosquitto>> {
         if Command::new("mosquitto").arg("-h").output().is_err() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -123,7 +154,15 @@ impl Mosquitto {
                  # which cannot write here: its saved state would be lost.\n\
                  user root\n",
                 data.display()
-            ),
+            ) + &tls
+                .map(|c| {
+                    format!(
+                        "certfile {}\nkeyfile {}\n",
+                        c.cert.display(),
+                        c.key.display()
+                    )
+                })
+                .unwrap_or_default(),
         )?;
         let mut broker = Mosquitto {
             child: None,
@@ -173,5 +212,99 @@ impl Drop for Mosquitto {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A CA, a server certificate it signed for `localhost` and 127.0.0.1,
+/// and another CA that signed nothing here, made with `openssl`.
+#[derive(Clone, Debug)]
+pub struct Certificates {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+impl Certificates {
+    pub fn make(dir: &Path) -> Result<Certificates> {
+        let run = |args: &[&str]| -> Result {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()?;
+            if !out.status.success() {
+                return Err(
+                    format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into(),
+                );
+            }
+            Ok(())
+        };
+        let ca = |name: &str, cn: &str| -> Result {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.crt"),
+            ])
+        };
+        ca("ca", "outbox test CA")?;
+        ca("other", "another CA")?;
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ])?;
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ])?;
+        Ok(Certificates {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            other_ca: dir.join("other.crt"),
+        })
     }
 }

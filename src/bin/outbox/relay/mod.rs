@@ -62,6 +62,11 @@ pub(crate) struct RelayArgs {
     /// The subject of each event, `{type}` standing for its type.
     #[arg(long, default_value = "outbox.{type}", requires = "nats")]
     subject: String,
+    /// CA certificates (PEM) that the broker's certificate must chain to,
+    /// for --nats and --mqtt over TLS (`tls://`, `mqtts://`; given, TLS is
+    /// required). Default: the system's roots (NATS), Mozilla's (MQTT).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["http", "exec"])]
+    broker_ca: Option<PathBuf>,
     /// A NATS credentials file (user JWT and NKey seed).
     #[arg(long, value_name = "PATH", requires = "nats")]
     nats_creds: Option<PathBuf>,
@@ -375,6 +380,9 @@ fn delivery(
         if let Some(n) = a.batch {
             builder = builder.batch(n);
         }
+        if let Some(path) = &a.broker_ca {
+            builder = builder.ca_file(path.clone());
+        }
         if let Some(user) = &a.mqtt_user {
             builder =
                 builder.credentials(user.clone(), a.mqtt_password.clone().unwrap_or_default());
@@ -390,6 +398,9 @@ fn delivery(
             .ack_timeout(a.timeout);
         if let Some(path) = &a.nats_creds {
             builder = builder.credentials_file(path.clone());
+        }
+        if let Some(path) = &a.broker_ca {
+            builder = builder.ca_file(path.clone());
         }
         if let Some(n) = a.batch {
             builder = builder.batch(n);
