@@ -315,3 +315,57 @@ fn tls_with_the_right_ca_delivers_and_with_another_delivers_nothing() -> Result 
     assert_eq!(report.metrics.done, 20, "{report:?}");
     Ok(())
 }
+
+/// A broker that wants a password: the relay's, from a file and the
+/// environment, gets events through; a wrong one holds them back without
+/// spending attempts, and no password shows in what the relay prints.
+#[cfg(feature = "cli")]
+#[test]
+fn a_password_from_a_file_gets_in_and_a_wrong_one_never_shows() -> Result {
+    use common::cli::BIN;
+    let dir = tempfile::tempdir()?;
+    let Some(broker) = Mosquitto::start_auth(dir.path(), "relay", "pa55-w0rd-right")? else {
+        return Ok(());
+    };
+    let db = dir.path().join("app.db");
+    let store = SqliteStore::open(&db)?;
+    for i in 0..5 {
+        store.enqueue(NewEvent::new("t", json!({ "n": i })))?;
+    }
+    let relay = |password: &str| -> Result<std::process::Output> {
+        let file = dir.path().join("password");
+        std::fs::write(&file, format!("{password}\n"))?;
+        Ok(Command::new(BIN)
+            .arg("--db")
+            .arg(&db)
+            .args([
+                "relay",
+                "--mqtt",
+                &broker.url(),
+                "--drain",
+                "--mqtt-password-file",
+            ])
+            .arg(&file)
+            .env("OUTBOX_MQTT_USER", "relay")
+            .output()?)
+    };
+    let out = relay("pa55-w0rd-wrong")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(!text.contains("pa55-w0rd"), "{text}");
+    assert!(text.contains("unreachable"), "{text}");
+    let stats = store.stats()?;
+    assert_eq!((stats.pending, stats.done), (5, 0));
+    let out = relay("pa55-w0rd-right")?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(store.stats()?.done, 5);
+    Ok(())
+}

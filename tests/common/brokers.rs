@@ -121,16 +121,25 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Result<Option<Mosquitto>> {
-        Mosquitto::start_with(dir, None)
+        Mosquitto::start_with(dir, None, None)
+    }
+
+    /// A broker that lets in `user` with `password` and nobody else.
+    pub fn start_auth(dir: &Path, user: &str, password: &str) -> Result<Option<Mosquitto>> {
+        Mosquitto::start_with(dir, None, Some((user, password)))
     }
 
     /// A broker that speaks only TLS, with `certificates`' server
     /// certificate.
     pub fn start_tls(dir: &Path, certificates: &Certificates) -> Result<Option<Mosquitto>> {
-        Mosquitto::start_with(dir, Some(certificates))
+        Mosquitto::start_with(dir, Some(certificates), None)
     }
 
-    fn start_with(dir: &Path, tls: Option<&Certificates>) -> Result<Option<Mosquitto>> {
+    fn start_with(
+        dir: &Path,
+        tls: Option<&Certificates>,
+        user: Option<(&str, &str)>,
+    ) -> Result<Option<Mosquitto>> {
         if Command::new("mosquitto").arg("-h").output().is_err() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -142,10 +151,25 @@ impl Mosquitto {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data)?;
+        let access = match user {
+            None => "allow_anonymous true\n".to_owned(),
+            Some((user, password)) => {
+                let file = dir.join("mosquitto.passwd");
+                let made = Command::new("mosquitto_passwd")
+                    .args(["-b", "-c"])
+                    .arg(&file)
+                    .args([user, password])
+                    .output()?;
+                if !made.status.success() {
+                    return Err("mosquitto_passwd failed".into());
+                }
+                format!("allow_anonymous false\npassword_file {}\n", file.display())
+            }
+        };
         std::fs::write(
             dir.join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                "listener {port} 127.0.0.1\npersistence true\n\
                  # Without it, a burst of PUBACKs waits on the client's delayed\n\
                  # ACKs (about 40 ms each time).\n\
                  set_tcp_nodelay true\n\
@@ -162,7 +186,8 @@ impl Mosquitto {
                         c.key.display()
                     )
                 })
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                + &access,
         )?;
         let mut broker = Mosquitto {
             child: None,

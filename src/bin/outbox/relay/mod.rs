@@ -31,9 +31,10 @@ pub(crate) struct RelayArgs {
     /// POST each event as JSON to this URL.
     #[arg(long, conflicts_with_all = ["exec", "nats", "mqtt"], required_unless_present_any = ["exec", "nats", "mqtt"])]
     http: Option<String>,
-    /// Publish each event to this MQTT 5 broker (mqtt://host:1883) at QoS
-    /// 1; done on the broker's PUBACK. A user in OUTBOX_MQTT_USER and its
-    /// password in OUTBOX_MQTT_PASSWORD.
+    /// Publish each event to this MQTT 5 broker (mqtt://host:1883, or
+    /// mqtts://host:8883 over TLS) at QoS 1; done on the broker's PUBACK.
+    /// A user in OUTBOX_MQTT_USER and its password in OUTBOX_MQTT_PASSWORD
+    /// or --mqtt-password-file.
     #[arg(long, conflicts_with_all = ["exec", "nats"], value_name = "URL")]
     mqtt: Option<String>,
     /// The topic of each event, `{type}` standing for its type.
@@ -54,8 +55,13 @@ pub(crate) struct RelayArgs {
         hide = true
     )]
     mqtt_password: Option<String>,
+    /// A file whose first line is the MQTT password (instead of
+    /// OUTBOX_MQTT_PASSWORD).
+    #[arg(long, value_name = "PATH", requires = "mqtt")]
+    mqtt_password_file: Option<PathBuf>,
     /// Publish each event to NATS JetStream through this server
-    /// (nats://host:4222); done when a stream acknowledges it. A token in
+    /// (nats://host:4222, or tls://host:4222); done when a stream
+    /// acknowledges it. A token in
     /// OUTBOX_NATS_TOKEN, or a credentials file in --nats-creds.
     #[arg(long, conflicts_with = "exec", value_name = "URL")]
     nats: Option<String>,
@@ -383,9 +389,29 @@ fn delivery(
         if let Some(path) = &a.broker_ca {
             builder = builder.ca_file(path.clone());
         }
-        if let Some(user) = &a.mqtt_user {
-            builder =
-                builder.credentials(user.clone(), a.mqtt_password.clone().unwrap_or_default());
+        let password = match &a.mqtt_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        Failure::usage(format!("--mqtt-password-file {}: {e}", path.display()))
+                    })?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            None => a.mqtt_password.clone(),
+        };
+        match (&a.mqtt_user, password) {
+            (Some(user), password) => {
+                builder = builder.credentials(user.clone(), password.unwrap_or_default());
+            }
+            (None, Some(_)) => {
+                return Err(Failure::usage(
+                    "an MQTT password needs a user: set OUTBOX_MQTT_USER",
+                ))
+            }
+            (None, None) => {}
         }
         let sink = builder.connect().map_err(fail)?;
         let name = format!("mqtt {}", a.topic);
