@@ -413,6 +413,80 @@ fn max_age_gives_up_on_old_events_unrun(f: Fixture) -> TestResult {
     Ok(())
 }
 
+/// An hour of "503, come back in 2 minutes" on the manual clock, minute
+/// by minute: no attempt spent, nothing failed, one request per probe,
+/// never sooner than asked and no more often than the probe backoff
+/// (which grows to 5 minutes), then everything delivered once it
+/// recovers.
+fn an_hour_of_busy_answers_spends_no_attempt(f: Fixture) -> TestResult {
+    let busy = Arc::new(AtomicBool::new(true));
+    let calls = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (b, c, d) = (busy.clone(), calls.clone(), delivered.clone());
+    f.store.enqueue_batch(
+        (0..20)
+            .map(|n| NewEvent::new("api.push", json!({ "n": n })))
+            .collect(),
+    )?;
+    let dispatcher = Dispatcher::builder(f.core())
+        .workers(2)
+        .poll_interval(millis(20))
+        .handle("api.push", move |_: &Event| {
+            c.fetch_add(1, Ordering::SeqCst);
+            if b.load(Ordering::SeqCst) {
+                return Err(HandlerError::busy("HTTP 503: overloaded", Some(secs(120))));
+            }
+            d.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .start()?;
+    wait_until("held back, its events given back", || {
+        dispatcher.destinations().len() == 1 && f.store.stats().is_ok_and(|s| s.processing == 0)
+    })?;
+    let first = calls.load(Ordering::SeqCst);
+    assert!(first <= 2, "one call per worker at most: {first}");
+    let held = &dispatcher.destinations()[0];
+    let asked = (held.next_probe_at.ok_or("no probe")? - f.store.clock().now()).num_seconds();
+    assert!(
+        (119..=121).contains(&asked),
+        "the probe waits as asked: {asked} s"
+    );
+    for _ in 0..60 {
+        f.advance(secs(60));
+        dispatcher.wake();
+        std::thread::sleep(millis(30));
+        wait_until("the probe given back", || {
+            f.store.stats().is_ok_and(|s| s.processing == 0)
+                && dispatcher
+                    .destinations()
+                    .iter()
+                    .all(|s| s.next_probe_at.is_some())
+        })?;
+    }
+    let during = calls.load(Ordering::SeqCst);
+    assert!(
+        (10..=32).contains(&during),
+        "an hour of busy answers took {during} requests"
+    );
+    let events = all(&f, Status::Pending)?;
+    assert_eq!(events.len(), 20);
+    assert!(events.iter().all(|e| e.attempts == 0), "no attempt spent");
+    assert!(events.iter().all(|e| e
+        .last_error
+        .as_deref()
+        .is_none_or(|m| m == "HTTP 503: overloaded")));
+    // It recovers: the next probe gets through and everything flows.
+    busy.store(false, Ordering::SeqCst);
+    next_probe(&f, &dispatcher, "api.push")?;
+    wait_until("everything delivered", || {
+        delivered.load(Ordering::SeqCst) == 20
+    })?;
+    let report = dispatcher.drain(WAIT);
+    assert_eq!((report.metrics.failed, report.metrics.retried), (0, 0));
+    assert!(all(&f, Status::Done)?.iter().all(|e| e.attempts == 1));
+    Ok(())
+}
+
 #[test]
 fn probe_schedule_constants() {
     assert_eq!(FIRST_PROBE_AFTER, secs(1));
@@ -438,4 +512,5 @@ both_stores!(
     drain_while_offline_returns_at_once,
     a_week_offline_loses_and_spends_nothing,
     max_age_gives_up_on_old_events_unrun,
+    an_hour_of_busy_answers_spends_no_attempt,
 );

@@ -156,6 +156,7 @@ enum Action {
     Retry(Option<Duration>),
     Permanent,
     Unavailable,
+    Busy(Option<Duration>),
 }
 
 impl HandlerError {
@@ -200,6 +201,29 @@ impl HandlerError {
         }
     }
 
+    /// The destination is overloaded (an HTTP 429 or 503, a broker that
+    /// says "too many requests"): not the event's fault. As with
+    /// [`HandlerError::unavailable`], the event goes back as it was, its
+    /// attempt not spent, and the dispatcher holds back every event of its
+    /// destination, probing with one event at a time; the first probe goes
+    /// no sooner than `retry_after` when the destination said when (capped
+    /// at [`MAX_RETRY_AFTER`]). A flood of "busy" answers never fails an
+    /// event.
+    ///
+    /// Use [`HandlerError::retry_after`] instead when the delay is about
+    /// this event alone (its attempt then counts).
+    pub fn busy(error: impl Into<BoxError>, retry_after: Option<Duration>) -> Self {
+        HandlerError {
+            error: error.into(),
+            action: Action::Busy(retry_after.map(|d| d.min(MAX_RETRY_AFTER))),
+        }
+    }
+
+    /// True if the handler said the destination is busy.
+    pub fn is_busy(&self) -> bool {
+        matches!(self.action, Action::Busy(_))
+    }
+
     /// True if the event should fail without another attempt.
     pub fn is_permanent(&self) -> bool {
         self.action == Action::Permanent
@@ -213,7 +237,7 @@ impl HandlerError {
     /// The delay the handler asked for, if any.
     pub fn delay(&self) -> Option<Duration> {
         match self.action {
-            Action::Retry(delay) => delay,
+            Action::Retry(delay) | Action::Busy(delay) => delay,
             Action::Permanent | Action::Unavailable => None,
         }
     }

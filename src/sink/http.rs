@@ -39,7 +39,9 @@ const ANSWER_LIMIT: u64 = 1024 * 1024;
 ///   rejected: `{"rejected": [{"id": "<event id>", "reason": "…",
 ///   "permanent": false}]}`; a rejected event is retried (or fails at once
 ///   with `"permanent": true`), with the reason as its last error;
-/// - 408, 425, 429 and 5xx retry all of them (after `Retry-After` when
+/// - 429 and 503 say the endpoint is busy: the destination is held back
+///   (until `Retry-After` when given) without spending attempts;
+/// - 408, 425 and other 5xx retry all of them (after `Retry-After` when
 ///   given);
 /// - any other 4xx refuses the request as a whole: each event is sent
 ///   again alone (as a batch of one), so one bad event cannot fail the
@@ -311,7 +313,10 @@ impl Inner {
                 let after = retry_after(resp.header("Retry-After"));
                 let msg = self.redact(&format!("HTTP {code}: {}", body_excerpt(resp)));
                 match code {
-                    408 | 425 | 429 | 500..=599 => Sent::Failed(match after {
+                    // "Busy, come back later": not the event's fault, so
+                    // no attempt is spent; the destination waits.
+                    429 | 503 => Sent::Failed(HandlerError::busy(msg, after)),
+                    408 | 425 | 500..=599 => Sent::Failed(match after {
                         Some(d) => HandlerError::retry_after(msg, d),
                         None => HandlerError::retry(msg),
                     }),
@@ -442,7 +447,7 @@ impl Inner {
                         .pop()
                         .unwrap_or_else(|| Err(HandlerError::retry("no result")));
                     if let Err(e) = &result {
-                        if e.is_unavailable() {
+                        if e.is_unavailable() || e.is_busy() {
                             unreachable = Some(e.copied());
                         }
                     }
@@ -490,7 +495,11 @@ impl Handler for HttpSink {
             // Unreachable: the rest would be too; no request is made.
             let down = part
                 .iter()
-                .find_map(|r| r.as_ref().err().filter(|e| e.is_unavailable()))
+                .find_map(|r| {
+                    r.as_ref()
+                        .err()
+                        .filter(|e| e.is_unavailable() || e.is_busy())
+                })
                 .map(HandlerError::copied);
             results.extend(part);
             start = end;

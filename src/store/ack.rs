@@ -26,6 +26,10 @@ pub(crate) enum AckKind {
         by: Duration,
     },
     Release,
+    Defer {
+        error: String,
+        delay: Duration,
+    },
 }
 
 impl Ack {
@@ -71,6 +75,20 @@ impl Ack {
         Ack {
             lease,
             kind: AckKind::Release,
+        }
+    }
+
+    /// Gives the event back as [`Ack::release`] does (its attempt not
+    /// spent), due no sooner than `delay` from now (capped at
+    /// [`crate::MAX_RETRY_AFTER`]), with `error` as its last error: its
+    /// destination said it is busy and when to come back.
+    pub fn defer(lease: Lease, error: &str, delay: Duration) -> Self {
+        Ack {
+            lease,
+            kind: AckKind::Defer {
+                error: crate::event::capped_error(error),
+                delay: delay.min(crate::dispatch::MAX_RETRY_AFTER),
+            },
         }
     }
 

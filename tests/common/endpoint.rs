@@ -27,23 +27,26 @@ pub type Answer = (u16, Vec<(&'static str, String)>, Vec<u8>);
 
 impl Server {
     pub fn start(
-        answer: impl Fn() -> Answer + Send + 'static,
+        answer: impl Fn() -> Answer + Send + Sync + 'static,
     ) -> Result<Server, Box<dyn std::error::Error>> {
         Server::start_on("127.0.0.1:0", answer)
     }
 
     pub fn start_on(
         addr: &str,
-        answer: impl Fn() -> Answer + Send + 'static,
+        answer: impl Fn() -> Answer + Send + Sync + 'static,
     ) -> Result<Server, Box<dyn std::error::Error>> {
         Server::answering(addr, move |_| answer())
     }
 
-    /// A server whose answer depends on the request.
+    /// A server whose answer depends on the request. Requests are logged
+    /// in the order they arrive and answered each on a thread of its own,
+    /// so a slow answer holds up no other request.
     pub fn answering(
         addr: &str,
-        answer: impl Fn(&Seen) -> Answer + Send + 'static,
+        answer: impl Fn(&Seen) -> Answer + Send + Sync + 'static,
     ) -> Result<Server, Box<dyn std::error::Error>> {
+        let answer = Arc::new(answer);
         let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| e.to_string())?);
         let port = server
             .server_addr()
@@ -74,14 +77,17 @@ impl Server {
                 if let Ok(mut log) = log.lock() {
                     log.push(seen.clone());
                 }
-                let (code, headers, body) = answer(&seen);
-                let mut resp = tiny_http::Response::from_data(body).with_status_code(code);
-                for (k, v) in headers {
-                    if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-                        resp.add_header(h);
+                let answer = Arc::clone(&answer);
+                std::thread::spawn(move || {
+                    let (code, headers, body) = answer(&seen);
+                    let mut resp = tiny_http::Response::from_data(body).with_status_code(code);
+                    for (k, v) in headers {
+                        if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+                            resp.add_header(h);
+                        }
                     }
-                }
-                let _ = req.respond(resp);
+                    let _ = req.respond(resp);
+                });
             }
         });
         Ok(Server {

@@ -206,6 +206,23 @@ impl Destinations {
 
     /// A handler said the destination of `event_type` cannot be reached.
     pub(crate) fn unreachable(&self, event_type: &str, lease: &Lease, error: &str) {
+        self.hold_back(event_type, lease, error, None);
+    }
+
+    /// A handler said the destination of `event_type` is busy (a 429 or
+    /// 503): held back as when unreachable, its next probe no sooner than
+    /// `after` when the destination said when (`Retry-After`).
+    pub(crate) fn busy(
+        &self,
+        event_type: &str,
+        lease: &Lease,
+        error: &str,
+        after: Option<Duration>,
+    ) {
+        self.hold_back(event_type, lease, error, after);
+    }
+
+    fn hold_back(&self, event_type: &str, lease: &Lease, error: &str, after: Option<Duration>) {
         let destination = self.of(event_type).to_owned();
         let now = self.store.clock().now();
         let mut held = self.held();
@@ -226,7 +243,8 @@ impl Destinations {
         } else {
             next_probe_interval(h.backoff)
         };
-        h.next_probe = clock::add(now, jittered(h.backoff, &destination, h.probes));
+        let wait = jittered(h.backoff, &destination, h.probes);
+        h.next_probe = clock::add(now, after.map_or(wait, |asked| asked.max(wait)));
         let wait = (h.next_probe - now).to_std().unwrap_or(Duration::ZERO);
         drop(held);
         self.persist(&destination);

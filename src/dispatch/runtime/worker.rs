@@ -285,12 +285,29 @@ fn outcome_of(ctx: &Ctx, event: &Event, lease: Lease, ran: Ran) -> Outcome {
             ack: Ack::complete(lease),
             kind: Kind::Done,
         },
-        Ran::Returned(Err(err)) if err.is_unavailable() => {
+        Ran::Returned(Err(err)) if err.is_unavailable() || err.is_busy() => {
             let message = err.message();
-            ctx.destinations
-                .unreachable(&event.event_type, &lease, &message);
+            let ack = match err.delay().filter(|_| err.is_busy()) {
+                // The destination said when: the event waits until then
+                // even across restarts, its attempt not spent.
+                Some(after) => {
+                    ctx.destinations
+                        .busy(&event.event_type, &lease, &message, Some(after));
+                    Ack::defer(lease, &message, after)
+                }
+                None if err.is_busy() => {
+                    ctx.destinations
+                        .busy(&event.event_type, &lease, &message, None);
+                    Ack::release(lease)
+                }
+                None => {
+                    ctx.destinations
+                        .unreachable(&event.event_type, &lease, &message);
+                    Ack::release(lease)
+                }
+            };
             Outcome {
-                ack: Ack::release(lease),
+                ack,
                 kind: Kind::HeldBack,
             }
         }

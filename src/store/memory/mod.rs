@@ -355,6 +355,12 @@ impl Store for MemoryStore {
                     e.attempts = e.attempts.saturating_sub(1);
                     finish(e, Status::Pending, now);
                 }
+                AckKind::Defer { error, delay } => {
+                    e.attempts = e.attempts.saturating_sub(1);
+                    e.last_error = Some(error.clone());
+                    e.next_attempt_at = e.next_attempt_at.max(truncate(clock::add(now, *delay)));
+                    finish(e, Status::Pending, now);
+                }
             }
             results.push(Ok(()));
         }

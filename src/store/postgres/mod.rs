@@ -614,6 +614,10 @@ impl PostgresStore {
                     released = true;
                     tx.execute(&sql.ack_release, &[&l.seq, &l.token])?
                 }
+                AckKind::Defer { error, delay } => {
+                    let until = clock::to_millis(clock::add(clock::from_millis(now), *delay));
+                    tx.execute(&sql.ack_defer, &[&l.seq, &l.token, &until, error])?
+                }
             };
             results.push(if changed == 1 {
                 Ok(())

@@ -39,6 +39,7 @@ pub(super) struct Sql {
     pub(super) ack_fail: String,
     pub(super) ack_extend: String,
     pub(super) ack_release: String,
+    pub(super) ack_defer: String,
     pub(super) backlog: String,
     pub(super) next_wakeup: String,
     pub(super) skip_backoff: String,
@@ -176,6 +177,11 @@ impl Sql {
             ack_extend: format!("UPDATE {e} SET locked_until = $3::bigint {fenced}"),
             ack_release: format!(
                 "UPDATE {e} SET status = 'pending', attempts = greatest(attempts - 1, 0),
+                   {unlease} {fenced}"
+            ),
+            ack_defer: format!(
+                "UPDATE {e} SET status = 'pending', attempts = greatest(attempts - 1, 0),
+                   next_attempt_at = greatest(next_attempt_at, $3::bigint), last_error = $4,
                    {unlease} {fenced}"
             ),
             // $1 now, $2 only, $3 skip.

@@ -5,8 +5,8 @@ use std::time::Duration;
 use rusqlite::{params, Transaction};
 
 use super::sql::{
-    claim_by_types_sql, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL, ACK_RELEASE_SQL, ACK_RETRY_SQL,
-    ANY_EXPIRED_SQL, CLAIM_DUE_SQL, CLAIM_SQL, MAX_TYPED_CLAIM,
+    claim_by_types_sql, ACK_DEFER_SQL, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL, ACK_RELEASE_SQL,
+    ACK_RETRY_SQL, ANY_EXPIRED_SQL, CLAIM_DUE_SQL, CLAIM_SQL, MAX_TYPED_CLAIM,
 };
 use super::{skip, types_json, SqliteStore};
 use crate::clock;
@@ -137,6 +137,7 @@ impl SqliteStore {
         let mut fail = None;
         let mut extend = None;
         let mut release = None;
+        let mut defer = None;
         for ack in acks {
             let l = &ack.lease;
             let changed =
@@ -159,6 +160,11 @@ impl SqliteStore {
                     }
                     AckKind::Release => cached(tx, &mut release, ACK_RELEASE_SQL)?
                         .execute(params![l.seq, l.token])?,
+                    AckKind::Defer { error, delay } => {
+                        let until = clock::to_millis(clock::add(clock::from_millis(now), *delay));
+                        cached(tx, &mut defer, ACK_DEFER_SQL)?
+                            .execute(params![l.seq, l.token, until, error])?
+                    }
                 };
             results.push(if changed == 1 {
                 Ok(())

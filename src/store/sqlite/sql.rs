@@ -156,6 +156,10 @@ pub(super) const ACK_FAIL_SQL: &str =
     WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
 pub(super) const ACK_EXTEND_SQL: &str = "UPDATE outbox_events SET locked_until = ?3
     WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
+pub(super) const ACK_DEFER_SQL: &str = "UPDATE outbox_events SET status = 'pending',
+      attempts = max(attempts - 1, 0), next_attempt_at = max(next_attempt_at, ?3),
+      last_error = ?4, locked_at = NULL, locked_until = NULL, lease_token = NULL
+    WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";
 pub(super) const ACK_RELEASE_SQL: &str = "UPDATE outbox_events SET status = 'pending',
       attempts = max(attempts - 1, 0), locked_at = NULL, locked_until = NULL, lease_token = NULL
     WHERE seq = ?1 AND lease_token = ?2 AND status = 'processing'";

@@ -643,12 +643,19 @@ fn watch(
                 // deliver their events again when their leases run out.
                 break Some(store.backlog(types)?);
             }
-            if in_hand == 0 && !dispatcher.destinations().is_empty() {
-                // The endpoint cannot be reached: what is left waits for a
-                // later run.
+            let held = dispatcher.destinations();
+            // A destination held back (unreachable, or busy until a time it
+            // gave) is waited for only if its next probe falls within
+            // --wait-retries; otherwise what is left waits for a later run.
+            let probe_soon = held.iter().all(|d| {
+                d.next_probe_at.is_some_and(|t| {
+                    (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO) <= wait_retries
+                })
+            });
+            if in_hand == 0 && !held.is_empty() && !probe_soon {
                 break Some(store.backlog(types)?);
             }
-            if in_hand == 0 {
+            if in_hand == 0 && held.is_empty() {
                 let backlog = store.backlog(types)?;
                 let soon = backlog.next_due_at.is_some_and(|t| {
                     (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO) <= wait_retries
