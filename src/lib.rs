@@ -172,7 +172,7 @@ pub use store::sqlite::{
 };
 pub use store::{
     Ack, Backlog, ListFilter, Operator, Page, Requeue, Stats, Store, Subject, Throughput,
-    TypeStats, DEFAULT_LEASE, LEASE_EXPIRED_ERROR, THROUGHPUT_LOOKBACK,
+    TypeStats, Why, DEFAULT_LEASE, LEASE_EXPIRED_ERROR, THROUGHPUT_LOOKBACK,
 };
 
 /// The unfenced tier: operations by event id that take no lease, with the

@@ -782,3 +782,50 @@ fn cloudevents_in_both_modes_read_back_with_the_reference_sdk() -> TestResult {
     }
     Ok(())
 }
+
+/// The README's plain-SQL rows share the key `user-17`; its head meets a
+/// 500: `relay --drain` exits 3 saying what waits and why, and `show`,
+/// `list` and `stats` say the same of the events behind the head.
+#[test]
+fn events_behind_a_stalled_key_are_named_and_the_drain_says_so() -> TestResult {
+    let endpoint = Server::start(|| (500, vec![], b"database is down".to_vec()))?;
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("o.db");
+    let store = SqliteStore::open(&db)?;
+    let conn = rusqlite::Connection::open(&db)?;
+    for i in 0..3 {
+        conn.execute(
+            "INSERT INTO outbox_events (event_type, payload, ordering_key) VALUES ('user.updated', ?1, 'user-17')",
+            [json!({ "i": i }).to_string()],
+        )?;
+    }
+    let out = relay(&db, &["--http", &endpoint.url, "--drain"])?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("3 event(s) wait")
+            && err.contains("1 retrying later")
+            && err.contains("HTTP 500: database is down")
+            && err.contains("2 behind ordering key \"user-17\""),
+        "{err}"
+    );
+    let events = store.list(&sqlite_outbox::ListFilter::default())?;
+    let (head, behind) = (&events[0], &events[2]);
+    let show = outbox(&db, &["show", &behind.id.to_string()])?;
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        shown.contains("behind ordering key \"user-17\"") && shown.contains(&head.id.to_string()),
+        "{shown}"
+    );
+    let stats = outbox(&db, &["stats"])?;
+    let said = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        said.contains("(due 2, 2 of them behind their ordering key)"),
+        "{said}"
+    );
+    let json = outbox(&db, &["--json", "show", &behind.id.to_string()])?;
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(v["why"]["reason"], "behind_key");
+    assert_eq!(v["why"]["head"], json!(head.id.to_string()));
+    Ok(())
+}

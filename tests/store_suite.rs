@@ -8,7 +8,7 @@ use common::{millis, secs, Fixture, TestResult};
 use serde_json::json;
 use sqlite_outbox::{
     catalog::OutboxEventType, Ack, ErrorKind, Event, ListFilter, NewEvent, Requeue, RetryPolicy,
-    Status, Subject, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    Status, Subject, Why, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
 };
 use uuid::Uuid;
 
@@ -659,6 +659,87 @@ fn ordering_key_holds_while_head_is_processing(f: &Fixture) -> TestResult {
     );
     f.store.complete(&reclaimed[0].lease().ok_or("lease")?)?;
     assert_eq!(f.store.claim(10, LEASE, None)?[0].id, b.id);
+    Ok(())
+}
+
+/// A key's head retrying later: the events behind it are due but cannot
+/// move, and each says why, naming the head, its state and its error.
+fn a_stalled_head_is_named_by_the_events_behind_it(f: &Fixture) -> TestResult {
+    let head = f.store.enqueue(ev("t").with_ordering_key("user-17"))?;
+    let behind: Vec<Event> = (0..2)
+        .map(|_| f.store.enqueue(ev("t").with_ordering_key("user-17")))
+        .collect::<Result<_, _>>()?;
+    let free = f.store.enqueue(ev("t"))?;
+    let lease = f.store.claim(1, LEASE, None)?[0].lease().ok_or("lease")?;
+    // While the head is leased, the others wait for it.
+    let why = f.store.why(&get(f, &behind[0])?)?;
+    assert!(
+        matches!(&why, Why::BehindKey { head: h, head_status: Status::Processing, .. } if *h == head.id),
+        "{why:?}"
+    );
+    assert!(matches!(
+        f.store.why(&get(f, &head)?)?,
+        Why::Leased { until: Some(_) }
+    ));
+    f.store.retry(&lease, "HTTP 500", Some(secs(3600)))?;
+    let stats = f.store.stats()?;
+    assert_eq!(
+        (stats.pending, stats.due, stats.behind_key),
+        (4, 3, 2),
+        "{stats:?}"
+    );
+    for b in &behind {
+        let why = f.store.why(&get(f, b)?)?;
+        let Why::BehindKey {
+            key,
+            head: h,
+            head_status,
+            head_until,
+            head_error,
+        } = &why
+        else {
+            return Err(format!("{why:?}").into());
+        };
+        assert_eq!(
+            (key.as_str(), *h, *head_status, head_error.as_deref()),
+            ("user-17", head.id, Status::Pending, Some("HTTP 500"))
+        );
+        assert_eq!(
+            head_until.map(|t| t - f.clock.now_utc()),
+            Some(ChronoDuration::seconds(3600))
+        );
+        let said = why.to_string();
+        assert!(
+            said.contains("user-17")
+                && said.contains(&head.id.to_string())
+                && said.contains("HTTP 500"),
+            "{said}"
+        );
+    }
+    let why = f.store.why(&get(f, &head)?)?;
+    assert!(
+        matches!(&why, Why::Scheduled { last_error: Some(e), .. } if e == "HTTP 500"),
+        "{why:?}"
+    );
+    assert_eq!(f.store.why(&get(f, &free)?)?, Why::Due);
+    // The head done, the next one is free to go; the last waits for it.
+    f.advance(secs(3600));
+    let claimed = f.store.claim(10, LEASE, None)?;
+    let ids: Vec<_> = claimed.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        vec![free.id, head.id],
+        "the head and the free event only"
+    );
+    f.store.complete(&claimed[1].lease().ok_or("lease")?)?;
+    assert_eq!(f.store.why(&get(f, &head)?)?, Why::Done);
+    assert_eq!(f.store.why(&get(f, &behind[0])?)?, Why::Due);
+    let why = f.store.why(&get(f, &behind[1])?)?;
+    assert!(
+        matches!(&why, Why::BehindKey { head: h, .. } if *h == behind[0].id),
+        "{why:?}"
+    );
+    assert_eq!(f.store.stats()?.behind_key, 1);
     Ok(())
 }
 
@@ -1353,6 +1434,7 @@ suite!(
     ordering_key_serialises_events,
     ordering_key_holds_while_head_is_processing,
     requeued_head_waits_for_a_live_successor,
+    a_stalled_head_is_named_by_the_events_behind_it,
     retention_removes_only_old_finished_events,
     erase_by_org_and_user_removes_exactly_theirs,
     requeue_failed_resets_attempts,

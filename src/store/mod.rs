@@ -20,6 +20,7 @@ pub use report::{
     Backlog, DestinationState, Hold, ListFilter, Page, Requeue, Stats, Throughput, TypeStats,
     THROUGHPUT_LOOKBACK,
 };
+pub use why::Why;
 
 /// The lower bounds and bucket of a throughput count, in milliseconds:
 /// finished since, enqueued since, bucket.
@@ -43,6 +44,7 @@ mod report;
 mod row;
 pub(crate) mod schema;
 pub(crate) mod sqlite;
+mod why;
 
 /// Seals [`Store`] and carries what only the dispatcher needs from a store:
 /// the trait cannot be named outside the crate, so none of this is public

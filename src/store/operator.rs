@@ -39,6 +39,22 @@ pub trait Operator: Store {
     /// Database errors.
     fn stats(&self) -> Result<Stats>;
 
+    /// Why `event` (as read from this store) is where it is: due now,
+    /// scheduled for later (and after what error), behind the head of its
+    /// ordering key (which event, in what state, until when), held back
+    /// with its destination, leased, done or failed.
+    ///
+    /// A destination is matched by name to the event's type, the
+    /// dispatcher's default; one named otherwise (a relay's endpoint, a
+    /// shared destination) shows in [`Operator::stats`].
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn why(&self, event: &Event) -> Result<super::why::Why> {
+        super::why::why(self, event)
+    }
+
     /// Events matching `filter`, at most `filter.limit`.
     ///
     /// # Errors

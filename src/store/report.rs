@@ -63,6 +63,11 @@ pub struct Stats {
     pub pending: u64,
     /// Pending events that are due now.
     pub due: u64,
+    /// Of the due events, those that wait behind the unfinished head of
+    /// their ordering key (a head retrying later, leased, or due itself):
+    /// they cannot be claimed until it finishes ([`crate::Operator::why`]
+    /// names the head).
+    pub behind_key: u64,
     /// Processing events.
     pub processing: u64,
     /// Done events.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{apply_retry, finish, truncate, MemoryStore};
+use super::{apply_retry, claimable, finish, key_index, truncate, MemoryStore};
 use crate::clock;
 use crate::error::{Error, Result};
 use crate::event::{Event, Status};
@@ -30,6 +30,17 @@ impl Operator for MemoryStore {
             }
         }
         stats.oldest_due_age = oldest_due.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO));
+        let keys = key_index(&state, now);
+        stats.behind_key = state
+            .rows
+            .values()
+            .filter(|e| {
+                e.status == Status::Pending
+                    && e.next_attempt_at <= now
+                    && e.ordering_key.is_some()
+                    && !claimable(&keys, e, now)
+            })
+            .count() as u64;
         drop(state);
         stats.destinations = self
             .inner

@@ -87,6 +87,8 @@ impl Operator for PostgresStore {
             .get(0);
         stats.oldest_due_age =
             oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+        let behind: i64 = tx.query_one(&self.inner.sql.behind_key, &[&now])?.get(0);
+        stats.behind_key = count_u64(behind);
         let rows = tx.query(
             &format!(
                 "SELECT name, hold, since, next_probe_at, last_error, updated_at

@@ -40,6 +40,8 @@ pub(super) struct Sql {
     pub(super) ack_extend: String,
     pub(super) ack_release: String,
     pub(super) ack_defer: String,
+    /// $1 now: due events whose key's head must finish first.
+    pub(super) behind_key: String,
     pub(super) backlog: String,
     pub(super) next_wakeup: String,
     pub(super) skip_backoff: String,
@@ -178,6 +180,12 @@ impl Sql {
             ack_release: format!(
                 "UPDATE {e} SET status = 'pending', attempts = greatest(attempts - 1, 0),
                    {unlease} {fenced}"
+            ),
+            behind_key: format!(
+                "SELECT count(*) FROM {e} AS e
+                 WHERE e.status = 'pending' AND e.next_attempt_at <= $1::bigint
+                   AND e.ordering_key IS NOT NULL AND NOT {}",
+                key_free(&e, 1)
             ),
             ack_defer: format!(
                 "UPDATE {e} SET status = 'pending', attempts = greatest(attempts - 1, 0),

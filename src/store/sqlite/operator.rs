@@ -10,6 +10,7 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::builder::create_private;
+use super::sql::BEHIND_KEY_SQL;
 use super::SqliteStore;
 use crate::clock;
 use crate::error::{Error, ErrorKind, Result};
@@ -174,6 +175,10 @@ impl Operator for SqliteStore {
                     .query_row([now], |r| r.get(0))?;
                 stats.oldest_due_age =
                     oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+                let behind: i64 = conn
+                    .prepare_cached(&BEHIND_KEY_SQL)?
+                    .query_row(rusqlite::named_params! {":now": now}, |r| r.get(0))?;
+                stats.behind_key = count_u64(behind);
                 stats.destinations = read_destinations(conn)?;
                 Ok(stats)
             })();

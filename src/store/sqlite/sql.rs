@@ -28,6 +28,15 @@ pub(super) const TYPE_OK: &str =
     "(:types IS NULL OR e.event_type IN (SELECT value FROM json_each(:types)))
      AND (:skip IS NULL OR e.event_type NOT IN (SELECT value FROM json_each(:skip)))";
 
+/// Due events with a key whose head must finish first.
+pub(super) static BEHIND_KEY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT count(*) FROM outbox_events AS e
+         WHERE e.status = 'pending' AND e.next_attempt_at <= :now
+           AND e.ordering_key IS NOT NULL AND NOT {KEY_FREE}"
+    )
+});
+
 pub(super) static BACKLOG_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT

@@ -19,9 +19,14 @@ pub(crate) fn stats(db: &Db, json_mode: bool, prometheus: bool) -> Result<(), Fa
     }
     output(json_mode, stats_json(&stats), || {
         let mut t = String::new();
+        let behind = if stats.behind_key > 0 {
+            format!(", {} of them behind their ordering key", stats.behind_key)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             t,
-            "pending {}  (due {})  processing {}  done {}  failed {}",
+            "pending {}  (due {}{behind})  processing {}  done {}  failed {}",
             stats.pending, stats.due, stats.processing, stats.done, stats.failed
         );
         let _ = writeln!(
@@ -141,17 +146,26 @@ pub(crate) fn list(db: &Db, json_mode: bool, a: &ListArgs) -> Result<(), Failure
 pub(crate) fn show(db: &Db, json_mode: bool, id: &str) -> Result<(), Failure> {
     let fail = |e: sqlite_outbox::Error| db.fail(&e);
     let id = parse_id(id)?;
-    let event = db
-        .open_read()?
+    let store = db.open_read()?;
+    let event = store
         .find(id)
         .map_err(&fail)?
         .ok_or_else(|| Failure(format!("{}: no event with id {id}", db), 1))?;
-    let value = event_json(&event);
+    let why = store.why(&event).map_err(&fail)?;
+    let mut value = event_json(&event);
+    if let Value::Object(map) = &mut value {
+        let mut reason = serde_json::to_value(&why).unwrap_or(Value::Null);
+        if let Value::Object(r) = &mut reason {
+            r.insert("text".into(), Value::String(why.to_string()));
+        }
+        map.insert("why".into(), reason);
+    }
     output(json_mode, value.clone(), || {
         let mut t = String::new();
         if let Value::Object(map) = &value {
             for (k, v) in map {
                 let shown = match v {
+                    _ if k == "why" => text::terminal_safe(&why.to_string()).into_owned(),
                     Value::Null => "-".to_owned(),
                     Value::String(s) => text::terminal_safe(s).into_owned(),
                     other => text::terminal_safe(&other.to_string()).into_owned(),

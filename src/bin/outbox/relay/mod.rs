@@ -333,12 +333,21 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
     let Some(left) = waited else {
         return Ok(());
     };
+    let (waiting, why_waiting) = left_behind(store.as_ref(), types.as_deref()).map_err(fail)?;
     if let Some(held) = unreachable {
-        let waiting = store.stats().map_err(fail)?.pending;
         return Err(Failure(
             format!(
-                "{} is unreachable since {} ({}); {waiting} event(s) wait for a later run",
+                "{} is {} since {} ({}); {waiting} event(s) wait for a later run",
                 held.name,
+                if held
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("HTTP 429") || e.starts_with("HTTP 503"))
+                {
+                    "busy"
+                } else {
+                    "unreachable"
+                },
                 held.since.format("%Y-%m-%d %H:%M:%S UTC"),
                 crate::text::terminal_safe(held.last_error.as_deref().unwrap_or("no answer"))
             ),
@@ -350,20 +359,111 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
         .map_err(fail)?
         .failed
         .saturating_sub(failed_before);
-    match (report.metrics.failed.max(failed_in_file), left.next_due_at) {
-        (0, None) => Ok(()),
-        (failed, next) => Err(Failure(
+    let _ = left;
+    match (report.metrics.failed.max(failed_in_file), waiting) {
+        (0, 0) => Ok(()),
+        (failed, waiting) => Err(Failure(
             format!(
                 "{failed} event(s) failed during the run{}",
-                next.map(|t| format!(
-                    "; retries are scheduled, the next at {}",
-                    t.format("%Y-%m-%d %H:%M:%S UTC")
-                ))
-                .unwrap_or_default()
+                if waiting > 0 {
+                    format!(
+                        "; {waiting} event(s) wait: {}",
+                        crate::text::terminal_safe(&why_waiting)
+                    )
+                } else {
+                    String::new()
+                }
             ),
             EXIT_UNFINISHED,
         )),
     }
+}
+
+/// How many events of the relay's types are still pending, and why, in a
+/// few words: retries scheduled (the next, and after what), events behind
+/// their ordering key (the key, and what its head waits for), events
+/// held back with their destination. The reasons come from a sample of
+/// the oldest pending events.
+fn left_behind(
+    store: &dyn Operator,
+    types: Option<&[String]>,
+) -> sqlite_outbox::Result<(u64, String)> {
+    use sqlite_outbox::{ListFilter, Status, Why};
+    const SAMPLE: usize = 500;
+    let stats = store.stats()?;
+    let mine = |t: &str| types.is_none_or(|ts| ts.iter().any(|x| x == t));
+    let waiting: u64 = stats
+        .by_type
+        .iter()
+        .filter(|t| mine(&t.event_type))
+        .map(|t| t.pending)
+        .sum();
+    if waiting == 0 {
+        return Ok((0, String::new()));
+    }
+    let wanted: Vec<Option<String>> = match types {
+        Some(ts) => ts.iter().cloned().map(Some).collect(),
+        None => vec![None],
+    };
+    let mut sample = Vec::new();
+    for t in wanted {
+        sample.extend(store.list(&ListFilter {
+            status: Some(Status::Pending),
+            event_type: t,
+            limit: SAMPLE,
+            ..ListFilter::default()
+        })?);
+    }
+    let (mut scheduled, mut next): (u64, Option<(chrono::DateTime<chrono::Utc>, String)>) =
+        (0, None);
+    let mut keys: std::collections::BTreeMap<String, (u64, String)> = Default::default();
+    let (mut held, mut due) = (0u64, 0u64);
+    for e in sample.iter().take(SAMPLE) {
+        match store.why(e)? {
+            Why::Scheduled { at, last_error } => {
+                scheduled += 1;
+                if next.as_ref().is_none_or(|(t, _)| at < *t) {
+                    next = Some((at, last_error.unwrap_or_default()));
+                }
+            }
+            w @ Why::BehindKey { .. } => {
+                if let Why::BehindKey { key, .. } = &w {
+                    let entry = keys.entry(key.clone()).or_insert((0, w.to_string()));
+                    entry.0 += 1;
+                }
+            }
+            Why::HeldBack(_) => held += 1,
+            _ => due += 1,
+        }
+    }
+    let mut parts = Vec::new();
+    if let Some((at, error)) = next {
+        parts.push(format!(
+            "{scheduled} retrying later, the next at {}{}",
+            at.format("%Y-%m-%d %H:%M:%S UTC"),
+            if error.is_empty() {
+                String::new()
+            } else {
+                format!(" (after: {})", crate::text::excerpt(&error, 120))
+            }
+        ));
+    }
+    for (n, said) in keys.values().take(3) {
+        parts.push(format!("{n} {}", crate::text::excerpt(said, 200)));
+    }
+    if keys.len() > 3 {
+        parts.push(format!("and behind {} more ordering keys", keys.len() - 3));
+    }
+    if held > 0 {
+        parts.push(format!("{held} held back with their destination"));
+    }
+    if due > 0 {
+        parts.push(format!("{due} due (handled elsewhere, or just enqueued)"));
+    }
+    if sample.len() >= SAMPLE {
+        parts.push(format!("(reasons from the oldest {SAMPLE})"));
+    }
+    Ok((waiting, parts.join("; ")))
 }
 
 /// The delivery the operator asked for, and how to name its target in logs
