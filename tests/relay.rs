@@ -823,6 +823,12 @@ fn events_behind_a_stalled_key_are_named_and_the_drain_says_so() -> TestResult {
         said.contains("(due 2, 2 of them behind their ordering key)"),
         "{said}"
     );
+    let metrics = outbox(&db, &["stats", "--prometheus"])?;
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("\noutbox_events_behind_key 2\n"),
+        "{metrics}"
+    );
     let json = outbox(&db, &["--json", "show", &behind.id.to_string()])?;
     let v: serde_json::Value = serde_json::from_slice(&json.stdout)?;
     assert_eq!(v["why"]["reason"], "behind_key");

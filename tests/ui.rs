@@ -229,6 +229,79 @@ impl EvilPage {
 
 // ---- over plain HTTP ----------------------------------------------------------
 
+/// A key whose head retries after an error: the overview says how many
+/// wait behind it and why, the waiting event's page names the head, the
+/// head's page says when it retries, failures are grouped by error, and
+/// `/metrics` counts the events behind their key.
+#[test]
+fn a_stalled_key_and_the_reasons_of_failures_are_explained() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("app.db");
+    let store = SqliteStore::open(&db)?;
+    let head =
+        store.enqueue(NewEvent::new("user.updated", json!({})).with_ordering_key("user-17"))?;
+    let behind =
+        store.enqueue(NewEvent::new("user.updated", json!({})).with_ordering_key("user-17"))?;
+    store.enqueue(NewEvent::new("user.updated", json!({})).with_ordering_key("user-17"))?;
+    let lease = store
+        .claim(1, std::time::Duration::from_secs(60), None)?
+        .first()
+        .and_then(sqlite_outbox::Event::lease)
+        .ok_or("no lease")?;
+    store.retry(
+        &lease,
+        "HTTP 500: database is down",
+        Some(std::time::Duration::from_secs(3600)),
+    )?;
+    for error in ["HTTP 410: gone", "HTTP 410: gone", "timeout"] {
+        let e = store.enqueue(NewEvent::new("webhook.post", json!({})))?;
+        store.mark_failed(e.id, error)?;
+    }
+    let ui = Dashboard::start(&db, &[])?;
+    let metrics = ureq::get(&format!("{}/metrics", ui.url))
+        .call()?
+        .into_string()?;
+    assert!(
+        metrics.contains("\noutbox_events_behind_key 2\n"),
+        "{metrics}"
+    );
+    let Some((chromium, chromedriver)) = chromium() else {
+        return Ok(());
+    };
+    let b = Browser::start(&chromium, &chromedriver)?;
+    b.go(&format!("{}/", ui.url))?;
+    let attention = b.text(".attention")?;
+    assert!(
+        attention.contains("2 events wait behind ordering key user-17")
+            && attention.contains("HTTP 500: database is down"),
+        "{attention}"
+    );
+    assert!(
+        attention.contains("Why webhook.post failed: 2× HTTP 410: gone, 1× timeout"),
+        "{attention}"
+    );
+    assert!(
+        !attention.contains("is a dispatcher running"),
+        "{attention}"
+    );
+    b.go(&format!("{}/events/{}", ui.url, behind.id))?;
+    let why = b.text("#why")?;
+    assert!(
+        why.contains("behind ordering key \"user-17\"") && why.contains(&head.id.to_string()),
+        "{why}"
+    );
+    b.click("#head")?;
+    b.wait_for(10, "the head's page", |b| {
+        Ok(b.url()?.contains(&head.id.to_string()))
+    })?;
+    let why = b.text("#why")?;
+    assert!(
+        why.contains("waits until") && why.contains("HTTP 500: database is down"),
+        "{why}"
+    );
+    Ok(())
+}
+
 fn get(url: &str) -> Result<(u16, String, Option<String>)> {
     Visitor::default().get(url)
 }

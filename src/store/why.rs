@@ -68,26 +68,12 @@ impl std::fmt::Display for Why {
                     None => Ok(()),
                 }
             }
-            Why::BehindKey {
-                key,
-                head,
-                head_status,
-                head_until,
-                head_error,
-            } => {
+            Why::BehindKey { key, .. } => {
                 write!(
                     f,
-                    "behind ordering key {key:?}: its head {head} is {head_status}"
-                )?;
-                match (head_status, head_until) {
-                    (Status::Processing, Some(t)) => write!(f, ", leased until {}", at(t))?,
-                    (_, Some(t)) if *t > Utc::now() => write!(f, ", retrying at {}", at(t))?,
-                    _ => {}
-                }
-                match head_error {
-                    Some(e) => write!(f, " after: {e}"),
-                    None => Ok(()),
-                }
+                    "behind ordering key {key:?}: {}",
+                    self.head_summary().unwrap_or_default()
+                )
             }
             Why::HeldBack(d) => {
                 write!(
@@ -110,6 +96,34 @@ impl std::fmt::Display for Why {
             Why::Failed { error: Some(e) } => write!(f, "failed: {e}"),
             Why::Failed { error: None } => f.write_str("failed"),
         }
+    }
+}
+
+impl Why {
+    /// For [`Why::BehindKey`], what its head is doing, in words: "its head
+    /// <id> is pending, retrying at <time> after: <error>".
+    pub fn head_summary(&self) -> Option<String> {
+        let Why::BehindKey {
+            head,
+            head_status,
+            head_until,
+            head_error,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let at = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+        let mut text = format!("its head {head} is {head_status}");
+        match (head_status, head_until) {
+            (Status::Processing, Some(t)) => text.push_str(&format!(", leased until {}", at(t))),
+            (_, Some(t)) if *t > Utc::now() => text.push_str(&format!(", retrying at {}", at(t))),
+            _ => {}
+        }
+        if let Some(e) = head_error {
+            text.push_str(&format!(" after: {e}"));
+        }
+        Some(text)
     }
 }
 

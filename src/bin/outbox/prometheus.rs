@@ -86,6 +86,13 @@ pub(crate) fn render(stats: &Stats) -> String {
     }
     let mut f = Family::new(
         &mut out,
+        "outbox_events_behind_key",
+        "gauge",
+        "Due events that wait behind the unfinished head of their ordering key.",
+    );
+    f.sample("outbox_events_behind_key", &[], stats.behind_key);
+    let mut f = Family::new(
+        &mut out,
         "outbox_oldest_due_age_seconds",
         "gauge",
         "How long the oldest due event has waited since it became due (0 when none is due).",

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlite_outbox::admin::parse_duration;
-use sqlite_outbox::{Event, EventId, ListFilter, Requeue, Status};
+use sqlite_outbox::{Event, EventId, ListFilter, Requeue, Status, Why};
 use uuid::Uuid;
 
 use super::html::{age, badge, enc, esc, excerpt, page, time_from, Frame};
@@ -248,9 +248,17 @@ fn attention(ui: &Ui, o: &Overview, ran_out: usize, b: &mut String) {
             name = esc(&t.event_type),
         ));
     }
+    items.extend(failure_reasons(ui, o));
+    items.extend(stalled_keys(ui, o));
     if let Some(wait) = s.oldest_due_age.filter(|w| *w >= Duration::from_secs(60)) {
         let working = u64::try_from(ran_out).map_or(0, |r| s.processing.saturating_sub(r));
-        let hint = if working == 0 {
+        // A dispatcher shows itself by leases it holds or by destinations
+        // it wrote down in the last ten minutes.
+        let recently = o.at - chrono::Duration::minutes(10);
+        let live = working > 0 || s.destinations.iter().any(|d| d.updated_at >= recently);
+        let hint = if s.due > 0 && s.due == s.behind_key {
+            ", every one behind the head of its ordering key"
+        } else if !live {
             " and nothing is being handled: is a dispatcher running on this outbox?"
         } else {
             ""
@@ -281,6 +289,94 @@ fn attention(ui: &Ui, o: &Overview, ran_out: usize, b: &mut String) {
         let _ = write!(b, "<ul>{}</ul>", items.join(""));
     }
     b.push_str("</section>");
+}
+
+/// The most frequent last errors of each type with failed events (from
+/// the latest 200 failures of the type), with their counts.
+fn failure_reasons(ui: &Ui, o: &Overview) -> Vec<String> {
+    let mut items = Vec::new();
+    for t in o.stats.by_type.iter().filter(|t| t.failed > 0).take(10) {
+        let Ok(failed) = ui.store.list(&ListFilter {
+            status: Some(Status::Failed),
+            event_type: Some(t.event_type.clone()),
+            limit: 200,
+            newest_first: true,
+            ..ListFilter::default()
+        }) else {
+            continue;
+        };
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for e in &failed {
+            let reason = excerpt(e.last_error.as_deref().unwrap_or("no error recorded"), 100);
+            match counts.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((reason, 1)),
+            }
+        }
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+        let top: Vec<String> = counts
+            .iter()
+            .take(3)
+            .map(|(r, n)| format!("{n}× <q>{r}</q>"))
+            .collect();
+        items.push(format!(
+            "<li class=\"reasons\">Why <strong>{}</strong> failed{}: {}</li>",
+            esc(&t.event_type),
+            if t.failed > 200 {
+                " (the latest 200)"
+            } else {
+                ""
+            },
+            top.join(", ")
+        ));
+    }
+    items
+}
+
+/// Ordering keys whose head holds events back: how many wait behind each
+/// and what the head waits for (from the oldest 500 pending events).
+fn stalled_keys(ui: &Ui, o: &Overview) -> Vec<String> {
+    if o.stats.behind_key == 0 {
+        return Vec::new();
+    }
+    let Ok(pending) = ui.store.list(&ListFilter {
+        status: Some(Status::Pending),
+        limit: 500,
+        ..ListFilter::default()
+    }) else {
+        return Vec::new();
+    };
+    let mut keys: Vec<(String, usize, Why)> = Vec::new();
+    for e in pending.iter().filter(|e| e.ordering_key.is_some()) {
+        let Ok(why @ Why::BehindKey { .. }) = ui.store.why(e) else {
+            continue;
+        };
+        let Why::BehindKey { key, .. } = &why else {
+            continue;
+        };
+        match keys.iter_mut().find(|(k, _, _)| k == key) {
+            Some((_, n, _)) => *n += 1,
+            None => keys.push((key.clone(), 1, why.clone())),
+        }
+    }
+    keys.sort_by_key(|k| std::cmp::Reverse(k.1));
+    keys.iter()
+        .take(5)
+        .map(|(key, n, why)| {
+            let head = match why {
+                Why::BehindKey { head, .. } => head.to_string(),
+                _ => String::new(),
+            };
+            format!(
+                "<li class=\"stalled\"><strong>{n} events</strong> wait behind ordering key \
+                 <a href=\"/events?status=pending&amp;key={}\">{}</a>: {} \
+                 <a href=\"/events/{head}\">Open the head</a></li>",
+                enc(key),
+                esc(key),
+                esc(&why.head_summary().unwrap_or_default())
+            )
+        })
+        .collect()
 }
 
 fn by_type(ui: &Ui, o: &Overview, b: &mut String) {
@@ -596,6 +692,24 @@ pub(super) fn event(ui: &Ui, req: &Req, id: &str) -> Reply {
         badge = badge(e.status),
         ty = esc(&e.event_type)
     );
+    match ui.store.why(&e) {
+        Ok(why) => {
+            let head = match &why {
+                Why::BehindKey { head, .. } => {
+                    format!(" <a href=\"/events/{head}\" id=\"head\">Open the head</a>")
+                }
+                _ => String::new(),
+            };
+            let _ = write!(
+                b,
+                "<p class=\"why\" id=\"why\"><strong>Why:</strong> {}{head}</p>",
+                esc(&why.to_string())
+            );
+        }
+        Err(err) => {
+            let _ = write!(b, "<p class=\"error\">{}</p>", esc(&describe(&err)));
+        }
+    }
     if !ui.read_only {
         let mut actions = Vec::new();
         if e.status == Status::Failed {
