@@ -823,6 +823,24 @@ fn events_behind_a_stalled_key_are_named_and_the_drain_says_so() -> TestResult {
         said.contains("(due 2, 2 of them behind their ordering key)"),
         "{said}"
     );
+    let list = outbox(
+        &db,
+        &["list", "--why", "--type", "user.updated", "--type", "other"],
+    )?;
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("WHY") && listed.contains("by reason: scheduled 1, behind_key 2"),
+        "{listed}"
+    );
+    let list = outbox(&db, &["--json", "list", "--reason", "behind_key"])?;
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    let ids: Vec<&str> = v
+        .as_array()
+        .ok_or("not a list")?
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(ids, [events[1].id.to_string(), behind.id.to_string()]);
     let metrics = outbox(&db, &["stats", "--prometheus"])?;
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(

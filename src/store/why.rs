@@ -100,6 +100,32 @@ impl std::fmt::Display for Why {
 }
 
 impl Why {
+    /// Every [`Why::kind`], in the order of the lifecycle.
+    pub const KINDS: [&'static str; 7] = [
+        "due",
+        "scheduled",
+        "behind_key",
+        "held_back",
+        "leased",
+        "done",
+        "failed",
+    ];
+
+    /// The reason's name, as in its JSON `reason` field: `due`,
+    /// `scheduled`, `behind_key`, `held_back`, `leased`, `done` or
+    /// `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Why::Due => "due",
+            Why::Scheduled { .. } => "scheduled",
+            Why::BehindKey { .. } => "behind_key",
+            Why::HeldBack(_) => "held_back",
+            Why::Leased { .. } => "leased",
+            Why::Done => "done",
+            Why::Failed { .. } => "failed",
+        }
+    }
+
     /// For [`Why::BehindKey`], what its head is doing, in words: "its head
     /// <id> is pending, retrying at <time> after: <error>".
     pub fn head_summary(&self) -> Option<String> {

@@ -134,9 +134,17 @@ struct ListArgs {
     /// pending, processing, done or failed.
     #[arg(long, value_parser = status_arg)]
     status: Option<Status>,
-    /// Only this event type.
+    /// Only this event type (repeatable).
     #[arg(long = "type")]
-    event_type: Option<String>,
+    event_type: Vec<String>,
+    /// Say why each event is where it is (a WHY column; `why` in JSON).
+    #[arg(long)]
+    why: bool,
+    /// Only events waiting for this reason: due, scheduled, behind_key,
+    /// held_back, leased, done or failed (of those the other filters and
+    /// --limit select), with a count per reason at the end.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(sqlite_outbox::Why::KINDS))]
+    reason: Option<String>,
     /// Only this organisation.
     #[arg(long)]
     org: Option<Uuid>,

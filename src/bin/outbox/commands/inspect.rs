@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 use sqlite_outbox::admin::{event_json, format_duration, stats_json};
-use sqlite_outbox::ListFilter;
+use sqlite_outbox::{Event, ListFilter, Why};
 
 use crate::db::Db;
 use crate::output::{output, parse_id, table};
@@ -97,7 +97,6 @@ pub(crate) fn list(db: &Db, json_mode: bool, a: &ListArgs) -> Result<(), Failure
     let fail = |e: sqlite_outbox::Error| db.fail(&e);
     let filter = ListFilter {
         status: a.status,
-        event_type: a.event_type.clone(),
         org_id: a.org,
         user_id: a.user,
         correlation_id: a.correlation_id.clone(),
@@ -108,39 +107,108 @@ pub(crate) fn list(db: &Db, json_mode: bool, a: &ListArgs) -> Result<(), Failure
         after_seq: a.after,
         ..ListFilter::default()
     };
-    let events = db.open_read()?.list(&filter).map_err(&fail)?;
-    output(
-        json_mode,
-        Value::from(events.iter().map(event_json).collect::<Vec<_>>()),
-        || {
-            let rows = events
-                .iter()
-                .map(|e| {
-                    vec![
-                        e.id.to_string(),
-                        text::terminal_safe(&e.event_type).into_owned(),
-                        e.status.to_string(),
-                        format!("{}/{}", e.attempts, e.max_attempts),
-                        e.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                        text::excerpt(e.last_error.as_deref().unwrap_or_default(), 60),
-                    ]
-                })
-                .collect();
-            table(
-                &[
-                    "ID",
-                    "TYPE",
-                    "STATUS",
-                    "ATTEMPTS",
-                    "CREATED (UTC)",
-                    "LAST ERROR",
-                ],
-                rows,
-            )
-            .trim_end()
-            .to_owned()
-        },
-    )
+    let store = db.open_read()?;
+    // Several types: one list each, merged in the list's order.
+    let mut events = Vec::new();
+    if a.event_type.is_empty() {
+        events = store.list(&filter).map_err(&fail)?;
+    } else {
+        for t in &a.event_type {
+            let one = ListFilter {
+                event_type: Some(t.clone()),
+                ..filter.clone()
+            };
+            events.extend(store.list(&one).map_err(&fail)?);
+        }
+        events.sort_by_key(|e| e.seq);
+        if a.newest {
+            events.reverse();
+        }
+        events.truncate(a.limit);
+    }
+    let mut whys = Vec::with_capacity(events.len());
+    if a.why || a.reason.is_some() {
+        for e in &events {
+            whys.push(Some(store.why(e).map_err(&fail)?));
+        }
+    } else {
+        whys.resize(events.len(), None);
+    }
+    let (events, whys): (Vec<Event>, Vec<Option<Why>>) = events
+        .into_iter()
+        .zip(whys)
+        .filter(|(_, w)| {
+            a.reason
+                .as_deref()
+                .is_none_or(|r| w.as_ref().is_some_and(|w| w.kind() == r))
+        })
+        .unzip();
+    let json = events
+        .iter()
+        .zip(&whys)
+        .map(|(e, w)| {
+            let mut v = event_json(e);
+            if let (Value::Object(map), Some(w)) = (&mut v, w) {
+                map.insert("why".into(), why_json(w));
+            }
+            v
+        })
+        .collect::<Vec<_>>();
+    output(json_mode, Value::from(json), || {
+        let rows = events
+            .iter()
+            .zip(&whys)
+            .map(|(e, w)| {
+                let mut row = vec![
+                    e.id.to_string(),
+                    text::terminal_safe(&e.event_type).into_owned(),
+                    e.status.to_string(),
+                    format!("{}/{}", e.attempts, e.max_attempts),
+                    e.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    text::excerpt(e.last_error.as_deref().unwrap_or_default(), 60),
+                ];
+                if let Some(w) = w {
+                    row.push(text::excerpt(&w.to_string(), 120));
+                }
+                row
+            })
+            .collect();
+        let mut head = vec![
+            "ID",
+            "TYPE",
+            "STATUS",
+            "ATTEMPTS",
+            "CREATED (UTC)",
+            "LAST ERROR",
+        ];
+        if a.why || a.reason.is_some() {
+            head.push("WHY");
+        }
+        let mut t = table(&head, rows).trim_end().to_owned();
+        if a.why {
+            let mut counts: Vec<(&str, usize)> = Vec::new();
+            for w in whys.iter().flatten() {
+                match counts.iter_mut().find(|(k, _)| *k == w.kind()) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((w.kind(), 1)),
+                }
+            }
+            let summary: Vec<String> = counts.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            if !summary.is_empty() {
+                t.push_str(&format!("\n\nby reason: {}", summary.join(", ")));
+            }
+        }
+        t
+    })
+}
+
+/// A reason as JSON: its fields, `reason` (its kind) and `text`.
+fn why_json(why: &Why) -> Value {
+    let mut v = serde_json::to_value(why).unwrap_or(Value::Null);
+    if let Value::Object(r) = &mut v {
+        r.insert("text".into(), Value::String(why.to_string()));
+    }
+    v
 }
 
 pub(crate) fn show(db: &Db, json_mode: bool, id: &str) -> Result<(), Failure> {
@@ -154,11 +222,7 @@ pub(crate) fn show(db: &Db, json_mode: bool, id: &str) -> Result<(), Failure> {
     let why = store.why(&event).map_err(&fail)?;
     let mut value = event_json(&event);
     if let Value::Object(map) = &mut value {
-        let mut reason = serde_json::to_value(&why).unwrap_or(Value::Null);
-        if let Value::Object(r) = &mut reason {
-            r.insert("text".into(), Value::String(why.to_string()));
-        }
-        map.insert("why".into(), reason);
+        map.insert("why".into(), why_json(&why));
     }
     output(json_mode, value.clone(), || {
         let mut t = String::new();
