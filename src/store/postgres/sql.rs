@@ -181,11 +181,19 @@ impl Sql {
                 "UPDATE {e} SET status = 'pending', attempts = greatest(attempts - 1, 0),
                    {unlease} {fenced}"
             ),
+            // The rule of `key_free` without its exception for a head
+            // whose lease ran out on its last attempt: until a claim fails
+            // that head, it is in front (as the other stores count it).
             behind_key: format!(
                 "SELECT count(*) FROM {e} AS e
                  WHERE e.status = 'pending' AND e.next_attempt_at <= $1::bigint
-                   AND e.ordering_key IS NOT NULL AND NOT {}",
-                key_free(&e, 1)
+                   AND e.ordering_key IS NOT NULL AND EXISTS (
+                     SELECT 1 FROM {e} AS b
+                     WHERE b.ordering_key = e.ordering_key
+                       AND b.status IN ('pending', 'processing')
+                       AND b.seq <> e.seq
+                       AND (b.seq < e.seq
+                            OR (b.status = 'processing' AND b.locked_until > $1::bigint)))"
             ),
             ack_defer: format!(
                 "UPDATE {e} SET status = 'pending', attempts = greatest(attempts - 1, 0),
