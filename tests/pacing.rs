@@ -4,19 +4,18 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, Durability, Event, NewEvent, SqliteStore, Store};
+use sqlite_outbox::{Dispatcher, Durability, Event, NewEvent, Operator, SqliteStore, Store};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-/// An app that enqueues fast in this process gets most of the writer: the
-/// dispatcher then starts at most one write a millisecond (claims and
-/// outcomes together) and takes what arrived meanwhile in one go, instead
-/// of writing once or twice for every event (measured without the pacing,
-/// on an idle machine: 1,390–1,630 writes in 500 ms; with it, 350–610).
-/// On a loaded machine the dispatcher writes less anyway, and this test
-/// may not tell; `last_enqueues`, the pacing's signal, has a unit test.
+/// An app that enqueues as fast as it can beside a 4-worker dispatcher:
+/// every event is delivered once, whatever the pacing decided. How much
+/// the pacing saves (writes per event, the app's rate) is measured by the
+/// benchmark's contention group, never asserted here: a loaded machine
+/// changes it, not the outcome. The pacing's rule has unit tests
+/// (`dispatch::runtime::pace`).
 #[test]
-fn a_fast_enqueuer_gets_the_dispatcher_writing_in_groups() -> TestResult {
+fn a_fast_enqueuer_beside_a_dispatcher_loses_nothing() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::builder(dir.path().join("outbox.db"))
         .durability(Durability::Normal)
@@ -33,22 +32,14 @@ fn a_fast_enqueuer_gets_the_dispatcher_writing_in_groups() -> TestResult {
     }
     let ms = started.elapsed().as_secs_f64() * 1e3;
     let during = dispatcher.metrics();
-    let report = dispatcher.drain(Duration::from_secs(30));
+    let report = dispatcher.drain(Duration::from_secs(60));
+    assert!(report.idle, "{report:?}");
     assert_eq!(report.metrics.done, n);
-    assert!(during.done > 0, "delivery went on meanwhile: {during:?}");
-    // A write counts once for its outcomes and once for its claim at most.
+    assert_eq!(store.stats()?.done, n);
     let writes = during.claim_batches + during.settle_batches;
-    // On a busy machine the app and the dispatcher rarely want the writer
-    // at the same moment, and a few dozen writes need no pacing; when the
-    // dispatcher wrote often (more than one write every 4 ms), it must
-    // have made way.
-    if writes as f64 > ms / 4.0 {
-        assert!(during.paced > 0, "the dispatcher made way: {during:?}");
-    }
-    eprintln!("{writes} writes for {n} events in {ms:.0} ms");
-    assert!(
-        writes as f64 <= 2.0 * ms + 10.0,
-        "{writes} writes for {n} events in {ms:.0} ms: {during:?}"
+    eprintln!(
+        "{writes} writes ({} paced) for {n} events in {ms:.0} ms",
+        during.paced
     );
     Ok(())
 }
