@@ -37,6 +37,12 @@ const DEFAULT_SCHEDULE_SECS: [u64; 10] = [
 /// Default number of attempts before an event fails.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 
+/// The longest delay a handler or a destination may ask for
+/// ([`crate::HandlerError::retry_after`], [`crate::HandlerError::busy`],
+/// [`crate::Ack::defer`]): 24 hours, the longest step of the default
+/// schedule. An endpoint cannot park an event for years.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {

@@ -299,10 +299,7 @@ impl fmt::Display for HandlerError {
     }
 }
 
-/// The longest delay a handler may ask for with
-/// [`HandlerError::retry_after`]: 24 hours, the longest step of the default
-/// schedule.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+pub use crate::retry::MAX_RETRY_AFTER;
 
 #[cfg(test)]
 mod tests {

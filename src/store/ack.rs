@@ -47,7 +47,7 @@ impl Ack {
             lease,
             kind: AckKind::Retry {
                 error: crate::event::capped_error(error),
-                delay: delay.map(|d| d.min(crate::dispatch::MAX_RETRY_AFTER)),
+                delay: delay.map(|d| d.min(crate::retry::MAX_RETRY_AFTER)),
             },
         }
     }
@@ -87,7 +87,7 @@ impl Ack {
             lease,
             kind: AckKind::Defer {
                 error: crate::event::capped_error(error),
-                delay: delay.min(crate::dispatch::MAX_RETRY_AFTER),
+                delay: delay.min(crate::retry::MAX_RETRY_AFTER),
             },
         }
     }

@@ -30,6 +30,7 @@ use crate::http::{App, Head, Limits, Listener};
 use crate::{describe, Failure};
 
 mod html;
+mod overview;
 mod pages;
 mod session;
 
@@ -449,7 +450,7 @@ impl Ui {
 
     fn page(&self, req: &Req) -> Reply {
         match req.path.as_str() {
-            "/" => pages::overview(self, req),
+            "/" => overview::overview(self, req),
             "/events" => pages::events(self, req),
             "/confirm" => pages::confirm(self, req),
             "/metrics" => match self.overview() {
