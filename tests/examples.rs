@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 #[allow(dead_code, unreachable_pub)]
-#[path = "../examples/quickstart.rs"]
+#[path = "../src/bin/outbox-demo/main.rs"]
 mod quickstart;
 
 #[allow(dead_code, unreachable_pub)]

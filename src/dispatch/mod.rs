@@ -407,6 +407,50 @@ impl Dispatcher {
         &self.policy
     }
 
+    /// Waits, without stopping, until the queue is idle (as
+    /// [`Dispatcher::drain`] means it: nothing of this dispatcher's types
+    /// due or being handled, every outcome written) or `timeout` has
+    /// passed; true if it became idle. The dispatcher goes on running:
+    /// for an app that wants what it just wrote delivered before it goes
+    /// on, or a test.
+    ///
+    /// ```
+    /// use sqlite_outbox::prelude::*;
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let store = SqliteStore::open(dir.path().join("app.db"))?;
+    /// let dispatcher = Dispatcher::builder(store.clone())
+    ///     .handle("ping", |_event| Ok(()))
+    ///     .start()?;
+    /// store.enqueue(NewEvent::new("ping", serde_json::json!({})))?;
+    /// assert!(dispatcher.wait_idle(Duration::from_secs(10)));
+    /// assert_eq!(dispatcher.metrics().done, 1);
+    /// // Still running: the next event is delivered too.
+    /// store.enqueue(NewEvent::new("ping", serde_json::json!({})))?;
+    /// assert!(dispatcher.wait_idle(Duration::from_secs(10)));
+    /// assert_eq!(dispatcher.metrics().done, 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let Some(runtime) = self.runtime.as_ref() else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match runtime.is_idle() {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "outbox could not read the backlog"),
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            runtime.wake();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Runs until the queue is idle, then shuts down: returns once nothing
     /// of this dispatcher's types is due or being handled and every outcome
     /// is written, or once `timeout` has passed. Events scheduled for later

@@ -2,9 +2,13 @@
 //! a dispatcher delivers the events with retries.
 //!
 //! ```text
-//! cargo run --example quickstart            # uses ./outbox-demo.db
-//! cargo run --example quickstart -- PATH N  # another file, N orders
+//! cargo run --features demo --bin outbox-demo            # uses ./outbox-demo.db
+//! cargo run --features demo --bin outbox-demo -- PATH N  # another file, N orders
 //! ```
+//!
+//! A binary rather than an example, so that the first run builds only the
+//! library's own dependencies (an example builds every dev-dependency);
+//! behind the `demo` feature, so that `cargo install` leaves it out.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
