@@ -240,6 +240,33 @@ fn idempotency_keys_hold_across_racing_connections() -> TestResult {
     Ok(())
 }
 
+/// What only the server refuses (a NUL character in a text column, which
+/// PostgreSQL cannot hold though SQLite can) is the caller's invalid
+/// input, not a database failure to retry, and nothing is written; the
+/// batch it was in is refused whole.
+#[test]
+fn data_the_server_refuses_is_invalid_input() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let err = store
+        .enqueue(NewEvent::new("t", json!({})).with_correlation_id("a\u{0}b"))
+        .err()
+        .ok_or("a NUL character was stored")?;
+    assert!(err.is_invalid_input(), "{err}");
+    let err = store
+        .enqueue_batch(vec![
+            NewEvent::new("t", json!({"ok": 1})),
+            NewEvent::new("t", json!({"ok": 2})).with_correlation_id("a\u{0}b"),
+        ])
+        .err()
+        .ok_or("a NUL character was stored")?;
+    assert!(err.is_invalid_input(), "{err}");
+    assert_eq!(store.stats()?.total(), 0);
+    Ok(())
+}
+
 #[test]
 fn the_outbox_is_a_guest_in_its_own_schema() -> TestResult {
     let Some(schema) = Schema::fresh() else {
