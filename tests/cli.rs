@@ -584,6 +584,10 @@ fn odd_operator_input_is_handled() -> TestResult {
 /// Every command takes a PostgreSQL URL where it takes a file; the commands
 /// that only make sense on a file say so; a password never shows.
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn the_same_commands_on_a_postgresql_server() -> TestResult {
     let Some(schema) = common::pg::Schema::fresh() else {
         return Ok(());

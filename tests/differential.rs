@@ -248,6 +248,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
+    #[cfg_attr(
+        outbox_no_test_server,
+        ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+    )]
     fn postgres_behaves_like_the_model(ops in prop::collection::vec(op(), 1..40)) {
         if common::pg::url().is_some() {
             run(&ops, postgres)?;

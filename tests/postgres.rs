@@ -27,6 +27,10 @@ fn open(schema: &Schema) -> sqlite_outbox::Result<PostgresStore> {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn enqueue_commits_and_rolls_back_with_the_apps_transaction() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -68,6 +72,10 @@ fn enqueue_commits_and_rolls_back_with_the_apps_transaction() -> TestResult {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_plain_sql_insert_wakes_a_dispatcher_in_milliseconds() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -110,6 +118,10 @@ fn a_plain_sql_insert_wakes_a_dispatcher_in_milliseconds() -> TestResult {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn claimers_share_one_table_without_double_claims_and_keep_key_order() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -211,6 +223,10 @@ fn claimers_share_one_table_without_double_claims_and_keep_key_order() -> TestRe
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn idempotency_keys_hold_across_racing_connections() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -245,6 +261,10 @@ fn idempotency_keys_hold_across_racing_connections() -> TestResult {
 /// input, not a database failure to retry, and nothing is written; the
 /// batch it was in is refused whole.
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn data_the_server_refuses_is_invalid_input() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -268,6 +288,10 @@ fn data_the_server_refuses_is_invalid_input() -> TestResult {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn the_outbox_is_a_guest_in_its_own_schema() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -354,6 +378,10 @@ fn a_bad_url_or_an_absent_server_is_one_clear_error_without_the_password() -> Te
 /// The claim reads the due index, never the whole table, however many
 /// events are finished or waiting (checked with EXPLAIN on 20,000 rows).
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn claims_read_indexes_not_the_table() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -395,6 +423,10 @@ fn claims_read_indexes_not_the_table() -> TestResult {
 /// says: the claim sets its rows aside as failed, naming the column, and
 /// nothing panics.
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn rows_that_do_not_read_are_set_aside_not_panicked_on() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -417,6 +449,10 @@ fn rows_that_do_not_read_are_set_aside_not_panicked_on() -> TestResult {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -473,6 +509,10 @@ fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestR
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_schema_is_created_only_by_those_allowed_and_read_only_writes_nothing() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());
@@ -572,6 +612,10 @@ fn a_schema_is_created_only_by_those_allowed_and_read_only_writes_nothing() -> T
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn system_schemas_and_reserved_words_are_refused_with_a_reason() -> TestResult {
     let Some(url) = common::pg::url() else {
         return Ok(());
@@ -606,6 +650,10 @@ fn system_schemas_and_reserved_words_are_refused_with_a_reason() -> TestResult {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_table_changed_by_hand_is_named_with_what_the_server_said() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());

@@ -44,6 +44,10 @@ fn wait_done(store: &PostgresStore, done: u64) -> TestResult {
 /// A `pg_ctl restart` while a dispatcher delivers: every event is still
 /// delivered, and each exactly once to a handler that finished it.
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_server_restart_loses_nothing() -> TestResult {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(schema) = Schema::fresh() else {
@@ -128,6 +132,10 @@ fn a_server_restart_loses_nothing() -> TestResult {
 /// SQLite process tests reads their journals.
 #[cfg(feature = "torture")]
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn killed_worker_processes_lose_nothing() -> TestResult {
     use std::process::{Command, Stdio};
 

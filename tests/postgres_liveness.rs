@@ -81,6 +81,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mut drop_it: impl FnMut(&[u8]) -
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_deaf_listen_connection_delays_pickup_by_no_more_than_a_poll() -> Result {
     let Some(schema) = common::pg::Schema::fresh() else {
         return Ok(());
@@ -160,6 +164,10 @@ fn forward(listener: TcpListener, server: String) {
 
 #[cfg(feature = "cli")]
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_relay_started_before_its_server_waits_for_it() -> Result {
     use std::process::{Command, Stdio};
     let Some(schema) = common::pg::Schema::fresh() else {
@@ -226,6 +234,10 @@ fn a_relay_started_before_its_server_waits_for_it() -> Result {
 
 #[cfg(feature = "cli")]
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_relay_meeting_a_broken_table_stops_and_says_what_the_server_said() -> Result {
     use std::process::{Command, Stdio};
     let Some(schema) = common::pg::Schema::fresh() else {
@@ -285,6 +297,10 @@ fn a_relay_meeting_a_broken_table_stops_and_says_what_the_server_said() -> Resul
 
 #[cfg(feature = "cli")]
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn relay_drain_ends_when_the_store_refuses_outcomes_for_good() -> Result {
     use std::process::{Command, Stdio};
     let Some(schema) = common::pg::Schema::fresh() else {

@@ -95,6 +95,10 @@ fn error_text(e: &sqlite_outbox::Error) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn verify_full_talks_only_to_the_server_its_certificate_names() -> Result {
     let Some(s) = servers() else { return Ok(()) };
     let (store, _drop) = open(&format!("{} sslmode=verify-full", s.tls))?;
@@ -138,6 +142,10 @@ fn verify_full_talks_only_to_the_server_its_certificate_names() -> Result {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn require_refuses_a_server_without_tls_and_prefer_falls_back() -> Result {
     let Some(s) = servers() else { return Ok(()) };
     let err = open(&format!("{} sslmode=require", s.plain))
@@ -180,6 +188,10 @@ fn require_refuses_a_server_without_tls_and_prefer_falls_back() -> Result {
 }
 
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn the_listener_wakes_dispatchers_over_tls() -> Result {
     use sqlite_outbox::Dispatcher;
     use std::time::{Duration, Instant};

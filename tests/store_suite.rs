@@ -1387,7 +1387,12 @@ macro_rules! suite {
         }
         #[cfg(feature = "postgres")]
         mod postgres {
-            $( #[test] fn $name() -> super::TestResult {
+            $( #[test]
+            #[cfg_attr(
+                outbox_no_test_server,
+                ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+            )]
+            fn $name() -> super::TestResult {
                 match super::Fixture::postgres() {
                     Some(f) => super::$name(&f),
                     None => Ok(()),

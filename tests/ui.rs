@@ -524,6 +524,10 @@ fn metrics_pass_promtool_and_count_what_is_there() -> Result<()> {
 /// The same dashboard on a PostgreSQL outbox: the pages, the list and a
 /// retry through the operator calls of `PostgresStore`.
 #[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn the_dashboard_shows_and_changes_a_postgres_outbox() -> Result<()> {
     let Some(schema) = common::pg::Schema::fresh() else {
         return Ok(());
