@@ -129,6 +129,11 @@ fn unreachable_spends_nothing_and_a_probe_brings_it_back(f: Fixture) -> TestResu
     let written = f.store.stats()?.destinations;
     assert_eq!(written.len(), 1, "{written:?}");
     assert_eq!(
+        f.store.destinations()?,
+        written,
+        "the same list, read alone"
+    );
+    assert_eq!(
         (written[0].name.as_str(), written[0].hold, written[0].since),
         ("api.push", Hold::Unreachable, state.since)
     );

@@ -39,6 +39,17 @@ pub trait Operator: Store {
     /// Database errors.
     fn stats(&self) -> Result<Stats>;
 
+    /// The destinations that running dispatchers hold back, as they last
+    /// wrote them down (the same list as [`Stats::destinations`], without
+    /// counting the events).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn destinations(&self) -> Result<Vec<super::report::DestinationState>> {
+        Ok(self.stats()?.destinations)
+    }
+
     /// Why `event` (as read from this store) is where it is: due now,
     /// scheduled for later (and after what error), behind the head of its
     /// ordering key (which event, in what state, until when), held back

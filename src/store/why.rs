@@ -175,8 +175,7 @@ pub(crate) fn why<S: Operator + ?Sized>(store: &S, event: &Event) -> Result<Why>
         return Ok(head);
     }
     if let Some(held) = store
-        .stats()?
-        .destinations
+        .destinations()?
         .into_iter()
         .find(|d| d.name == event.event_type)
     {

@@ -10,12 +10,24 @@ use crate::error::{Error, Result};
 use crate::event::{Event, Status};
 use crate::id::EventId;
 use crate::store::legacy::UnfencedStore;
+use crate::store::DestinationState;
 use crate::store::{
     new_token, throughput_bounds, ListFilter, Operator, Page, Requeue, Stats, Subject, Throughput,
     DEFAULT_LEASE,
 };
 
 impl Operator for MemoryStore {
+    fn destinations(&self) -> Result<Vec<DestinationState>> {
+        Ok(self
+            .inner
+            .destinations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect())
+    }
+
     fn stats(&self) -> Result<Stats> {
         let now = truncate(self.now());
         let state = self.state();

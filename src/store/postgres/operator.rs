@@ -89,39 +89,17 @@ impl Operator for PostgresStore {
             oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
         let behind: i64 = tx.query_one(&self.inner.sql.behind_key, &[&now])?.get(0);
         stats.behind_key = count_u64(behind);
-        let rows = tx.query(
-            &format!(
-                "SELECT name, hold, since, next_probe_at, last_error, updated_at
-                 FROM {d} ORDER BY name"
-            ),
-            &[],
-        )?;
-        for r in rows {
-            let hold = match r.try_get::<_, String>(1).as_deref() {
-                Ok("unreachable") => Hold::Unreachable,
-                Ok("paused") => Hold::Paused,
-                _ => continue,
-            };
-            let (Ok(name), Ok(since), Ok(next), Ok(last_error), Ok(updated)) = (
-                r.try_get::<_, String>(0),
-                r.try_get::<_, i64>(2),
-                r.try_get::<_, Option<i64>>(3),
-                r.try_get::<_, Option<String>>(4),
-                r.try_get::<_, i64>(5),
-            ) else {
-                continue;
-            };
-            stats.destinations.push(DestinationState {
-                name,
-                hold,
-                since: clock::from_millis(since),
-                next_probe_at: next.map(clock::from_millis),
-                last_error,
-                updated_at: clock::from_millis(updated),
-            });
-        }
+        stats.destinations = read_destinations(&mut tx, d)?;
         tx.commit()?;
         Ok(stats)
+    }
+
+    fn destinations(&self) -> Result<Vec<DestinationState>> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.client.build_transaction().read_only(true).start()?;
+        let list = read_destinations(&mut tx, &self.inner.sql.destinations)?;
+        tx.commit()?;
+        Ok(list)
     }
 
     fn list_page(&self, filter: &ListFilter) -> Result<Page> {
@@ -386,4 +364,42 @@ impl PostgresStore {
             Ok(count_u64(n))
         })
     }
+}
+
+/// The destinations written down in table `d`; rows that do not read as
+/// the schema says are left out.
+fn read_destinations(tx: &mut postgres::Transaction<'_>, d: &str) -> Result<Vec<DestinationState>> {
+    let mut list = Vec::new();
+    let rows = tx.query(
+        &format!(
+            "SELECT name, hold, since, next_probe_at, last_error, updated_at
+                 FROM {d} ORDER BY name"
+        ),
+        &[],
+    )?;
+    for r in rows {
+        let hold = match r.try_get::<_, String>(1).as_deref() {
+            Ok("unreachable") => Hold::Unreachable,
+            Ok("paused") => Hold::Paused,
+            _ => continue,
+        };
+        let (Ok(name), Ok(since), Ok(next), Ok(last_error), Ok(updated)) = (
+            r.try_get::<_, String>(0),
+            r.try_get::<_, i64>(2),
+            r.try_get::<_, Option<i64>>(3),
+            r.try_get::<_, Option<String>>(4),
+            r.try_get::<_, i64>(5),
+        ) else {
+            continue;
+        };
+        list.push(DestinationState {
+            name,
+            hold,
+            since: clock::from_millis(since),
+            next_probe_at: next.map(clock::from_millis),
+            last_error,
+            updated_at: clock::from_millis(updated),
+        });
+    }
+    Ok(list)
 }

@@ -131,6 +131,10 @@ impl Operator for SqliteStore {
         Err(unchanged(self, id, |s| format!("already {s}")))
     }
 
+    fn destinations(&self) -> Result<Vec<DestinationState>> {
+        self.read(|conn| read_destinations(conn).map_err(Error::from))
+    }
+
     fn stats(&self) -> Result<Stats> {
         let now = clock::to_millis(self.now());
         self.read(|conn| {
