@@ -804,7 +804,7 @@ fn events_behind_a_stalled_key_are_named_and_the_drain_says_so() -> TestResult {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
         err.contains("3 event(s) wait")
-            && err.contains("1 retrying later")
+            && err.contains("1 due later")
             && err.contains("HTTP 500: database is down")
             && err.contains("2 behind ordering key \"user-17\""),
         "{err}"

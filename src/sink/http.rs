@@ -311,7 +311,12 @@ impl Inner {
             }
             Err(ureq::Error::Status(code, resp)) => {
                 let after = retry_after(resp.header("Retry-After"));
-                let msg = self.redact(&format!("HTTP {code}: {}", body_excerpt(resp)));
+                let body = body_excerpt(resp);
+                let msg = self.redact(&if body.is_empty() {
+                    format!("HTTP {code}")
+                } else {
+                    format!("HTTP {code}: {body}")
+                });
                 match code {
                     // "Busy, come back later": not the event's fault, so
                     // no attempt is spent; the destination waits.

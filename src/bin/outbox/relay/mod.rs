@@ -362,20 +362,19 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
     let _ = left;
     match (report.metrics.failed.max(failed_in_file), waiting) {
         (0, 0) => Ok(()),
-        (failed, waiting) => Err(Failure(
-            format!(
-                "{failed} event(s) failed during the run{}",
-                if waiting > 0 {
-                    format!(
-                        "; {waiting} event(s) wait: {}",
-                        crate::text::terminal_safe(&why_waiting)
-                    )
-                } else {
-                    String::new()
-                }
-            ),
-            EXIT_UNFINISHED,
-        )),
+        (failed, waiting) => {
+            let mut parts = Vec::new();
+            if failed > 0 {
+                parts.push(format!("{failed} event(s) failed during the run"));
+            }
+            if waiting > 0 {
+                parts.push(format!(
+                    "{waiting} event(s) wait: {}",
+                    crate::text::terminal_safe(&why_waiting)
+                ));
+            }
+            Err(Failure(parts.join("; "), EXIT_UNFINISHED))
+        }
     }
 }
 
@@ -439,7 +438,7 @@ fn left_behind(
     let mut parts = Vec::new();
     if let Some((at, error)) = next {
         parts.push(format!(
-            "{scheduled} retrying later, the next at {}{}",
+            "{scheduled} due later, the next at {}{}",
             at.format("%Y-%m-%d %H:%M:%S UTC"),
             if error.is_empty() {
                 String::new()
