@@ -176,11 +176,7 @@ impl HttpSinkBuilder {
     /// control characters (the value is not shown).
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Result<Self> {
         let (name, value) = (name.into(), value.into());
-        let name_ok = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !name_ok || value.chars().any(|c| c.is_control() && c != '\t') {
+        if !is_valid_header(&name, &value) {
             return Err(Error::invalid(
                 "a header needs a token for a name and a value without control characters",
             ));
@@ -242,6 +238,16 @@ impl HttpSinkBuilder {
             }),
         })
     }
+}
+
+/// Whether `name: value` can go out as a request header: the name an
+/// HTTP token, the value without control characters (but tabs).
+pub fn is_valid_header(name: &str, value: &str) -> bool {
+    let name_ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    name_ok && !value.chars().any(|c| c.is_control() && c != '\t')
 }
 
 /// The rejections a batch's 2xx answer may list.

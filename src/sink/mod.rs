@@ -30,7 +30,7 @@ mod nats;
 
 pub use format::{Format, Message, DEFAULT_CLOUDEVENTS_SOURCE};
 #[cfg(feature = "http")]
-pub use http::{redact_url, HttpSink, HttpSinkBuilder};
+pub use http::{is_valid_header, redact_url, HttpSink, HttpSinkBuilder};
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttSink, MqttSinkBuilder};
 #[cfg(feature = "nats")]
