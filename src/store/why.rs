@@ -126,8 +126,8 @@ impl Why {
         }
     }
 
-    /// For [`Why::BehindKey`], what its head is doing, in words: "its head
-    /// <id> is pending, retrying at <time> after: <error>".
+    /// For [`Why::BehindKey`], what its head is doing, in words: `its head
+    /// ID is pending, retrying at TIME after: ERROR`.
     pub fn head_summary(&self) -> Option<String> {
         let Why::BehindKey {
             head,
