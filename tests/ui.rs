@@ -284,6 +284,9 @@ fn a_stalled_key_and_the_reasons_of_failures_are_explained() -> Result<()> {
         !attention.contains("is a dispatcher running"),
         "{attention}"
     );
+    b.go(&format!("{}/events?status=pending", ui.url))?;
+    let list = b.text("table.events")?;
+    assert_eq!(list.matches("behind key user-17").count(), 2, "{list}");
     b.go(&format!("{}/events/{}", ui.url, behind.id))?;
     let why = b.text("#why")?;
     assert!(

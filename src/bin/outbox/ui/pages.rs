@@ -163,7 +163,7 @@ pub(super) fn events(ui: &Ui, req: &Req) -> Reply {
                 let _ = write!(b, "<p class=\"error\">{}</p>", esc(&describe(&e)));
             }
             Ok(page_of) => {
-                event_table(&page_of.events, &mut b);
+                event_table(ui, &page_of.events, &mut b);
                 let q = query_of(req);
                 let mut nav = Vec::new();
                 if filter.after_seq.is_some() {
@@ -249,12 +249,32 @@ pub(super) fn event_link(e: &Event) -> String {
     )
 }
 
-fn event_table(events: &[Event], b: &mut String) {
+fn event_table(ui: &Ui, events: &[Event], b: &mut String) {
     if events.is_empty() {
         b.push_str("<p class=\"muted\" id=\"no-events\">No events match.</p>");
         return;
     }
     let now = Utc::now();
+    let held = ui.store.destinations().unwrap_or_default();
+    // Why a pending event is not moving, in a few words: its destination
+    // is held back, or it waits behind the head of its key.
+    let why = |e: &Event| -> String {
+        if e.status != Status::Pending {
+            return String::new();
+        }
+        if let Some(d) = held.iter().find(|d| d.name == e.event_type) {
+            return format!(
+                " <span class=\"why\">held back ({})</span>",
+                d.hold.as_str()
+            );
+        }
+        match e.ordering_key.as_ref().map(|_| ui.store.why(e)) {
+            Some(Ok(Why::BehindKey { key, .. })) => {
+                format!(" <span class=\"why\">behind key {}</span>", esc(&key))
+            }
+            _ => String::new(),
+        }
+    };
     b.push_str(
         "<table class=\"events\"><thead><tr><th class=\"num\">Seq</th><th>Event</th><th>Type</th><th>Status</th>\
          <th class=\"num\">Attempts</th><th>Created</th><th>Next attempt / finished</th><th>Last error</th></tr></thead><tbody>",
@@ -274,7 +294,7 @@ fn event_table(events: &[Event], b: &mut String) {
         let _ = write!(
             b,
             "<tr data-seq=\"{seq}\"><td class=\"num\">{seq}</td><td>{link}</td><td>{ty}</td><td>{badge}</td>\
-             <td class=\"num\">{a}/{m}</td><td>{created}</td><td>{when}</td><td class=\"error-text\">{err}</td></tr>",
+             <td class=\"num\">{a}/{m}</td><td>{created}</td><td>{when}{why}</td><td class=\"error-text\">{err}</td></tr>",
             seq = e.seq,
             link = event_link(e),
             ty = esc(&e.event_type),
@@ -283,6 +303,7 @@ fn event_table(events: &[Event], b: &mut String) {
             m = e.max_attempts,
             created = time_from(e.created_at, now),
             err = excerpt(e.last_error.as_deref().unwrap_or_default(), 80),
+            why = why(e),
         );
     }
     b.push_str("</tbody></table>");
