@@ -27,6 +27,13 @@ pub enum Entry {
         kind: String,
         at: i64,
     },
+    /// An ack about to be sent; its outcome line follows unless the worker
+    /// was killed in between.
+    AckSent {
+        id: String,
+        attempt: u32,
+        at: i64,
+    },
 }
 
 /// Reads journals, ignoring a torn last line (the writer was killed).
@@ -53,6 +60,11 @@ pub fn read(paths: &[impl AsRef<Path>]) -> std::io::Result<Vec<Entry>> {
                             token: k,
                         })
                 }
+                (Some("asent"), 4) => num(2).zip(num(3)).map(|(a, t)| Entry::AckSent {
+                    id: f[1].into(),
+                    attempt: a as u32,
+                    at: t,
+                }),
                 (Some("hstart"), 4) => num(2).zip(num(3)).map(|(a, t)| Entry::Start {
                     id: f[1].into(),
                     attempt: a as u32,
@@ -127,6 +139,9 @@ pub fn check(
     let mut starts: HashMap<&str, usize> = HashMap::new();
     let mut accepted_done: HashMap<&str, Vec<u32>> = HashMap::new();
     let mut accepted_acks: HashMap<&str, Vec<(u32, i64)>> = HashMap::new();
+    // Acks sent, and acks whose outcome was written down, per id.
+    let mut sent_acks: HashMap<&str, Vec<(u32, i64)>> = HashMap::new();
+    let mut answered: HashSet<(&str, u32)> = HashSet::new();
     for e in entries {
         match e {
             Entry::Claim {
@@ -138,6 +153,9 @@ pub fn check(
                 claims.entry(id).or_default().push((*attempt, *at));
             }
             Entry::Start { id, .. } => *starts.entry(id).or_default() += 1,
+            Entry::AckSent { id, attempt, at } => {
+                sent_acks.entry(id).or_default().push((*attempt, *at));
+            }
             Entry::Ack {
                 id,
                 attempt,
@@ -145,6 +163,7 @@ pub fn check(
                 kind,
                 at,
             } => {
+                answered.insert((id.as_str(), *attempt));
                 if *accepted {
                     accepted_acks.entry(id).or_default().push((*attempt, *at));
                     if kind == "done" {
@@ -176,8 +195,21 @@ pub fn check(
             let acked_before = accepted_acks
                 .get(id)
                 .is_some_and(|acks| acks.iter().any(|(a, t)| *a == a1 && *t <= t2 + 1_000_000));
-            if t2 - t1 < lease_ns && !acked_before {
+            // An ack sent in time whose worker died before writing down
+            // how it went may have committed (a retry frees the event).
+            let maybe_acked = !answered.contains(&(*id, a1))
+                && sent_acks
+                    .get(id)
+                    .is_some_and(|acks| acks.iter().any(|(a, t)| *a == a1 && *t <= t2 + 1_000_000));
+            if t2 - t1 < lease_ns && !acked_before && !maybe_acked {
                 r.live_overlap += 1;
+                eprintln!(
+                    "live overlap: {id} attempt {a1} at {t1}, next claim at {t2} ({} ms later); claims {:?}; acks {:?}; starts {:?}",
+                    (t2 - t1) / 1_000_000,
+                    cl,
+                    accepted_acks.get(id),
+                    starts.get(&**id)
+                );
             }
         }
     }

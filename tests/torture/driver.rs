@@ -27,6 +27,7 @@
 //!
 //! Journal lines (times are wall-clock nanoseconds):
 //! `claim ID ATTEMPT LOCKED_AT_NS TOKEN`, `hstart ID ATTEMPT T`,
+//! `asent ID ATTEMPT SENT_AT` (an ack about to be sent),
 //! `ack ID ATTEMPT ACCEPTED(0|1) KIND SENT_AT`.
 //! Producer lines on stdout: `ok P FIRST LAST` after a commit returned,
 //! `err P FIRST LAST KIND` after it failed.
@@ -345,7 +346,12 @@ fn work(args: &Args) -> Res<()> {
                 std::thread::sleep(Duration::from_millis(ms));
                 let fail = rng.below(100) < fail_pct;
                 // The time the ack was sent: it cannot take effect earlier.
+                // Written down first: a worker killed after its ack committed
+                // and before the line below leaves this one, and the checker
+                // then knows the attempt may have ended (a retry makes the
+                // event claimable again before its lease would run out).
                 let sent = now_ns();
+                journal.line(format_args!("asent {} {} {}", event.id, l.attempt(), sent));
                 let (kind, result) = if let Some(c) = &weak {
                     // The weak guard: any processing row is taken as ours.
                     let changed = c.execute(
