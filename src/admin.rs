@@ -73,6 +73,26 @@ pub fn event_json(event: &Event) -> Value {
     serde_json::to_value(event).unwrap_or(Value::Null)
 }
 
+/// At most `max` characters of `text` (a response body, an error from
+/// elsewhere) on one line: whitespace runs become one space, control
+/// characters are written as escapes such as `\u{1b}` (so the text cannot
+/// drive a terminal that shows it), and a cut is marked with `…`.
+pub fn excerpt(text: &str, max: usize) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out = String::with_capacity(one_line.len().min(max.saturating_mul(2)));
+    for c in one_line.chars().take(max) {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    if one_line.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// The JSON shape of [`Stats`]: its serde form, plus `total`.
 pub fn stats_json(stats: &Stats) -> Value {
     let mut value = serde_json::to_value(stats).unwrap_or(Value::Null);
@@ -85,6 +105,15 @@ pub fn stats_json(stats: &Stats) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn excerpts_are_one_short_safe_line() {
+        assert_eq!(excerpt("a\n\n  b\tc", 10), "a b c");
+        assert_eq!(excerpt("abcdef", 3), "abc…");
+        // Exactly the limit is whole.
+        assert_eq!(excerpt("abc", 3), "abc");
+        assert_eq!(excerpt("\u{1b}[2J", 10), "\\u{1b}[2J");
+    }
 
     #[test]
     fn durations_parse_and_reject() -> Result<()> {

@@ -23,17 +23,8 @@ pub(crate) fn terminal_safe(text: &str) -> Cow<'_, str> {
     Cow::Owned(safe)
 }
 
-/// One line of at most `max` characters of `body`: whitespace runs become
-/// one space and control characters are escaped.
-pub(crate) fn excerpt(body: &str, max: usize) -> String {
-    let one_line = body.split_whitespace().collect::<Vec<_>>().join(" ");
-    let cut: String = one_line.chars().take(max).collect();
-    let mut shown = terminal_safe(&cut).into_owned();
-    if one_line.chars().count() > max {
-        shown.push('…');
-    }
-    shown
-}
+/// One line of at most `max` characters: the library's excerpt.
+pub(crate) use sqlite_outbox::admin::excerpt;
 
 #[cfg(test)]
 mod tests {
@@ -46,14 +37,5 @@ mod tests {
             terminal_safe("a\u{1b}]0;pwned\u{7}b\u{9b}31m\r\n"),
             "a\\u{1b}]0;pwned\\u{7}b\\u{9b}31m\\u{d}\\u{a}"
         );
-    }
-
-    #[test]
-    fn excerpts_are_one_short_safe_line() {
-        assert_eq!(excerpt("a\n\n  b\tc", 10), "a b c");
-        assert_eq!(excerpt("abcdef", 3), "abc…");
-        // Exactly the limit is whole.
-        assert_eq!(excerpt("abc", 3), "abc");
-        assert_eq!(excerpt("\u{1b}[2J", 10), "\\u{1b}[2J");
     }
 }

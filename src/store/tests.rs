@@ -1,0 +1,174 @@
+//! Unit tests of the module beside this file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Duration as ChronoDuration;
+use serde_json::json;
+
+use super::sealed::TypeFilter;
+use super::Store;
+use crate::{Clock, ManualClock, MemoryStore, NewEvent, SqliteStore};
+
+/// What the dispatcher's poller sleeps until, on both stores.
+fn next_wakeup_is_the_earliest_future_time(
+    store: &impl Store,
+    clock: &ManualClock,
+) -> crate::Result<()> {
+    let all = TypeFilter::default();
+    assert_eq!(store.next_wakeup(&all)?, None);
+    let now = clock.now();
+    let secs = Duration::from_secs;
+    store.enqueue(NewEvent::new("a", json!({})).with_delay(secs(50)))?;
+    store.enqueue(NewEvent::new("b", json!({})).with_delay(secs(20)))?;
+    store.enqueue(NewEvent::new("c", json!({})))?;
+    assert_eq!(
+        store.next_wakeup(&all)?,
+        Some(now + ChronoDuration::seconds(20))
+    );
+    let a = ["a".to_owned()];
+    assert_eq!(
+        store.next_wakeup(&TypeFilter::only(Some(&a)))?,
+        Some(now + ChronoDuration::seconds(50))
+    );
+    let b = ["b".to_owned()];
+    let skip_b = TypeFilter {
+        only: None,
+        skip: &b,
+    };
+    assert_eq!(
+        store.next_wakeup(&skip_b)?,
+        Some(now + ChronoDuration::seconds(50)),
+        "skipped types are not waited for"
+    );
+    store.claim(10, secs(5), Some(&["c".into()]))?;
+    assert_eq!(
+        store.next_wakeup(&all)?,
+        Some(now + ChronoDuration::seconds(5)),
+        "a lease runs out"
+    );
+    Ok(())
+}
+
+/// The completer's write: outcomes first, then a claim that sees them
+/// (the next event of an ordering key is free at once), on both stores.
+fn settle_and_claim_writes_then_claims(store: &impl Store) -> crate::Result<()> {
+    let lease = Duration::from_secs(30);
+    let key = |n: i32| NewEvent::new("t", json!(n)).with_ordering_key("k");
+    let (first, second) = (store.enqueue(key(1))?, store.enqueue(key(2))?);
+    store.enqueue(NewEvent::new("other", json!(3)))?;
+    let claimed = store.claim(10, lease, Some(&["t".into()]))?;
+    assert_eq!(claimed.iter().map(|e| e.id).collect::<Vec<_>>(), [first.id]);
+    let done = super::Ack::complete(claimed[0].lease().expect("claimed"));
+    let only_t = ["t".to_owned()];
+    let (results, next) = store.settle_and_claim(
+        std::slice::from_ref(&done),
+        10,
+        lease,
+        &TypeFilter::only(Some(&only_t)),
+    )?;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(next.iter().map(|e| e.id).collect::<Vec<_>>(), [second.id]);
+    assert_eq!(
+        store.find(first.id)?.map(|e| e.status),
+        Some(crate::Status::Done)
+    );
+    // Written once only: the same outcome again is refused, and a limit
+    // of 0 claims nothing.
+    let again_done = super::Ack::complete(next[0].lease().expect("claimed"));
+    let (again, none) =
+        store.settle_and_claim(&[done, again_done], 0, lease, &TypeFilter::default())?;
+    assert!(again[0].is_err() && again[1].is_ok(), "{again:?}");
+    assert!(none.is_empty());
+    assert!(store.backlog(None)?.due, "the other type still waits");
+    Ok(())
+}
+
+#[test]
+fn settle_and_claim_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
+    settle_and_claim_writes_then_claims(&MemoryStore::new())?;
+    let dir = tempfile::tempdir()?;
+    settle_and_claim_writes_then_claims(&SqliteStore::open(dir.path().join("o.db"))?)?;
+    Ok(())
+}
+
+/// How the dispatcher notices other processes' commits.
+#[test]
+fn external_changes_are_noticed_once() -> Result<(), Box<dyn std::error::Error>> {
+    use super::sealed::Sealed;
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("o.db"))?;
+    assert!(store.has_external_changes()?, "the first look");
+    assert!(!store.has_external_changes()?, "nothing since");
+    let other = rusqlite::Connection::open(store.path())?;
+    other.execute(
+        "INSERT INTO outbox_events (event_type, payload) VALUES ('t', '{}')",
+        [],
+    )?;
+    assert!(store.has_external_changes()?, "another connection wrote");
+    assert!(!store.has_external_changes()?, "and nothing since");
+    let memory = MemoryStore::new();
+    assert!(!memory.has_external_changes()?);
+    Ok(())
+}
+
+#[test]
+fn next_wakeup_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
+    let clock = ManualClock::new();
+    let memory = MemoryStore::builder()
+        .clock(Arc::new(clock.clone()))
+        .build();
+    next_wakeup_is_the_earliest_future_time(&memory, &clock)?;
+    let dir = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let sqlite = SqliteStore::builder(dir.path().join("o.db"))
+        .clock(Arc::new(clock.clone()))
+        .build()?;
+    next_wakeup_is_the_earliest_future_time(&sqlite, &clock)?;
+    Ok(())
+}
+
+/// Every live subscriber hears of each enqueue, requeue and skipped
+/// backoff in this process; one that went away is dropped.
+fn enqueues_wake_subscribers(store: &impl super::Operator) -> crate::Result<()> {
+    let (a, b) = (store.subscribe(), store.subscribe());
+    drop(b);
+    assert_eq!(store.last_enqueues(), [None, None]);
+    let started = std::time::Instant::now();
+    for n in 0..2 {
+        store.enqueue(NewEvent::new("t", serde_json::json!(n)))?;
+        assert!(a.try_recv().is_ok(), "enqueue {n} was not heard");
+        assert!(a.try_recv().is_err(), "one message per wake-up");
+    }
+    // Both enqueues are known, the latest first (the pacing's signal).
+    let [Some(last), Some(before)] = store.last_enqueues() else {
+        panic!("{:?}", store.last_enqueues());
+    };
+    assert!(started <= before && before <= last, "{before:?} {last:?}");
+    let c = store.subscribe();
+    let drain = || while a.try_recv().is_ok() || c.try_recv().is_ok() {};
+    let claimed = store.claim(2, Duration::from_secs(30), None)?;
+    let lease = |i: usize| claimed[i].lease().ok_or(crate::Error::invalid("lease"));
+    store.retry(&lease(0)?, "x", None)?;
+    drain();
+    store.skip_backoff(None)?;
+    assert!(a.try_recv().is_ok() && c.try_recv().is_ok(), "skip_backoff");
+    store.fail(&lease(1)?, "x")?;
+    drain();
+    assert_eq!(store.requeue(super::Requeue::All)?, 1);
+    assert!(a.try_recv().is_ok() && c.try_recv().is_ok(), "requeue");
+    Ok(())
+}
+
+#[test]
+fn subscribers_hear_of_enqueues_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
+    let memory = MemoryStore::new();
+    enqueues_wake_subscribers(&memory)?;
+    assert!(
+        format!("{memory:?}").starts_with("MemoryStore"),
+        "{memory:?}"
+    );
+    let dir = tempfile::tempdir()?;
+    enqueues_wake_subscribers(&SqliteStore::open(dir.path().join("o.db"))?)?;
+    Ok(())
+}
