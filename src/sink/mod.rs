@@ -53,6 +53,24 @@ pub fn envelope(event: &Event) -> Value {
     })
 }
 
+/// A result for each of `n` events when the broker `broker` is not
+/// connected: all held back, with why the last connection attempt failed
+/// when that is known.
+#[cfg(any(feature = "nats", feature = "mqtt"))]
+pub(crate) fn not_connected(
+    broker: &str,
+    failure: &std::sync::Mutex<Option<String>>,
+    n: usize,
+) -> Vec<Result<(), crate::HandlerError>> {
+    let why = match failure.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
+        Some(e) => format!("{broker} is not connected ({e})"),
+        None => format!("{broker} is not connected"),
+    };
+    (0..n)
+        .map(|_| Err(crate::HandlerError::unavailable(why.clone())))
+        .collect()
+}
+
 #[cfg(any(feature = "nats", feature = "mqtt"))]
 /// A subject or topic from `template`: `{type}` becomes the event's type,
 /// with anything a broker would read as structure or a wildcard (white

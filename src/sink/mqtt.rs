@@ -441,20 +441,8 @@ impl MqttSink {
     fn publish(&self, events: &[Event]) -> Vec<std::result::Result<(), HandlerError>> {
         let inner = &self.inner;
         if !inner.shared.connected.load(Ordering::SeqCst) {
-            let why = match inner
-                .shared
-                .failure
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_deref()
-            {
-                Some(e) => format!("MQTT broker {} is not connected ({e})", inner.shown),
-                None => format!("MQTT broker {} is not connected", inner.shown),
-            };
-            return events
-                .iter()
-                .map(|_| Err(HandlerError::unavailable(why.clone())))
-                .collect();
+            let broker = format!("MQTT broker {}", inner.shown);
+            return super::not_connected(&broker, &inner.shared.failure, events.len());
         }
         let mut waiting = Vec::with_capacity(events.len());
         for event in events {

@@ -345,19 +345,8 @@ impl NatsJetStream {
     fn publish(&self, events: &[Event]) -> Vec<std::result::Result<(), HandlerError>> {
         let inner = &self.inner;
         if inner.client.connection_state() != State::Connected {
-            let why = match inner
-                .last_failure
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_deref()
-            {
-                Some(e) => format!("NATS server {} is not connected ({e})", inner.shown),
-                None => format!("NATS server {} is not connected", inner.shown),
-            };
-            return events
-                .iter()
-                .map(|_| Err(HandlerError::unavailable(why.clone())))
-                .collect();
+            let broker = format!("NATS server {}", inner.shown);
+            return super::not_connected(&broker, &inner.last_failure, events.len());
         }
         let messages: Vec<(String, HeaderMap, String)> = events
             .iter()

@@ -297,14 +297,21 @@ pub enum Hold {
     /// The app paused it ([`crate::Dispatcher::pause`]); it waits for
     /// [`crate::Dispatcher::resume`], without probes.
     Paused,
+    /// A handler said it is busy ([`crate::HandlerError::busy`]: an HTTP
+    /// 429 or 503); it is probed, no sooner than it asked. Written down for
+    /// other processes as `unreachable`, the table's name for a held-back
+    /// destination that is probed.
+    Busy,
 }
 
 impl Hold {
-    /// The name stored in the database.
+    /// Its name, as stored in the database (where a busy destination is
+    /// `unreachable`).
     pub fn as_str(&self) -> &'static str {
         match self {
             Hold::Unreachable => "unreachable",
             Hold::Paused => "paused",
+            Hold::Busy => "busy",
         }
     }
 }

@@ -10,6 +10,45 @@ use std::time::{Duration, Instant};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
+/// Whether `program` runs; when it does not, one line says so (and in CI,
+/// `CI=true`, that fails the test).
+fn installed(program: &str, arg: &str) -> bool {
+    if Command::new(program).arg(arg).output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but {program} is not installed"
+    );
+    println!("SKIPPED: {program} is not installed (apt-get install {program})");
+    false
+}
+
+/// Starts `command` quietly and waits until it listens on `port`.
+fn listening(command: &mut Command, port: u16) -> Result<Child> {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{command:?} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// Stops a server with SIGTERM (it saves what it holds) and waits.
+fn terminate(child: Option<Child>) -> Result {
+    if let Some(mut child) = child {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        child.wait()?;
+    }
+    Ok(())
+}
+
 /// A `nats-server -js` of the test's own.
 pub struct Nats {
     child: Option<Child>,
@@ -32,16 +71,7 @@ impl Nats {
     }
 
     fn start_with(dir: &Path, tls: Option<Certificates>) -> Result<Option<Nats>> {
-        if Command::new("nats-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but nats-server is not installed"
-            );
-            println!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+        if !installed("nats-server", "--version") {
             return Ok(None);
         }
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -60,7 +90,8 @@ impl Nats {
     }
 
     pub fn up(&mut self) -> Result {
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        command
             .args([
                 "-js",
                 "-a",
@@ -78,28 +109,14 @@ impl Nats {
                     "--tlskey".into(),
                     c.key.clone().into_os_string(),
                 ]
-            }))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            }));
+        self.child = Some(listening(&mut command, self.port)?);
         Ok(())
     }
 
     /// Stops the server with SIGTERM (it flushes its streams) and waits.
     pub fn down(&mut self) -> Result {
-        if let Some(mut child) = self.child.take() {
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()?;
-            child.wait()?;
-        }
-        Ok(())
+        terminate(self.child.take())
     }
 }
 
@@ -140,12 +157,7 @@ impl Mosquitto {
         tls: Option<&Certificates>,
         user: Option<(&str, &str)>,
     ) -> Result<Option<Mosquitto>> {
-        if Command::new("mosquitto").arg("-h").output().is_err() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but mosquitto is not installed"
-            );
-            println!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
+        if !installed("mosquitto", "-h") {
             return Ok(None);
         }
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -203,31 +215,15 @@ impl Mosquitto {
     }
 
     pub fn up(&mut self) -> Result {
-        self.child = Some(
-            Command::new("mosquitto")
-                .arg("-c")
-                .arg(self.dir.join("mosquitto.conf"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut command = Command::new("mosquitto");
+        command.arg("-c").arg(self.dir.join("mosquitto.conf"));
+        self.child = Some(listening(&mut command, self.port)?);
         Ok(())
     }
 
     /// SIGTERM: the broker saves its state and stops.
     pub fn down(&mut self) -> Result {
-        if let Some(mut child) = self.child.take() {
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()?;
-            child.wait()?;
-        }
-        Ok(())
+        terminate(self.child.take())
     }
 }
 

@@ -29,6 +29,9 @@ pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
 struct Held {
     paused: bool,
+    /// Held back because it said it is busy, not because it could not be
+    /// reached.
+    busy: bool,
     since: DateTime<Utc>,
     updated: DateTime<Utc>,
     last_error: Option<String>,
@@ -44,6 +47,7 @@ impl Held {
     fn new(now: DateTime<Utc>, paused: bool) -> Self {
         Held {
             paused,
+            busy: false,
             since: now,
             updated: now,
             last_error: None,
@@ -206,7 +210,7 @@ impl Destinations {
 
     /// A handler said the destination of `event_type` cannot be reached.
     pub(crate) fn unreachable(&self, event_type: &str, lease: &Lease, error: &str) {
-        self.hold_back(event_type, lease, error, None);
+        self.hold_back(event_type, lease, error, false, None);
     }
 
     /// A handler said the destination of `event_type` is busy (a 429 or
@@ -219,10 +223,17 @@ impl Destinations {
         error: &str,
         after: Option<Duration>,
     ) {
-        self.hold_back(event_type, lease, error, after);
+        self.hold_back(event_type, lease, error, true, after);
     }
 
-    fn hold_back(&self, event_type: &str, lease: &Lease, error: &str, after: Option<Duration>) {
+    fn hold_back(
+        &self,
+        event_type: &str,
+        lease: &Lease,
+        error: &str,
+        busy: bool,
+        after: Option<Duration>,
+    ) {
         let destination = self.of(event_type).to_owned();
         let now = self.store.clock().now();
         let mut held = self.held();
@@ -230,6 +241,7 @@ impl Destinations {
             .entry(destination.clone())
             .or_insert_with(|| Held::new(now, false));
         h.last_error = Some(error.to_owned());
+        h.busy = busy;
         let first = h.backoff.is_zero();
         let was_probe = h.probe == Some((lease.seq, lease.token));
         if !first && !was_probe {
@@ -410,7 +422,15 @@ impl Destinations {
     /// Writes the state of `name` down (or that it is no longer held).
     /// Advisory: a failure is logged, and delivery goes on.
     fn persist(&self, name: &str) {
-        let state = self.held().get(name).map(|h| state_of(name, h));
+        let state = self.held().get(name).map(|h| {
+            let mut state = state_of(name, h);
+            // The table knows two holds: a busy destination is probed,
+            // like an unreachable one.
+            if state.hold == Hold::Busy {
+                state.hold = Hold::Unreachable;
+            }
+            state
+        });
         if let Err(e) = self.store.record_destination(name, state.as_ref()) {
             tracing::debug!(error = %e, destination = %name, "outbox could not write down a destination's state");
         }
@@ -433,6 +453,8 @@ fn state_of(name: &str, h: &Held) -> DestinationState {
         name: name.to_owned(),
         hold: if h.paused {
             Hold::Paused
+        } else if h.busy {
+            Hold::Busy
         } else {
             Hold::Unreachable
         },

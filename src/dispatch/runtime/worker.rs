@@ -124,14 +124,11 @@ fn deliver(
         }
     }
     held.0 = None;
-    let mut ran = vec![false; events.len()];
-    for &i in &runnable {
-        ran[i] = true;
-    }
     let mut sent = 0;
     for (i, ((event, lease), outcome)) in events.iter().zip(outcomes).enumerate() {
         let Some(outcome) = outcome else { continue };
-        if ran[i] && !matches!(outcome.kind, Kind::HeldBack) {
+        // `runnable` is in order: whether this event's handler ran.
+        if runnable.binary_search(&i).is_ok() && !matches!(outcome.kind, Kind::HeldBack) {
             reached(ctx, &event.event_type, lease);
         }
         if outcomes_tx.send(outcome).is_err() {

@@ -116,24 +116,16 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
             1,
         ));
     }
-    let Some(left) = waited else {
+    if waited.is_none() {
         return Ok(());
-    };
+    }
     let (waiting, why_waiting) = left_behind(store.as_ref(), types.as_deref()).map_err(fail)?;
     if let Some(held) = unreachable {
         return Err(Failure(
             format!(
                 "{} is {} since {} ({}); {waiting} event(s) wait for a later run",
                 held.name,
-                if held
-                    .last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("HTTP 429") || e.starts_with("HTTP 503"))
-                {
-                    "busy"
-                } else {
-                    "unreachable"
-                },
+                held.hold.as_str(),
                 held.since.format("%Y-%m-%d %H:%M:%S UTC"),
                 crate::text::terminal_safe(held.last_error.as_deref().unwrap_or("no answer"))
             ),
@@ -145,7 +137,6 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
         .map_err(fail)?
         .failed
         .saturating_sub(failed_before);
-    let _ = left;
     match (report.metrics.failed.max(failed_in_file), waiting) {
         (0, 0) => Ok(()),
         (failed, waiting) => {
