@@ -85,7 +85,7 @@ fn every_answer_decides_for_the_whole_batch_and_order_holds_across_keys() -> Tes
             2 => {
                 // Longer than the relay's --timeout: the batch may have
                 // arrived, so it is an attempt, retried.
-                std::thread::sleep(Duration::from_millis(2500));
+                std::thread::sleep(Duration::from_millis(8000));
                 ok(json!({}))
             }
             _ => {
@@ -117,7 +117,7 @@ fn every_answer_decides_for_the_whole_batch_and_order_holds_across_keys() -> Tes
             "--workers",
             "1",
             "--timeout",
-            "1s",
+            "4s",
             "--backoff",
             "10ms",
             "--drain",
