@@ -28,7 +28,9 @@ enum Op {
     Claim {
         limit: usize,
         lease_s: u64,
-        only_a: bool,
+        /// Which types: all, `a`, `a` and `b`, or `b` and `c` (no event
+        /// is of type `c`: several types with others in front).
+        types: u8,
     },
     Ack {
         pick: usize,
@@ -60,8 +62,8 @@ fn op() -> impl Strategy<Value = Op> {
                 delay_s,
                 max_attempts,
             }),
-        3 => (1usize..4, prop::sample::select(vec![5u64, 30]), any::<bool>())
-            .prop_map(|(limit, lease_s, only_a)| Op::Claim { limit, lease_s, only_a }),
+        3 => (1usize..4, prop::sample::select(vec![5u64, 30]), 0u8..4)
+            .prop_map(|(limit, lease_s, types)| Op::Claim { limit, lease_s, types }),
         3 => (any::<usize>(), 0u8..6).prop_map(|(pick, kind)| Op::Ack { pick, kind }),
         2 => prop::sample::select(vec![1u64, 10, 40]).prop_map(|secs| Op::Advance { secs }),
         1 => Just(Op::RequeueAll),
@@ -146,9 +148,14 @@ fn run(
             Op::Claim {
                 limit,
                 lease_s,
-                only_a,
+                types,
             } => {
-                let types = only_a.then(|| vec!["a".to_owned()]);
+                let types = match types {
+                    0 => None,
+                    1 => Some(vec!["a".to_owned()]),
+                    2 => Some(vec!["a".to_owned(), "b".to_owned()]),
+                    _ => Some(vec!["b".to_owned(), "c".to_owned()]),
+                };
                 let lease = Duration::from_secs(*lease_s);
                 let a = model
                     .claim(*limit, lease, types.as_deref())

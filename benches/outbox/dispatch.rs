@@ -119,6 +119,19 @@ pub(crate) fn dispatch_raw(
         }
         tx.commit()?;
     }
+    raw_loop(&mut conn, n, kind, batch, |_| {})
+}
+
+/// The raw claim and complete loop over the `n` pending events of the
+/// file behind `conn`, claiming `batch` at a time and calling `work` with
+/// each claimed payload before completing it; returns its seconds.
+pub(crate) fn raw_loop(
+    conn: &mut Connection,
+    n: usize,
+    kind: RawLoop,
+    batch: usize,
+    work: impl Fn(&str),
+) -> Res<f64> {
     let (claim_sql, done_sql) = match kind {
         RawLoop::Minimal => (
             "UPDATE q SET status = 'processing', locked_until = ?1 + 60000, lease_token = random()
@@ -170,6 +183,9 @@ pub(crate) fn dispatch_raw(
             .query_map(params![now, batch], seq_token)?
             .collect::<Result<_, _>>()?;
         tx.commit()?;
+        for (_, _, payload) in &held {
+            work(payload);
+        }
         if kind != RawLoop::OurSchemaFused {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for (seq, token, _) in &held {

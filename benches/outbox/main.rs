@@ -30,6 +30,7 @@ use sqlite_outbox::{
     Ack, Dispatcher, Durability, Event, NewEvent, Operator, SqliteStore, Store, SCHEMA_SQL,
 };
 
+mod app;
 mod contention;
 mod dashboard;
 mod dispatch;
@@ -77,6 +78,15 @@ fn main() -> Res<()> {
     if args.get(1).map(String::as_str) == Some("child-dispatch") {
         // For profilers: fill, then dispatch with the crate's defaults.
         return dispatch::child_dispatch(&args[2], args[3].parse()?, args[4].parse()?);
+    }
+    if args.get(1).map(String::as_str) == Some("child-app") {
+        // For profilers: `child-app PATH N TYPES WORKERS`.
+        return app::child_app(
+            &args[2],
+            args[3].parse()?,
+            args[4].parse()?,
+            args[5].parse()?,
+        );
     }
     if args.get(1).map(String::as_str) == Some("child-raw") {
         // For profilers: the raw claim/complete loop.
@@ -143,6 +153,7 @@ fn main() -> Res<()> {
     let mut groups: Vec<(&str, Group)> = vec![
         ("enqueue", enqueue::enqueue_benches),
         ("dispatch", dispatch::dispatch_benches),
+        ("app", app::app_benches),
         ("contention", contention::contention_benches),
         ("latency", latency::latency_benches),
         ("scaling", scaling::scaling_benches),

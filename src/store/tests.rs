@@ -92,6 +92,36 @@ fn settle_and_claim_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// A claim of several types finds them behind a long front of other types
+/// (more than a front read looks at), in order, on both stores.
+fn several_types_behind_others(store: &impl Store) -> crate::Result<()> {
+    let lease = Duration::from_secs(30);
+    for i in 0..300 {
+        store.enqueue(NewEvent::new("x", json!(i)))?;
+    }
+    let a1 = store.enqueue(NewEvent::new("a", json!("a1")).with_ordering_key("k"))?;
+    let b1 = store.enqueue(NewEvent::new("b", json!("b1")))?;
+    store.enqueue(NewEvent::new("a", json!("a2")).with_ordering_key("k"))?;
+    let b2 = store.enqueue(NewEvent::new("b", json!("b2")))?;
+    let ab = ["a".to_owned(), "b".to_owned()];
+    let ids = |events: Vec<crate::Event>| events.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.claim(2, lease, Some(&ab))?), [a1.id, b1.id]);
+    // `a2` waits for `a1`, its key's head.
+    assert_eq!(ids(store.claim(10, lease, Some(&ab))?), [b2.id]);
+    // And again, now that the front of `x` is known.
+    store.enqueue(NewEvent::new("b", json!("b3")))?;
+    assert_eq!(store.claim(10, lease, Some(&ab))?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn several_types_behind_others_on_both_stores() -> Result<(), Box<dyn std::error::Error>> {
+    several_types_behind_others(&MemoryStore::new())?;
+    let dir = tempfile::tempdir()?;
+    several_types_behind_others(&SqliteStore::open(dir.path().join("o.db"))?)?;
+    Ok(())
+}
+
 /// How the dispatcher notices other processes' commits.
 #[test]
 fn external_changes_are_noticed_once() -> Result<(), Box<dyn std::error::Error>> {

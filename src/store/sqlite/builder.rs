@@ -213,6 +213,7 @@ impl SqliteStoreBuilder {
                 durability,
                 max_page_count,
                 columns,
+                front_claims: Default::default(),
             }),
         })
     }

@@ -5,8 +5,9 @@ use std::time::Duration;
 use rusqlite::{params, Transaction};
 
 use super::sql::{
-    claim_by_types_sql, ACK_DEFER_SQL, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL, ACK_RELEASE_SQL,
-    ACK_RETRY_SQL, ANY_EXPIRED_SQL, CLAIM_DUE_SQL, CLAIM_SQL, MAX_TYPED_CLAIM,
+    claim_by_types_sql, claim_front_sql, ACK_DEFER_SQL, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL,
+    ACK_RELEASE_SQL, ACK_RETRY_SQL, ANY_EXPIRED_SQL, CLAIM_DUE_SQL, CLAIM_SQL, FRONT_SCAN_BATCHES,
+    MAX_TYPED_CLAIM,
 };
 use super::{skip, types_json, SqliteStore};
 use crate::clock;
@@ -55,39 +56,39 @@ impl SqliteStore {
             )?
             .execute(params![now_ms, LEASE_EXPIRED_ERROR])?;
         }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut args: Vec<(&str, &dyn rusqlite::ToSql)> =
-            vec![(":now", &now_ms), (":until", &until_ms), (":limit", &limit)];
-        let (sql, names) = match filter.only {
-            Some(only) if (1..=MAX_TYPED_CLAIM).contains(&only.len()) && filter.skip.is_empty() => {
-                let names: Vec<String> = (0..only.len()).map(|i| format!(":t{i}")).collect();
-                (claim_by_types_sql(only.len(), expired), names)
+        let at = (now_ms, until_ms);
+        let typed = filter
+            .only
+            .filter(|only| (1..=MAX_TYPED_CLAIM).contains(&only.len()) && filter.skip.is_empty());
+        let rows = match typed {
+            // Several types, no lease to take back: first the front of the
+            // due index, then, if that came up short, each type's stretch
+            // of the by-type index for the rest.
+            Some(only) if only.len() > 1 && !expired && self.inner.front_claims.try_front() => {
+                let mut rows = run_claim(tx, claim_front_sql(only.len()), limit, at, filter)?;
+                if rows.len() < limit {
+                    let more = run_claim(
+                        tx,
+                        claim_by_types_sql(only.len(), false),
+                        limit - rows.len(),
+                        at,
+                        filter,
+                    )?;
+                    self.inner.front_claims.came_up_short(!more.is_empty());
+                    rows.extend(more);
+                }
+                rows
             }
-            _ if expired => (CLAIM_SQL.as_str(), Vec::new()),
-            _ => (CLAIM_DUE_SQL.as_str(), Vec::new()),
+            Some(only) => run_claim(
+                tx,
+                claim_by_types_sql(only.len(), expired),
+                limit,
+                at,
+                filter,
+            )?,
+            None if expired => run_claim(tx, &CLAIM_SQL, limit, at, filter)?,
+            None => run_claim(tx, &CLAIM_DUE_SQL, limit, at, filter)?,
         };
-        if let Some(only) = filter.only {
-            for (name, t) in names.iter().zip(only) {
-                args.push((name.as_str(), t));
-            }
-        }
-        let mut stmt = tx.prepare_cached(sql)?;
-        // The type lists (`TYPE_OK`, which names both), as JSON, only for
-        // the statements that test them: a typed claim without expired
-        // leases, the dispatcher's usual one, does not.
-        let lists = stmt.parameter_index(":types")?.is_some();
-        let (types, skip) = if lists {
-            (types_json(filter.only), types_json(skip(filter)))
-        } else {
-            (None, None)
-        };
-        if lists {
-            args.push((":types", &types));
-            args.push((":skip", &skip));
-        }
-        let rows = stmt
-            .query_map(&args[..], decode_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut claimed = set_aside_undecodable(tx, rows, now_ms)?;
         claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
         Ok(claimed)
@@ -173,6 +174,84 @@ impl SqliteStore {
             });
         }
         Ok(results)
+    }
+}
+
+/// Runs the claim statement `sql` for at most `limit` events at
+/// `(now, until)` of the types `filter` allows, binding what it names.
+fn run_claim(
+    tx: &Transaction<'_>,
+    sql: &str,
+    limit: usize,
+    (now, until): (i64, i64),
+    filter: &TypeFilter<'_>,
+) -> Result<Vec<(Event, Option<String>)>> {
+    let mut stmt = tx.prepare_cached(sql)?;
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let (limit, scan) = (
+        count(limit),
+        count(limit.saturating_mul(FRONT_SCAN_BATCHES)),
+    );
+    // The type lists (`TYPE_OK`), as JSON, only for the statements that
+    // test them: the dispatcher's usual claims name their types one by one.
+    let lists = stmt.parameter_index(":types")?.is_some();
+    let (types, skip) = if lists {
+        (types_json(filter.only), types_json(skip(filter)))
+    } else {
+        (None, None)
+    };
+    let mut args: Vec<(&str, &dyn rusqlite::ToSql)> =
+        vec![(":now", &now), (":until", &until), (":limit", &limit)];
+    if stmt.parameter_index(":scan")?.is_some() {
+        args.push((":scan", &scan));
+    }
+    if lists {
+        args.push((":types", &types));
+        args.push((":skip", &skip));
+    }
+    let names: Vec<String>;
+    if stmt.parameter_index(":t0")?.is_some() {
+        let only = filter.only.unwrap_or_default();
+        names = (0..only.len()).map(|i| format!(":t{i}")).collect();
+        for (name, t) in names.iter().zip(only) {
+            args.push((name.as_str(), t));
+        }
+    }
+    let rows = stmt
+        .query_map(&args[..], decode_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Whether a claim of several types reads the front of the due index first
+/// (see [`claim_front_sql`]). When other types wait in front, it comes up
+/// short and the by-type claim does the work; then the next
+/// [`FrontClaims::SKIP_AFTER_SHORT`] claims go straight to the by-type
+/// index, so a long front of other types (a destination that is down)
+/// costs one front read in that many claims.
+#[derive(Debug, Default)]
+pub(super) struct FrontClaims {
+    skip: std::sync::atomic::AtomicU32,
+}
+
+impl FrontClaims {
+    const SKIP_AFTER_SHORT: u32 = 32;
+
+    /// True if this claim reads the front first.
+    fn try_front(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.skip
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_err()
+    }
+
+    /// A front read came up short; `found_more` if the by-type claim then
+    /// found events of these types behind other types.
+    fn came_up_short(&self, found_more: bool) {
+        if found_more {
+            self.skip
+                .store(Self::SKIP_AFTER_SHORT, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

@@ -99,6 +99,8 @@ struct Inner {
     /// The columns events are read with (`schema::COLUMNS`, or for an
     /// older file read as it is, a list that reads newer columns as NULL).
     columns: &'static str,
+    /// Whether claims of several types read the due index's front first.
+    front_claims: lease::FrontClaims,
 }
 
 impl fmt::Debug for SqliteStore {
