@@ -88,6 +88,9 @@ fn main() -> Res<()> {
             args[5].parse()?,
         );
     }
+    if args.get(1).map(String::as_str) == Some("child-enqueue-batches") {
+        return enqueue::child_batches(&args[2], args[3] == "ours", args[4].parse()?, &args[5]);
+    }
     if args.get(1).map(String::as_str) == Some("child-raw") {
         // For profilers: the raw claim/complete loop.
         let secs = dispatch::dispatch_raw(

@@ -256,6 +256,19 @@ impl NewEvent {
     /// The stored row of this event as enqueued at `now` with number `seq`:
     /// pending, no attempts, times in whole milliseconds (as stored).
     pub(crate) fn into_pending(self, seq: i64, now: DateTime<Utc>, policy: &RetryPolicy) -> Event {
+        let text = self.payload.to_string();
+        self.into_stored(seq, now, policy, text)
+    }
+
+    /// [`NewEvent::into_pending`], with the payload's text as
+    /// [`NewEvent::checked_payload`] gave it (not serialised again).
+    pub(crate) fn into_stored(
+        self,
+        seq: i64,
+        now: DateTime<Utc>,
+        policy: &RetryPolicy,
+        text: String,
+    ) -> Event {
         let ms = |t| crate::clock::from_millis(crate::clock::to_millis(t));
         Event {
             id: self.id,
@@ -263,7 +276,7 @@ impl NewEvent {
             next_attempt_at: ms(self.due_at(now)),
             max_attempts: self.max_attempts.unwrap_or_else(|| policy.max_attempts()),
             event_type: self.event_type,
-            payload: self.payload.into(),
+            payload: crate::Payload::from_parts(text, self.payload),
             status: Status::Pending,
             attempts: 0,
             locked_at: None,

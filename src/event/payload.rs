@@ -59,6 +59,14 @@ impl Payload {
         Some(Payload::checked(text.into()))
     }
 
+    /// `value` with `text`, its serialisation.
+    pub(crate) fn from_parts(text: String, value: Value) -> Self {
+        Payload {
+            text: text.into_boxed_str(),
+            value: OnceLock::from(value),
+        }
+    }
+
     /// Text already checked to be one JSON value, not yet parsed.
     fn checked(text: Box<str>) -> Self {
         Payload {

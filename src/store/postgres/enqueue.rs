@@ -113,9 +113,9 @@ impl PostgresStore {
         let seqs: std::collections::HashMap<uuid::Uuid, i64> =
             rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let mut stored = Vec::with_capacity(events.len());
-        for event in events {
+        for (event, payload) in events.into_iter().zip(payloads) {
             if let Some(&seq) = seqs.get(&event.id.as_uuid()) {
-                stored.push(event.into_pending(seq, now, policy));
+                stored.push(event.into_stored(seq, now, policy, payload.clone()));
                 continue;
             }
             // Its idempotency key is taken (perhaps by an earlier event of
@@ -171,7 +171,7 @@ impl PostgresStore {
         );
         let inserted = inserted.map_err(|e| not_stored(e, &format!("event {}", event.id)))?;
         if let Some(row) = inserted.first() {
-            return Ok(event.into_pending(row.get(0), now, policy));
+            return Ok(event.into_stored(row.get(0), now, policy, payload.to_owned()));
         }
         // The idempotency key is taken: return the event that holds it.
         let existing = run(

@@ -216,7 +216,7 @@ pub(super) fn insert_all(
         .collect::<Result<Vec<_>>>()?;
     events
         .into_iter()
-        .zip(&payloads)
+        .zip(payloads)
         .map(|(e, p)| insert_event(conn, e, p, now, policy))
         .collect()
 }
@@ -227,7 +227,7 @@ pub(super) fn insert_all(
 fn insert_event(
     conn: &Connection,
     event: NewEvent,
-    payload: &str,
+    payload: String,
     now: DateTime<Utc>,
     policy: &RetryPolicy,
 ) -> Result<Event> {
@@ -236,7 +236,7 @@ fn insert_event(
         .execute(params![
             event.id.to_string(),
             event.event_type,
-            payload,
+            &payload,
             i64::from(event.max_attempts.unwrap_or_else(|| policy.max_attempts())),
             clock::to_millis(event.due_at(now)),
             event.correlation_id,
@@ -260,7 +260,7 @@ fn insert_event(
             _ => Error::from(e),
         })?;
     if inserted == 1 {
-        return Ok(event.into_pending(conn.last_insert_rowid(), now, policy));
+        return Ok(event.into_stored(conn.last_insert_rowid(), now, policy, payload));
     }
     // The idempotency key is taken: return the event that holds it.
     let existing = conn
