@@ -162,8 +162,8 @@ pub use retry::{RetryPolicy, DEFAULT_MAX_ATTEMPTS};
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use store::postgres::{
-    PostgresStore, PostgresStoreBuilder, PostgresTarget, SslMode, DEFAULT_POSTGRES_SCHEMA,
-    POSTGRES_SCHEMA_SQL, POSTGRES_SCHEMA_VERSION,
+    PostgresStore, PostgresStoreBuilder, PostgresTarget, PreparedEnqueue, SslMode,
+    DEFAULT_POSTGRES_SCHEMA, POSTGRES_SCHEMA_SQL, POSTGRES_SCHEMA_VERSION,
 };
 pub use store::schema::{SCHEMA_SQL, SCHEMA_VERSION};
 pub use store::sqlite::{

@@ -76,6 +76,57 @@ fn enqueue_commits_and_rolls_back_with_the_apps_transaction() -> TestResult {
     outbox_no_test_server,
     ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
 )]
+fn a_prepared_handle_enqueues_in_the_apps_transaction_on_its_own_connection() -> TestResult {
+    let Some(schema) = Schema::fresh() else {
+        return Ok(());
+    };
+    let store = open(&schema)?;
+    let mut app = schema.client();
+    let outbox = store.prepared();
+    let event = |n: i32| NewEvent::new("user.created", json!({ "n": n }));
+
+    let mut tx = app.transaction()?;
+    outbox.enqueue_tx(&mut tx, event(1))?;
+    tx.rollback()?;
+    assert_eq!(
+        store.stats()?.pending,
+        0,
+        "rolled back with the app's transaction"
+    );
+
+    // Prepared once, then used again: single, batched and a key taken.
+    let mut stored = Vec::new();
+    for n in 0..3 {
+        let mut tx = app.transaction()?;
+        stored.push(outbox.enqueue_tx(&mut tx, event(n).with_idempotency_key("k"))?);
+        stored.extend(outbox.enqueue_batch_tx(&mut tx, vec![event(10 + n), event(20 + n)])?);
+        tx.commit()?;
+    }
+    assert_eq!(stored[3].id, stored[0].id, "the key's first event, again");
+    assert_eq!(store.stats()?.pending, 7);
+    for e in &stored {
+        assert_eq!(store.find(e.id)?.as_ref(), Some(e));
+    }
+    let prepared: i64 = app
+        .query_one("SELECT count(*) FROM pg_prepared_statements", &[])?
+        .get(0);
+    assert!(prepared >= 2, "{prepared} statements prepared");
+
+    // Another connection does not know its statements: an error, and
+    // nothing written.
+    let mut other = schema.client();
+    let mut tx = other.transaction()?;
+    assert!(outbox.enqueue_tx(&mut tx, event(99)).is_err());
+    drop(tx);
+    assert_eq!(store.stats()?.pending, 7);
+    Ok(())
+}
+
+#[test]
+#[cfg_attr(
+    outbox_no_test_server,
+    ignore = "needs a PostgreSQL server: eval \"$(scripts/postgres.sh start)\""
+)]
 fn a_plain_sql_insert_wakes_a_dispatcher_in_milliseconds() -> TestResult {
     let Some(schema) = Schema::fresh() else {
         return Ok(());

@@ -62,20 +62,34 @@ fn insert_params(i: usize, now: i64) -> (uuid::Uuid, String, i64) {
     (e.id().as_uuid(), e.payload().to_string(), now)
 }
 
-/// One app row and one event per transaction, `n` times: ours through
-/// `enqueue_tx` in the app's transaction, or the same inserts prepared.
-fn enqueue_one(f: &Fresh, n: usize, ours: bool) -> Res<f64> {
+/// How an event reaches the app's transaction.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    /// The store's insert, prepared on the app's connection by hand.
+    Raw,
+    /// `PostgresStore::enqueue_tx`.
+    Store,
+    /// `PreparedEnqueue::enqueue_tx`.
+    Prepared,
+}
+
+/// One app row and one event per transaction, `n` times, `via` one of
+/// the ways in.
+fn enqueue_one(f: &Fresh, n: usize, via: Via) -> Res<f64> {
     let store = f.store()?;
     let mut app = f.client()?;
     app.batch_execute(&format!("CREATE TABLE {}_app (n bigint NOT NULL)", f.name))?;
     let app_insert = app.prepare(&format!("INSERT INTO {}_app VALUES ($1)", f.name))?;
     let insert = app.prepare(store.statement_text("insert").ok_or("no insert")?)?;
+    let outbox = store.prepared();
     let t = Instant::now();
     for i in 0..n {
         let mut tx = app.transaction()?;
         tx.execute(&app_insert, &[&(i as i64)])?;
-        if ours {
+        if via == Via::Store {
             store.enqueue_tx(&mut tx, event(i))?;
+        } else if via == Via::Prepared {
+            outbox.enqueue_tx(&mut tx, event(i))?;
         } else {
             let (id, payload, now) = insert_params(i, chrono::Utc::now().timestamp_millis());
             tx.query(
@@ -262,7 +276,13 @@ pub(crate) fn postgres_benches(cfg: &Config, _dir: &Path, rows: &mut Vec<Row>) -
     pair(
         "enqueue 1 event + 1 app row per tx, in the app's transaction".into(),
         one_n,
-        &|ours| enqueue_one(&f, one_n, ours),
+        &|ours| enqueue_one(&f, one_n, if ours { Via::Store } else { Via::Raw }),
+    )?;
+    pair(
+        "enqueue 1 event + 1 app row per tx, in the app's transaction, through a PreparedEnqueue"
+            .into(),
+        one_n,
+        &|ours| enqueue_one(&f, one_n, if ours { Via::Prepared } else { Via::Raw }),
     )?;
     pair("enqueue 100 events per tx".into(), batch_n, &|ours| {
         enqueue_batched(&f, batch_n, ours)

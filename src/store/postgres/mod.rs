@@ -14,11 +14,13 @@ mod lease;
 mod listen;
 mod migrate;
 mod operator;
+mod prepared;
 mod row;
 mod sql;
 mod target;
 
 pub use builder::PostgresStoreBuilder;
+pub use prepared::PreparedEnqueue;
 pub use target::{PostgresTarget, SslMode};
 
 use std::fmt;
