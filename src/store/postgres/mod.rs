@@ -18,6 +18,7 @@ mod prepared;
 mod row;
 mod sql;
 mod target;
+mod tls;
 
 pub use builder::PostgresStoreBuilder;
 pub use prepared::PreparedEnqueue;

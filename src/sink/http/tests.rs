@@ -1,6 +1,7 @@
 //! Unit tests of the module beside this file.
 
 use super::*;
+use crate::Error;
 
 #[test]
 fn endpoints_are_checked_before_delivery() {
