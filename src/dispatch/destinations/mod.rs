@@ -17,7 +17,6 @@ use chrono::{DateTime, Utc};
 
 use crate::clock;
 use crate::event::Lease;
-use crate::store::sealed::TypeFilter;
 use crate::store::Store;
 pub use crate::store::{DestinationState, Hold};
 
@@ -465,29 +464,6 @@ fn state_of(name: &str, h: &Held) -> DestinationState {
     }
 }
 
-/// Which event types to look at: those in `only` (all when `None`), minus
-/// those in `skip`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Selection {
-    pub(crate) only: Option<Vec<String>>,
-    pub(crate) skip: Vec<String>,
-}
-
-impl Selection {
-    /// True if no type at all can be claimed (every destination is held
-    /// back): then there is nothing to look for until a probe or a resume.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.only.as_ref().is_some_and(Vec::is_empty)
-    }
-
-    pub(crate) fn filter(&self) -> TypeFilter<'_> {
-        TypeFilter {
-            only: self.only.as_deref(),
-            skip: &self.skip,
-        }
-    }
-}
-
 /// The wait after a probe that failed: twice the last, at most
 /// [`MAX_PROBE_INTERVAL`].
 fn next_probe_interval(last: Duration) -> Duration {
@@ -505,6 +481,10 @@ fn jittered(d: Duration, destination: &str, probes: u64) -> Duration {
     let unit = (hasher.finish() % 2001) as f64 / 1000.0 - 1.0;
     d.mul_f64(1.0 + unit / 10.0)
 }
+
+mod selection;
+
+pub(crate) use selection::Selection;
 
 #[cfg(test)]
 mod tests;
