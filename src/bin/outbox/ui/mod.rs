@@ -16,24 +16,29 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use clap::Args;
-use sqlite_outbox::{Operator, Stats};
+use sqlite_outbox::Operator;
 
 use crate::db::Db;
 pub(crate) use crate::http::Reply;
 use crate::http::{App, Head, Limits, Listener};
-use crate::{describe, Failure};
+use crate::Failure;
 
+mod actions;
+mod counts;
+mod host;
 mod html;
 mod overview;
 mod pages;
 mod session;
 
+use counts::Cached;
+pub(crate) use counts::Overview;
+use host::HostRule;
 use session::Sessions;
 
 /// The environment variable that may hold the access token.
@@ -87,90 +92,6 @@ pub(crate) struct Ui {
     /// proxy's): cookies are then `Secure`.
     https: bool,
     overview: Mutex<Option<Cached>>,
-}
-
-/// Which `Host` a request may name.
-#[derive(Debug)]
-enum HostRule {
-    /// Bound to loopback: a loopback name or address (any of 127/8,
-    /// `localhost`, `[::1]`) with the bound port, or none when the port is
-    /// the scheme's default; and the public origin's host, if any.
-    Loopback {
-        port: u16,
-        default_port: u16,
-        public: Option<String>,
-    },
-    /// Bound elsewhere: the access token guards every page.
-    Any,
-}
-
-impl HostRule {
-    fn allows(&self, host: &str) -> bool {
-        let HostRule::Loopback {
-            port,
-            default_port,
-            public,
-        } = self
-        else {
-            return true;
-        };
-        if public
-            .as_deref()
-            .is_some_and(|p| p.eq_ignore_ascii_case(host))
-        {
-            return true;
-        }
-        let (name, given) = split_host(host);
-        let port_ok = match given {
-            Some(p) => p.parse::<u16>().is_ok_and(|p| p == *port),
-            None => port == default_port,
-        };
-        let name_ok = name.eq_ignore_ascii_case("localhost")
-            || name
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        port_ok && name_ok
-    }
-}
-
-/// `host[:port]` (or `[v6]:port`) into its parts.
-fn split_host(host: &str) -> (&str, Option<&str>) {
-    if let Some(rest) = host.strip_prefix('[') {
-        return match rest.split_once(']') {
-            Some((ip, tail)) => (
-                &host[..ip.len() + 2],
-                tail.strip_prefix(':').filter(|p| !p.is_empty()),
-            ),
-            None => (host, None),
-        };
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) => (name, Some(port)),
-        None => (host, None),
-    }
-}
-
-/// A span of a chart: its start, done and failed events.
-pub(crate) type Span = (chrono::DateTime<chrono::Utc>, u64, u64);
-
-/// The overview's numbers, counted at most every so often: on a large
-/// outbox a count reads every row.
-#[derive(Clone)]
-pub(crate) struct Overview {
-    pub(crate) stats: Stats,
-    /// Finished events per minute over the last hour, and per hour over
-    /// the last day: (span start, done, failed).
-    pub(crate) hour: Vec<Span>,
-    pub(crate) day: Vec<Span>,
-    pub(crate) at: chrono::DateTime<chrono::Utc>,
-}
-
-struct Cached {
-    value: Arc<Overview>,
-    at: Instant,
-    cost: Duration,
 }
 
 /// What the handlers need from a request.
@@ -435,7 +356,7 @@ impl Ui {
                     "refused: the form's token is missing or stale; reload the page",
                 )
             } else {
-                pages::act(self, &req)
+                actions::act(self, &req)
             }
         } else {
             self.page(&req)
@@ -452,7 +373,7 @@ impl Ui {
         match req.path.as_str() {
             "/" => overview::overview(self, req),
             "/events" => pages::events(self, req),
-            "/confirm" => pages::confirm(self, req),
+            "/confirm" => actions::confirm(self, req),
             "/metrics" => match self.overview() {
                 Ok(o) => Reply {
                     status: 200,
@@ -556,74 +477,6 @@ fn assets(name: &str) -> Reply {
         content_type,
         body: body.to_vec(),
         headers: vec![("Cache-Control", "max-age=3600".into())],
-    }
-}
-
-impl Ui {
-    /// The overview's numbers, counted again when the last count is older
-    /// than ten times what it cost (at least a second): the dashboard
-    /// takes no more than a tenth of a core from the app.
-    pub(crate) fn overview(&self) -> Result<Arc<Overview>, String> {
-        let mut cached = self.overview.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cached.as_ref() {
-            if c.at.elapsed() < (c.cost * 10).max(Duration::from_secs(1)) {
-                return Ok(Arc::clone(&c.value));
-            }
-        }
-        let started = Instant::now();
-        let now = chrono::Utc::now();
-        let fail = |e: sqlite_outbox::Error| describe(&e);
-        let stats = self.store.stats().map_err(fail)?;
-        // One read for both charts: the day per minute, summed per hour.
-        let minutes = self
-            .store
-            .throughput(now - chrono::Duration::hours(24), Duration::from_secs(60))
-            .map_err(fail)?;
-        let hour_ago = now - chrono::Duration::hours(1);
-        let hour: Vec<(chrono::DateTime<chrono::Utc>, u64, u64)> = minutes
-            .iter()
-            .filter(|t| t.start >= hour_ago - chrono::Duration::minutes(1))
-            .map(|t| (t.start, t.done, t.failed))
-            .collect();
-        let mut day: Vec<(chrono::DateTime<chrono::Utc>, u64, u64)> = Vec::new();
-        for t in &minutes {
-            let ms = t.start.timestamp_millis();
-            let start = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(
-                ms - ms.rem_euclid(3_600_000),
-            )
-            .unwrap_or(t.start);
-            match day.last_mut() {
-                Some(last) if last.0 == start => {
-                    last.1 += t.done;
-                    last.2 += t.failed;
-                }
-                _ => day.push((start, t.done, t.failed)),
-            }
-        }
-        let value = Arc::new(Overview {
-            stats,
-            hour,
-            day,
-            at: now,
-        });
-        *cached = Some(Cached {
-            value: Arc::clone(&value),
-            at: Instant::now(),
-            cost: started.elapsed(),
-        });
-        Ok(value)
-    }
-
-    /// The last numbers counted, however old, without counting: for what
-    /// only decorates a page (the type names offered in a filter).
-    pub(crate) fn last_overview(&self) -> Option<Arc<Overview>> {
-        let cached = self.overview.lock().unwrap_or_else(|p| p.into_inner());
-        cached.as_ref().map(|c| Arc::clone(&c.value))
-    }
-
-    /// Forgets the overview's numbers, after a change.
-    pub(crate) fn changed(&self) {
-        *self.overview.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

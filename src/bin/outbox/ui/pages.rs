@@ -1,10 +1,9 @@
-//! The dashboard's pages and actions.
+//! The dashboard's pages: the list, one event, sign-in and errors.
 
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
-use sqlite_outbox::admin::parse_duration;
-use sqlite_outbox::{Event, EventId, ListFilter, Requeue, Status, Why};
+use sqlite_outbox::{Event, EventId, ListFilter, Status, Why};
 use uuid::Uuid;
 
 use super::html::{badge, enc, esc, excerpt, page, time_from, Frame};
@@ -64,7 +63,7 @@ pub(super) fn not_found(ui: &Ui) -> String {
 }
 
 /// A hidden field with the form token of the request's session.
-fn csrf_field(req: &Req) -> String {
+pub(super) fn csrf_field(req: &Req) -> String {
     format!(
         "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
         esc(&req.csrf)
@@ -311,7 +310,7 @@ fn event_table(ui: &Ui, events: &[Event], b: &mut String) {
 
 // ---- one event ----------------------------------------------------------------
 
-fn find(ui: &Ui, id: &str) -> Result<Event, Reply> {
+pub(super) fn find(ui: &Ui, id: &str) -> Result<Event, Reply> {
     let id: EventId = id
         .parse()
         .map_err(|_| error_page(ui, 404, "No such event", "That is not an event id."))?;
@@ -442,182 +441,4 @@ pub(super) fn event(ui: &Ui, req: &Req, id: &str) -> Reply {
         200,
         page(&ui.frame(&e.event_type, "events"), &notice(req), &b),
     )
-}
-
-// ---- actions ----------------------------------------------------------------
-
-pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
-    if ui.read_only {
-        return error_page(
-            ui,
-            403,
-            "Read-only",
-            "The dashboard is read-only: it changes nothing.",
-        );
-    }
-    let form = |action: &str,
-                fields: &str,
-                question: &str,
-                button: &str,
-                class: &str,
-                back: &str| {
-        format!(
-            "<h1>Are you sure?</h1><p>{question}</p><form method=\"post\" action=\"/actions/{action}\" class=\"stack\">{}{fields}\
-             <p><button type=\"submit\" class=\"{class}\" id=\"confirm\">{button}</button> <a href=\"{back}\">cancel</a></p></form>",
-            csrf_field(req)
-        )
-    };
-    let body = match req.q("action") {
-        Some(action @ ("retry" | "fail")) => {
-            let e = match find(ui, req.q("id").unwrap_or_default()) {
-                Ok(e) => e,
-                Err(reply) => return reply,
-            };
-            let id_field = format!("<input type=\"hidden\" name=\"id\" value=\"{}\">", e.id);
-            let back = format!("/events/{}", e.id);
-            if action == "retry" {
-                form(
-                    "retry",
-                    &id_field,
-                    &format!(
-                        "Retry event <span class=\"mono\">{}</span> ({}): it becomes pending and due now, with its attempts reset.",
-                        e.id,
-                        esc(&e.event_type)
-                    ),
-                    "Retry event",
-                    "",
-                    &back,
-                )
-            } else {
-                form(
-                    "fail",
-                    &format!("{id_field}<label>Reason (kept as its last error) <textarea name=\"reason\" required rows=\"3\"></textarea></label>"),
-                    &format!(
-                        "Fail event <span class=\"mono\">{}</span> ({}): it will not be delivered unless retried.",
-                        e.id,
-                        esc(&e.event_type)
-                    ),
-                    "Fail event",
-                    "danger",
-                    &back,
-                )
-            }
-        }
-        Some("retry-type") => {
-            let Some(ty) = req.q("type") else {
-                return error_page(ui, 400, "No type", "Say which event type to retry.");
-            };
-            let n = ui
-                .last_overview()
-                .and_then(|o| o.stats.by_type.iter().find(|t| t.event_type == ty).map(|t| t.failed))
-                .map(|n| format!(" ({n} when last counted)"))
-                .unwrap_or_default();
-            form(
-                "retry-type",
-                &format!("<input type=\"hidden\" name=\"type\" value=\"{}\">", esc(ty)),
-                &format!(
-                    "Retry every failed event of type <strong>{}</strong>{n}: they become pending and due now, with their attempts reset.",
-                    esc(ty)
-                ),
-                "Retry all",
-                "",
-                "/",
-            )
-        }
-        Some("purge") => form(
-            "purge",
-            "<label>Older than <input name=\"older_than\" value=\"30d\" required> (e.g. 7d, 12h)</label>",
-            "Delete done and failed events created before the given age. Pending and processing events are never purged.",
-            "Purge",
-            "danger",
-            "/",
-        ),
-        _ => return error_page(ui, 400, "Unknown action", "There is no such action."),
-    };
-    Reply::html(
-        200,
-        page(
-            &Frame {
-                refresh: 0,
-                ..ui.frame("Confirm", "")
-            },
-            "",
-            &body,
-        ),
-    )
-}
-
-/// Carries out a confirmed action through the same operator calls as the
-/// command-line tool, then sends the browser on to see the result.
-pub(super) fn act(ui: &Ui, req: &Req) -> Reply {
-    let fail = |e: sqlite_outbox::Error| {
-        let status = if e.is_invalid_input() || e.is_not_found() {
-            409
-        } else {
-            503
-        };
-        error_page(ui, status, "Not done", &describe(&e))
-    };
-    let id = || -> Result<EventId, Reply> {
-        req.f("id")
-            .and_then(|i| i.parse().ok())
-            .ok_or_else(|| error_page(ui, 400, "Not done", "The form named no event."))
-    };
-    let reply = match req.path.as_str() {
-        "/actions/retry" => id().and_then(|id| {
-            ui.store
-                .requeue(Requeue::One(id))
-                .map(|_| Reply::redirect(format!("/events/{id}?done=retried")))
-                .map_err(fail)
-        }),
-        "/actions/fail" => id().and_then(|id| {
-            let Some(reason) = req.f("reason") else {
-                return Err(error_page(ui, 400, "Not done", "Give a reason."));
-            };
-            ui.store
-                .cancel(id, reason)
-                .map(|()| Reply::redirect(format!("/events/{id}?done=failed")))
-                .map_err(fail)
-        }),
-        "/actions/retry-type" => match req.f("type") {
-            None => Err(error_page(
-                ui,
-                400,
-                "Not done",
-                "The form named no event type.",
-            )),
-            Some(ty) => ui
-                .store
-                .requeue(Requeue::Type(ty.to_owned()))
-                .map(|n| Reply::redirect(format!("/?done=requeued&n={n}")))
-                .map_err(fail),
-        },
-        "/actions/purge" => match req.f("older_than").map(parse_duration) {
-            Some(Ok(age)) => match chrono::Duration::from_std(age)
-                .ok()
-                .and_then(|age| Utc::now().checked_sub_signed(age))
-            {
-                Some(cutoff) => ui
-                    .store
-                    .purge(cutoff)
-                    .map(|n| Reply::redirect(format!("/?done=purged&n={n}")))
-                    .map_err(fail),
-                None => Err(error_page(
-                    ui,
-                    400,
-                    "Not done",
-                    "That age reaches back before any date this outbox can hold.",
-                )),
-            },
-            _ => Err(error_page(
-                ui,
-                400,
-                "Not done",
-                "Give an age such as 30d or 12h.",
-            )),
-        },
-        _ => Err(error_page(ui, 404, "Not found", "There is no such action.")),
-    };
-    ui.changed();
-    reply.unwrap_or_else(|r| r)
 }

@@ -1,5 +1,6 @@
 //! Unit tests of the module beside this file.
 
+use super::host::split_host;
 use super::*;
 
 fn loopback(port: u16, default_port: u16, public: Option<&str>) -> HostRule {
