@@ -133,7 +133,11 @@ pub use rusqlite;
 pub use serde_json;
 pub use uuid;
 
-pub mod admin;
+/// The helpers of [`text`] under their old name.
+#[deprecated(since = "0.2.0", note = "renamed to `text`")]
+pub mod admin {
+    pub use crate::text::*;
+}
 pub mod catalog;
 mod clock;
 mod dispatch;
@@ -143,6 +147,7 @@ mod id;
 mod retry;
 pub mod sink;
 mod store;
+pub mod text;
 pub mod trace;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -25,7 +25,7 @@ mod text;
 mod ui;
 
 use clap::{Args, Parser, Subcommand};
-use sqlite_outbox::admin::parse_duration;
+use sqlite_outbox::text::parse_duration;
 use sqlite_outbox::{Status, POSTGRES_SCHEMA_SQL, SCHEMA_SQL};
 use uuid::Uuid;
 

@@ -24,7 +24,7 @@ pub(crate) fn terminal_safe(text: &str) -> Cow<'_, str> {
 }
 
 /// One line of at most `max` characters: the library's excerpt.
-pub(crate) use sqlite_outbox::admin::excerpt;
+pub(crate) use sqlite_outbox::text::excerpt;
 
 #[cfg(test)]
 mod tests {

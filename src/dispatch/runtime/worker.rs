@@ -363,8 +363,8 @@ fn too_old(ctx: &Ctx, event: &Event) -> Option<String> {
     (age > max).then(|| {
         format!(
             "given up: {} old, older than the dispatcher's max_age of {}",
-            crate::admin::format_duration(age),
-            crate::admin::format_duration(max)
+            crate::text::format_duration(age),
+            crate::text::format_duration(max)
         )
     })
 }

@@ -185,7 +185,7 @@ impl Inner {
                 Sent::Failed(HandlerError::permanent(format!(
                     "HTTP {code}, redirecting to {}: not a delivery; redirects are not \
                      followed, give the final URL",
-                    crate::admin::excerpt(&location, 300)
+                    crate::text::excerpt(&location, 300)
                 )))
             }
             Err(ureq::Error::Status(code, resp)) => {
@@ -252,7 +252,7 @@ impl Inner {
         serde_json::from_slice::<Answer>(&bytes).map_err(|e| {
             HandlerError::retry(format!(
                 "the endpoint's 2xx answer is JSON but not {{\"rejected\": [...]}}: {}",
-                crate::admin::excerpt(&e.to_string(), 200)
+                crate::text::excerpt(&e.to_string(), 200)
             ))
         })
     }
@@ -300,7 +300,7 @@ impl Inner {
                         Some(r) => {
                             let why = format!(
                                 "rejected by the endpoint: {}",
-                                self.redact(&crate::admin::excerpt(
+                                self.redact(&crate::text::excerpt(
                                     r.reason.as_deref().unwrap_or("no reason given"),
                                     300
                                 ))
@@ -415,7 +415,7 @@ fn body_excerpt(resp: ureq::Response) -> String {
         .into_reader()
         .take(ERROR_BODY_LIMIT)
         .read_to_end(&mut bytes);
-    crate::admin::excerpt(&String::from_utf8_lossy(&bytes), 200)
+    crate::text::excerpt(&String::from_utf8_lossy(&bytes), 200)
 }
 
 /// Errors that happen before the request could reach the endpoint: no

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use sqlite_outbox::admin::event_json;
+use sqlite_outbox::text::event_json;
 use sqlite_outbox::{NewEvent, Requeue, Subject};
 use uuid::Uuid;
 

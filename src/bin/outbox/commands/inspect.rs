@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use serde_json::Value;
-use sqlite_outbox::admin::{event_json, format_duration, stats_json};
+use sqlite_outbox::text::{event_json, format_duration, stats_json};
 use sqlite_outbox::{Event, ListFilter, Why};
 
 use crate::db::Db;

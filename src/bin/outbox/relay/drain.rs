@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::admin::format_duration;
+use sqlite_outbox::text::format_duration;
 use sqlite_outbox::{Backlog, Dispatcher, Operator, ShutdownReport};
 
 use super::RelayArgs;

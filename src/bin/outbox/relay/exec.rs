@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use sqlite_outbox::admin::format_duration;
+use sqlite_outbox::text::format_duration;
 use sqlite_outbox::{Event, HandlerError};
 
 use super::delivery_json;

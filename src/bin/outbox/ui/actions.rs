@@ -2,7 +2,7 @@
 //! the same operator calls as the command-line tool.
 
 use chrono::Utc;
-use sqlite_outbox::admin::parse_duration;
+use sqlite_outbox::text::parse_duration;
 use sqlite_outbox::{EventId, Requeue};
 
 use super::html::{esc, page, Frame};

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlite_outbox::admin::format_duration;
+use sqlite_outbox::text::format_duration;
 use sqlite_outbox::Status;
 
 /// `text` safe to put between tags and inside double-quoted attributes.

@@ -1,5 +1,6 @@
-//! Helpers for operating an outbox, shared by the `outbox` command-line tool
-//! and Rust callers: human durations and the stable JSON shapes.
+//! Text for people and programs, shared by the `outbox` command-line tool
+//! and Rust callers: durations as people write them, the stable JSON
+//! shapes of events and stats, and safe excerpts of untrusted text.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use crate::store::Stats;
 /// plain number of seconds.
 ///
 /// ```
-/// use sqlite_outbox::admin::parse_duration;
+/// use sqlite_outbox::text::parse_duration;
 /// use std::time::Duration;
 ///
 /// assert_eq!(parse_duration("30d")?, Duration::from_secs(30 * 86_400));
@@ -105,6 +106,14 @@ pub fn stats_json(stats: &Stats) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `admin`, the old name, still reaches the same functions.
+    #[test]
+    #[allow(deprecated)]
+    fn the_old_module_name_still_works() -> Result<()> {
+        assert_eq!(crate::admin::parse_duration("90s")?, parse_duration("90s")?);
+        Ok(())
+    }
 
     #[test]
     fn excerpts_are_one_short_safe_line() {
