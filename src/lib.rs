@@ -187,13 +187,36 @@ pub mod legacy {
 }
 
 /// What most programs import: `use sqlite_outbox::prelude::*;` brings the
-/// methods of the core tier ([`Store`]: `enqueue`, `claim`, ...) and of the
-/// operator tier ([`Operator`]: `stats`, `list`, `requeue`, ...) into scope
-/// on every store, with the types they are used with.
+/// app's types (stores, events, the dispatcher) and the operator tier
+/// ([`Operator`]: `stats`, `list`, `requeue`, ...). The stores' own
+/// methods (`enqueue`, `enqueue_tx`, `transaction`, `find`) need nothing
+/// more. The dispatcher's tier ([`Store`]: `claim`, `complete`, `retry`,
+/// ...) is for code that claims and settles by hand: import [`Store`] for
+/// it.
+///
+/// ```
+/// use sqlite_outbox::prelude::*;
+/// use sqlite_outbox::Store; // the dispatcher's tier, by hand
+///
+/// let store = MemoryStore::new();
+/// store.enqueue(NewEvent::new("note.created", serde_json::json!({})))?;
+/// let claimed = store.claim(10, std::time::Duration::from_secs(30), None)?;
+/// assert_eq!(claimed.len(), 1);
+/// # Ok::<(), sqlite_outbox::Error>(())
+/// ```
+///
+/// Without that import, `claim` is not on the store:
+///
+/// ```compile_fail
+/// use sqlite_outbox::prelude::*;
+///
+/// let store = MemoryStore::new();
+/// let _ = store.claim(10, std::time::Duration::from_secs(30), None);
+/// ```
 pub mod prelude {
     pub use crate::{
         Dispatcher, Event, EventId, HandlerError, ListFilter, MemoryStore, NewEvent, Operator,
-        Requeue, RetryPolicy, SqliteStore, Status, Store, Subject,
+        Requeue, RetryPolicy, SqliteStore, Status, Subject,
     };
 }
 

@@ -11,7 +11,7 @@ use common::{secs, TestResult};
 use serde_json::json;
 use sqlite_outbox::{
     BatchResult, Dispatcher, Event, EventId, HandlerError, ListFilter, NewEvent, Operator,
-    SqliteStore, Status, Store,
+    SqliteStore, Status,
 };
 
 type Batches = Arc<Mutex<Vec<Vec<Event>>>>;

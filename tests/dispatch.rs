@@ -13,7 +13,7 @@ use crossbeam_channel::{unbounded, Receiver};
 use serde_json::json;
 use sqlite_outbox::{
     legacy::UnfencedStore, Dispatcher, Event, EventId, HandlerError, ListFilter, NewEvent,
-    Operator, SqliteStore, Status, Store,
+    Operator, SqliteStore, Status,
 };
 
 const WAIT: Duration = Duration::from_secs(30);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::browser::{Dashboard, Result};
 use common::cli::BIN;
-use sqlite_outbox::{NewEvent, SqliteStore, Store};
+use sqlite_outbox::{NewEvent, SqliteStore};
 
 /// Idle connections held open during the attack.
 const IDLE: usize = 3000;

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
 use serde_json::json;
-use sqlite_outbox::{
-    Dispatcher, HandlerError, NewEvent, Operator, RetryPolicy, SqliteStore, Store,
-};
+use sqlite_outbox::{Dispatcher, HandlerError, NewEvent, Operator, RetryPolicy, SqliteStore};
 
 #[test]
 fn counters_and_run_times_reach_the_apps_recorder() -> Result<(), Box<dyn std::error::Error>> {

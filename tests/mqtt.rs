@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sqlite_outbox::sink::MqttSink;
-use sqlite_outbox::{Dispatcher, NewEvent, Operator, SqliteStore, Status, Store};
+use sqlite_outbox::{Dispatcher, NewEvent, Operator, SqliteStore, Status};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 

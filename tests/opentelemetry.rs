@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, NewEvent, SqliteStore, Store};
+use sqlite_outbox::{Dispatcher, NewEvent, SqliteStore};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 

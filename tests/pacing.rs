@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, Durability, Event, NewEvent, Operator, SqliteStore, Store};
+use sqlite_outbox::{Dispatcher, Durability, Event, NewEvent, Operator, SqliteStore};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 

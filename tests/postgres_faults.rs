@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::pg::Schema;
 use common::TestResult;
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, Event, NewEvent, Operator, PostgresStore, Status, Store};
+use sqlite_outbox::{Dispatcher, Event, NewEvent, Operator, PostgresStore, Status};
 
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, NewEvent, PostgresStore, Store};
+use sqlite_outbox::{Dispatcher, NewEvent, PostgresStore};
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 

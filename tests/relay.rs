@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sqlite_outbox::{Event, NewEvent, Operator, SqliteStore, Status, Store};
+use sqlite_outbox::{Event, NewEvent, Operator, SqliteStore, Status};
 
 mod common;
 

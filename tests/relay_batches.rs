@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sqlite_outbox::{Event, ListFilter, NewEvent, Operator, SqliteStore, Status, Store};
+use sqlite_outbox::{Event, ListFilter, NewEvent, Operator, SqliteStore, Status};
 
 mod common;
 

@@ -753,7 +753,7 @@ fn a_full_disk_never_loses_a_claimed_event() -> TestResult {
 
 mod payloads {
     use proptest::prelude::*;
-    use sqlite_outbox::{NewEvent, SqliteStore, Store};
+    use sqlite_outbox::{NewEvent, SqliteStore};
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use sqlite_outbox::{Dispatcher, Event, MemoryStore, NewEvent, Store};
+use sqlite_outbox::{Dispatcher, Event, MemoryStore, NewEvent};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Metadata, Subscriber};

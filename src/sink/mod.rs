@@ -93,7 +93,7 @@ pub(crate) fn render_name(template: &str, event: &Event) -> String {
 #[cfg(all(test, feature = "nats"))]
 mod tests {
     use super::*;
-    use crate::{MemoryStore, NewEvent, Store};
+    use crate::{MemoryStore, NewEvent};
 
     #[test]
     fn a_type_never_becomes_a_wildcard_or_a_second_token_list() -> crate::Result<()> {

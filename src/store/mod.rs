@@ -343,6 +343,50 @@ pub trait Store: sealed::Sealed + Send + Sync + fmt::Debug + 'static {
     fn retry_policy(&self) -> &RetryPolicy;
 }
 
+/// The app's calls of [`Store`] (`enqueue`, `enqueue_batch`, `find`) as
+/// methods of each store, so an app needs no trait in scope for them; the
+/// dispatcher's tier (`claim`, `complete`, ...) stays with the trait.
+macro_rules! app_calls {
+    ($store:ty) => {
+        impl $store {
+            /// Adds one event in a transaction of its own: see
+            /// [`Store::enqueue`]. Inside the app's transaction, use
+            /// `enqueue_tx`.
+            ///
+            /// # Errors
+            ///
+            /// As [`Store::enqueue`].
+            pub fn enqueue(&self, event: NewEvent) -> Result<Event> {
+                <Self as Store>::enqueue(self, event)
+            }
+
+            /// Adds many events in one transaction, all or none: see
+            /// [`Store::enqueue_batch`].
+            ///
+            /// # Errors
+            ///
+            /// As [`Store::enqueue_batch`].
+            pub fn enqueue_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Event>> {
+                <Self as Store>::enqueue_batch(self, events)
+            }
+
+            /// The event with this id, if any.
+            ///
+            /// # Errors
+            ///
+            /// Database errors only.
+            pub fn find(&self, id: EventId) -> Result<Option<Event>> {
+                <Self as Store>::find(self, id)
+            }
+        }
+    };
+}
+
+app_calls!(memory::MemoryStore);
+app_calls!(sqlite::SqliteStore);
+#[cfg(feature = "postgres")]
+app_calls!(postgres::PostgresStore);
+
 impl From<memory::MemoryStore> for Arc<dyn Store> {
     fn from(store: memory::MemoryStore) -> Self {
         Arc::new(store)
