@@ -86,12 +86,12 @@ pub fn run(
         }
     }
     let sync = HttpSink::builder(sync_url)?.batch(50).build()?;
-    let mut dispatcher = Dispatcher::builder(store.clone()).handler("note.saved", sync);
+    let mut dispatcher = Dispatcher::builder(store.clone()).handle_with("note.saved", sync);
     if let Some(url) = nats_url {
         let nats = NatsJetStream::builder(url)
             .subject("orders.{type}")
             .connect()?;
-        dispatcher = dispatcher.handler("order.placed", nats);
+        dispatcher = dispatcher.handle_with("order.placed", nats);
     }
     let report = dispatcher.start()?.drain(Duration::from_secs(60));
     Ok(Summary {

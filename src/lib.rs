@@ -154,8 +154,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use dispatch::{
     BatchFn, BatchResult, DestinationState, Dispatcher, DispatcherBuilder, Handler, HandlerError,
     Hold, Metrics, ShutdownReport, DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL,
-    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS, FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL,
-    MAX_RETRY_AFTER,
+    DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS, MAX_RETRY_AFTER,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
@@ -168,23 +167,53 @@ pub use store::memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use store::postgres::{
     PostgresStore, PostgresStoreBuilder, PostgresTarget, PreparedEnqueue, SslMode,
-    DEFAULT_POSTGRES_SCHEMA, POSTGRES_SCHEMA_SQL, POSTGRES_SCHEMA_VERSION,
 };
 pub use store::schema::{SCHEMA_SQL, SCHEMA_VERSION};
-pub use store::sqlite::{
-    Durability, SqliteStore, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT, DEFAULT_POOL_SIZE,
-    WAL_SIZE_LIMIT,
-};
+pub use store::sqlite::{Durability, SqliteStore, SqliteStoreBuilder};
 pub use store::{
     Ack, Backlog, ListFilter, Operator, Page, Requeue, Stats, Store, Subject, Throughput,
-    TypeStats, Why, DEFAULT_LEASE, LEASE_EXPIRED_ERROR, THROUGHPUT_LOOKBACK,
+    TypeStats, Why, LEASE_EXPIRED_ERROR, THROUGHPUT_LOOKBACK,
 };
 
 /// The unfenced tier: operations by event id that take no lease, with the
 /// names of a classic outbox repository. See [`legacy::UnfencedStore`].
 pub mod legacy {
     pub use crate::store::legacy::UnfencedStore;
+    pub use crate::store::DEFAULT_LEASE;
 }
+
+// The constants that moved to the type or module they belong to, under
+// their old names for one release.
+#[deprecated(since = "0.2.0", note = "use legacy::DEFAULT_LEASE")]
+#[doc(hidden)]
+pub const DEFAULT_LEASE: std::time::Duration = store::DEFAULT_LEASE;
+#[deprecated(since = "0.2.0", note = "use SqliteStore::WAL_SIZE_LIMIT")]
+#[doc(hidden)]
+pub const WAL_SIZE_LIMIT: i64 = SqliteStore::WAL_SIZE_LIMIT;
+#[deprecated(since = "0.2.0", note = "use SqliteStore::DEFAULT_POOL_SIZE")]
+#[doc(hidden)]
+pub const DEFAULT_POOL_SIZE: u32 = SqliteStore::DEFAULT_POOL_SIZE;
+#[deprecated(since = "0.2.0", note = "use SqliteStore::DEFAULT_BUSY_TIMEOUT")]
+#[doc(hidden)]
+pub const DEFAULT_BUSY_TIMEOUT: std::time::Duration = SqliteStore::DEFAULT_BUSY_TIMEOUT;
+#[deprecated(since = "0.2.0", note = "use Dispatcher::FIRST_PROBE_AFTER")]
+#[doc(hidden)]
+pub const FIRST_PROBE_AFTER: std::time::Duration = Dispatcher::FIRST_PROBE_AFTER;
+#[deprecated(since = "0.2.0", note = "use Dispatcher::MAX_PROBE_INTERVAL")]
+#[doc(hidden)]
+pub const MAX_PROBE_INTERVAL: std::time::Duration = Dispatcher::MAX_PROBE_INTERVAL;
+#[cfg(feature = "postgres")]
+#[deprecated(since = "0.2.0", note = "use PostgresStore::DEFAULT_SCHEMA")]
+#[doc(hidden)]
+pub const DEFAULT_POSTGRES_SCHEMA: &str = PostgresStore::DEFAULT_SCHEMA;
+#[cfg(feature = "postgres")]
+#[deprecated(since = "0.2.0", note = "use PostgresStore::SCHEMA_SQL")]
+#[doc(hidden)]
+pub const POSTGRES_SCHEMA_SQL: &str = PostgresStore::SCHEMA_SQL;
+#[cfg(feature = "postgres")]
+#[deprecated(since = "0.2.0", note = "use PostgresStore::SCHEMA_VERSION")]
+#[doc(hidden)]
+pub const POSTGRES_SCHEMA_VERSION: i64 = PostgresStore::SCHEMA_VERSION;
 
 /// What most programs import: `use sqlite_outbox::prelude::*;` brings the
 /// app's types (stores, events, the dispatcher) and the operator tier

@@ -944,7 +944,7 @@ struct Order {
 /// Typed payloads in and out; a payload that does not fit the type fails
 /// at once; `drain` returns when the queue is idle, on both stores.
 fn typed_payloads_and_drain(f: Fixture) -> TestResult {
-    f.store.enqueue(NewEvent::json(
+    f.store.enqueue(NewEvent::serialized(
         "order.placed",
         &Order {
             id: 1,

@@ -133,7 +133,7 @@ fn every_event_arrives_with_its_properties_in_key_order() -> Result {
     let sink = MqttSink::builder(&broker.url())?.connect()?;
     let report = Dispatcher::builder(store.clone())
         .workers(4)
-        .handler("order.placed", sink)
+        .handle_with("order.placed", sink)
         .start()?
         .drain(Duration::from_secs(60));
     assert_eq!(report.metrics.done, 200, "{report:?}");
@@ -181,7 +181,7 @@ fn a_broker_that_is_down_costs_no_attempts_and_is_waited_for() -> Result {
     let store = SqliteStore::open(dir.path().join("app.db"))?;
     let e = store.enqueue(NewEvent::new("t", json!({})))?;
     let dispatcher = Dispatcher::builder(store.clone())
-        .handler("t", sink)
+        .handle_with("t", sink)
         .start()?;
     wait_until(20, "the destination held back", || {
         Ok(!dispatcher.destinations().is_empty())
@@ -288,7 +288,7 @@ fn tls_with_the_right_ca_delivers_and_with_another_delivers_nothing() -> Result 
         .ca_file(&certs.other_ca)
         .connect()?;
     let dispatcher = Dispatcher::builder(store.clone())
-        .fallback_handler(refused)
+        .fallback_with(refused)
         .start()?;
     wait_until(20, "the destination held back", || {
         Ok(!dispatcher.destinations().is_empty())
@@ -309,7 +309,7 @@ fn tls_with_the_right_ca_delivers_and_with_another_delivers_nothing() -> Result 
 
     let sink = MqttSink::builder(&url)?.ca_file(&certs.ca).connect()?;
     let report = Dispatcher::builder(store.clone())
-        .fallback_handler(sink)
+        .fallback_with(sink)
         .start()?
         .drain(Duration::from_secs(60));
     assert_eq!(report.metrics.done, 20, "{report:?}");

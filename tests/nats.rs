@@ -103,7 +103,7 @@ fn every_event_reaches_the_stream_once_with_its_headers_in_key_order() -> Result
     let sink = NatsJetStream::builder(nats.url()).connect()?;
     let report = Dispatcher::builder(store.clone())
         .workers(4)
-        .handler("order.placed", sink)
+        .handle_with("order.placed", sink)
         .start()?
         .drain(Duration::from_secs(60));
     assert_eq!(report.metrics.done, 200, "{report:?}");
@@ -144,7 +144,7 @@ fn no_stream_for_the_subject_is_a_retry_that_says_so() -> Result {
         .ack_timeout(Duration::from_secs(5))
         .connect()?;
     let report = Dispatcher::builder(store.clone())
-        .handler("t", sink)
+        .handle_with("t", sink)
         .start()?
         .drain(Duration::from_secs(30));
     assert_eq!((report.metrics.done, report.metrics.retried), (0, 1));
@@ -173,7 +173,7 @@ fn a_server_that_is_down_costs_no_attempts_and_is_waited_for() -> Result {
     let store = SqliteStore::open(dir.path().join("app.db"))?;
     let e = store.enqueue(NewEvent::new("t", json!({})))?;
     let dispatcher = Dispatcher::builder(store.clone())
-        .handler("t", sink)
+        .handle_with("t", sink)
         .start()?;
     wait_until(20, "the destination held back", || {
         Ok(!dispatcher.destinations().is_empty())
@@ -272,7 +272,7 @@ fn cloudevents_over_nats_read_back_with_the_reference_sdk() -> Result {
     let binary = store.enqueue(NewEvent::new("b", json!({ "n": 2 })))?;
     let source = "/edge/7".to_owned();
     let report = Dispatcher::builder(store.clone())
-        .handler(
+        .handle_with(
             "s",
             NatsJetStream::builder(nats.url())
                 .format(sqlite_outbox::sink::Format::CloudEvents {
@@ -280,7 +280,7 @@ fn cloudevents_over_nats_read_back_with_the_reference_sdk() -> Result {
                 })
                 .connect()?,
         )
-        .handler(
+        .handle_with(
             "b",
             NatsJetStream::builder(nats.url())
                 .format(sqlite_outbox::sink::Format::CloudEventsBinary {
@@ -365,7 +365,7 @@ fn tls_with_the_right_ca_delivers_and_with_another_delivers_nothing() -> Result 
         .ca_file(&certs.ca)
         .connect()?;
     let report = Dispatcher::builder(store.clone())
-        .fallback_handler(sink)
+        .fallback_with(sink)
         .start()?
         .drain(Duration::from_secs(60));
     assert_eq!(report.metrics.done, 20, "{report:?}");

@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{millis, secs, Fixture, TestResult};
 use serde_json::json;
-use sqlite_outbox::{
-    Dispatcher, Event, HandlerError, Hold, ListFilter, NewEvent, Status, FIRST_PROBE_AFTER,
-    MAX_PROBE_INTERVAL,
-};
+use sqlite_outbox::{Dispatcher, Event, HandlerError, Hold, ListFilter, NewEvent, Status};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -494,8 +491,8 @@ fn an_hour_of_busy_answers_spends_no_attempt(f: Fixture) -> TestResult {
 
 #[test]
 fn probe_schedule_constants() {
-    assert_eq!(FIRST_PROBE_AFTER, secs(1));
-    assert_eq!(MAX_PROBE_INTERVAL, secs(300));
+    assert_eq!(Dispatcher::FIRST_PROBE_AFTER, secs(1));
+    assert_eq!(Dispatcher::MAX_PROBE_INTERVAL, secs(300));
 }
 
 macro_rules! both_stores {

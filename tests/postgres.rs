@@ -529,7 +529,7 @@ fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestR
             &[],
         )?
         .get(0);
-    assert_eq!(version, sqlite_outbox::POSTGRES_SCHEMA_VERSION);
+    assert_eq!(version, PostgresStore::SCHEMA_VERSION);
     assert_eq!(version, 3);
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let traced = store.enqueue(NewEvent::new("t", json!({})).with_traceparent(tp))?;

@@ -1148,7 +1148,7 @@ fn t15_the_wal_shrinks_back_after_a_long_reader() -> TestResult {
     while Instant::now() < deadline {
         store.enqueue(NewEvent::new("t", json!({"after": true})))?;
         size = std::fs::metadata(&wal)?.len();
-        if size <= sqlite_outbox::WAL_SIZE_LIMIT as u64 {
+        if size <= sqlite_outbox::SqliteStore::WAL_SIZE_LIMIT as u64 {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -1159,11 +1159,11 @@ fn t15_the_wal_shrinks_back_after_a_long_reader() -> TestResult {
         size as f64 / 1048576.0
     );
     assert!(
-        grown > sqlite_outbox::WAL_SIZE_LIMIT as u64,
+        grown > sqlite_outbox::SqliteStore::WAL_SIZE_LIMIT as u64,
         "the reader did not make the WAL grow"
     );
     assert!(
-        size <= sqlite_outbox::WAL_SIZE_LIMIT as u64,
+        size <= sqlite_outbox::SqliteStore::WAL_SIZE_LIMIT as u64,
         "the WAL stayed at {size} bytes"
     );
 

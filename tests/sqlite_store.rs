@@ -111,7 +111,7 @@ fn pragmas_read_back() -> TestResult {
         store.pragma("journal_size_limit")?,
         (16 * 1024 * 1024).to_string()
     );
-    assert_eq!(sqlite_outbox::WAL_SIZE_LIMIT, 16 * 1024 * 1024);
+    assert_eq!(sqlite_outbox::SqliteStore::WAL_SIZE_LIMIT, 16 * 1024 * 1024);
 
     let normal = SqliteStore::builder(dir.path().join("normal.db"))
         .durability(Durability::Normal)

@@ -8,7 +8,7 @@ use common::{millis, secs, Fixture, TestResult};
 use serde_json::json;
 use sqlite_outbox::{
     catalog::OutboxEventType, Ack, ErrorKind, Event, ListFilter, NewEvent, Requeue, RetryPolicy,
-    Status, Subject, Why, DEFAULT_LEASE, LEASE_EXPIRED_ERROR,
+    Status, Subject, Why, LEASE_EXPIRED_ERROR,
 };
 use uuid::Uuid;
 
@@ -1277,7 +1277,7 @@ fn mark_processing_uses_the_default_lease(f: &Fixture) -> TestResult {
     let p = get(f, &e)?;
     assert_eq!(
         p.locked_until,
-        Some(f.clock.now_utc() + ChronoDuration::from_std(DEFAULT_LEASE)?)
+        Some(f.clock.now_utc() + ChronoDuration::from_std(sqlite_outbox::legacy::DEFAULT_LEASE)?)
     );
     f.store.mark_done(e.id)?;
     assert!(f

@@ -48,7 +48,7 @@ fn backlog(path: &Path, n: usize) -> Res<(SqliteStore, Vec<Event>)> {
 fn drain(store: &SqliteStore, sink: impl Handler) -> Res<f64> {
     let t = Instant::now();
     let report = Dispatcher::builder(store.clone())
-        .fallback_handler(sink)
+        .fallback_with(sink)
         .start()?
         .drain(Duration::from_secs(1_800));
     let secs = t.elapsed().as_secs_f64();

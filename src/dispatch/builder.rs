@@ -53,21 +53,28 @@ impl DispatcherBuilder {
     where
         F: Fn(&Event) -> std::result::Result<(), HandlerError> + Send + Sync + 'static,
     {
-        self.handler(event_type, handler)
+        self.handle_with(event_type, handler)
     }
 
-    /// Like [`DispatcherBuilder::handle`], for a type that implements
-    /// [`Handler`] itself.
-    pub fn handler(mut self, event_type: impl Into<String>, handler: impl Handler) -> Self {
+    /// Like [`DispatcherBuilder::handle`], for a value that implements
+    /// [`Handler`] itself (a sink, say, or a [`BatchFn`]).
+    pub fn handle_with(mut self, event_type: impl Into<String>, handler: impl Handler) -> Self {
         self.handlers.insert(event_type.into(), Arc::new(handler));
         self
+    }
+
+    /// [`DispatcherBuilder::handle_with`] under its old name, one letter
+    /// from [`DispatcherBuilder::handle`].
+    #[deprecated(since = "0.2.0", note = "use handle_with")]
+    pub fn handler(self, event_type: impl Into<String>, handler: impl Handler) -> Self {
+        self.handle_with(event_type, handler)
     }
 
     /// Runs one `handler` for the events of all of `event_types`: a
     /// handler of batches (a sink, say) then gets events of those types
     /// together in one batch. A later registration of one of the types
     /// replaces it for that type.
-    pub fn handler_for<T: Into<String>>(
+    pub fn handle_types_with<T: Into<String>>(
         mut self,
         event_types: impl IntoIterator<Item = T>,
         handler: impl Handler,
@@ -77,6 +84,16 @@ impl DispatcherBuilder {
             self.handlers.insert(t.into(), Arc::clone(&shared));
         }
         self
+    }
+
+    /// [`DispatcherBuilder::handle_types_with`] under its old name.
+    #[deprecated(since = "0.2.0", note = "use handle_types_with")]
+    pub fn handler_for<T: Into<String>>(
+        self,
+        event_types: impl IntoIterator<Item = T>,
+        handler: impl Handler,
+    ) -> Self {
+        self.handle_types_with(event_types, handler)
     }
 
     /// Runs the closure `handler` for events of `event_type` in batches of
@@ -106,14 +123,20 @@ impl DispatcherBuilder {
     where
         F: Fn(&[Event]) -> BatchResult + Send + Sync + 'static,
     {
-        self.handler(event_type, BatchFn::new(limit, handler))
+        self.handle_with(event_type, BatchFn::new(limit, handler))
     }
 
     /// Like [`DispatcherBuilder::fallback`], for a type that implements
     /// [`Handler`] itself (a sink, say, or a [`BatchFn`]).
-    pub fn fallback_handler(mut self, handler: impl Handler) -> Self {
+    pub fn fallback_with(mut self, handler: impl Handler) -> Self {
         self.fallback = Some(Arc::new(handler));
         self
+    }
+
+    /// [`DispatcherBuilder::fallback_with`] under its old name.
+    #[deprecated(since = "0.2.0", note = "use fallback_with")]
+    pub fn fallback_handler(self, handler: impl Handler) -> Self {
+        self.fallback_with(handler)
     }
 
     /// Runs `handler` for events of every type without its own handler.

@@ -18,7 +18,8 @@ mod metrics;
 mod runtime;
 
 pub use builder::DispatcherBuilder;
-pub use destinations::{DestinationState, Hold, FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL};
+pub use destinations::{DestinationState, Hold};
+use destinations::{FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL};
 pub use handler::{BatchFn, BatchResult, Handler, HandlerError, MAX_RETRY_AFTER};
 pub(crate) use metrics::{Counter, Counters};
 pub use metrics::{Metrics, ShutdownReport};
@@ -54,6 +55,11 @@ impl fmt::Debug for Dispatcher {
 }
 
 impl Dispatcher {
+    /// The first wait before a held-back destination is probed: 1 s.
+    pub const FIRST_PROBE_AFTER: Duration = FIRST_PROBE_AFTER;
+    /// The longest wait between probes of a destination: 5 min.
+    pub const MAX_PROBE_INTERVAL: Duration = MAX_PROBE_INTERVAL;
+
     /// A builder for a dispatcher over `store`, with defaults: 4 workers,
     /// batches of 64, 60 s leases, 500 ms polling and the store's retry
     /// policy.

@@ -76,7 +76,7 @@ impl NewEvent {
     /// #[derive(Serialize)]
     /// struct Invite<'a> { to: &'a str }
     ///
-    /// let event = NewEvent::json("email.invite", &Invite { to: "ada@example.com" })?;
+    /// let event = NewEvent::serialized("email.invite", &Invite { to: "ada@example.com" })?;
     /// assert_eq!(event.payload()["to"], "ada@example.com");
     /// # Ok::<(), sqlite_outbox::Error>(())
     /// ```
@@ -85,10 +85,24 @@ impl NewEvent {
     ///
     /// [`crate::ErrorKind::InvalidInput`] if `payload` cannot be serialised
     /// (a map with non-string keys, say).
-    pub fn json<T: Serialize + ?Sized>(event_type: impl Into<String>, payload: &T) -> Result<Self> {
+    pub fn serialized<T: Serialize + ?Sized>(
+        event_type: impl Into<String>,
+        payload: &T,
+    ) -> Result<Self> {
         let value = serde_json::to_value(payload)
             .map_err(|e| Error::invalid(format!("payload cannot be serialised: {e}")))?;
         Ok(NewEvent::new(event_type, value))
+    }
+
+    /// [`NewEvent::serialized`] under its old name, which read too much
+    /// like [`NewEvent::from_json`] (JSON text).
+    ///
+    /// # Errors
+    ///
+    /// As [`NewEvent::serialized`].
+    #[deprecated(since = "0.2.0", note = "use NewEvent::serialized")]
+    pub fn json<T: Serialize + ?Sized>(event_type: impl Into<String>, payload: &T) -> Result<Self> {
+        NewEvent::serialized(event_type, payload)
     }
 
     /// An event whose payload is JSON text, checked here.

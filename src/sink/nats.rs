@@ -33,7 +33,7 @@ use crate::event::Event;
 /// let nats = NatsJetStream::builder("nats://127.0.0.1:4222")
 ///     .subject("orders.{type}")
 ///     .connect()?;
-/// let dispatcher = Dispatcher::builder(store).handler("order.placed", nats).start()?;
+/// let dispatcher = Dispatcher::builder(store).handle_with("order.placed", nats).start()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]

@@ -56,7 +56,7 @@ pub trait UnfencedStore: Operator {
         )
     }
 
-    /// Marks an event `processing` under a fresh [`crate::DEFAULT_LEASE`]
+    /// Marks an event `processing` under a fresh [`crate::legacy::DEFAULT_LEASE`]
     /// and counts an attempt. An event that is already processing (fetched
     /// by [`UnfencedStore::fetch_pending`]) keeps its attempt count: the
     /// claim counted it already.

@@ -26,7 +26,7 @@ mod ui;
 
 use clap::{Args, Parser, Subcommand};
 use sqlite_outbox::text::parse_duration;
-use sqlite_outbox::{Status, POSTGRES_SCHEMA_SQL, SCHEMA_SQL};
+use sqlite_outbox::{Status, SCHEMA_SQL};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -271,7 +271,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     if let Command::Schema = cli.command {
         // The layout of the database --db names: a file's, or a server's.
         match cli.db.as_deref().map(|d| db::Db::new(d, &cli.schema)) {
-            Some(db::Db::Server { .. }) => print!("{POSTGRES_SCHEMA_SQL}"),
+            Some(db::Db::Server { .. }) => print!("{}", sqlite_outbox::PostgresStore::SCHEMA_SQL),
             _ => print!("{SCHEMA_SQL}"),
         }
         return Ok(());

@@ -21,10 +21,10 @@ use crate::store::Store;
 pub use crate::store::{DestinationState, Hold};
 
 /// The first wait before probing a destination that became unreachable.
-pub const FIRST_PROBE_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// The longest wait between two probes of an unreachable destination.
-pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5 * 60);
+pub(crate) const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
 struct Held {
     paused: bool,

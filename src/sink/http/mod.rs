@@ -61,7 +61,7 @@ const ANSWER_LIMIT: u64 = 1024 * 1024;
 ///     .header("Authorization", std::env::var("API_TOKEN")?)?
 ///     .batch(100)
 ///     .build()?;
-/// let dispatcher = Dispatcher::builder(store).fallback_handler(sink).start()?;
+/// let dispatcher = Dispatcher::builder(store).fallback_with(sink).start()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]

@@ -49,13 +49,13 @@ use sql::Sql;
 /// The layout of the outbox's objects in its schema that this build writes
 /// (`schema.postgres.sql`); its `outbox_meta` row `schema_version` holds
 /// the layout a schema has.
-pub const POSTGRES_SCHEMA_VERSION: i64 = 3;
+pub(crate) const POSTGRES_SCHEMA_VERSION: i64 = 3;
 
 /// The DDL of a fresh outbox on PostgreSQL, run in the chosen schema.
-pub const POSTGRES_SCHEMA_SQL: &str = include_str!("../../../schema.postgres.sql");
+pub(crate) const POSTGRES_SCHEMA_SQL: &str = include_str!("../../../schema.postgres.sql");
 
 /// The schema the outbox lives in unless the builder names another.
-pub const DEFAULT_POSTGRES_SCHEMA: &str = "outbox";
+pub(crate) const DEFAULT_POSTGRES_SCHEMA: &str = "outbox";
 
 type Pool = r2d2::Pool<conn::Manager>;
 type Tx<'c> = conn::Session<'c, postgres::Transaction<'c>>;
@@ -113,6 +113,15 @@ impl fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
+    /// The layout of the outbox's objects in its schema that this build
+    /// writes (`schema.postgres.sql`); a schema's `outbox_meta` row
+    /// `schema_version` holds the layout it has.
+    pub const SCHEMA_VERSION: i64 = POSTGRES_SCHEMA_VERSION;
+    /// The DDL of a fresh outbox, run in the chosen schema.
+    pub const SCHEMA_SQL: &str = POSTGRES_SCHEMA_SQL;
+    /// The schema the outbox lives in unless the builder names another.
+    pub const DEFAULT_SCHEMA: &str = DEFAULT_POSTGRES_SCHEMA;
+
     /// Opens (creating if needed) the outbox in schema `outbox` of the
     /// database at `url`: a `postgres://` URL or `host=… user=…` key-value
     /// pairs, as libpq takes them.

@@ -62,12 +62,12 @@ pub struct SqliteStoreBuilder {
 
 /// The size the WAL is truncated back to after a checkpoint
 /// (`PRAGMA journal_size_limit`): 16 MiB.
-pub const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
+pub(crate) const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
 /// Default connection pool size.
-pub const DEFAULT_POOL_SIZE: u32 = 8;
+pub(crate) const DEFAULT_POOL_SIZE: u32 = 8;
 /// Default busy timeout.
-pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SqliteStoreBuilder {
     /// The largest number of open connections, at least 1 (`build` refuses

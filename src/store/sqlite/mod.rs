@@ -14,9 +14,8 @@ mod legacy;
 mod operator;
 mod sql;
 
-pub use builder::{
-    Durability, SqliteStoreBuilder, DEFAULT_BUSY_TIMEOUT, DEFAULT_POOL_SIZE, WAL_SIZE_LIMIT,
-};
+pub(crate) use builder::DEFAULT_BUSY_TIMEOUT;
+pub use builder::{Durability, SqliteStoreBuilder};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -116,6 +115,15 @@ impl fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// The size the WAL file is cut back to after a checkpoint (`PRAGMA
+    /// journal_size_limit`): 16 MiB.
+    pub const WAL_SIZE_LIMIT: i64 = builder::WAL_SIZE_LIMIT;
+    /// Connections in the store's pool unless the builder says otherwise.
+    pub const DEFAULT_POOL_SIZE: u32 = builder::DEFAULT_POOL_SIZE;
+    /// How long a write waits for the lock unless the builder says
+    /// otherwise: 5 s.
+    pub const DEFAULT_BUSY_TIMEOUT: Duration = builder::DEFAULT_BUSY_TIMEOUT;
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path

@@ -325,9 +325,9 @@ fn dispatcher(
         .name("relay");
     // One handler for every type, so that a batch may hold any of them.
     if a.types.is_empty() {
-        builder.fallback_handler(Arc::clone(handler))
+        builder.fallback_with(Arc::clone(handler))
     } else {
-        builder.handler_for(a.types.iter().cloned(), Arc::clone(handler))
+        builder.handle_types_with(a.types.iter().cloned(), Arc::clone(handler))
     }
 }
 
