@@ -5,7 +5,7 @@ use chrono::Utc;
 use sqlite_outbox::text::parse_duration;
 use sqlite_outbox::{EventId, Requeue};
 
-use super::html::{esc, page, Frame};
+use super::html::{html, page, Frame, Html};
 use super::pages::{csrf_field, error_page, find};
 use super::{Reply, Req, Ui};
 use crate::describe;
@@ -20,15 +20,21 @@ pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
         );
     }
     let form = |action: &str,
-                fields: &str,
-                question: &str,
+                fields: Html,
+                question: Html,
                 button: &str,
                 class: &str,
                 back: &str| {
-        format!(
-            "<h1>Are you sure?</h1><p>{question}</p><form method=\"post\" action=\"/actions/{action}\" class=\"stack\">{}{fields}\
+        html!(
+            "<h1>Are you sure?</h1><p>{question}</p><form method=\"post\" action=\"/actions/{action}\" class=\"stack\">{csrf}{fields}\
              <p><button type=\"submit\" class=\"{class}\" id=\"confirm\">{button}</button> <a href=\"{back}\">cancel</a></p></form>",
-            csrf_field(req)
+            question = question,
+            action = action,
+            csrf = csrf_field(req),
+            fields = fields,
+            class = class,
+            button = button,
+            back = back,
         )
     };
     let body = match req.q("action") {
@@ -37,16 +43,16 @@ pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
                 Ok(e) => e,
                 Err(reply) => return reply,
             };
-            let id_field = format!("<input type=\"hidden\" name=\"id\" value=\"{}\">", e.id);
+            let id_field = html!("<input type=\"hidden\" name=\"id\" value=\"{}\">", e.id);
             let back = format!("/events/{}", e.id);
             if action == "retry" {
                 form(
                     "retry",
-                    &id_field,
-                    &format!(
+                    id_field,
+                    html!(
                         "Retry event <span class=\"mono\">{}</span> ({}): it becomes pending and due now, with its attempts reset.",
                         e.id,
-                        esc(&e.event_type)
+                        e.event_type
                     ),
                     "Retry event",
                     "",
@@ -55,11 +61,11 @@ pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
             } else {
                 form(
                     "fail",
-                    &format!("{id_field}<label>Reason (kept as its last error) <textarea name=\"reason\" required rows=\"3\"></textarea></label>"),
-                    &format!(
+                    html!("{}<label>Reason (kept as its last error) <textarea name=\"reason\" required rows=\"3\"></textarea></label>", id_field),
+                    html!(
                         "Fail event <span class=\"mono\">{}</span> ({}): it will not be delivered unless retried.",
                         e.id,
-                        esc(&e.event_type)
+                        e.event_type
                     ),
                     "Fail event",
                     "danger",
@@ -78,10 +84,11 @@ pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
                 .unwrap_or_default();
             form(
                 "retry-type",
-                &format!("<input type=\"hidden\" name=\"type\" value=\"{}\">", esc(ty)),
-                &format!(
-                    "Retry every failed event of type <strong>{}</strong>{n}: they become pending and due now, with their attempts reset.",
-                    esc(ty)
+                html!("<input type=\"hidden\" name=\"type\" value=\"{}\">", ty),
+                html!(
+                    "Retry every failed event of type <strong>{}</strong>{}: they become pending and due now, with their attempts reset.",
+                    ty,
+                    n
                 ),
                 "Retry all",
                 "",
@@ -90,8 +97,8 @@ pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
         }
         Some("purge") => form(
             "purge",
-            "<label>Older than <input name=\"older_than\" value=\"30d\" required> (e.g. 7d, 12h)</label>",
-            "Delete done and failed events created before the given age. Pending and processing events are never purged.",
+            Html::lit("<label>Older than <input name=\"older_than\" value=\"30d\" required> (e.g. 7d, 12h)</label>"),
+            Html::lit("Delete done and failed events created before the given age. Pending and processing events are never purged."),
             "Purge",
             "danger",
             "/",
@@ -105,9 +112,10 @@ pub(super) fn confirm(ui: &Ui, req: &Req) -> Reply {
                 refresh: 0,
                 ..ui.frame("Confirm", "")
             },
-            "",
+            &Html::default(),
             &body,
-        ),
+        )
+        .into_string(),
     )
 }
 

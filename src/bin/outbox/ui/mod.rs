@@ -2,7 +2,8 @@
 //! front ([`crate::http`]). Every asset is in the binary; nothing is
 //! fetched from elsewhere.
 //!
-//! Safety: everything from the database is escaped; a strict
+//! Safety: pages are [`html::Html`], which only literals and escaped
+//! values can become (see [`html::html!`]); a strict
 //! Content-Security-Policy allows only this server's own script and style;
 //! changes are POST-only, need a same-origin `Origin` (or `Referer`) and
 //! the form token of the browser's session (an HMAC of the session's id

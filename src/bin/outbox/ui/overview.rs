@@ -3,13 +3,12 @@
 //! back, a backlog nobody works on), finished events per minute and hour,
 //! and what is in flight.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlite_outbox::{ListFilter, Status, Why};
 
-use super::html::{age, enc, esc, excerpt, page, time_from};
+use super::html::{age, enc, excerpt, html, page, time_from, Html};
 use super::pages::{error_page, event_link, notice};
 use super::{Overview, Reply, Req, Ui};
 use crate::describe;
@@ -33,10 +32,8 @@ pub(super) fn overview(ui: &Ui, req: &Req) -> Reply {
             .filter(|e| e.locked_until.is_some_and(|t| t <= now))
             .count()
     });
-    let mut b = String::new();
     let s = &o.stats;
-    let _ = write!(
-        b,
+    let mut b = html!(
         "<div data-live><section class=\"cards\">{}{}{}{}{}</section>",
         card(
             "pending",
@@ -59,109 +56,117 @@ pub(super) fn overview(ui: &Ui, req: &Req) -> Reply {
         ),
     );
     attention(ui, &o, ran_out, &mut b);
-    b.push_str("<section><h2>Finished events</h2><div class=\"charts\">");
-    b.push_str(&chart(
+    b.push(Html::lit(
+        "<section><h2>Finished events</h2><div class=\"charts\">",
+    ));
+    b.push(chart(
         "Last hour, per minute",
         o.hour.iter().copied(),
         o.at,
         60,
         Duration::from_secs(60),
     ));
-    b.push_str(&chart(
+    b.push(chart(
         "Last day, per hour",
         o.day.iter().copied(),
         o.at,
         24,
         Duration::from_secs(3600),
     ));
-    b.push_str("</div></section>");
-    b.push_str("<section><h2>Processing now</h2>");
+    b.push(Html::lit("</div></section>"));
+    b.push(Html::lit("<section><h2>Processing now</h2>"));
     match processing {
         Ok(events) if events.is_empty() => {
-            b.push_str("<p class=\"muted\">Nothing is being handled.</p>")
+            b.push(Html::lit(
+                "<p class=\"muted\">Nothing is being handled.</p>",
+            ));
         }
         Ok(events) => {
-            b.push_str("<table><thead><tr><th>Event</th><th>Type</th><th>Attempt</th><th>Lease taken</th><th>Lease ends</th></tr></thead><tbody>");
+            b.push(Html::lit("<table><thead><tr><th>Event</th><th>Type</th><th>Attempt</th><th>Lease taken</th><th>Lease ends</th></tr></thead><tbody>"));
             for e in &events {
-                let _ = write!(
-                    b,
+                b.push(html!(
                     "<tr><td>{}</td><td>{}</td><td>{}/{}</td><td>{}</td><td>{}</td></tr>",
                     event_link(e),
-                    esc(&e.event_type),
+                    e.event_type,
                     e.attempts,
                     e.max_attempts,
                     e.locked_at.map(|t| time_from(t, o.at)).unwrap_or_default(),
                     e.locked_until
                         .map(|t| time_from(t, o.at))
                         .unwrap_or_default(),
-                );
+                ));
             }
-            b.push_str("</tbody></table>");
+            b.push(Html::lit("</tbody></table>"));
         }
-        Err(e) => {
-            let _ = write!(b, "<p class=\"error\">{}</p>", esc(&describe(&e)));
-        }
+        Err(e) => b.push(html!("<p class=\"error\">{}</p>", describe(&e))),
     }
-    b.push_str("</section>");
-    by_type(ui, &o, &mut b);
-    let _ = write!(
-        b,
+    b.push(Html::lit("</section>"));
+    by_type(&o, &mut b);
+    b.push(html!(
         "<p class=\"muted small\">Counted {}.</p></div>",
         time_from(o.at, Utc::now())
-    );
+    ));
     if !ui.read_only {
-        b.push_str(
+        b.push(Html::lit(
             "<section><h2>Maintenance</h2><p><a class=\"button secondary\" href=\"/confirm?action=purge\">Purge finished events…</a></p></section>",
-        );
+        ));
     }
     Reply::html(
         200,
-        page(&ui.frame("Overview", "overview"), &notice(req), &b),
+        page(&ui.frame("Overview", "overview"), &notice(req), &b).into_string(),
     )
 }
 
-fn card(label: &str, n: u64, sub: &str, href: &str) -> String {
-    format!(
+fn card(label: &str, n: u64, sub: &str, href: &str) -> Html {
+    html!(
         "<a class=\"card {cls}\" href=\"{href}\"><span class=\"label\">{label}</span>\
          <span class=\"value\" data-count=\"{cls}\">{n}</span><span class=\"sub\">{sub}</span></a>",
         cls = label,
-        sub = esc(sub)
+        href = href,
+        label = label,
+        n = n,
+        sub = sub,
     )
 }
 
-fn card_text(label: &str, value: &str, sub: &str) -> String {
-    format!(
-        "<div class=\"card\"><span class=\"label\">{label}</span><span class=\"value\">{value}</span>\
-         <span class=\"sub\">{sub}</span></div>"
+fn card_text(label: &str, value: &str, sub: &str) -> Html {
+    html!(
+        "<div class=\"card\"><span class=\"label\">{}</span><span class=\"value\">{}</span>\
+         <span class=\"sub\">{}</span></div>",
+        label,
+        value,
+        sub
     )
 }
 
 /// What is stuck, first: failed events per type, a backlog nothing is
 /// working on, destinations held back.
-fn attention(ui: &Ui, o: &Overview, ran_out: usize, b: &mut String) {
+fn attention(ui: &Ui, o: &Overview, ran_out: usize, b: &mut Html) {
     let s = &o.stats;
     let mut items = Vec::new();
     if ran_out > 0 {
-        items.push(format!(
-            "<li><strong>{ran_out} processing</strong> with a lease that ran out: the worker holding it \
-             stopped; a running dispatcher claims it again</li>"
+        items.push(html!(
+            "<li><strong>{} processing</strong> with a lease that ran out: the worker holding it \
+             stopped; a running dispatcher claims it again</li>",
+            ran_out
         ));
     }
     for t in s.by_type.iter().filter(|t| t.failed > 0) {
         let retry = if ui.read_only {
-            String::new()
+            Html::default()
         } else {
-            format!(
+            html!(
                 " <a class=\"button small\" href=\"/confirm?action=retry-type&amp;type={}\">Retry all {}</a>",
                 enc(&t.event_type),
                 t.failed
             )
         };
-        items.push(format!(
+        items.push(html!(
             "<li><strong>{n} failed</strong> of type <a href=\"/events?status=failed&amp;type={ty}\">{name}</a>{retry}</li>",
             n = t.failed,
             ty = enc(&t.event_type),
-            name = esc(&t.event_type),
+            name = t.event_type,
+            retry = retry,
         ));
     }
     items.extend(failure_reasons(ui, o));
@@ -179,37 +184,41 @@ fn attention(ui: &Ui, o: &Overview, ran_out: usize, b: &mut String) {
         } else {
             ""
         };
-        items.push(format!(
-            "<li><strong>{} due</strong>; the oldest has waited {}{hint}</li>",
+        items.push(html!(
+            "<li><strong>{} due</strong>; the oldest has waited {}{}</li>",
             s.due,
-            age(wait)
+            age(wait),
+            hint
         ));
     }
     for d in &s.destinations {
         let error = d
             .last_error
             .as_deref()
-            .map(|e| format!(": <q>{}</q>", excerpt(e, 120)))
+            .map(|e| html!(": <q>{}</q>", excerpt(e, 120)))
             .unwrap_or_default();
-        items.push(format!(
-            "<li>Destination <strong>{}</strong> is {} since {}{error}</li>",
-            esc(&d.name),
+        items.push(html!(
+            "<li>Destination <strong>{}</strong> is {} since {}{}</li>",
+            d.name,
             d.hold.as_str(),
-            time_from(d.since, o.at)
+            time_from(d.since, o.at),
+            error
         ));
     }
-    b.push_str("<section class=\"attention\"><h2>Needs attention</h2>");
+    b.push(Html::lit(
+        "<section class=\"attention\"><h2>Needs attention</h2>",
+    ));
     if items.is_empty() {
-        b.push_str("<p class=\"ok\">Nothing is stuck.</p>");
+        b.push(Html::lit("<p class=\"ok\">Nothing is stuck.</p>"));
     } else {
-        let _ = write!(b, "<ul>{}</ul>", items.join(""));
+        b.push(html!("<ul>{}</ul>", Html::join(items, "")));
     }
-    b.push_str("</section>");
+    b.push(Html::lit("</section>"));
 }
 
 /// The most frequent last errors of each type with failed events (from
 /// the latest 200 failures of the type), with their counts.
-fn failure_reasons(ui: &Ui, o: &Overview) -> Vec<String> {
+fn failure_reasons(ui: &Ui, o: &Overview) -> Vec<Html> {
     let mut items = Vec::new();
     for t in o.stats.by_type.iter().filter(|t| t.failed > 0).take(10) {
         let Ok(failed) = ui.store.list(&ListFilter {
@@ -221,7 +230,7 @@ fn failure_reasons(ui: &Ui, o: &Overview) -> Vec<String> {
         }) else {
             continue;
         };
-        let mut counts: Vec<(String, usize)> = Vec::new();
+        let mut counts: Vec<(Html, usize)> = Vec::new();
         for e in &failed {
             let reason = excerpt(e.last_error.as_deref().unwrap_or("no error recorded"), 100);
             match counts.iter_mut().find(|(r, _)| *r == reason) {
@@ -230,20 +239,19 @@ fn failure_reasons(ui: &Ui, o: &Overview) -> Vec<String> {
             }
         }
         counts.sort_by_key(|c| std::cmp::Reverse(c.1));
-        let top: Vec<String> = counts
+        let top = counts
             .iter()
             .take(3)
-            .map(|(r, n)| format!("{n}× <q>{r}</q>"))
-            .collect();
-        items.push(format!(
+            .map(|(r, n)| html!("{}× <q>{}</q>", *n, r));
+        items.push(html!(
             "<li class=\"reasons\">Why <strong>{}</strong> failed{}: {}</li>",
-            esc(&t.event_type),
+            t.event_type,
             if t.failed > 200 {
                 " (the latest 200)"
             } else {
                 ""
             },
-            top.join(", ")
+            Html::join(top, ", ")
         ));
     }
     items
@@ -251,7 +259,7 @@ fn failure_reasons(ui: &Ui, o: &Overview) -> Vec<String> {
 
 /// Ordering keys whose head holds events back: how many wait behind each
 /// and what the head waits for (from the oldest 500 pending events).
-fn stalled_keys(ui: &Ui, o: &Overview) -> Vec<String> {
+fn stalled_keys(ui: &Ui, o: &Overview) -> Vec<Html> {
     if o.stats.behind_key == 0 {
         return Vec::new();
     }
@@ -283,47 +291,55 @@ fn stalled_keys(ui: &Ui, o: &Overview) -> Vec<String> {
                 Why::BehindKey { head, .. } => head.to_string(),
                 _ => String::new(),
             };
-            format!(
-                "<li class=\"stalled\"><strong>{n} events</strong> wait behind ordering key \
+            html!(
+                "<li class=\"stalled\"><strong>{} events</strong> wait behind ordering key \
                  <a href=\"/events?status=pending&amp;key={}\">{}</a>: {} \
-                 <a href=\"/events/{head}\">Open the head</a></li>",
+                 <a href=\"/events/{}\">Open the head</a></li>",
+                *n,
                 enc(key),
-                esc(key),
-                esc(&why.head_summary().unwrap_or_default())
+                key,
+                why.head_summary().unwrap_or_default(),
+                head
             )
         })
         .collect()
 }
 
-fn by_type(ui: &Ui, o: &Overview, b: &mut String) {
-    let _ = ui;
-    b.push_str("<section><h2>By event type</h2>");
+fn by_type(o: &Overview, b: &mut Html) {
+    b.push(Html::lit("<section><h2>By event type</h2>"));
     if o.stats.by_type.is_empty() {
-        b.push_str("<p class=\"muted\">The outbox is empty.</p></section>");
+        b.push(Html::lit(
+            "<p class=\"muted\">The outbox is empty.</p></section>",
+        ));
         return;
     }
-    b.push_str("<table><thead><tr><th>Type</th><th class=\"num\">Pending</th><th class=\"num\">Due</th><th class=\"num\">Processing</th><th class=\"num\">Done</th><th class=\"num\">Failed</th></tr></thead><tbody>");
+    b.push(Html::lit("<table><thead><tr><th>Type</th><th class=\"num\">Pending</th><th class=\"num\">Due</th><th class=\"num\">Processing</th><th class=\"num\">Done</th><th class=\"num\">Failed</th></tr></thead><tbody>"));
     for t in &o.stats.by_type {
         let ty = enc(&t.event_type);
         let cell = |status: &str, n: u64| {
             if n == 0 {
-                "<td class=\"num muted\">0</td>".to_owned()
+                Html::lit("<td class=\"num muted\">0</td>")
             } else {
-                format!("<td class=\"num\"><a href=\"/events?status={status}&amp;type={ty}\">{n}</a></td>")
+                html!(
+                    "<td class=\"num\"><a href=\"/events?status={}&amp;type={}\">{}</a></td>",
+                    status,
+                    ty,
+                    n
+                )
             }
         };
-        let _ = write!(
-            b,
-            "<tr><td><a href=\"/events?type={ty}\">{}</a></td>{}<td class=\"num\">{}</td>{}{}{}</tr>",
-            esc(&t.event_type),
+        b.push(html!(
+            "<tr><td><a href=\"/events?type={}\">{}</a></td>{}<td class=\"num\">{}</td>{}{}{}</tr>",
+            ty,
+            t.event_type,
             cell("pending", t.pending),
             t.due,
             cell("processing", t.processing),
             cell("done", t.done),
             cell("failed", t.failed),
-        );
+        ));
     }
-    b.push_str("</tbody></table></section>");
+    b.push(Html::lit("</tbody></table></section>"));
 }
 
 /// Stacked bars of done and failed events per span, as SVG drawn here:
@@ -334,7 +350,7 @@ fn chart(
     now: DateTime<Utc>,
     spans: i64,
     span: Duration,
-) -> String {
+) -> Html {
     let span_ms = i64::try_from(span.as_millis()).unwrap_or(i64::MAX).max(1);
     let last = now.timestamp_millis() / span_ms * span_ms;
     let first = last - (spans - 1) * span_ms;
@@ -349,8 +365,13 @@ fn chart(
     let top = bars.iter().map(|(d, f)| d + f).max().unwrap_or(0).max(1);
     let (w, h) = (600.0, 120.0);
     let step = w / bars.len().max(1) as f64;
-    let mut svg = format!(
-        "<svg viewBox=\"0 0 {w} {h}\" class=\"chart\" role=\"img\" aria-label=\"{title}: {done} done, {failed} failed\">"
+    let mut svg = html!(
+        "<svg viewBox=\"0 0 {} {}\" class=\"chart\" role=\"img\" aria-label=\"{}: {} done, {} failed\">",
+        w,
+        h,
+        title,
+        done,
+        failed
     );
     for (i, (d, f)) in bars.iter().enumerate() {
         let x = i as f64 * step;
@@ -358,22 +379,32 @@ fn chart(
             .unwrap_or(now);
         let hd = *d as f64 / top as f64 * (h - 4.0);
         let hf = *f as f64 / top as f64 * (h - 4.0);
-        let _ = write!(
-            svg,
-            "<g><title>{}: {d} done, {f} failed</title>\
+        svg.push(html!(
+            "<g><title>{when}: {d} done, {f} failed</title>\
              <rect class=\"slot\" x=\"{x:.1}\" y=\"0\" width=\"{bw:.1}\" height=\"{h}\"/>\
              <rect class=\"done\" x=\"{x:.1}\" y=\"{yd:.1}\" width=\"{bw:.1}\" height=\"{hd:.1}\"/>\
              <rect class=\"failed\" x=\"{x:.1}\" y=\"{yf:.1}\" width=\"{bw:.1}\" height=\"{hf:.1}\"/></g>",
-            start.format("%H:%M UTC"),
+            when = start.format("%H:%M UTC").to_string(),
+            d = *d,
+            f = *f,
+            x = x,
             bw = (step - 1.0).max(1.0),
+            h = h,
             yd = h - hd,
+            hd = hd,
             yf = h - hd - hf,
-        );
+            hf = hf,
+        ));
     }
-    svg.push_str("</svg>");
-    format!(
-        "<figure><figcaption>{title}: <span class=\"legend done\">{done} done</span> \
-         <span class=\"legend failed\">{failed} failed</span> (up to {top} per span)</figcaption>{svg}</figure>"
+    svg.push(Html::lit("</svg>"));
+    html!(
+        "<figure><figcaption>{}: <span class=\"legend done\">{} done</span> \
+         <span class=\"legend failed\">{} failed</span> (up to {} per span)</figcaption>{}</figure>",
+        title,
+        done,
+        failed,
+        top,
+        svg
     )
 }
 
@@ -391,7 +422,7 @@ mod tests {
         };
         // Now, 59 minutes ago, and one span too old to be shown.
         let data = [(minute(0), 10, 2), (minute(59), 4, 0), (minute(60), 99, 99)];
-        let svg = chart("t", data, now, 60, Duration::from_secs(60));
+        let svg = chart("t", data, now, 60, Duration::from_secs(60)).into_string();
         assert!(svg.contains("14 done"), "{svg}");
         assert!(svg.contains("2 failed"), "{svg}");
         assert!(svg.contains("up to 12 per span"), "{svg}");

@@ -1,12 +1,10 @@
 //! The dashboard's pages: the list, one event, sign-in and errors.
 
-use std::fmt::Write as _;
-
 use chrono::{DateTime, Utc};
 use sqlite_outbox::{Event, EventId, ListFilter, Status, Why};
 use uuid::Uuid;
 
-use super::html::{badge, enc, esc, excerpt, page, time_from, Frame};
+use super::html::{badge, enc, excerpt, html, page, time_from, Frame, Html};
 use super::{Reply, Req, Ui};
 use crate::describe;
 
@@ -31,7 +29,7 @@ impl Ui {
 
 /// The message a finished action left, from the fixed set (nothing from
 /// the URL is shown but a number).
-pub(super) fn notice(req: &Req) -> String {
+pub(super) fn notice(req: &Req) -> Html {
     let n = req.q("n").and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
     let text = match req.q("done") {
         Some("retried") => "Retried: the event is pending and due now.".to_owned(),
@@ -40,33 +38,37 @@ pub(super) fn notice(req: &Req) -> String {
         }
         Some("requeued") => format!("Retried {n} failed event(s): pending and due now."),
         Some("purged") => format!("Purged {n} finished event(s)."),
-        _ => return String::new(),
+        _ => return Html::default(),
     };
-    format!("<p class=\"notice\" role=\"status\">{}</p>", esc(&text))
+    html!("<p class=\"notice\" role=\"status\">{}</p>", text)
 }
 
 pub(super) fn error_page(ui: &Ui, status: u16, title: &str, message: &str) -> Reply {
-    let body = format!(
+    let body = html!(
         "<h1>{}</h1><p class=\"error\">{}</p><p><a href=\"/\">Back to the overview</a></p>",
-        esc(title),
-        esc(message)
+        title,
+        message
     );
-    Reply::html(status, page(&ui.frame(title, ""), "", &body))
+    Reply::html(
+        status,
+        page(&ui.frame(title, ""), &Html::default(), &body).into_string(),
+    )
 }
 
 pub(super) fn not_found(ui: &Ui) -> String {
     page(
         &ui.frame("Not found", ""),
-        "",
-        "<h1>Not found</h1><p><a href=\"/\">Back to the overview</a></p>",
+        &Html::default(),
+        &Html::lit("<h1>Not found</h1><p><a href=\"/\">Back to the overview</a></p>"),
     )
+    .into_string()
 }
 
 /// A hidden field with the form token of the request's session.
-pub(super) fn csrf_field(req: &Req) -> String {
-    format!(
+pub(super) fn csrf_field(req: &Req) -> Html {
+    html!(
         "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
-        esc(&req.csrf)
+        req.csrf
     )
 }
 
@@ -79,19 +81,21 @@ pub(super) fn login_page(ui: &Ui, wrong: bool) -> String {
         ..ui.frame("Sign in", "")
     };
     let wrong = if wrong {
-        "<p class=\"error\">That is not the access token.</p>"
+        Html::lit("<p class=\"error\">That is not the access token.</p>")
     } else {
-        ""
+        Html::default()
     };
     page(
         &frame,
-        "",
-        &format!(
-            "<h1>Sign in</h1>{wrong}<form method=\"post\" action=\"/login\" class=\"stack\">\
+        &Html::default(),
+        &html!(
+            "<h1>Sign in</h1>{}<form method=\"post\" action=\"/login\" class=\"stack\">\
              <label>Access token <input type=\"password\" name=\"token\" autocomplete=\"current-password\" required></label>\
-             <button type=\"submit\">Sign in</button></form>"
+             <button type=\"submit\">Sign in</button></form>",
+            wrong
         ),
     )
+    .into_string()
 }
 
 // ---- overview ---------------------------------------------------------------
@@ -146,27 +150,23 @@ fn query_of(req: &Req) -> String {
     .iter()
     .filter_map(|k| req.q(k).map(|v| format!("{k}={}", enc(v))))
     .collect::<Vec<_>>()
-    .join("&amp;")
+    .join("&")
 }
 
 pub(super) fn events(ui: &Ui, req: &Req) -> Reply {
-    let mut b = String::from("<h1>Events</h1>");
+    let mut b = Html::lit("<h1>Events</h1>");
     filter_form(ui, req, &mut b);
-    b.push_str("<div data-live>");
+    b.push(Html::lit("<div data-live>"));
     match filter_from(req) {
-        Err(e) => {
-            let _ = write!(b, "<p class=\"error\">{}</p>", esc(&e));
-        }
+        Err(e) => b.push(html!("<p class=\"error\">{}</p>", e)),
         Ok(filter) => match ui.store.list_page(&filter) {
-            Err(e) => {
-                let _ = write!(b, "<p class=\"error\">{}</p>", esc(&describe(&e)));
-            }
+            Err(e) => b.push(html!("<p class=\"error\">{}</p>", describe(&e))),
             Ok(page_of) => {
                 event_table(ui, &page_of.events, &mut b);
                 let q = query_of(req);
                 let mut nav = Vec::new();
                 if filter.after_seq.is_some() {
-                    nav.push(format!("<a href=\"/events?{q}\">« first page</a>"));
+                    nav.push(html!("<a href=\"/events?{}\">« first page</a>", q));
                 }
                 if let Some(next) = page_of.next {
                     let label = if page_of.events.len() < PAGE {
@@ -174,36 +174,43 @@ pub(super) fn events(ui: &Ui, req: &Req) -> Reply {
                     } else {
                         "next page »"
                     };
-                    nav.push(format!(
-                        "<a rel=\"next\" href=\"/events?{q}{}after={next}\">{label}</a>",
-                        if q.is_empty() { "" } else { "&amp;" }
+                    let sep = if q.is_empty() { "" } else { "&" };
+                    nav.push(html!(
+                        "<a rel=\"next\" href=\"/events?{}{}after={}\">{}</a>",
+                        q,
+                        sep,
+                        next,
+                        label
                     ));
                 }
                 if page_of.events.len() < PAGE && page_of.next.is_some() {
-                    let _ = write!(
-                        b,
-                        "<p class=\"muted\">Each page looks at {SCAN} events at most; more may match further on.</p>"
-                    );
+                    b.push(html!(
+                        "<p class=\"muted\">Each page looks at {} events at most; more may match further on.</p>",
+                        SCAN
+                    ));
                 }
-                let _ = write!(b, "<nav class=\"pages\">{}</nav>", nav.join(" "));
+                b.push(html!("<nav class=\"pages\">{}</nav>", Html::join(nav, " ")));
             }
         },
     }
-    b.push_str("</div>");
-    Reply::html(200, page(&ui.frame("Events", "events"), &notice(req), &b))
+    b.push(Html::lit("</div>"));
+    Reply::html(
+        200,
+        page(&ui.frame("Events", "events"), &notice(req), &b).into_string(),
+    )
 }
 
-fn filter_form(ui: &Ui, req: &Req, b: &mut String) {
-    let v = |k: &str| esc(req.q(k).unwrap_or_default());
+fn filter_form(ui: &Ui, req: &Req, b: &mut Html) {
+    let v = |k: &str| req.q(k).unwrap_or_default().to_owned();
     let status = req.q("status").unwrap_or_default();
-    let mut options = String::from("<option value=\"\">any</option>");
+    let mut options = Html::lit("<option value=\"\">any</option>");
     for s in Status::ALL {
         let sel = if s.as_str() == status {
-            " selected"
+            Html::lit(" selected")
         } else {
-            ""
+            Html::default()
         };
-        let _ = write!(options, "<option{sel}>{}</option>", s.as_str());
+        options.push(html!("<option{}>{}</option>", sel, s.as_str()));
     }
     // The types last counted: a page of the list never waits for a count
     // of the whole outbox.
@@ -213,16 +220,15 @@ fn filter_form(ui: &Ui, req: &Req, b: &mut String) {
             o.stats
                 .by_type
                 .iter()
-                .map(|t| format!("<option value=\"{}\">", esc(&t.event_type)))
-                .collect::<String>()
+                .map(|t| html!("<option value=\"{}\">", t.event_type))
+                .collect::<Html>()
         })
         .unwrap_or_default();
     let oldest = req.q("order") == Some("oldest");
-    let _ = write!(
-        b,
+    b.push(html!(
         "<form method=\"get\" action=\"/events\" class=\"filters\" id=\"filters\">\
-         <label>Status <select name=\"status\">{options}</select></label>\
-         <label>Type <input name=\"type\" list=\"types\" value=\"{}\"></label><datalist id=\"types\">{types}</datalist>\
+         <label>Status <select name=\"status\">{}</select></label>\
+         <label>Type <input name=\"type\" list=\"types\" value=\"{}\"></label><datalist id=\"types\">{}</datalist>\
          <label>Org <input name=\"org\" value=\"{}\" placeholder=\"UUID\"></label>\
          <label>User <input name=\"user\" value=\"{}\" placeholder=\"UUID\"></label>\
          <label>Correlation id <input name=\"correlation\" value=\"{}\"></label>\
@@ -231,81 +237,86 @@ fn filter_form(ui: &Ui, req: &Req, b: &mut String) {
          <label>Order <select name=\"order\"><option value=\"newest\">newest first</option>\
          <option value=\"oldest\"{}>oldest first</option></select></label>\
          <button type=\"submit\">Filter</button> <a href=\"/events\">clear</a></form>",
+        options,
         v("type"),
+        types,
         v("org"),
         v("user"),
         v("correlation"),
         v("key"),
         v("error"),
-        if oldest { " selected" } else { "" },
-    );
+        if oldest {
+            Html::lit(" selected")
+        } else {
+            Html::default()
+        },
+    ));
 }
 
-pub(super) fn event_link(e: &Event) -> String {
-    format!(
-        "<a href=\"/events/{id}\" class=\"mono\">{id}</a>",
-        id = e.id
-    )
+pub(super) fn event_link(e: &Event) -> Html {
+    html!("<a href=\"/events/{0}\" class=\"mono\">{0}</a>", e.id)
 }
 
-fn event_table(ui: &Ui, events: &[Event], b: &mut String) {
+fn event_table(ui: &Ui, events: &[Event], b: &mut Html) {
     if events.is_empty() {
-        b.push_str("<p class=\"muted\" id=\"no-events\">No events match.</p>");
+        b.push(Html::lit(
+            "<p class=\"muted\" id=\"no-events\">No events match.</p>",
+        ));
         return;
     }
     let now = Utc::now();
     let held = ui.store.destinations().unwrap_or_default();
     // Why a pending event is not moving, in a few words: its destination
     // is held back, or it waits behind the head of its key.
-    let why = |e: &Event| -> String {
+    let why = |e: &Event| -> Html {
         if e.status != Status::Pending {
-            return String::new();
+            return Html::default();
         }
         if let Some(d) = held.iter().find(|d| d.name == e.event_type) {
-            return format!(
+            return html!(
                 " <span class=\"why\">held back ({})</span>",
                 d.hold.as_str()
             );
         }
         match e.ordering_key.as_ref().map(|_| ui.store.why(e)) {
             Some(Ok(Why::BehindKey { key, .. })) => {
-                format!(" <span class=\"why\">behind key {}</span>", esc(&key))
+                html!(" <span class=\"why\">behind key {}</span>", key)
             }
-            _ => String::new(),
+            _ => Html::default(),
         }
     };
-    b.push_str(
+    b.push(Html::lit(
         "<table class=\"events\"><thead><tr><th class=\"num\">Seq</th><th>Event</th><th>Type</th><th>Status</th>\
          <th class=\"num\">Attempts</th><th>Created</th><th>Next attempt / finished</th><th>Last error</th></tr></thead><tbody>",
-    );
+    ));
     for e in events {
         let when = match e.status {
             Status::Pending => time_from(e.next_attempt_at, now),
             Status::Processing => e
                 .locked_until
-                .map(|t| format!("lease ends {}", time_from(t, now)))
+                .map(|t| html!("lease ends {}", time_from(t, now)))
                 .unwrap_or_default(),
             Status::Done | Status::Failed => e
                 .completed_at
                 .map(|t| time_from(t, now))
                 .unwrap_or_default(),
         };
-        let _ = write!(
-            b,
+        b.push(html!(
             "<tr data-seq=\"{seq}\"><td class=\"num\">{seq}</td><td>{link}</td><td>{ty}</td><td>{badge}</td>\
              <td class=\"num\">{a}/{m}</td><td>{created}</td><td>{when}{why}</td><td class=\"error-text\">{err}</td></tr>",
             seq = e.seq,
             link = event_link(e),
-            ty = esc(&e.event_type),
+            ty = e.event_type,
             badge = badge(e.status),
             a = e.attempts,
             m = e.max_attempts,
             created = time_from(e.created_at, now),
             err = excerpt(e.last_error.as_deref().unwrap_or_default(), 80),
+            when = when,
             why = why(e),
-        );
+        ));
     }
-    b.push_str("</tbody></table>");
+    b.push(Html::lit("</tbody></table>"));
 }
 
 // ---- one event ----------------------------------------------------------------
@@ -337,72 +348,74 @@ pub(super) fn event(ui: &Ui, req: &Req, id: &str) -> Reply {
         Err(reply) => return reply,
     };
     let now = Utc::now();
-    let opt_time =
-        |t: Option<DateTime<Utc>>| t.map(|t| time_from(t, now)).unwrap_or_else(|| "—".into());
-    let opt = |v: Option<String>| v.map(|v| esc(&v)).unwrap_or_else(|| "—".into());
-    let mut b = format!(
-        "<div data-live><h1><span class=\"mono\">{id}</span> {badge}</h1><p class=\"lead\">{ty}</p>",
-        id = e.id,
-        badge = badge(e.status),
-        ty = esc(&e.event_type)
+    let dash = || Html::lit("—");
+    let opt_time = |t: Option<DateTime<Utc>>| t.map(|t| time_from(t, now)).unwrap_or_else(dash);
+    let opt = |v: Option<String>| v.map(|v| Html::text(&v)).unwrap_or_else(dash);
+    let mut b = html!(
+        "<div data-live><h1><span class=\"mono\">{}</span> {}</h1><p class=\"lead\">{}</p>",
+        e.id,
+        badge(e.status),
+        e.event_type
     );
     match ui.store.why(&e) {
         Ok(why) => {
             let head = match &why {
                 Why::BehindKey { head, .. } => {
-                    format!(" <a href=\"/events/{head}\" id=\"head\">Open the head</a>")
+                    html!(
+                        " <a href=\"/events/{}\" id=\"head\">Open the head</a>",
+                        *head
+                    )
                 }
-                _ => String::new(),
+                _ => Html::default(),
             };
-            let _ = write!(
-                b,
-                "<p class=\"why\" id=\"why\"><strong>Why:</strong> {}{head}</p>",
-                esc(&why.to_string())
-            );
+            b.push(html!(
+                "<p class=\"why\" id=\"why\"><strong>Why:</strong> {}{}</p>",
+                why.to_string(),
+                head
+            ));
         }
-        Err(err) => {
-            let _ = write!(b, "<p class=\"error\">{}</p>", esc(&describe(&err)));
-        }
+        Err(err) => b.push(html!("<p class=\"error\">{}</p>", describe(&err))),
     }
     if !ui.read_only {
         let mut actions = Vec::new();
         if e.status == Status::Failed {
-            actions.push(format!(
+            actions.push(html!(
                 "<a class=\"button\" id=\"retry\" href=\"/confirm?action=retry&amp;id={}\">Retry…</a>",
                 e.id
             ));
         }
         if matches!(e.status, Status::Pending | Status::Processing) {
-            actions.push(format!(
+            actions.push(html!(
                 "<a class=\"button danger\" id=\"fail\" href=\"/confirm?action=fail&amp;id={}\">Fail…</a>",
                 e.id
             ));
         }
         if !actions.is_empty() {
-            let _ = write!(b, "<p class=\"actions\">{}</p>", actions.join(" "));
+            b.push(html!(
+                "<p class=\"actions\">{}</p>",
+                Html::join(actions, " ")
+            ));
         }
     }
     let lease = match (e.locked_at, e.locked_until) {
-        (Some(at), Some(until)) if e.status == Status::Processing => {
-            format!(
-                "taken {}, ends {}",
-                time_from(at, now),
-                time_from(until, now)
-            )
-        }
-        _ => "—".into(),
+        (Some(at), Some(until)) if e.status == Status::Processing => html!(
+            "taken {}, ends {}",
+            time_from(at, now),
+            time_from(until, now)
+        ),
+        _ => dash(),
     };
     let rows = [
-        ("Seq", e.seq.to_string()),
-        ("Status", e.status.as_str().to_owned()),
-        ("Attempts", format!("{} of {}", e.attempts, e.max_attempts)),
+        ("Seq", Html::text(&e.seq.to_string())),
+        ("Status", Html::text(e.status.as_str())),
+        ("Attempts", html!("{} of {}", e.attempts, e.max_attempts)),
         ("Created", time_from(e.created_at, now)),
         (
             "Next attempt",
             if e.status == Status::Pending {
                 time_from(e.next_attempt_at, now)
             } else {
-                "—".into()
+                dash()
             },
         ),
         ("Lease", lease),
@@ -415,30 +428,26 @@ pub(super) fn event(ui: &Ui, req: &Req, id: &str) -> Reply {
         ("Organisation", opt(e.org_id.map(|u| u.to_string()))),
         ("User", opt(e.user_id.map(|u| u.to_string()))),
     ];
-    b.push_str("<dl class=\"fields\">");
+    b.push(Html::lit("<dl class=\"fields\">"));
     for (k, v) in rows {
-        let _ = write!(b, "<dt>{k}</dt><dd>{v}</dd>");
+        b.push(html!("<dt>{}</dt><dd>{}</dd>", k, v));
     }
-    b.push_str("</dl><h2>Last error</h2>");
+    b.push(Html::lit("</dl><h2>Last error</h2>"));
     match &e.last_error {
-        Some(err) => {
-            let _ = write!(
-                b,
-                "<pre class=\"error-text\" id=\"last-error\">{}</pre>",
-                esc(err)
-            );
-        }
-        None => b.push_str("<p class=\"muted\">None.</p>"),
+        Some(err) => b.push(html!(
+            "<pre class=\"error-text\" id=\"last-error\">{}</pre>",
+            err
+        )),
+        None => b.push(Html::lit("<p class=\"muted\">None.</p>")),
     }
     let payload = serde_json::to_string_pretty(e.payload.value())
         .unwrap_or_else(|_| e.payload.get().to_owned());
-    let _ = write!(
-        b,
+    b.push(html!(
         "<h2>Payload</h2><pre id=\"payload\">{}</pre></div>",
-        esc(&payload)
-    );
+        payload
+    ));
     Reply::html(
         200,
-        page(&ui.frame(&e.event_type, "events"), &notice(req), &b),
+        page(&ui.frame(&e.event_type, "events"), &notice(req), &b).into_string(),
     )
 }
