@@ -254,6 +254,33 @@ impl ListFilter {
             })
     }
 
+    /// The filter's tests beyond status and window, one per field set, in
+    /// one order: each backend writes them as its SQL, with only the
+    /// conditions asked for (so its planner sees what it can use).
+    pub(crate) fn conditions(&self) -> Vec<Condition<'_>> {
+        fn text<'a>(column: &'static str, value: &'a Option<String>) -> Option<Condition<'a>> {
+            value
+                .as_deref()
+                .map(|v| Condition::Equals(column, ConditionValue::Text(v)))
+        }
+        let uuid = |column, value: Option<uuid::Uuid>| {
+            value.map(|v| Condition::Equals(column, ConditionValue::Uuid(v)))
+        };
+        [
+            text("event_type", &self.event_type),
+            uuid("org_id", self.org_id),
+            uuid("user_id", self.user_id),
+            text("correlation_id", &self.correlation_id),
+            text("ordering_key", &self.ordering_key),
+            self.error_contains
+                .as_deref()
+                .map(|t| Condition::Contains("last_error", t)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
     /// The sequence numbers to look at, in an outbox whose events run from
     /// `min` to `max`; `None` when the cursor is already past the end.
     pub(crate) fn window(&self, min: i64, max: i64) -> Option<Window> {
@@ -285,6 +312,20 @@ impl ListFilter {
         };
         Page { events, next }
     }
+}
+
+/// One test of a [`ListFilter`], for a backend to write as SQL.
+pub(crate) enum Condition<'a> {
+    /// `column = value`.
+    Equals(&'static str, ConditionValue<'a>),
+    /// `column` holds `text`.
+    Contains(&'static str, &'a str),
+}
+
+/// The value a [`Condition`] compares with.
+pub(crate) enum ConditionValue<'a> {
+    Text(&'a str),
+    Uuid(uuid::Uuid),
 }
 
 /// Why a destination is held back.

@@ -14,6 +14,7 @@ use crate::event::{capped_error, Status};
 use crate::id::EventId;
 use crate::store::count_u64;
 use crate::store::legacy::UnfencedStore;
+use crate::store::report::{Condition, ConditionValue};
 use crate::store::unchanged;
 use crate::store::{
     throughput_bounds, DestinationState, Hold, ListFilter, Operator, Page, Requeue, Stats, Store,
@@ -103,20 +104,36 @@ impl Operator for PostgresStore {
     }
 
     fn list_page(&self, filter: &ListFilter) -> Result<Page> {
-        let status = filter.status.map(|s| s.as_str());
+        // The same conditions as on SQLite, only those asked for.
+        let mut clauses = vec!["t.seq BETWEEN $1 AND $2".to_owned()];
+        if let Some(s) = filter.status {
+            clauses.push(format!("t.status = '{}'", s.as_str()));
+        }
+        let mut args: Vec<Box<dyn ToSql + Sync>> = Vec::new();
+        for c in filter.conditions() {
+            let n = args.len() + 3;
+            let value = match c {
+                Condition::Equals(column, v) => {
+                    clauses.push(format!("t.{column} = ${n}"));
+                    v
+                }
+                Condition::Contains(column, t) => {
+                    clauses.push(format!("strpos(t.{column}, ${n}) > 0"));
+                    ConditionValue::Text(t)
+                }
+            };
+            args.push(match value {
+                ConditionValue::Text(t) => Box::new(t.to_owned()),
+                ConditionValue::Uuid(u) => Box::new(u),
+            });
+        }
         let order = if filter.newest_first { "DESC" } else { "ASC" };
         let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
         let e = &self.inner.sql.events;
         let sql = format!(
-            "SELECT {} FROM {e} AS t
-             WHERE t.seq BETWEEN $8 AND $9
-               AND ($1::text IS NULL OR t.status = $1) AND ($2::text IS NULL OR t.event_type = $2)
-               AND ($3::uuid IS NULL OR t.org_id = $3) AND ($4::uuid IS NULL OR t.user_id = $4)
-               AND ($5::text IS NULL OR t.correlation_id = $5)
-               AND ($6::text IS NULL OR t.ordering_key = $6)
-               AND ($7::text IS NULL OR strpos(t.last_error, $7) > 0)
-             ORDER BY t.seq {order} LIMIT $10",
-            self.inner.sql.columns
+            "SELECT {} FROM {e} AS t WHERE {} ORDER BY t.seq {order} LIMIT {limit}",
+            self.inner.sql.columns,
+            clauses.join(" AND ")
         );
         let bounds = format!("SELECT (SELECT min(seq) FROM {e}), (SELECT max(seq) FROM {e})");
         self.read(|c| {
@@ -130,21 +147,9 @@ impl Operator for PostgresStore {
             let Some(w) = filter.window(min, max) else {
                 return Ok(Page::default());
             };
-            let rows = c.query(
-                &sql,
-                &[
-                    &status,
-                    &filter.event_type,
-                    &filter.org_id,
-                    &filter.user_id,
-                    &filter.correlation_id,
-                    &filter.ordering_key,
-                    &filter.error_contains,
-                    &w.lo,
-                    &w.hi,
-                    &limit,
-                ],
-            )?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&w.lo, &w.hi];
+            params.extend(args.iter().map(|a| a.as_ref()));
+            let rows = c.query(&sql, &params)?;
             let events = rows.iter().map(|r| decode(r).0).collect();
             Ok(filter.page(events, w, min, max))
         })

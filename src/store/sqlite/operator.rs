@@ -17,6 +17,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::event::Status;
 use crate::id::EventId;
 use crate::store::count_u64;
+use crate::store::report::{Condition, ConditionValue};
 use crate::store::row::{decode_row, row_to_event};
 use crate::store::unchanged;
 use crate::store::{
@@ -207,27 +208,20 @@ impl Operator for SqliteStore {
             clauses.push(format!("status = '{}'", s.as_str()));
         }
         let mut args: Vec<SqlValue> = Vec::new();
-        let mut add = |clause: &str, value: SqlValue| {
-            args.push(value);
-            clauses.push(clause.replace('#', &format!("?{}", args.len() + 2)));
-        };
-        if let Some(t) = &filter.event_type {
-            add("event_type = #", SqlValue::Text(t.clone()));
-        }
-        if let Some(o) = filter.org_id {
-            add("org_id = #", SqlValue::Text(o.to_string()));
-        }
-        if let Some(u) = filter.user_id {
-            add("user_id = #", SqlValue::Text(u.to_string()));
-        }
-        if let Some(c) = &filter.correlation_id {
-            add("correlation_id = #", SqlValue::Text(c.clone()));
-        }
-        if let Some(k) = &filter.ordering_key {
-            add("ordering_key = #", SqlValue::Text(k.clone()));
-        }
-        if let Some(t) = &filter.error_contains {
-            add("instr(last_error, #) > 0", SqlValue::Text(t.clone()));
+        for c in filter.conditions() {
+            let n = args.len() + 3;
+            let (clause, value) = match c {
+                Condition::Equals(column, v) => (format!("{column} = ?{n}"), v),
+                Condition::Contains(column, t) => (
+                    format!("instr({column}, ?{n}) > 0"),
+                    ConditionValue::Text(t),
+                ),
+            };
+            clauses.push(clause);
+            args.push(match value {
+                ConditionValue::Text(t) => SqlValue::Text(t.to_owned()),
+                ConditionValue::Uuid(u) => SqlValue::Text(u.to_string()),
+            });
         }
         let order = if filter.newest_first { "DESC" } else { "ASC" };
         let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
