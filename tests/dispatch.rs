@@ -1042,7 +1042,7 @@ fn a_handler_past_max_run_time_loses_its_lease() -> TestResult {
     // Taken over while the stuck handler was still running.
     assert!(retaken - started < millis(1800), "{:?}", retaken - started);
     let report = dispatcher.shutdown(secs(5));
-    assert_eq!(report.metrics.overran, 1);
+    assert_eq!(report.metrics.past_max_run_time, 1);
     assert_eq!(report.metrics.lease_lost, 1, "the late outcome was refused");
     assert_eq!(
         store.find(event.id)?.map(|e| (e.status, e.attempts)),
@@ -1075,7 +1075,7 @@ fn a_handler_within_max_run_time_keeps_its_lease() -> TestResult {
     let m = report.metrics;
     // (An extension racing the outcome's write may be refused; the outcome
     // itself is accepted, below.)
-    assert_eq!((m.overran, m.done), (0, 1), "{m:?}");
+    assert_eq!((m.past_max_run_time, m.done), (0, 1), "{m:?}");
     assert!(m.extended >= 3, "extended at each half-life: {m:?}");
     assert_eq!(
         store.find(event.id)?.map(|e| (e.status, e.attempts)),

@@ -91,7 +91,7 @@ fn enqueue_beside_dispatcher(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> R
         times,
         format!(
             "{n} tx; raw column = the same enqueue with no dispatcher; {} delivered meanwhile in {} claim and {} outcome transactions ({} of them paced), {} store errors",
-            report.metrics.done, report.metrics.claim_batches, report.metrics.settle_batches, report.metrics.paced, report.metrics.store_errors
+            report.metrics.done, report.metrics.claim_batches, report.metrics.settle_batches, report.metrics.writes_yielded_to_app, report.metrics.store_errors
         ),
     );
     row.name.push_str(" (vs no dispatcher)");

@@ -38,7 +38,7 @@ pub struct Metrics {
     pub thread_panics: u64,
     /// Handlers that ran past the builder's `max_run_time`; their leases
     /// were left to run out.
-    pub overran: u64,
+    pub past_max_run_time: u64,
     /// Outcomes given up on because the store refused them for good
     /// (read-only, corrupt, wrong schema) or a thread panicked while
     /// writing them; their events are redelivered after their leases run
@@ -48,6 +48,14 @@ pub struct Metrics {
     /// millisecond while the app enqueued fast in this process, to leave
     /// it SQLite's one writer; what arrived meanwhile went into the same
     /// write.
+    pub writes_yielded_to_app: u64,
+    /// [`Metrics::past_max_run_time`] under its old name.
+    #[deprecated(since = "0.2.0", note = "use past_max_run_time")]
+    #[serde(skip)]
+    pub overran: u64,
+    /// [`Metrics::writes_yielded_to_app`] under its old name.
+    #[deprecated(since = "0.2.0", note = "use writes_yielded_to_app")]
+    #[serde(skip)]
     pub paced: u64,
 }
 
@@ -88,8 +96,13 @@ macro_rules! counters {
         }
 
         impl Counters {
+            #[allow(deprecated)]
             pub(crate) fn snapshot(&self) -> Metrics {
-                Metrics { $($field: self.$field.get(),)* }
+                Metrics {
+                    $($field: self.$field.get(),)*
+                    overran: self.past_max_run_time.get(),
+                    paced: self.writes_yielded_to_app.get(),
+                }
             }
 
             /// Gives each counter's name its description and unit, for
@@ -121,9 +134,9 @@ counters! {
     claim_batches, "outbox_claim_batches_total", "Claim transactions that returned at least one event.";
     store_errors, "outbox_store_errors_total", "Database errors met (and retried) by the dispatcher.";
     thread_panics, "outbox_thread_panics_total", "Panics outside a handler caught by a thread's supervisor.";
-    overran, "outbox_handlers_overran_total", "Handlers that ran past max_run_time.";
+    past_max_run_time, "outbox_handlers_overran_total", "Handlers that ran past max_run_time.";
     dropped_outcomes, "outbox_outcomes_dropped_total", "Outcomes given up on; their events are redelivered.";
-    paced, "outbox_writes_paced_total", "Writes held back briefly to leave the app SQLite's one writer.";
+    writes_yielded_to_app, "outbox_writes_paced_total", "Writes held back briefly to leave the app SQLite's one writer.";
 }
 
 /// The histogram of handler run times (`metrics` feature), labelled with

@@ -45,9 +45,10 @@ pub(super) fn completer_loop(
         }
         if !batch.is_empty() {
             // Outcomes that arrive while it waits join this batch.
-            ctx.shared
-                .pacer
-                .turn(ctx.store.last_enqueues(), &ctx.counters.paced);
+            ctx.shared.pacer.turn(
+                ctx.store.last_enqueues(),
+                &ctx.counters.writes_yielded_to_app,
+            );
         }
         while batch.len() < MAX_SETTLE_BATCH {
             match outcomes_rx.try_recv() {

@@ -45,7 +45,7 @@ pub(super) fn heartbeat_loop(ctx: &Ctx, stop_rx: &Receiver<()>) {
                 .collect()
         };
         for lease in overran {
-            Counters::add(&ctx.counters.overran, 1);
+            Counters::add(&ctx.counters.past_max_run_time, 1);
             tracing::warn!(event_id = %lease.id, attempt = lease.attempt,
                 "outbox handler ran past max_run_time; its lease is left to run out");
         }

@@ -75,9 +75,10 @@ pub(super) fn poll_loop(
             // Book a write only if one may follow: a full dispatcher
             // claims nothing here.
             if room(ctx) > 0 {
-                ctx.shared
-                    .pacer
-                    .turn(ctx.store.last_enqueues(), &ctx.counters.paced);
+                ctx.shared.pacer.turn(
+                    ctx.store.last_enqueues(),
+                    &ctx.counters.writes_yielded_to_app,
+                );
             }
             let claiming = ctx.shared.claiming();
             want = ctx.batch_size.min(room(ctx));
