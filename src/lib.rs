@@ -9,20 +9,26 @@
 //! failures with backoff ([`RetryPolicy`]). Events live in a [`SqliteStore`]
 //! (durable, shared by processes) or, for tests, a [`MemoryStore`].
 //!
-//! # The three tiers
+//! # What an app calls
 //!
-//! Both stores implement three traits, each a layer of the API:
+//! - Open: [`SqliteStore::open`] (or [`SqliteStore::builder`]).
+//! - Enqueue in the app's transaction: [`SqliteStore::transaction`] and
+//!   [`SqliteStore::enqueue_tx`]; on its own: `store.enqueue(event)`.
+//! - Deliver: [`Dispatcher::builder`], a handler per event type, `start`.
+//! - Operate: [`Operator`] (`stats`, `list`, `requeue`, `cancel`, `purge`,
+//!   `erase`), the calls behind the `outbox` tool's commands.
 //!
-//! - [`Store`], the core: enqueue, find, claim, and the fenced
+//! [`prelude`] brings these into scope, and nothing more.
+//!
+//! # The tiers beneath
+//!
+//! - [`Store`], the dispatcher's tier: `claim` and the fenced
 //!   acknowledgements (`complete`, `retry`, `fail`, `extend`, `release`).
-//!   The [`Dispatcher`] needs nothing else.
-//! - [`Operator`]: `stats`, `list`, `requeue`, `cancel`, `purge`, `erase`,
-//!   the calls behind the `outbox` tool's commands of the same names.
+//!   The [`Dispatcher`] needs nothing else; import it to claim and settle
+//!   by hand.
 //! - [`legacy::UnfencedStore`]: id-based writes that take no lease
 //!   (`fetch_pending`, `mark_done`, ...), for a single worker loop or code
 //!   written against a classic outbox repository.
-//!
-//! [`prelude`] brings the first two into scope.
 //!
 //! # Quick start
 //!

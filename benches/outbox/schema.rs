@@ -16,7 +16,87 @@ fn table(path: &Path, ddl: &str) -> Res<Connection> {
     Ok(conn)
 }
 
+/// A lean queue table, then the pieces of ours added one at a time: what
+/// each costs an insert of one pending event per transaction.
+const PIECES: [(&str, &str); 4] = [
+    (
+        "a lean queue table (rowid key, one due index)",
+        "CREATE TABLE outbox_events (seq INTEGER PRIMARY KEY, id TEXT NOT NULL,
+           event_type TEXT NOT NULL, payload TEXT NOT NULL, status TEXT NOT NULL,
+           attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL,
+           next_attempt_at INTEGER NOT NULL, created_at INTEGER NOT NULL);",
+    ),
+    (
+        "+ AUTOINCREMENT",
+        "CREATE TABLE outbox_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,
+           event_type TEXT NOT NULL, payload TEXT NOT NULL, status TEXT NOT NULL,
+           attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL,
+           next_attempt_at INTEGER NOT NULL, created_at INTEGER NOT NULL);",
+    ),
+    (
+        "+ a unique id",
+        "CREATE TABLE outbox_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+           event_type TEXT NOT NULL, payload TEXT NOT NULL, status TEXT NOT NULL,
+           attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL,
+           next_attempt_at INTEGER NOT NULL, created_at INTEGER NOT NULL);",
+    ),
+    (
+        "+ the by-type index",
+        "CREATE TABLE outbox_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+           event_type TEXT NOT NULL, payload TEXT NOT NULL, status TEXT NOT NULL,
+           attempts INTEGER NOT NULL, max_attempts INTEGER NOT NULL,
+           next_attempt_at INTEGER NOT NULL, created_at INTEGER NOT NULL);
+         CREATE INDEX outbox_events_due_by_type
+           ON outbox_events (event_type, next_attempt_at) WHERE status = 'pending';",
+    ),
+];
+
+/// One pending event per transaction at NORMAL into each table of
+/// [`PIECES`] and into ours, in interleaved rounds: each rate beside the
+/// lean table's.
+fn pieces(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    let due = "CREATE INDEX outbox_events_due ON outbox_events (next_attempt_at, seq)
+               WHERE status = 'pending';";
+    let mut tables = Vec::new();
+    for (i, (_, ddl)) in PIECES.iter().enumerate() {
+        tables.push(table(
+            &dir.join(format!("schema-piece-{i}.db")),
+            &format!("{ddl}\n{due}"),
+        )?);
+    }
+    tables.push(table(&dir.join("schema-piece-ours.db"), SCHEMA_SQL)?);
+    let n = cfg.enqueue_n / 5;
+    let rounds = 10;
+    let mut secs = vec![0.0; tables.len()];
+    for r in 0..rounds {
+        for (k, conn) in tables.iter().enumerate() {
+            let t = Instant::now();
+            for i in 0..n / rounds {
+                let tx = conn.unchecked_transaction()?;
+                raw_insert(&tx, r * n + i)?;
+                tx.commit()?;
+            }
+            secs[k] += t.elapsed().as_secs_f64();
+        }
+    }
+    let names = PIECES
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(["ours: + the other columns, their checks and partial indexes"]);
+    for (k, name) in names.enumerate() {
+        rows.push(rate_row(
+            "schema",
+            format!("insert, 1 per tx, NORMAL: {name}"),
+            n,
+            (secs[k], secs[0]),
+            "raw = the lean queue table, interleaved".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn schema_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    pieces(cfg, dir, rows)?;
     for batch in [1usize, 100] {
         let v2 = table(&dir.join(format!("schema-v2-{batch}.db")), SCHEMA_SQL)?;
         let v1 = table(&dir.join(format!("schema-v1-{batch}.db")), V1_DDL)?;
