@@ -7,7 +7,7 @@ use rusqlite::{params, Transaction};
 use super::sql::{
     claim_by_types_sql, claim_front_sql, ACK_DEFER_SQL, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL,
     ACK_RELEASE_SQL, ACK_RETRY_SQL, ANY_EXPIRED_SQL, CLAIM_DUE_SQL, CLAIM_SQL, FRONT_SCAN_BATCHES,
-    MAX_TYPED_CLAIM,
+    MAX_TYPED_CLAIM, TYPE_PARAMS,
 };
 use super::{skip, types_json, SqliteStore};
 use crate::clock;
@@ -209,12 +209,9 @@ fn run_claim(
         args.push((":types", &types));
         args.push((":skip", &skip));
     }
-    let names: Vec<String>;
-    if stmt.parameter_index(":t0")?.is_some() {
-        let only = filter.only.unwrap_or_default();
-        names = (0..only.len()).map(|i| format!(":t{i}")).collect();
-        for (name, t) in names.iter().zip(only) {
-            args.push((name.as_str(), t));
+    if stmt.parameter_index(TYPE_PARAMS[0])?.is_some() {
+        for (name, t) in TYPE_PARAMS.iter().zip(filter.only.unwrap_or_default()) {
+            args.push((name, t));
         }
     }
     let rows = stmt

@@ -133,6 +133,12 @@ fn claim_update(chosen: &str) -> String {
 /// stretch of the by-type index); longer lists filter the due index.
 pub(super) const MAX_TYPED_CLAIM: usize = 16;
 
+/// The parameters that name a claim's types, in order.
+pub(super) const TYPE_PARAMS: [&str; MAX_TYPED_CLAIM] = [
+    ":t0", ":t1", ":t2", ":t3", ":t4", ":t5", ":t6", ":t7", ":t8", ":t9", ":t10", ":t11", ":t12",
+    ":t13", ":t14", ":t15",
+];
+
 /// [`CLAIM_SQL`] (or, without `with_leases`, [`CLAIM_DUE_SQL`]) for the
 /// event types bound as `:t0`, `:t1`, ... (`types` of them): each type's
 /// due events come from the by-type index, so events of other types
@@ -143,8 +149,9 @@ pub(super) fn claim_by_types_sql(types: usize, with_leases: bool) -> &'static st
         [const { [const { std::sync::OnceLock::new() }; MAX_TYPED_CLAIM] }; 2];
     match TEXTS[usize::from(with_leases)].get(types.saturating_sub(1)) {
         Some(text) => text.get_or_init(|| {
-            let due: Vec<String> = (0..types)
-                .map(|i| due_sql(&format!("e.event_type = :t{i} AND {KEY_FREE}")))
+            let due: Vec<String> = TYPE_PARAMS[..types]
+                .iter()
+                .map(|t| due_sql(&format!("e.event_type = {t} AND {KEY_FREE}")))
                 .collect();
             claim_sql(&due, with_leases)
         }),
@@ -170,7 +177,7 @@ pub(super) fn claim_front_sql(types: usize) -> &'static str {
         [const { std::sync::OnceLock::new() }; MAX_TYPED_CLAIM];
     match TEXTS.get(types.saturating_sub(1)) {
         Some(text) => text.get_or_init(|| {
-            let list: Vec<String> = (0..types).map(|i| format!(":t{i}")).collect();
+            let list = &TYPE_PARAMS[..types];
             let chosen = format!(
                 "SELECT e.seq FROM (
                    SELECT seq, event_type, ordering_key, next_attempt_at FROM outbox_events
