@@ -25,17 +25,50 @@ fn installed(program: &str, arg: &str) -> bool {
 }
 
 /// Starts `command` quietly and waits until it listens on `port`.
+///
+/// An error when the server exits instead, or soon after: the port was
+/// taken (another test's server may have bound it between our choice of
+/// it and our server's start, and then answered the connect), and the
+/// caller starts again on another port.
 fn listening(command: &mut Command, port: u16) -> Result<Child> {
-    let child = command
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(20);
+    let exited = |child: &mut Child| -> Result<()> {
+        match child.try_wait()? {
+            Some(status) => {
+                Err(format!("{command:?} exited ({status}): port {port} taken?").into())
+            }
+            None => Ok(()),
+        }
+    };
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        exited(&mut child)?;
         assert!(Instant::now() < deadline, "{command:?} did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A server that cannot bind its port exits at once.
+    std::thread::sleep(Duration::from_millis(300));
+    exited(&mut child)?;
     Ok(child)
+}
+
+/// Runs `start` with free ports until one is not taken by the time the
+/// server binds it (at most five tries).
+fn on_a_free_port<T>(mut start: impl FnMut(u16) -> Result<T>) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        match start(port) {
+            Err(e) if tries < 4 => {
+                eprintln!("{e}; trying another port");
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Stops a server with SIGTERM (it saves what it holds) and waits.
@@ -74,15 +107,16 @@ impl Nats {
         if !installed("nats-server", "--version") {
             return Ok(None);
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut nats = Nats {
-            child: None,
-            port,
-            dir: dir.to_owned(),
-            tls,
-        };
-        nats.up()?;
-        Ok(Some(nats))
+        on_a_free_port(|port| {
+            let mut nats = Nats {
+                child: None,
+                port,
+                dir: dir.to_owned(),
+                tls: tls.clone(),
+            };
+            nats.up()?;
+            Ok(Some(nats))
+        })
     }
 
     pub fn url(&self) -> String {
@@ -160,7 +194,6 @@ impl Mosquitto {
         if !installed("mosquitto", "-h") {
             return Ok(None);
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data)?;
         let access = match user {
@@ -178,36 +211,38 @@ impl Mosquitto {
                 format!("allow_anonymous false\npassword_file {}\n", file.display())
             }
         };
-        std::fs::write(
-            dir.join("mosquitto.conf"),
-            format!(
-                "listener {port} 127.0.0.1\npersistence true\n\
-                 # Without it, a burst of PUBACKs waits on the client's delayed\n\
-                 # ACKs (about 40 ms each time).\n\
-                 set_tcp_nodelay true\n\
-                 persistence_location {}/\nmax_queued_messages 100000\n\
-                 # Started as root, mosquitto would switch to its own user,\n\
-                 # which cannot write here: its saved state would be lost.\n\
-                 user root\n",
-                data.display()
-            ) + &tls
-                .map(|c| {
-                    format!(
-                        "certfile {}\nkeyfile {}\n",
-                        c.cert.display(),
-                        c.key.display()
-                    )
-                })
-                .unwrap_or_default()
-                + &access,
-        )?;
-        let mut broker = Mosquitto {
-            child: None,
-            port,
-            dir: dir.to_owned(),
-        };
-        broker.up()?;
-        Ok(Some(broker))
+        on_a_free_port(|port| {
+            std::fs::write(
+                dir.join("mosquitto.conf"),
+                format!(
+                    "listener {port} 127.0.0.1\npersistence true\n\
+                     # Without it, a burst of PUBACKs waits on the client's delayed\n\
+                     # ACKs (about 40 ms each time).\n\
+                     set_tcp_nodelay true\n\
+                     persistence_location {}/\nmax_queued_messages 100000\n\
+                     # Started as root, mosquitto would switch to its own user,\n\
+                     # which cannot write here: its saved state would be lost.\n\
+                     user root\n",
+                    data.display()
+                ) + &tls
+                    .map(|c| {
+                        format!(
+                            "certfile {}\nkeyfile {}\n",
+                            c.cert.display(),
+                            c.key.display()
+                        )
+                    })
+                    .unwrap_or_default()
+                    + &access,
+            )?;
+            let mut broker = Mosquitto {
+                child: None,
+                port,
+                dir: dir.to_owned(),
+            };
+            broker.up()?;
+            Ok(Some(broker))
+        })
     }
 
     pub fn url(&self) -> String {
