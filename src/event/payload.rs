@@ -110,10 +110,7 @@ fn parse(text: &str) -> Value {
 
 impl From<Value> for Payload {
     fn from(value: Value) -> Self {
-        Payload {
-            text: value.to_string().into_boxed_str(),
-            value: OnceLock::from(value),
-        }
+        Payload::from_parts(value.to_string(), value)
     }
 }
 

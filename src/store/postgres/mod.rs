@@ -68,6 +68,14 @@ type TypedQuery<'q> = dyn FnMut(
     ) -> std::result::Result<Vec<Row>, postgres::Error>
     + 'q;
 
+/// The values of a typed query's parameters, for a prepared statement
+/// (which knows their types already).
+fn untyped<'a>(
+    p: &[(&'a (dyn postgres::types::ToSql + Sync), Type)],
+) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    p.iter().map(|(v, _)| *v).collect()
+}
+
 /// The durable outbox on a PostgreSQL server: events in one table of a
 /// schema of their own, shared by every process and machine that connects.
 /// Clones share one connection pool.
@@ -207,9 +215,7 @@ impl Store for PostgresStore {
         let mut conn = self.conn()?;
         let mut session = conn.session();
         let mut run = |sql: &str, p: &[(&(dyn postgres::types::ToSql + Sync), Type)]| {
-            let values: Vec<&(dyn postgres::types::ToSql + Sync)> =
-                p.iter().map(|(v, _)| *v).collect();
-            session.query_pg(sql, &values)
+            session.query_pg(sql, &untyped(p))
         };
         self.enqueue_with(&mut run, events)
     }

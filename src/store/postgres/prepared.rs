@@ -102,8 +102,7 @@ impl PreparedEnqueue {
                     s
                 }
             };
-            let values: Vec<&(dyn ToSql + Sync)> = p.iter().map(|(v, _)| *v).collect();
-            client.query(&statement, &values)
+            client.query(&statement, &super::untyped(p))
         };
         self.store.enqueue_with(&mut run, events)
     }
