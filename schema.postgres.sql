@@ -1,4 +1,4 @@
--- sqlite-outbox on PostgreSQL, schema version 3: the layout of a fresh outbox.
+-- sqlite-outbox on PostgreSQL, schema version 4: the layout of a fresh outbox.
 --
 -- A public contract, as `schema.sql` is on SQLite. Programs in other
 -- languages insert rows into `outbox_events` with plain SQL, inside their
@@ -89,6 +89,10 @@ CREATE TABLE outbox_events (
     traceparent     text
         CONSTRAINT traceparent_is_w3c
         CHECK (traceparent ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'),
+    -- Among due events, higher priority is claimed first (0 to 255; 0, the
+    -- default, is the lowest; see schema.sql). Added by version 4.
+    priority        smallint NOT NULL DEFAULT 0
+        CONSTRAINT priority_is_0_to_255 CHECK (priority BETWEEN 0 AND 255),
     CONSTRAINT processing_has_a_lease
         CHECK (status <> 'processing' OR (locked_at IS NOT NULL AND locked_until IS NOT NULL))
 );
@@ -96,6 +100,12 @@ CREATE TABLE outbox_events (
 -- Claim: due pending events in (due time, enqueue order).
 CREATE INDEX outbox_events_due
     ON outbox_events (next_attempt_at, seq) WHERE status = 'pending';
+
+-- Claim, first: the due events of raised priority, in claim order (only
+-- they are in it: a claim finds them however long the due index is).
+CREATE INDEX outbox_events_urgent
+    ON outbox_events (priority DESC, next_attempt_at, seq)
+    WHERE status = 'pending' AND priority > 0;
 
 -- Claims of given event types: each type's due events in due order.
 CREATE INDEX outbox_events_due_by_type
@@ -147,7 +157,7 @@ CREATE VIEW outbox_events_readable AS
            to_timestamp(completed_at / 1000.0) AS completed_at,
            to_timestamp(delivered_at / 1000.0) AS delivered_at,
            last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key,
-           to_timestamp(created_at / 1000.0) AS created_at, traceparent
+           to_timestamp(created_at / 1000.0) AS created_at, traceparent, priority
     FROM outbox_events;
 
 -- Failed events, newest first.
@@ -190,9 +200,9 @@ CREATE TRIGGER outbox_events_notify
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
 
 -- The outbox's own bookkeeping; `schema_version` is the layout of the
--- outbox_* objects in this schema (this file is version 3).
+-- outbox_* objects in this schema (this file is version 4).
 CREATE TABLE outbox_meta (
     key   text   NOT NULL PRIMARY KEY,
     value bigint NOT NULL
 );
-INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 3);
+INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 4);

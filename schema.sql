@@ -1,4 +1,4 @@
--- sqlite-outbox schema, version 5: the layout of a fresh outbox.
+-- sqlite-outbox schema, version 6: the layout of a fresh outbox.
 --
 -- A public contract. Programs in other languages insert rows into
 -- `outbox_events` with plain SQL, inside their own transactions. An insert
@@ -124,6 +124,12 @@ CREATE TABLE outbox_events (
         CONSTRAINT traceparent_is_w3c
         CHECK (traceparent IS NULL OR (typeof(traceparent) = 'text' AND traceparent GLOB
             '[0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-[0-9a-f][0-9a-f]')),
+    -- Among due events, higher priority is claimed first (0 to 255; 0, the
+    -- default, is the lowest). Equal priorities keep due-time order, and an
+    -- ordering key still wins. Added by version 6, at the end.
+    priority        INTEGER NOT NULL DEFAULT 0
+        CONSTRAINT priority_is_0_to_255
+        CHECK (typeof(priority) = 'integer' AND priority BETWEEN 0 AND 255),
     CONSTRAINT processing_has_a_lease
         CHECK (status <> 'processing' OR (locked_at IS NOT NULL AND locked_until IS NOT NULL))
 );
@@ -131,6 +137,13 @@ CREATE TABLE outbox_events (
 -- Claim: due pending events in (due time, enqueue order).
 CREATE INDEX outbox_events_due
     ON outbox_events (next_attempt_at, seq) WHERE status = 'pending';
+
+-- Claim, first: the due events of raised priority, in claim order. Only
+-- they are in it, so it costs the events of priority 0 nothing, and a claim
+-- finds an urgent event here however long the due index is.
+CREATE INDEX outbox_events_urgent
+    ON outbox_events (priority DESC, next_attempt_at, seq)
+    WHERE status = 'pending' AND priority > 0;
 
 -- Reclaim: processing events by lease expiry.
 CREATE INDEX outbox_events_leases
@@ -197,9 +210,9 @@ CREATE TABLE outbox_destinations (
 );
 
 -- The outbox's own bookkeeping; `schema_version` is the layout of the
--- outbox_* objects (this file is version 5).
+-- outbox_* objects (this file is version 6).
 CREATE TABLE outbox_meta (
     key   TEXT NOT NULL PRIMARY KEY,
     value NOT NULL
 );
-INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 5);
+INSERT INTO outbox_meta (key, value) VALUES ('schema_version', 6);

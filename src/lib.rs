@@ -177,8 +177,8 @@ pub use store::postgres::{
 pub use store::schema::{SCHEMA_SQL, SCHEMA_VERSION};
 pub use store::sqlite::{Durability, SqliteStore, SqliteStoreBuilder};
 pub use store::{
-    Ack, Backlog, ListFilter, Operator, Page, Requeue, Stats, Store, Subject, Throughput,
-    TypeStats, Why, LEASE_EXPIRED_ERROR, THROUGHPUT_LOOKBACK,
+    Ack, Backlog, ListFilter, Operator, Page, PriorityStats, Requeue, Stats, Store, Subject,
+    Throughput, TypeStats, Why, LEASE_EXPIRED_ERROR, THROUGHPUT_LOOKBACK,
 };
 
 /// The unfenced tier: operations by event id that take no lease, with the

@@ -48,10 +48,13 @@ fn operator_commands_in_tables_and_json() -> TestResult {
             "doc-7",
             "--delay",
             "1h",
+            "--priority",
+            "7",
         ],
     )?)?;
     assert_eq!(second["payload"], json!({"doc": 7}));
     assert_eq!(second["ordering_key"], json!("doc-7"));
+    assert_eq!(second["priority"], json!(7));
 
     let stats = json_of(&outbox(&db, &["--json", "stats"])?)?;
     assert_eq!(
@@ -61,6 +64,19 @@ fn operator_commands_in_tables_and_json() -> TestResult {
     assert_eq!(stats["by_type"][0]["type"], json!("email.invite"));
     let table = ok(&outbox(&db, &["stats"])?)?;
     assert!(table.contains("pending 2  (due 1)"), "{table}");
+    assert!(
+        table.contains("raised priority: 1 at priority 7 (0 due)"),
+        "{table}"
+    );
+    assert_eq!(
+        stats["by_priority"],
+        json!([{"priority": 7, "pending": 1, "due": 0}])
+    );
+    let metrics = ok(&outbox(&db, &["stats", "--prometheus"])?)?;
+    assert!(
+        metrics.contains("outbox_events_pending_by_priority{priority=\"7\",due=\"false\"} 1"),
+        "{metrics}"
+    );
     assert!(table.contains("sync.push"), "{table}");
 
     let listed = json_of(&outbox(
@@ -147,6 +163,8 @@ fn bad_input_is_a_clear_error_and_writes_nothing() -> TestResult {
         (vec!["enqueue", "t", "{not json"], 2, "not valid JSON"),
         (vec!["enqueue", "t", "{} trailing"], 2, "not valid JSON"),
         (vec!["enqueue", "", "{}"], 2, "event type is empty"),
+        (vec!["enqueue", "t", "{}", "--priority", "256"], 2, "256"),
+        (vec!["enqueue", "t", "{}", "--priority", "-1"], 2, "-1"),
         (
             vec!["enqueue", "t", "@/nonexistent/file"],
             2,

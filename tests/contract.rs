@@ -208,8 +208,22 @@ fn contract(client: &Client) -> TestResult {
         "{}: the trace context did not travel",
         client.name
     );
-    let status: String = conn.query_row("SELECT status FROM outbox_events", [], |r| r.get(0))?;
-    assert_eq!(status, "done");
+    let (status, priority): (String, i64) =
+        conn.query_row("SELECT status, priority FROM outbox_events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    assert_eq!((status.as_str(), priority), ("done", 0), "{}", client.name);
+    // A raised priority is written like any other column.
+    let out = client.run(
+        &db,
+        "INSERT INTO outbox_events (event_type, payload, priority) VALUES ('urgent', '{}', 7);",
+    )?;
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        client.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // What the Rust side refuses, the table refuses too, by name.
     let big = "'\"' || replace(hex(zeroblob(524288)), '0', 'a') || '\"'";
@@ -279,6 +293,22 @@ fn contract(client: &Client) -> TestResult {
             "(event_type, payload, traceparent) VALUES ('t', '{}', 'trace-me')",
             "traceparent_is_w3c",
         ),
+        (
+            "(event_type, payload, priority) VALUES ('t', '{}', 256)",
+            "priority_is_0_to_255",
+        ),
+        (
+            "(event_type, payload, priority) VALUES ('t', '{}', -1)",
+            "priority_is_0_to_255",
+        ),
+        (
+            "(event_type, payload, priority) VALUES ('t', '{}', 'high')",
+            "priority_is_0_to_255",
+        ),
+        (
+            "(event_type, payload, priority) VALUES ('t', '{}', NULL)",
+            "priority",
+        ),
     ] {
         let out = client.run(&db, &format!("INSERT INTO outbox_events {values};"))?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -290,7 +320,7 @@ fn contract(client: &Client) -> TestResult {
         );
     }
     let count: i64 = conn.query_row("SELECT count(*) FROM outbox_events", [], |r| r.get(0))?;
-    assert_eq!(count, 1, "{}: a refused row was stored", client.name);
+    assert_eq!(count, 2, "{}: a refused row was stored", client.name);
     Ok(())
 }
 

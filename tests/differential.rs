@@ -24,6 +24,8 @@ enum Op {
         idempotency_key: Option<&'static str>,
         delay_s: u64,
         max_attempts: u32,
+        /// Mostly 0 (the default), sometimes raised.
+        priority: u8,
     },
     Claim {
         limit: usize,
@@ -54,13 +56,17 @@ fn op() -> impl Strategy<Value = Op> {
             prop::option::weighted(0.2, prop::sample::select(vec!["i1", "i2"])),
             prop::sample::select(vec![0u64, 0, 10]),
             1u32..4,
+            prop::sample::select(vec![0u8, 0, 0, 1, 5]),
         )
-            .prop_map(|(kind, ordering_key, idempotency_key, delay_s, max_attempts)| Op::Create {
-                kind,
-                ordering_key,
-                idempotency_key,
-                delay_s,
-                max_attempts,
+            .prop_map(|(kind, ordering_key, idempotency_key, delay_s, max_attempts, priority)| {
+                Op::Create {
+                    kind,
+                    ordering_key,
+                    idempotency_key,
+                    delay_s,
+                    max_attempts,
+                    priority,
+                }
             }),
         3 => (1usize..4, prop::sample::select(vec![5u64, 30]), 0u8..4)
             .prop_map(|(limit, lease_s, types)| Op::Claim { limit, lease_s, types }),
@@ -129,10 +135,12 @@ fn run(
                 idempotency_key,
                 delay_s,
                 max_attempts,
+                priority,
             } => {
                 let mut e = NewEvent::new(*kind, json!({"step": step}))
                     .with_delay(Duration::from_secs(*delay_s))
-                    .with_max_attempts(*max_attempts);
+                    .with_max_attempts(*max_attempts)
+                    .with_priority(*priority);
                 if let Some(k) = ordering_key {
                     e = e.with_ordering_key(*k);
                 }

@@ -72,6 +72,14 @@ fn rows(path: &Path) -> rusqlite::Result<Rows> {
         )?;
         assert_eq!(traced, 0, "a row carried over gained a traceparent");
     }
+    let raised: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM outbox_events WHERE priority <> 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0);
+    assert_eq!(raised, 0, "a row carried over gained a priority");
     let mut stmt = conn.prepare(
         "SELECT seq, id, event_type, payload, status, attempts, max_attempts, next_attempt_at,
                 locked_at, locked_until, lease_token, completed_at, delivered_at, last_error,
@@ -198,6 +206,8 @@ fn a_version_2_file_moves_to_the_current_version() -> TestResult {
     conn.execute_batch(
         "DROP INDEX outbox_events_due_by_type;
          DROP TABLE outbox_destinations;
+         DROP INDEX outbox_events_urgent;
+         ALTER TABLE outbox_events DROP COLUMN priority;
          ALTER TABLE outbox_events DROP COLUMN traceparent;
          UPDATE outbox_meta SET value = 2 WHERE key = 'schema_version';",
     )?;
@@ -211,7 +221,7 @@ fn a_version_2_file_moves_to_the_current_version() -> TestResult {
     assert_eq!(header(&old)?, (0, 0, Some(2)));
     let store = SqliteStore::open(&old)?;
     assert_eq!(header(&old)?, (0, 0, Some(SCHEMA_VERSION)));
-    assert_eq!(SCHEMA_VERSION, 5);
+    assert_eq!(SCHEMA_VERSION, 6);
     assert_eq!(schema_of(&fresh)?, schema_of(&old)?);
     assert_eq!(
         store.find(kept.id)?.map(|e| e.payload.into_value()),
@@ -297,6 +307,8 @@ fn a_migration_blocked_by_an_app_object_fails_at_once_and_changes_nothing() -> T
     conn.execute_batch(
         "DROP INDEX outbox_events_due_by_type;
          DROP TABLE outbox_destinations;
+         DROP INDEX outbox_events_urgent;
+         ALTER TABLE outbox_events DROP COLUMN priority;
          ALTER TABLE outbox_events DROP COLUMN traceparent;
          UPDATE outbox_meta SET value = 2 WHERE key = 'schema_version';
          CREATE TABLE outbox_destinations (app_owned INTEGER);",
@@ -329,7 +341,7 @@ fn a_migrated_file_has_exactly_the_schema_of_a_fresh_one() -> TestResult {
     SqliteStore::open(&old)?;
     let fresh_schema = schema_of(&fresh)?;
     assert_eq!(fresh_schema, schema_of(&old)?);
-    assert_eq!(fresh_schema.len(), 13, "{fresh_schema:?}");
+    assert_eq!(fresh_schema.len(), 14, "{fresh_schema:?}");
     // And schema.sql is what `outbox schema` prints: the same objects.
     let conn = Connection::open_in_memory()?;
     conn.execute_batch(sqlite_outbox::SCHEMA_SQL)?;
@@ -630,7 +642,9 @@ fn a_current_file_without_a_current_column_is_refused() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("app.db");
     SqliteStore::open(&path)?.enqueue(NewEvent::new("t", json!(1)))?;
-    Connection::open(&path)?.execute_batch("ALTER TABLE outbox_events DROP COLUMN traceparent")?;
+    Connection::open(&path)?.execute_batch(
+        "DROP INDEX outbox_events_urgent; ALTER TABLE outbox_events DROP COLUMN priority",
+    )?;
     for read_only in [true, false] {
         let err = SqliteStore::builder(&path)
             .read_only(read_only)
@@ -639,9 +653,50 @@ fn a_current_file_without_a_current_column_is_refused() -> TestResult {
             .ok_or("opened")?;
         assert!(
             matches!(err.kind(), sqlite_outbox::ErrorKind::SchemaMismatch { .. })
-                && err.to_string().contains("traceparent"),
+                && err.to_string().contains("priority"),
             "{err}"
         );
     }
+    Ok(())
+}
+
+/// A version-5 file (before priorities) with rows a plain-SQL writer put
+/// there: read as it is read-only (every event of priority 0), then
+/// migrated with its rows kept, and its events claimed after a new urgent
+/// one.
+#[test]
+fn a_version_5_file_gains_priorities() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (fresh, old) = (dir.path().join("fresh.db"), dir.path().join("v5.db"));
+    SqliteStore::open(&fresh)?;
+    SqliteStore::open(&old)?;
+    let conn = Connection::open(&old)?;
+    conn.execute_batch(
+        "DROP INDEX outbox_events_urgent;
+         ALTER TABLE outbox_events DROP COLUMN priority;
+         UPDATE outbox_meta SET value = 5 WHERE key = 'schema_version';
+         INSERT INTO outbox_events (event_type, payload) VALUES ('plain', '{\"n\": 1}');
+         INSERT INTO outbox_events (event_type, payload) VALUES ('plain', '{\"n\": 2}');",
+    )?;
+    drop(conn);
+    let reader = SqliteStore::builder(&old).read_only(true).build()?;
+    let listed = reader.list(&sqlite_outbox::ListFilter::default())?;
+    assert_eq!(
+        listed.iter().map(|e| e.priority).collect::<Vec<_>>(),
+        [0, 0]
+    );
+    drop(reader);
+    assert_eq!(header(&old)?, (0, 0, Some(5)));
+    let store = SqliteStore::open(&old)?;
+    assert_eq!(header(&old)?, (0, 0, Some(SCHEMA_VERSION)));
+    assert_eq!(schema_of(&fresh)?, schema_of(&old)?);
+    let urgent = store.enqueue(NewEvent::new("urgent", json!({})).with_priority(3))?;
+    let claimed = store.claim(3, std::time::Duration::from_secs(30), None)?;
+    let order: Vec<(&str, u8)> = claimed
+        .iter()
+        .map(|e| (e.event_type.as_str(), e.priority))
+        .collect();
+    assert_eq!(order, [("urgent", 3), ("plain", 0), ("plain", 0)]);
+    assert_eq!(claimed[0].id, urgent.id);
     Ok(())
 }

@@ -372,14 +372,14 @@ fn the_outbox_is_a_guest_in_its_own_schema() -> TestResult {
     // A newer layout is refused, and left as it is.
     admin.execute(
         &format!(
-            "UPDATE {}.outbox_meta SET value = 4 WHERE key = 'schema_version'",
+            "UPDATE {}.outbox_meta SET value = 5 WHERE key = 'schema_version'",
             schema.name
         ),
         &[],
     )?;
     let err = open(&schema).err().ok_or("a newer schema was opened")?;
     assert!(
-        matches!(err.kind(), ErrorKind::SchemaTooNew { found: 4, .. }),
+        matches!(err.kind(), ErrorKind::SchemaTooNew { found: 5, .. }),
         "{err}"
     );
 
@@ -515,6 +515,7 @@ fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestR
         "SET search_path TO {0};
          DROP VIEW outbox_events_readable;
          ALTER TABLE outbox_events DROP COLUMN traceparent;
+         ALTER TABLE outbox_events DROP COLUMN priority;
          CREATE VIEW outbox_events_readable AS SELECT seq, id FROM outbox_events;
          UPDATE outbox_meta SET value = 1 WHERE key = 'schema_version';",
         schema.name
@@ -530,7 +531,7 @@ fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestR
         )?
         .get(0);
     assert_eq!(version, PostgresStore::SCHEMA_VERSION);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let traced = store.enqueue(NewEvent::new("t", json!({})).with_traceparent(tp))?;
     assert_eq!(
@@ -543,9 +544,22 @@ fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestR
     assert_eq!(
         store
             .find(kept.id)?
-            .map(|e| (e.payload.into_value(), e.traceparent)),
-        Some((json!({"kept": true}), None))
+            .map(|e| (e.payload.into_value(), e.traceparent, e.priority)),
+        Some((json!({"kept": true}), None, 0))
     );
+    // And the priority column (version 4), in the table and the view.
+    let urgent = store.enqueue(NewEvent::new("t", json!({})).with_priority(7))?;
+    assert_eq!(store.find(urgent.id)?.map(|e| e.priority), Some(7));
+    let shown: i16 = admin
+        .query_one(
+            &format!(
+                "SELECT priority FROM {}.outbox_events_readable WHERE id = $1",
+                schema.name
+            ),
+            &[&urgent.id.as_uuid()],
+        )?
+        .get(0);
+    assert_eq!(shown, 7);
     let shown: Option<String> = admin
         .query_one(
             &format!(
@@ -633,7 +647,8 @@ fn a_schema_is_created_only_by_those_allowed_and_read_only_writes_nothing() -> T
     assert_eq!(writer.stats()?.pending, 1);
     // An older layout is reported to a reader, not migrated.
     admin.batch_execute(&format!(
-        "UPDATE {}.outbox_meta SET value = 2 WHERE key = 'schema_version'",
+        "ALTER TABLE {0}.outbox_events DROP COLUMN priority CASCADE;
+         UPDATE {0}.outbox_meta SET value = 2 WHERE key = 'schema_version'",
         schema.name
     ))?;
     let err = PostgresStore::builder(&schema.url)

@@ -22,6 +22,120 @@ fn get(f: &Fixture, e: &Event) -> Result<Event, Box<dyn std::error::Error>> {
     Ok(f.store.find(e.id)?.ok_or("event vanished")?)
 }
 
+// ---- priorities --------------------------------------------------------
+
+fn ids<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<Uuid> {
+    events.into_iter().map(|e| e.id.as_uuid()).collect()
+}
+
+/// Higher priority first; equal priorities in (due time, enqueue order);
+/// an event that is not due waits whatever its priority.
+fn higher_priority_is_claimed_first(f: &Fixture) -> TestResult {
+    let a = f.store.enqueue(ev("t"))?;
+    let h1 = f.store.enqueue(ev("t").with_priority(5))?;
+    let m = f.store.enqueue(ev("t").with_priority(2))?;
+    let later = f
+        .store
+        .enqueue(ev("t").with_priority(9).with_delay(secs(10)))?;
+    let b = f.store.enqueue(ev("t"))?;
+    let early_h2 = f.store.enqueue(
+        ev("t")
+            .with_priority(5)
+            .with_run_at(f.clock.now_utc() - ChronoDuration::seconds(5)),
+    )?;
+    assert_eq!(f.store.find(h1.id)?.map(|e| e.priority), Some(5));
+    let urgent: Vec<(u8, u64, u64)> = f
+        .store
+        .stats()?
+        .by_priority
+        .iter()
+        .map(|p| (p.priority, p.pending, p.due))
+        .collect();
+    assert_eq!(urgent, [(9, 1, 0), (5, 2, 2), (2, 1, 1)]);
+    let first = f.store.claim(1, LEASE, None)?;
+    assert_eq!(ids(&first), ids([&early_h2]));
+    let next = f.store.claim(2, LEASE, None)?;
+    assert_eq!(ids(&next), ids([&h1, &m]), "{next:#?}");
+    let rest = f.store.claim(10, LEASE, None)?;
+    assert_eq!(ids(&rest), ids([&a, &b]), "not due yet: {rest:#?}");
+    f.advance(secs(10));
+    assert_eq!(ids(&f.store.claim(10, LEASE, None)?), ids([&later]));
+    Ok(())
+}
+
+/// Priority orders what a claim of given types takes, too (one type, and
+/// several, which read the front of the queue first).
+fn priorities_hold_within_typed_claims(f: &Fixture) -> TestResult {
+    for _ in 0..6 {
+        f.store.enqueue(ev("a"))?;
+        f.store.enqueue(ev("other"))?;
+    }
+    let urgent_other = f.store.enqueue(ev("other").with_priority(4))?;
+    let urgent_b = f.store.enqueue(ev("b").with_priority(1))?;
+    let urgent_a = f.store.enqueue(ev("a").with_priority(3))?;
+    let only_a = ["a".to_owned()];
+    let claimed = f.store.claim(2, LEASE, Some(&only_a))?;
+    assert_eq!(claimed[0].id, urgent_a.id);
+    assert_eq!(
+        (claimed[1].event_type.as_str(), claimed[1].priority),
+        ("a", 0)
+    );
+    let a_and_b = ["a".to_owned(), "b".to_owned()];
+    let claimed = f.store.claim(2, LEASE, Some(&a_and_b))?;
+    assert_eq!(claimed[0].id, urgent_b.id);
+    assert_eq!(claimed[1].priority, 0);
+    let rest = f.store.claim(20, LEASE, Some(&a_and_b))?;
+    assert_eq!(rest.len(), 4);
+    assert!(rest.iter().all(|e| e.event_type == "a"));
+    let claimed = f.store.claim(1, LEASE, None)?;
+    assert_eq!(claimed[0].id, urgent_other.id);
+    Ok(())
+}
+
+/// An ordering key still wins: an urgent event never overtakes an earlier
+/// one of its key, and frees nothing for the others.
+fn a_priority_never_overtakes_its_ordering_key(f: &Fixture) -> TestResult {
+    let head = f.store.enqueue(ev("t").with_ordering_key("k"))?;
+    let urgent = f
+        .store
+        .enqueue(ev("t").with_ordering_key("k").with_priority(9))?;
+    let other = f.store.enqueue(ev("t"))?;
+    let claimed = f.store.claim(1, LEASE, None)?;
+    assert_eq!(ids(&claimed), ids([&head]));
+    assert_eq!(ids(&f.store.claim(10, LEASE, None)?), ids([&other]));
+    let lease = claimed[0].lease().ok_or("no lease")?;
+    f.store.complete(&lease)?;
+    assert_eq!(ids(&f.store.claim(10, LEASE, None)?), ids([&urgent]));
+    Ok(())
+}
+
+/// A retried urgent event waits out its backoff like any other, then goes
+/// first again; an urgent event whose lease ran out is taken back before
+/// due events of lower priority.
+fn priorities_with_retries_and_expired_leases(f: &Fixture) -> TestResult {
+    let low = f.store.enqueue(ev("t"))?;
+    let urgent = f.store.enqueue(ev("t").with_priority(2))?;
+    let claimed = f.store.claim(1, secs(5), None)?;
+    assert_eq!(ids(&claimed), ids([&urgent]));
+    f.advance(secs(5));
+    let again = f.store.claim(1, LEASE, None)?;
+    assert_eq!((again[0].id, again[0].attempts), (urgent.id, 2));
+    let lease = again[0].lease().ok_or("no lease")?;
+    f.store
+        .settle(&[Ack::retry(lease, "busy", Some(secs(3)))])?
+        .into_iter()
+        .collect::<sqlite_outbox::Result<Vec<()>>>()?;
+    assert_eq!(ids(&f.store.claim(1, secs(5), None)?), ids([&low]));
+    f.advance(secs(3));
+    let another = f.store.enqueue(ev("t"))?;
+    // The low one's lease is still live; the urgent one is due again.
+    assert_eq!(
+        ids(&f.store.claim(10, LEASE, None)?),
+        ids([&urgent, &another])
+    );
+    Ok(())
+}
+
 // ---- the basic operations ----------------------------------------------
 
 fn create_and_find_event(f: &Fixture) -> TestResult {
@@ -1461,4 +1575,8 @@ suite!(
     a_requeued_event_is_claimable_at_once,
     list_filters_by_user,
     backlog_says_what_is_left,
+    higher_priority_is_claimed_first,
+    priorities_hold_within_typed_claims,
+    a_priority_never_overtakes_its_ordering_key,
+    priorities_with_retries_and_expired_leases,
 );

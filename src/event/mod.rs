@@ -150,6 +150,10 @@ pub struct Event {
     /// program wrote into the column reads as `None`.
     #[serde(default)]
     pub traceparent: Option<String>,
+    /// Its priority: among due events, higher is claimed first (see
+    /// [`crate::NewEvent::with_priority`]).
+    #[serde(default)]
+    pub priority: u8,
     /// When the event was enqueued.
     pub created_at: DateTime<Utc>,
 }

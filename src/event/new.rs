@@ -39,6 +39,7 @@ pub struct NewEvent {
     pub(crate) idempotency_key: Option<String>,
     pub(crate) traceparent: Option<String>,
     pub(crate) max_attempts: Option<u32>,
+    pub(crate) priority: u8,
     pub(crate) run_at: Option<DateTime<Utc>>,
     pub(crate) delay: Option<Duration>,
 }
@@ -61,6 +62,7 @@ impl NewEvent {
             idempotency_key: None,
             traceparent: crate::trace::current(),
             max_attempts: None,
+            priority: 0,
             run_at: None,
             delay: None,
         }
@@ -196,6 +198,29 @@ impl NewEvent {
         self
     }
 
+    /// Among due events, those of higher priority are claimed first; equal
+    /// priorities keep due-time order. An ordering key still wins: an
+    /// event never overtakes an earlier one of its key. Default: 0, the
+    /// lowest, which most events keep: raise the few that must not wait.
+    ///
+    /// ```
+    /// use sqlite_outbox::NewEvent;
+    /// use serde_json::json;
+    ///
+    /// let reset = NewEvent::new("email.password_reset", json!({"to": "ada@example.com"}))
+    ///     .with_priority(10);
+    /// assert_eq!(reset.priority(), 10);
+    /// ```
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// The priority (see [`NewEvent::with_priority`]).
+    pub fn priority(&self) -> u8 {
+        self.priority
+    }
+
     /// Do not hand the event out before `at`. Default: due at once.
     pub fn with_run_at(mut self, at: DateTime<Utc>) -> Self {
         self.run_at = Some(at);
@@ -305,6 +330,7 @@ impl NewEvent {
             ordering_key: self.ordering_key,
             idempotency_key: self.idempotency_key,
             traceparent: self.traceparent,
+            priority: self.priority,
             created_at: ms(now),
         }
     }

@@ -17,8 +17,8 @@ pub use ack::Ack;
 pub(crate) use ack::AckKind;
 pub use operator::{Operator, Subject};
 pub use report::{
-    Backlog, DestinationState, Hold, ListFilter, Page, Requeue, Stats, Throughput, TypeStats,
-    THROUGHPUT_LOOKBACK,
+    Backlog, DestinationState, Hold, ListFilter, Page, PriorityStats, Requeue, Stats, Throughput,
+    TypeStats, THROUGHPUT_LOOKBACK,
 };
 pub use why::Why;
 
@@ -401,6 +401,15 @@ impl From<sqlite::SqliteStore> for Arc<dyn Store> {
 
 /// A count read from the database; a negative one (which no query here
 /// returns) reads as 0.
+/// The order in which claims hand events out, on every store: highest
+/// priority first, then due time (a run-out lease counts from when its
+/// event was due), then enqueue order.
+pub(crate) fn claim_order(
+    e: &Event,
+) -> (std::cmp::Reverse<u8>, chrono::DateTime<chrono::Utc>, i64) {
+    (std::cmp::Reverse(e.priority), e.next_attempt_at, e.seq)
+}
+
 pub(crate) fn count_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }

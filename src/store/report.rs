@@ -40,6 +40,19 @@ pub struct TypeStats {
     pub failed: u64,
 }
 
+/// Pending events of one raised priority (see
+/// [`crate::NewEvent::with_priority`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct PriorityStats {
+    /// The priority, above 0.
+    pub priority: u8,
+    /// Pending events of this priority, due or not.
+    pub pending: u64,
+    /// Of them, those due now.
+    pub due: u64,
+}
+
 /// What is left to deliver, from [`crate::Store::backlog`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -76,6 +89,9 @@ pub struct Stats {
     pub failed: u64,
     /// Per event type, sorted by type.
     pub by_type: Vec<TypeStats>,
+    /// The pending events of raised priority, highest first; the rest of
+    /// [`Stats::pending`] has priority 0.
+    pub by_priority: Vec<PriorityStats>,
     /// How long the oldest due event has been waiting since it became due
     /// (`oldest_due_age_ms` in JSON, in milliseconds).
     #[serde(serialize_with = "ser_opt_millis", rename = "oldest_due_age_ms")]

@@ -35,6 +35,7 @@ const ORDERING_KEY: usize = 17;
 const IDEMPOTENCY_KEY: usize = 18;
 const CREATED_AT: usize = 19;
 const TRACEPARENT: usize = 20;
+const PRIORITY: usize = 21;
 
 /// Reads columns, noting the first that was not what the schema promises.
 struct Reader<'r, 's> {
@@ -89,6 +90,16 @@ impl Reader<'_, '_> {
                 .filter(|t| crate::trace::is_valid_traceparent(t))
                 .map(str::to_owned),
             _ => None,
+        }
+    }
+
+    /// A priority: another program's value out of range (possible only
+    /// with the schema's checks off) reads as 0, the default; an ordering
+    /// hint must not hold up a delivery.
+    fn priority(&mut self, column: usize) -> u8 {
+        match self.row.get_ref(column) {
+            Ok(ValueRef::Integer(i)) => u8::try_from(i).unwrap_or(0),
+            _ => 0,
         }
     }
 
@@ -205,6 +216,7 @@ pub(crate) fn decode_row(row: &Row<'_>) -> rusqlite::Result<(Event, Option<Strin
         idempotency_key: r.text_opt(IDEMPOTENCY_KEY),
         created_at: clock::from_millis(r.int(CREATED_AT)),
         traceparent: r.traceparent(TRACEPARENT),
+        priority: r.priority(PRIORITY),
     };
     Ok((event, r.problem))
 }
@@ -222,7 +234,7 @@ mod tests {
     #[test]
     fn positions_follow_the_column_list() {
         let listed: Vec<&str> = COLUMNS.split(',').map(str::trim).collect();
-        assert_eq!(listed.len(), 21);
+        assert_eq!(listed.len(), 22);
         for (position, name) in [
             (SEQ, "seq"),
             (ID, "id"),
@@ -245,6 +257,7 @@ mod tests {
             (IDEMPOTENCY_KEY, "idempotency_key"),
             (CREATED_AT, "created_at"),
             (TRACEPARENT, "traceparent"),
+            (PRIORITY, "priority"),
         ] {
             assert_eq!(listed[position], name);
         }

@@ -19,7 +19,7 @@ pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
 /// The schema version this crate writes and understands, kept in the
 /// `outbox_meta` table (`key = 'schema_version'`).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The forward-only steps, as `(version reached, SQL)`: each brings a file
 /// from the version before to this one, in one write transaction.
@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/003_destinations.sql")),
     (4, include_str!("../../migrations/004_faster_checks.sql")),
     (5, include_str!("../../migrations/005_traceparent.sql")),
+    (6, include_str!("../../migrations/006_priority.sql")),
 ];
 
 /// What schema version 1 wrote into `PRAGMA application_id` ("OUTB").
@@ -37,14 +38,21 @@ const V1_APPLICATION_ID: i64 = 0x4F55_5442;
 pub(crate) const COLUMNS: &str = "seq, id, event_type, payload, status, attempts, max_attempts, \
     next_attempt_at, locked_at, locked_until, lease_token, completed_at, delivered_at, \
     last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at, \
-    traceparent";
+    traceparent, priority";
 
 /// As [`COLUMNS`], for a file read as it is (read-only) from before
-/// version 5, which has no `traceparent`: it reads as NULL.
+/// version 6, which has no `priority`: it reads as 0.
+pub(crate) const COLUMNS_BEFORE_6: &str = "seq, id, event_type, payload, status, attempts, \
+    max_attempts, next_attempt_at, locked_at, locked_until, lease_token, completed_at, \
+    delivered_at, last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, \
+    created_at, traceparent, 0 AS priority";
+
+/// As [`COLUMNS`], for a file read as it is (read-only) from before
+/// version 5, which has no `traceparent` either: it reads as NULL.
 pub(crate) const COLUMNS_BEFORE_5: &str = "seq, id, event_type, payload, status, attempts, \
     max_attempts, next_attempt_at, locked_at, locked_until, lease_token, completed_at, \
     delivered_at, last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, \
-    created_at, NULL AS traceparent";
+    created_at, NULL AS traceparent, 0 AS priority";
 
 /// What one snapshot of the file says about the outbox in it.
 #[derive(Debug)]
@@ -288,7 +296,8 @@ fn give_back_header(tx: &Transaction<'_>, info: &FileInfo) -> Result<()> {
 }
 
 /// Checks that `outbox_events` has every column; in a file of an older
-/// version read as it is, `traceparent` (version 5) may be missing.
+/// version read as it is, `priority` (version 6) and `traceparent`
+/// (version 5) may be missing.
 fn check_columns(conn: &Connection, older: bool) -> Result<&'static str> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('outbox_events')")?;
     let present: Vec<String> = stmt
@@ -301,7 +310,9 @@ fn check_columns(conn: &Connection, older: bool) -> Result<&'static str> {
         .collect();
     if missing.is_empty() {
         Ok(COLUMNS)
-    } else if older && missing == ["traceparent"] {
+    } else if older && missing == ["priority"] {
+        Ok(COLUMNS_BEFORE_6)
+    } else if older && missing == ["traceparent", "priority"] {
         Ok(COLUMNS_BEFORE_5)
     } else {
         Err(Error::new(ErrorKind::SchemaMismatch {

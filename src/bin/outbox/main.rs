@@ -203,10 +203,23 @@ struct EnqueueArgs {
     /// Attempts before the event fails.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: Option<u32>,
+    /// 0 (the default, lowest) to 255: among due events, higher goes first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = priority_arg)]
+    priority: u8,
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn priority_arg(s: &str) -> Result<u8, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "{} is not a priority: 0 (the default, lowest) to 255; \
+             to put some events behind others, raise the others",
+            sqlite_outbox::text::excerpt(s, 20)
+        )
+    })
 }
 
 fn status_arg(s: &str) -> Result<Status, String> {

@@ -93,6 +93,25 @@ pub(crate) fn render(stats: &Stats) -> String {
     f.sample("outbox_events_behind_key", &[], stats.behind_key);
     let mut f = Family::new(
         &mut out,
+        "outbox_events_pending_by_priority",
+        "gauge",
+        "Pending events of raised priority (above 0), by priority; due: those due now.",
+    );
+    for p in &stats.by_priority {
+        let priority = p.priority.to_string();
+        f.sample(
+            "outbox_events_pending_by_priority",
+            &[("priority", &priority), ("due", "false")],
+            p.pending - p.due.min(p.pending),
+        );
+        f.sample(
+            "outbox_events_pending_by_priority",
+            &[("priority", &priority), ("due", "true")],
+            p.due,
+        );
+    }
+    let mut f = Family::new(
+        &mut out,
         "outbox_oldest_due_age_seconds",
         "gauge",
         "How long the oldest due event has waited since it became due (0 when none is due).",

@@ -1,5 +1,6 @@
 //! The operator and unfenced tiers of the memory model.
 
+use crate::store::PriorityStats;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -42,6 +43,21 @@ impl Operator for MemoryStore {
             }
         }
         stats.oldest_due_age = oldest_due.map(|t| (now - t).to_std().unwrap_or(Duration::ZERO));
+        let mut urgent: std::collections::BTreeMap<std::cmp::Reverse<u8>, PriorityStats> =
+            std::collections::BTreeMap::new();
+        for e in state.rows.values() {
+            if e.status == Status::Pending && e.priority > 0 {
+                let slot = urgent
+                    .entry(std::cmp::Reverse(e.priority))
+                    .or_insert_with(|| PriorityStats {
+                        priority: e.priority,
+                        ..PriorityStats::default()
+                    });
+                slot.pending += 1;
+                slot.due += u64::from(e.next_attempt_at <= now);
+            }
+        }
+        stats.by_priority = urgent.into_values().collect();
         let keys = key_index(&state, now);
         stats.behind_key = state
             .rows

@@ -47,11 +47,11 @@ impl crate::store::sealed::Sealed for MemoryStore {
             }
         }
         let keys = key_index(&state, now);
-        let mut picked: Vec<(DateTime<Utc>, i64)> = state
+        let mut picked: Vec<_> = state
             .rows
             .values()
             .filter(|e| filter.allows(&e.event_type) && claimable(&keys, e, now))
-            .map(|e| (e.next_attempt_at, e.seq))
+            .map(|e| (crate::store::claim_order(e), e.seq))
             .collect();
         drop(keys);
         picked.sort();

@@ -91,6 +91,7 @@ impl PostgresStore {
         let keys = col(&|e| e.ordering_key.clone());
         let idem = col(&|e| e.idempotency_key.clone());
         let traces = col(&|e| e.traceparent.clone());
+        let priorities: Vec<i16> = events.iter().map(|e| i16::from(e.priority)).collect();
         let created = clock::to_millis(now);
         let rows = run(
             &self.inner.sql.insert_all,
@@ -107,6 +108,7 @@ impl PostgresStore {
                 (&idem, Type::TEXT_ARRAY),
                 (&created, Type::INT8),
                 (&traces, Type::TEXT_ARRAY),
+                (&priorities, Type::INT2_ARRAY),
             ],
         )
         .map_err(|e| not_stored(e, "an event"))?;
@@ -147,6 +149,7 @@ impl PostgresStore {
     ) -> Result<Event> {
         let policy = &self.inner.policy;
         let max_attempts = i64::from(event.max_attempts.unwrap_or_else(|| policy.max_attempts()));
+        let priority = i16::from(event.priority);
         let (id, due, created) = (
             event.id.as_uuid(),
             clock::to_millis(event.due_at(now)),
@@ -167,6 +170,7 @@ impl PostgresStore {
                 (&event.idempotency_key, Type::TEXT),
                 (&created, Type::INT8),
                 (&event.traceparent, Type::TEXT),
+                (&priority, Type::INT2),
             ],
         );
         let inserted = inserted.map_err(|e| not_stored(e, &format!("event {}", event.id)))?;

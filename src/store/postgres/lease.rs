@@ -6,8 +6,8 @@ use super::*;
 impl PostgresStore {
     /// Claims up to `limit` events in `tx`: expired leases on their last
     /// attempt fail, and due events and other expired leases are leased,
-    /// in (due time, enqueue order), skipping rows another claimer has
-    /// locked.
+    /// highest priority first, then in (due time, enqueue order), skipping
+    /// rows another claimer has locked.
     pub(super) fn claim_in(
         &self,
         tx: &mut Tx<'_>,
@@ -48,7 +48,7 @@ impl PostgresStore {
                 }
             }
         }
-        claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
+        claimed.sort_by_key(crate::store::claim_order);
         Ok(claimed)
     }
 

@@ -18,6 +18,9 @@ const MIGRATION_2: &str = include_str!("../../../migrations/postgres_002_tracepa
 /// The step from version 2 to 3 (the notify trigger's `search_path`).
 const MIGRATION_3: &str = include_str!("../../../migrations/postgres_003_pinned_search_path.sql");
 
+/// The step from version 3 to 4 (a `priority` column and its index).
+const MIGRATION_4: &str = include_str!("../../../migrations/postgres_004_priority.sql");
+
 /// The first key of the outbox's advisory locks: `outb` in ASCII.
 const LOCK_SPACE: i32 = 0x6F75_7462;
 
@@ -45,6 +48,7 @@ const COLUMNS: &[(&str, &str)] = &[
     ("idempotency_key", "text"),
     ("created_at", "bigint"),
     ("traceparent", "text"),
+    ("priority", "smallint"),
 ];
 
 /// What an opener may do to the schema.
@@ -170,7 +174,10 @@ pub(super) fn migrate(client: &mut postgres::Client, schema: &str, mode: Mode) -
             if from < 2 {
                 tx.batch_execute(MIGRATION_2)?;
             }
-            tx.batch_execute(MIGRATION_3)?;
+            if from < 3 {
+                tx.batch_execute(MIGRATION_3)?;
+            }
+            tx.batch_execute(MIGRATION_4)?;
             check_shape(&mut tx, schema)?;
             tx.commit()?;
             Ok(())

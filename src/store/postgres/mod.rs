@@ -49,7 +49,7 @@ use sql::Sql;
 /// The layout of the outbox's objects in its schema that this build writes
 /// (`schema.postgres.sql`); its `outbox_meta` row `schema_version` holds
 /// the layout a schema has.
-pub(crate) const POSTGRES_SCHEMA_VERSION: i64 = 3;
+pub(crate) const POSTGRES_SCHEMA_VERSION: i64 = 4;
 
 /// The DDL of a fresh outbox on PostgreSQL, run in the chosen schema.
 pub(crate) const POSTGRES_SCHEMA_SQL: &str = include_str!("../../../schema.postgres.sql");

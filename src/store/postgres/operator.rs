@@ -1,6 +1,7 @@
 //! What operators do on PostgreSQL (stats, list, requeue, cancel, purge,
 //! erase) and the unfenced tier: the same statements as on SQLite.
 
+use crate::store::PriorityStats;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -88,6 +89,22 @@ impl Operator for PostgresStore {
             .get(0);
         stats.oldest_due_age =
             oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+        let rows = tx.query(
+            &format!(
+                "SELECT priority::bigint, count(*), count(*) FILTER (WHERE next_attempt_at <= $1)
+                 FROM {} WHERE status = 'pending' AND priority > 0
+                 GROUP BY priority ORDER BY priority DESC",
+                self.inner.sql.events
+            ),
+            &[&now],
+        )?;
+        for row in &rows {
+            stats.by_priority.push(PriorityStats {
+                priority: u8::try_from(row.get::<_, i64>(0)).unwrap_or(u8::MAX),
+                pending: count_u64(row.get(1)),
+                due: count_u64(row.get(2)),
+            });
+        }
         let behind: i64 = tx.query_one(&self.inner.sql.behind_key, &[&now])?.get(0);
         stats.behind_key = count_u64(behind);
         stats.destinations = read_destinations(&mut tx, d)?;

@@ -71,6 +71,12 @@ pub(super) fn decode(row: &Row) -> (Event, Option<String>) {
             .ok()
             .flatten()
             .filter(|t| crate::trace::is_valid_traceparent(t)),
+        // A hint too: out of range (checks off) reads as 0, the default.
+        priority: row
+            .try_get::<_, i16>(21)
+            .ok()
+            .and_then(|p| u8::try_from(p).ok())
+            .unwrap_or(0),
     };
     (event, problem)
 }

@@ -8,7 +8,7 @@
 const COLUMNS: &str = "t.seq, t.id, t.event_type, t.payload::text, t.status, t.attempts, \
     t.max_attempts, t.next_attempt_at, t.locked_at, t.locked_until, t.lease_token, \
     t.completed_at, t.delivered_at, t.last_error, t.correlation_id, t.org_id, t.user_id, \
-    t.ordering_key, t.idempotency_key, t.created_at, t.traceparent";
+    t.ordering_key, t.idempotency_key, t.created_at, t.traceparent, t.priority";
 
 /// A fresh lease token: 64 random bits (near enough: `random()` has 52).
 pub(super) const NEW_TOKEN: &str =
@@ -24,8 +24,9 @@ pub(super) struct Sql {
     /// Every column, from the events table as `t`.
     pub(super) columns: &'static str,
     pub(super) insert: String,
-    /// Many events in one statement, in the order given: `$1`…`$10` and
-    /// `$12` arrays, one element per event, and `$11` the time of enqueue.
+    /// Many events in one statement, in the order given: `$1`…`$10`,
+    /// `$12` and `$13` arrays, one element per event, and `$11` the time
+    /// of enqueue.
     pub(super) insert_all: String,
     pub(super) select_by_id: String,
     pub(super) select_by_key: String,
@@ -87,13 +88,24 @@ impl Sql {
         // Claims: $1 now, $2 lease end, $3 limit, $4 only, $5 skip.
         let claimable = format!("{} AND {}", type_ok(4, 5), key_free(&e, 1));
         let due = format!(
-            "SELECT e.seq, e.next_attempt_at FROM {e} AS e
+            "SELECT e.seq, e.priority, e.next_attempt_at FROM {e} AS e
              WHERE e.status = 'pending' AND e.next_attempt_at <= $1::bigint AND {claimable}
              ORDER BY e.next_attempt_at, e.seq LIMIT $3::bigint
              FOR UPDATE OF e SKIP LOCKED"
         );
+        // The due events of raised priority, from their own index: an
+        // urgent event is found however long the due index is. Rows both
+        // read are the same row (UNION keeps one).
+        let urgent = format!(
+            "SELECT e.seq, e.priority, e.next_attempt_at FROM {e} AS e
+             WHERE e.status = 'pending' AND e.priority > 0 AND e.next_attempt_at <= $1::bigint
+               AND {claimable}
+             ORDER BY e.priority DESC, e.next_attempt_at, e.seq LIMIT $3::bigint
+             FOR UPDATE OF e SKIP LOCKED"
+        );
+        let order = "ORDER BY priority DESC, next_attempt_at, seq LIMIT $3::bigint";
         let lapsed = format!(
-            "SELECT e.seq, e.next_attempt_at FROM {e} AS e
+            "SELECT e.seq, e.priority, e.next_attempt_at FROM {e} AS e
              WHERE e.status = 'processing' AND e.locked_until <= $1::bigint
                AND e.attempts < e.max_attempts AND {claimable}
              ORDER BY e.next_attempt_at, e.seq LIMIT $3::bigint
@@ -113,25 +125,25 @@ impl Sql {
             insert: format!(
                 "INSERT INTO {e} (id, event_type, payload, status, attempts, max_attempts,
                    next_attempt_at, correlation_id, org_id, user_id, ordering_key,
-                   idempotency_key, created_at, traceparent)
+                   idempotency_key, created_at, traceparent, priority)
                  VALUES ($1, $2, CAST($3::text AS json), 'pending', 0, $4, $5, $6, $7, $8, $9,
-                   $10, $11, $12)
+                   $10, $11, $12, $13)
                  ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING seq"
             ),
             insert_all: format!(
                 "INSERT INTO {e} (id, event_type, payload, status, attempts, max_attempts,
                    next_attempt_at, correlation_id, org_id, user_id, ordering_key,
-                   idempotency_key, created_at, traceparent)
+                   idempotency_key, created_at, traceparent, priority)
                  SELECT v.id, v.event_type, CAST(v.payload AS json), 'pending', 0, v.max_attempts,
                    v.next_attempt_at, v.correlation_id, v.org_id, v.user_id, v.ordering_key,
-                   v.idempotency_key, $11::bigint, v.traceparent
+                   v.idempotency_key, $11::bigint, v.traceparent, v.priority
                  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
                              $6::text[], $7::uuid[], $8::uuid[], $9::text[], $10::text[],
-                             $12::text[])
+                             $12::text[], $13::smallint[])
                       WITH ORDINALITY AS v(id, event_type, payload, max_attempts, next_attempt_at,
                         correlation_id, org_id, user_id, ordering_key, idempotency_key,
-                        traceparent, n)
+                        traceparent, priority, n)
                  ORDER BY v.n
                  ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING id, seq"
@@ -144,11 +156,15 @@ impl Sql {
                      {unlease}
                    WHERE status = 'processing' AND locked_until <= $1::bigint
                      AND attempts >= max_attempts),
-                 due AS ({due}), lapsed AS ({lapsed}),
-                 chosen AS (SELECT seq FROM (SELECT * FROM due UNION ALL SELECT * FROM lapsed) AS x
-                            ORDER BY next_attempt_at, seq LIMIT $3::bigint)"
+                 urgent AS ({urgent}), due AS ({due}), lapsed AS ({lapsed}),
+                 chosen AS (SELECT seq FROM (SELECT * FROM urgent UNION SELECT * FROM due
+                                             UNION SELECT * FROM lapsed) AS x {order})"
             )),
-            claim_due: lease(&format!("WITH chosen AS ({due})")),
+            claim_due: lease(&format!(
+                "WITH urgent AS ({urgent}), due AS ({due}),
+                 chosen AS (SELECT seq FROM (SELECT * FROM urgent UNION SELECT * FROM due) AS x
+                            {order})"
+            )),
             set_aside: format!(
                 "UPDATE {e} SET status = 'failed', completed_at = $2::bigint, last_error = $3,
                    {unlease}

@@ -246,6 +246,7 @@ fn insert_event(
             event.idempotency_key,
             clock::to_millis(now),
             event.traceparent,
+            event.priority,
         ])
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation) => Error::with_source(

@@ -6,8 +6,8 @@ use rusqlite::{params, Transaction};
 
 use super::sql::{
     claim_by_types_sql, claim_front_sql, ACK_DEFER_SQL, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL,
-    ACK_RELEASE_SQL, ACK_RETRY_SQL, ANY_EXPIRED_SQL, CLAIM_DUE_SQL, CLAIM_SQL, FRONT_SCAN_BATCHES,
-    MAX_TYPED_CLAIM, TYPE_PARAMS,
+    ACK_RELEASE_SQL, ACK_RETRY_SQL, ANY_EXPIRED_SQL, ANY_URGENT_SQL, CLAIM_DUE_SQL, CLAIM_SQL,
+    CLAIM_URGENT_SQL, FRONT_SCAN_BATCHES, MAX_TYPED_CLAIM, TYPE_PARAMS,
 };
 use super::{skip, types_json, SqliteStore};
 use crate::clock;
@@ -31,7 +31,8 @@ impl SqliteStore {
 
     /// Claims up to `limit` events in the transaction `tx`: the expired
     /// leases on their last attempt fail first, then the due events and
-    /// the other expired leases are leased, in (due time, enqueue order).
+    /// the other expired leases are leased, highest priority first, then
+    /// in (due time, enqueue order).
     fn claim_in(
         &self,
         tx: &Transaction<'_>,
@@ -57,10 +58,31 @@ impl SqliteStore {
             .execute(params![now_ms, LEASE_EXPIRED_ERROR])?;
         }
         let at = (now_ms, until_ms);
+        // Raised priorities first, from their own index; the usual claim
+        // takes the rest of the batch.
+        let urgent: bool = expired
+            || tx
+                .prepare_cached(ANY_URGENT_SQL)?
+                .query_row([], |r| r.get(0))?;
+        let mut rows = if urgent {
+            run_claim(
+                tx,
+                &CLAIM_URGENT_SQL[usize::from(expired)],
+                limit,
+                at,
+                filter,
+            )?
+        } else {
+            Vec::new()
+        };
+        let limit = limit - rows.len();
+        if limit == 0 {
+            return finish_claim(tx, rows, now_ms);
+        }
         let typed = filter
             .only
             .filter(|only| (1..=MAX_TYPED_CLAIM).contains(&only.len()) && filter.skip.is_empty());
-        let rows = match typed {
+        let rest = match typed {
             // Several types, no lease to take back: first the front of the
             // due index, then, if that came up short, each type's stretch
             // of the by-type index for the rest.
@@ -89,9 +111,8 @@ impl SqliteStore {
             None if expired => run_claim(tx, &CLAIM_SQL, limit, at, filter)?,
             None => run_claim(tx, &CLAIM_DUE_SQL, limit, at, filter)?,
         };
-        let mut claimed = set_aside_undecodable(tx, rows, now_ms)?;
-        claimed.sort_by_key(|e| (e.next_attempt_at, e.seq));
-        Ok(claimed)
+        rows.extend(rest);
+        finish_claim(tx, rows, now_ms)
     }
 
     pub(super) fn settle_acks(&self, acks: &[Ack]) -> Result<Vec<Result<()>>> {
@@ -263,6 +284,18 @@ fn cached<'s, 'c>(
         Some(s) => s,
         None => slot.insert(tx.prepare_cached(sql)?),
     })
+}
+
+/// The claimed rows that can be read, in claim order (highest priority
+/// first, then due time, then enqueue order); the others are set aside.
+fn finish_claim(
+    tx: &Transaction<'_>,
+    rows: Vec<(Event, Option<String>)>,
+    now: i64,
+) -> Result<Vec<Event>> {
+    let mut claimed = set_aside_undecodable(tx, rows, now)?;
+    claimed.sort_by_key(crate::store::claim_order);
+    Ok(claimed)
 }
 
 /// Fails, in the claim's own transaction, every claimed row that cannot be

@@ -1,6 +1,7 @@
 //! What operators do: look at the outbox, requeue, cancel, purge, erase,
 //! check, back up.
 
+use crate::store::PriorityStats;
 use std::path::Path;
 use std::time::Duration;
 
@@ -180,6 +181,26 @@ impl Operator for SqliteStore {
                     .query_row([now], |r| r.get(0))?;
                 stats.oldest_due_age =
                     oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
+                let mut stmt = conn.prepare_cached(
+                    "SELECT priority, count(*), sum(next_attempt_at <= ?1) FROM outbox_events
+                     WHERE status = 'pending' AND priority > 0
+                     GROUP BY priority ORDER BY priority DESC",
+                )?;
+                let rows = stmt.query_map([now], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (priority, n, due) = row?;
+                    stats.by_priority.push(PriorityStats {
+                        priority: u8::try_from(priority).unwrap_or(u8::MAX),
+                        pending: count_u64(n),
+                        due: count_u64(due),
+                    });
+                }
                 let behind: i64 = conn
                     .prepare_cached(&BEHIND_KEY_SQL)?
                     .query_row(rusqlite::named_params! {":now": now}, |r| r.get(0))?;

@@ -6,7 +6,8 @@ use std::sync::LazyLock;
 use crate::store::schema::COLUMNS;
 pub(super) const INSERT_SQL: &str = "INSERT INTO outbox_events (id, event_type, payload, status, attempts, \
      max_attempts, next_attempt_at, correlation_id, org_id, user_id, ordering_key, idempotency_key, \
-     created_at, traceparent) VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+     created_at, traceparent, priority) \
+     VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
      ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
 
 pub(super) static SELECT_BY_KEY_SQL: LazyLock<String> =
@@ -127,6 +128,46 @@ fn claim_update(chosen: &str) -> String {
          WHERE seq IN ({chosen})
          RETURNING {COLUMNS}"
     )
+}
+
+/// Whether any pending event has a raised priority: one look at the urgent
+/// index. Nearly always false, and then a claim is what it was before
+/// priorities.
+pub(super) const ANY_URGENT_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM outbox_events WHERE status = 'pending' AND priority > 0)";
+
+/// The first step of a claim when some pending event has a raised priority:
+/// the due events of priority above 0 (and, `with_leases`, the expired
+/// leases of such events) of the types `TYPE_OK` allows, highest priority
+/// first, then in (due time, enqueue order), read from the urgent index.
+/// The claim's usual statements take the rest of the batch after it, in
+/// the same transaction: what this step left of raised priority cannot be
+/// claimed now (behind its key, of another type), so they leave it too.
+pub(super) static CLAIM_URGENT_SQL: LazyLock<[String; 2]> =
+    LazyLock::new(|| [claim_urgent_sql(false), claim_urgent_sql(true)]);
+
+fn claim_urgent_sql(with_leases: bool) -> String {
+    let order = "ORDER BY e.priority DESC, e.next_attempt_at, e.seq LIMIT :limit + 0";
+    let due = format!(
+        "FROM outbox_events AS e
+         WHERE e.status = 'pending' AND e.priority > 0 AND e.next_attempt_at <= :now
+           AND {TYPE_OK} AND {KEY_FREE}
+         {order}"
+    );
+    if !with_leases {
+        return claim_update(&format!("SELECT e.seq {due}"));
+    }
+    let cols = "SELECT e.seq, e.priority, e.next_attempt_at";
+    claim_update(&format!(
+        "SELECT seq FROM (
+           SELECT * FROM ({cols} {due})
+           UNION ALL
+           SELECT * FROM ({cols} FROM outbox_events AS e
+             WHERE e.status = 'processing' AND e.locked_until <= :now AND e.priority > 0
+               AND {TYPE_OK} AND {KEY_FREE}
+             {order}))
+         ORDER BY priority DESC, next_attempt_at, seq LIMIT :limit + 0"
+    ))
 }
 
 /// The most event types a claim names one by one (each reads its own
@@ -267,6 +308,29 @@ mod tests {
                 .count();
             assert_eq!(due, 1, "{plan:#?}");
             assert!(!plan.iter().any(|l| l.contains("TEMP B-TREE")), "{plan:#?}");
+        }
+        // The urgent step reads the urgent index, in its order, without a
+        // sort, however long the due index is.
+        for with_leases in [false, true] {
+            let sql = &CLAIM_URGENT_SQL[usize::from(with_leases)];
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let mut rows = stmt.raw_query();
+            let mut plan = Vec::new();
+            while let Some(row) = rows.next()? {
+                plan.push(row.get::<_, String>(3)?);
+            }
+            assert!(
+                plan.iter()
+                    .any(|l| l.contains("USING INDEX outbox_events_urgent")),
+                "{plan:#?}"
+            );
+            assert!(
+                !plan.iter().any(|l| l.contains("outbox_events_due ")),
+                "{plan:#?}"
+            );
+            if !with_leases {
+                assert!(!plan.iter().any(|l| l.contains("TEMP B-TREE")), "{plan:#?}");
+            }
         }
         assert_eq!(
             claim_by_types_sql(MAX_TYPED_CLAIM + 1, true),

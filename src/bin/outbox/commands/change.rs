@@ -38,6 +38,7 @@ pub(crate) fn enqueue(db: &Db, json_mode: bool, a: &EnqueueArgs) -> Result<(), F
     if let Some(c) = &a.correlation_id {
         event = event.with_correlation_id(c);
     }
+    event = event.with_priority(a.priority);
     if let Some(n) = a.max_attempts {
         event = event.with_max_attempts(n);
     }

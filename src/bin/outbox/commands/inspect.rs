@@ -29,6 +29,14 @@ pub(crate) fn stats(db: &Db, json_mode: bool, prometheus: bool) -> Result<(), Fa
             "pending {}  (due {}{behind})  processing {}  done {}  failed {}",
             stats.pending, stats.due, stats.processing, stats.done, stats.failed
         );
+        if !stats.by_priority.is_empty() {
+            let urgent: Vec<String> = stats
+                .by_priority
+                .iter()
+                .map(|p| format!("{} at priority {} ({} due)", p.pending, p.priority, p.due))
+                .collect();
+            let _ = writeln!(t, "raised priority: {}", urgent.join(", "));
+        }
         let _ = writeln!(
             t,
             "oldest due event waiting: {}",

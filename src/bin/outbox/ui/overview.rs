@@ -38,7 +38,10 @@ pub(super) fn overview(ui: &Ui, req: &Req) -> Reply {
         card(
             "pending",
             s.pending,
-            &format!("{} due now", s.due),
+            &match s.by_priority.iter().map(|p| p.pending).sum::<u64>() {
+                0 => format!("{} due now", s.due),
+                urgent => format!("{} due now, {urgent} of raised priority", s.due),
+            },
             "/events?status=pending"
         ),
         card(

@@ -409,6 +409,7 @@ pub(super) fn event(ui: &Ui, req: &Req, id: &str) -> Reply {
         ("Seq", Html::text(&e.seq.to_string())),
         ("Status", Html::text(e.status.as_str())),
         ("Attempts", html!("{} of {}", e.attempts, e.max_attempts)),
+        ("Priority", Html::text(&e.priority.to_string())),
         ("Created", time_from(e.created_at, now)),
         (
             "Next attempt",
