@@ -4,7 +4,8 @@ use super::*;
 
 /// The columns a dispatcher hands its handler: every column of the row, as
 /// the crate's claim returns them.
-const RAW_COLUMNS: &str = "seq, id, event_type, payload, status, attempts, max_attempts, \
+pub(crate) const RAW_COLUMNS: &str =
+    "seq, id, event_type, payload, status, attempts, max_attempts, \
     next_attempt_at, locked_at, locked_until, lease_token, completed_at, delivered_at, \
     last_error, correlation_id, org_id, user_id, ordering_key, idempotency_key, created_at";
 
@@ -59,7 +60,7 @@ pub(crate) fn dispatch_ours(
 
 /// Starts a dispatcher at the crate's defaults with a no-op handler and
 /// stops it once `n` events are done; returns its seconds and report.
-fn run_no_op(
+pub(crate) fn run_no_op(
     store: &SqliteStore,
     n: usize,
     workers: usize,

@@ -6,7 +6,8 @@
 //! cargo bench --bench outbox -- --json F     # also write the rows as JSON
 //! cargo bench --bench outbox -- --only G     # one group: enqueue, dispatch,
 //!                                            # contention, latency, scaling, memory, idle,
-//!                                            # offline, schema, dashboard, postgres (with
+//!                                            # offline, schema, dashboard, priority,
+//!                                            # postgres (with
 //!                                            # --features postgres and a server
 //!                                            # in OUTBOX_TEST_POSTGRES), sinks (with
 //!                                            # --features cli, nats-server and
@@ -41,6 +42,7 @@ mod memory;
 mod offline;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod priority;
 mod scaling;
 mod schema;
 #[cfg(all(feature = "http", feature = "nats", feature = "mqtt"))]
@@ -165,6 +167,7 @@ fn main() -> Res<()> {
         ("offline", offline::offline_benches),
         ("schema", schema::schema_benches),
         ("dashboard", dashboard::dashboard_benches),
+        ("priority", priority::priority_benches),
     ];
     #[cfg(feature = "postgres")]
     groups.push(("postgres", postgres::postgres_benches));

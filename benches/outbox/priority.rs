@@ -1,0 +1,284 @@
+//! Priorities: what they cost while unused, and how soon an urgent event
+//! is claimed behind a backlog of priority 0.
+
+use super::dispatch::{dispatch_raw, median, run_no_op, RawLoop, RAW_COLUMNS};
+use super::*;
+
+pub(crate) fn priority_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    unused_cost(cfg, dir, rows)?;
+    urgent_claim(cfg, dir, rows)?;
+    urgent_latency(cfg, dir, rows)?;
+    Ok(())
+}
+
+/// A fresh path in `dir` (the file and its WAL removed).
+fn fresh(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+    }
+    p
+}
+
+/// Dispatch at the defaults (4 workers, FULL), no-op handler, with every
+/// `raised_every`-th event at priority 5 (none when 0); returns seconds.
+fn dispatch_with(path: &Path, n: usize, raised_every: usize) -> Res<f64> {
+    let store = our_db(path, Durability::Full)?;
+    for chunk in 0..n / 1000 {
+        store.enqueue_batch(
+            (0..1000)
+                .map(|i| {
+                    let k = chunk * 1000 + i;
+                    match raised_every {
+                        0 => event(k),
+                        every if k % every == 0 => event(k).with_priority(5),
+                        _ => event(k),
+                    }
+                })
+                .collect(),
+        )?;
+    }
+    let (secs, report) = run_no_op(&store, n, sqlite_outbox::DEFAULT_WORKERS)?;
+    if store.stats()?.done != n as u64 || !report.is_clean() {
+        return Err(format!("dispatch incomplete: {report:?}").into());
+    }
+    Ok(secs)
+}
+
+/// Dispatch at the defaults with priorities unused (every event at 0) and
+/// with 1 event in 100 raised, each against the raw loop on our schema in
+/// the same round.
+fn unused_cost(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    let n = cfg.dispatch_n;
+    let rounds = if cfg.quick { 1 } else { 5 };
+    let batch = sqlite_outbox::DEFAULT_BATCH_SIZE;
+    let variants = [
+        (0, "priorities unused (all 0)"),
+        (100, "1 event in 100 at priority 5"),
+    ];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..rounds {
+        let raw = dispatch_raw(
+            &fresh(dir, "prio-raw.db"),
+            n,
+            "FULL",
+            RawLoop::OurSchema,
+            batch,
+        )?;
+        for (i, (every, _)) in variants.iter().enumerate() {
+            let secs = dispatch_with(&fresh(dir, &format!("prio-{every}.db")), n, *every)?;
+            ratios[i].push(raw / secs);
+            rates[i].push(n as f64 / secs);
+        }
+    }
+    for (i, (_, label)) in variants.iter().enumerate() {
+        let r = std::mem::take(&mut ratios[i]);
+        let spread = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+            - r.iter().cloned().fold(f64::INFINITY, f64::min);
+        let rate = median(std::mem::take(&mut rates[i]));
+        let ratio = median(r);
+        rows.push(Row {
+            group: "priority",
+            name: format!("dispatch, {label}, 4 workers, FULL"),
+            ours: rate,
+            raw: Some(rate / ratio),
+            unit: "ev/s",
+            ratio: Some(ratio),
+            note: format!(
+                "{n} events; raw = the raw loop on our schema in each round; median of \
+                 {rounds}, ratio spread {spread:.2}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The claim of one new urgent event on an empty file and behind a
+/// backlog of due events of priority 0: through the store (all types, and
+/// one type named), and as the plain statement on the urgent index.
+fn urgent_claim(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    let backlog = cfg.scale_large;
+    let tries = if cfg.quick { 50 } else { 500 };
+    let lease = Duration::from_secs(60);
+    let typed = ["bench.urgent".to_owned()];
+    // (label, types): what the store is asked to claim.
+    let shapes: [(&str, Option<&[String]>); 2] =
+        [("any type", None), ("its type named", Some(&typed))];
+    let empty = fill(&fresh(dir, "prio-empty.db"), 0, 0)?;
+    let full = fill(&fresh(dir, "prio-backlog.db"), backlog, 0)?;
+    // A claim does not wait for the disk (losing one only means the event
+    // is claimed again): NORMAL, as the store's claims.
+    let raw_full = raw_conn(&dir.join("prio-backlog.db"), "NORMAL")?;
+    // Times one claim of a just-enqueued urgent event, `tries` times, and
+    // completes each (untimed); returns the median µs.
+    let time_ours = |store: &SqliteStore, types: Option<&[String]>| -> Res<f64> {
+        let mut micros = Vec::with_capacity(tries);
+        for i in 0..tries {
+            let urgent =
+                store.enqueue(NewEvent::new("bench.urgent", json!({ "i": i })).with_priority(9))?;
+            let t = Instant::now();
+            let claimed = store.claim(1, lease, types)?;
+            micros.push(t.elapsed().as_secs_f64() * 1e6);
+            let first = claimed.first().ok_or("nothing claimed")?;
+            if first.id != urgent.id {
+                return Err("the urgent event was not claimed first".into());
+            }
+            store.complete(&first.lease().ok_or("no lease")?)?;
+        }
+        Ok(median(micros))
+    };
+    let raw_claim = format!(
+        "UPDATE outbox_events SET status = 'processing', attempts = attempts + 1,
+           locked_at = ?1, locked_until = ?1 + 60000, lease_token = random()
+         WHERE seq IN (SELECT seq FROM outbox_events
+                       WHERE status = 'pending' AND priority > 0 AND next_attempt_at <= ?1
+                       ORDER BY priority DESC, next_attempt_at, seq LIMIT 1)
+         RETURNING {RAW_COLUMNS}"
+    );
+    let time_raw = || -> Res<f64> {
+        let mut micros = Vec::with_capacity(tries);
+        for i in 0..tries {
+            full.enqueue(NewEvent::new("bench.urgent", json!({ "i": i })).with_priority(9))?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let t = Instant::now();
+            let tx = raw_full.unchecked_transaction()?;
+            let (seq, token): (i64, i64) = tx
+                .prepare_cached(&raw_claim)?
+                .query_row([now], |r| Ok((r.get(0)?, r.get(10)?)))?;
+            tx.commit()?;
+            micros.push(t.elapsed().as_secs_f64() * 1e6);
+            raw_full.execute(
+                "UPDATE outbox_events SET status = 'done', completed_at = ?3, locked_at = NULL,
+                   locked_until = NULL, lease_token = NULL WHERE seq = ?1 AND lease_token = ?2",
+                params![seq, token, now],
+            )?;
+        }
+        Ok(median(micros))
+    };
+    for (label, types) in shapes {
+        // A first round warms both files' caches and statements.
+        time_ours(&empty, types)?;
+        time_ours(&full, types)?;
+        let on_empty = time_ours(&empty, types)?;
+        let behind = time_ours(&full, types)?;
+        rows.push(Row {
+            group: "priority",
+            name: format!("claim a new urgent event, {label}: empty file vs {backlog} due events of priority 0"),
+            ours: behind,
+            raw: None,
+            unit: "µs",
+            ratio: Some(on_empty / behind),
+            note: format!(
+                "median of {tries} claims; on an empty file {on_empty:.1} µs; ratio = empty / \
+                 backlog (1.00: the backlog costs nothing)"
+            ),
+        });
+    }
+    let ours = time_ours(&full, None)?;
+    let raw = time_raw()?;
+    rows.push(Row {
+        group: "priority",
+        name: format!(
+            "claim a new urgent event behind {backlog} due events: store vs plain statement"
+        ),
+        ours,
+        raw: Some(raw),
+        unit: "µs",
+        ratio: Some(raw / ours),
+        note: format!(
+            "median of {tries}; raw = one UPDATE … RETURNING on the urgent index, in its own \
+             transaction"
+        ),
+    });
+    // What the urgent index saves: the same order read from the due index.
+    let scans = 3;
+    let mut micros = Vec::with_capacity(scans);
+    for _ in 0..scans {
+        let now = chrono::Utc::now().timestamp_millis();
+        let t = Instant::now();
+        let _: Option<i64> = raw_full
+            .query_row(
+                "SELECT seq FROM outbox_events INDEXED BY outbox_events_due
+                 WHERE status = 'pending' AND next_attempt_at <= ?1
+                 ORDER BY priority DESC, next_attempt_at, seq LIMIT 1",
+                [now],
+                |r| r.get(0),
+            )
+            .ok();
+        micros.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    rows.push(Row {
+        group: "priority",
+        name: format!("without the urgent index: the first by priority among {backlog} due events"),
+        ours: median(micros),
+        raw: None,
+        unit: "µs",
+        ratio: None,
+        note: format!("median of {scans}; a sort of the whole backlog on each claim"),
+    });
+    Ok(())
+}
+
+/// How long a new urgent event waits for its handler while a dispatcher
+/// (the defaults) works through a backlog of priority 0, against an idle
+/// dispatcher on an empty file.
+fn urgent_latency(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    let backlog = if cfg.quick { 100_000 } else { 200_000 };
+    let samples = if cfg.quick { 10 } else { 40 };
+    let mut results = Vec::new();
+    for (label, pending) in [
+        ("idle dispatcher, empty file", 0),
+        ("busy dispatcher", backlog),
+    ] {
+        let store = fill(&fresh(dir, &format!("prio-lat-{pending}.db")), pending, 0)?;
+        let waited: Arc<Mutex<Vec<f64>>> = Arc::default();
+        let sink = Arc::clone(&waited);
+        let dispatcher = Dispatcher::builder(store.clone())
+            .handle("bench.event", |_: &Event| Ok(()))
+            .handle("bench.urgent", move |e: &Event| {
+                let waited = (chrono::Utc::now() - e.created_at).num_microseconds();
+                if let (Some(us), Ok(mut v)) = (waited, sink.lock()) {
+                    v.push(us as f64 / 1000.0);
+                }
+                Ok(())
+            })
+            .start()?;
+        for i in 0..samples {
+            std::thread::sleep(Duration::from_millis(20));
+            store.enqueue(NewEvent::new("bench.urgent", json!({ "i": i })).with_priority(9))?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while waited.lock().map(|v| v.len()).unwrap_or(0) < samples && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let backlog_left = store.stats()?.pending;
+        dispatcher.shutdown(Duration::from_secs(10));
+        let mut v = waited.lock().map(|v| v.clone()).unwrap_or_default();
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.len() < samples {
+            return Err(format!("{label}: {} of {samples} urgent events handled", v.len()).into());
+        }
+        if pending > 0 && backlog_left == 0 {
+            return Err("the backlog ran out before the last urgent event".into());
+        }
+        results.push((label, percentile(&v, 0.5), percentile(&v, 0.99)));
+    }
+    let idle_p50 = results[0].1;
+    for (label, p50, p99) in results {
+        rows.push(Row {
+            group: "priority",
+            name: format!("enqueue to handler of an urgent event, {label}"),
+            ours: p50,
+            raw: None,
+            unit: "ms",
+            ratio: None,
+            note: format!(
+                "p50 of {samples}; p99 {p99:.2} ms; {:.1}× the idle p50; busy = {backlog} \
+                 due events of priority 0 being dispatched",
+                p50 / idle_p50
+            ),
+        });
+    }
+    Ok(())
+}
