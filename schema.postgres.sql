@@ -182,6 +182,30 @@ CREATE TABLE outbox_destinations (
     updated_at    bigint NOT NULL
 );
 
+-- The limits dispatchers keep on a type or a destination (see schema.sql):
+-- `max` events at once, or `max` deliveries per `per_ms`; a shared limit's
+-- token bucket; since when events wait for it. Times are bigint UTC
+-- milliseconds.
+CREATE TABLE outbox_limits (
+    scope         text    NOT NULL
+                  CONSTRAINT outbox_limits_scope_known CHECK (scope IN ('type', 'destination')),
+    name          text    NOT NULL
+                  CONSTRAINT outbox_limits_name_length CHECK (octet_length(name) BETWEEN 1 AND 255),
+    kind          text    NOT NULL
+                  CONSTRAINT outbox_limits_kind_known CHECK (kind IN ('concurrency', 'rate')),
+    max           bigint  NOT NULL
+                  CONSTRAINT outbox_limits_max_positive CHECK (max BETWEEN 1 AND 1000000000),
+    per_ms        bigint
+                  CONSTRAINT outbox_limits_per_positive CHECK (per_ms >= 1),
+    shared        boolean NOT NULL DEFAULT false,
+    event_types   json,
+    tokens        double precision,
+    refilled_at   bigint,
+    limited_since bigint,
+    updated_at    bigint  NOT NULL,
+    PRIMARY KEY (scope, name, kind)
+);
+
 -- A committed insert wakes every dispatcher that listens on this schema's
 -- channel (`outbox_<schema>`), whoever inserted: the crate, or plain SQL
 -- from any language. One notice per transaction, however many rows. The

@@ -209,6 +209,47 @@ CREATE TABLE outbox_destinations (
                   CHECK (typeof(updated_at) = 'integer')
 );
 
+-- The limits dispatchers keep on how hard they push a type or a
+-- destination, as they last wrote them down: a concurrency limit (`max`
+-- events at once) or a rate limit (`max` deliveries per `per_ms`). A limit
+-- kept across every dispatcher on the file also keeps its token bucket
+-- here (`tokens` at `refilled_at`), taken from in each claim's transaction.
+-- `limited_since` is when events began to wait for the limit (NULL: none
+-- waits); `event_types` the JSON array of types it covers (NULL: every type
+-- of the destination). Times are integer UTC milliseconds.
+CREATE TABLE outbox_limits (
+    scope         TEXT NOT NULL
+                  CONSTRAINT outbox_limits_scope_known CHECK (scope IN ('type', 'destination')),
+    name          TEXT NOT NULL
+                  CONSTRAINT outbox_limits_name_text
+                  CHECK (typeof(name) = 'text' AND length(CAST(name AS BLOB)) BETWEEN 1 AND 255),
+    kind          TEXT NOT NULL
+                  CONSTRAINT outbox_limits_kind_known CHECK (kind IN ('concurrency', 'rate')),
+    max           INTEGER NOT NULL
+                  CONSTRAINT outbox_limits_max_positive
+                  CHECK (typeof(max) = 'integer' AND max BETWEEN 1 AND 1000000000),
+    per_ms        INTEGER
+                  CONSTRAINT outbox_limits_per_positive
+                  CHECK (per_ms IS NULL OR (typeof(per_ms) = 'integer' AND per_ms >= 1)),
+    shared        INTEGER NOT NULL DEFAULT 0
+                  CONSTRAINT outbox_limits_shared_flag CHECK (shared IN (0, 1)),
+    event_types   TEXT
+                  CONSTRAINT outbox_limits_event_types_json
+                  CHECK (event_types IS NULL OR (typeof(event_types) = 'text'
+                         AND json_valid(event_types))),
+    tokens        REAL,
+    refilled_at   INTEGER
+                  CONSTRAINT outbox_limits_refilled_integer
+                  CHECK (refilled_at IS NULL OR typeof(refilled_at) = 'integer'),
+    limited_since INTEGER
+                  CONSTRAINT outbox_limits_limited_integer
+                  CHECK (limited_since IS NULL OR typeof(limited_since) = 'integer'),
+    updated_at    INTEGER NOT NULL
+                  CONSTRAINT outbox_limits_updated_integer
+                  CHECK (typeof(updated_at) = 'integer'),
+    PRIMARY KEY (scope, name, kind)
+);
+
 -- The outbox's own bookkeeping; `schema_version` is the layout of the
 -- outbox_* objects (this file is version 6).
 CREATE TABLE outbox_meta (

@@ -159,7 +159,7 @@ pub mod trace;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dispatch::{
     BatchFn, BatchResult, DestinationState, Dispatcher, DispatcherBuilder, Handler, HandlerError,
-    Hold, Metrics, ShutdownReport, DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL,
+    Hold, Limit, Metrics, ShutdownReport, DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_WORKERS, MAX_RETRY_AFTER,
 };
 pub use error::{Error, ErrorKind, Result};
@@ -177,8 +177,9 @@ pub use store::postgres::{
 pub use store::schema::{SCHEMA_SQL, SCHEMA_VERSION};
 pub use store::sqlite::{Durability, SqliteStore, SqliteStoreBuilder};
 pub use store::{
-    Ack, Backlog, ListFilter, Operator, Page, PriorityStats, Requeue, Stats, Store, Subject,
-    Throughput, TypeStats, Why, LEASE_EXPIRED_ERROR, THROUGHPUT_LOOKBACK,
+    Ack, Backlog, LimitKind, LimitScope, LimitState, ListFilter, Operator, Page, PriorityStats,
+    Requeue, Stats, Store, Subject, Throughput, TypeStats, Why, LEASE_EXPIRED_ERROR,
+    THROUGHPUT_LOOKBACK,
 };
 
 /// The unfenced tier: operations by event id that take no lease, with the

@@ -206,7 +206,7 @@ fn a_version_2_file_moves_to_the_current_version() -> TestResult {
     conn.execute_batch(
         "DROP INDEX outbox_events_due_by_type;
          DROP TABLE outbox_destinations;
-         DROP INDEX outbox_events_urgent;
+         DROP INDEX outbox_events_urgent; DROP TABLE outbox_limits;
          ALTER TABLE outbox_events DROP COLUMN priority;
          ALTER TABLE outbox_events DROP COLUMN traceparent;
          UPDATE outbox_meta SET value = 2 WHERE key = 'schema_version';",
@@ -307,7 +307,7 @@ fn a_migration_blocked_by_an_app_object_fails_at_once_and_changes_nothing() -> T
     conn.execute_batch(
         "DROP INDEX outbox_events_due_by_type;
          DROP TABLE outbox_destinations;
-         DROP INDEX outbox_events_urgent;
+         DROP INDEX outbox_events_urgent; DROP TABLE outbox_limits;
          ALTER TABLE outbox_events DROP COLUMN priority;
          ALTER TABLE outbox_events DROP COLUMN traceparent;
          UPDATE outbox_meta SET value = 2 WHERE key = 'schema_version';
@@ -341,7 +341,7 @@ fn a_migrated_file_has_exactly_the_schema_of_a_fresh_one() -> TestResult {
     SqliteStore::open(&old)?;
     let fresh_schema = schema_of(&fresh)?;
     assert_eq!(fresh_schema, schema_of(&old)?);
-    assert_eq!(fresh_schema.len(), 14, "{fresh_schema:?}");
+    assert_eq!(fresh_schema.len(), 15, "{fresh_schema:?}");
     // And schema.sql is what `outbox schema` prints: the same objects.
     let conn = Connection::open_in_memory()?;
     conn.execute_batch(sqlite_outbox::SCHEMA_SQL)?;
@@ -643,7 +643,7 @@ fn a_current_file_without_a_current_column_is_refused() -> TestResult {
     let path = dir.path().join("app.db");
     SqliteStore::open(&path)?.enqueue(NewEvent::new("t", json!(1)))?;
     Connection::open(&path)?.execute_batch(
-        "DROP INDEX outbox_events_urgent; ALTER TABLE outbox_events DROP COLUMN priority",
+        "DROP INDEX outbox_events_urgent; DROP TABLE outbox_limits; ALTER TABLE outbox_events DROP COLUMN priority",
     )?;
     for read_only in [true, false] {
         let err = SqliteStore::builder(&path)
@@ -672,7 +672,7 @@ fn a_version_5_file_gains_priorities() -> TestResult {
     SqliteStore::open(&old)?;
     let conn = Connection::open(&old)?;
     conn.execute_batch(
-        "DROP INDEX outbox_events_urgent;
+        "DROP INDEX outbox_events_urgent; DROP TABLE outbox_limits;
          ALTER TABLE outbox_events DROP COLUMN priority;
          UPDATE outbox_meta SET value = 5 WHERE key = 'schema_version';
          INSERT INTO outbox_events (event_type, payload) VALUES ('plain', '{\"n\": 1}');

@@ -516,6 +516,7 @@ fn a_version_1_schema_gains_the_traceparent_column_with_its_rows_kept() -> TestR
          DROP VIEW outbox_events_readable;
          ALTER TABLE outbox_events DROP COLUMN traceparent;
          ALTER TABLE outbox_events DROP COLUMN priority;
+         DROP TABLE outbox_limits;
          CREATE VIEW outbox_events_readable AS SELECT seq, id FROM outbox_events;
          UPDATE outbox_meta SET value = 1 WHERE key = 'schema_version';",
         schema.name
@@ -648,6 +649,7 @@ fn a_schema_is_created_only_by_those_allowed_and_read_only_writes_nothing() -> T
     // An older layout is reported to a reader, not migrated.
     admin.batch_execute(&format!(
         "ALTER TABLE {0}.outbox_events DROP COLUMN priority CASCADE;
+         DROP TABLE {0}.outbox_limits;
          UPDATE {0}.outbox_meta SET value = 2 WHERE key = 'schema_version'",
         schema.name
     ))?;

@@ -16,6 +16,7 @@ pub struct DispatcherBuilder {
     /// Event type → destination, for types sent to a shared destination.
     pub(crate) routes: HashMap<String, String>,
     pub(crate) default_destination: Option<String>,
+    pub(crate) limits: Vec<super::Limit>,
     pub(crate) max_age: Option<Duration>,
     pub(crate) fallback: Option<Arc<dyn Handler>>,
     pub(crate) workers: usize,
@@ -172,6 +173,21 @@ impl DispatcherBuilder {
     /// one endpoint, say), so that one probe stands for all of it.
     pub fn default_destination(mut self, name: impl Into<String>) -> Self {
         self.default_destination = Some(name.into());
+        self
+    }
+
+    /// Keeps `limit` on the events of a type or a destination: at most N
+    /// at once ([`Limit::concurrency`]) or at most R per interval
+    /// ([`Limit::rate`]), by this dispatcher or
+    /// [`Limit::across_dispatchers`]. A type or destination may have one of
+    /// each. An event that must wait for a limit stays pending: it spends
+    /// no attempt and no worker waits on it. Default: no limits.
+    ///
+    /// [`Limit::concurrency`]: super::Limit::concurrency
+    /// [`Limit::rate`]: super::Limit::rate
+    /// [`Limit::across_dispatchers`]: super::Limit::across_dispatchers
+    pub fn limit(mut self, limit: super::Limit) -> Self {
+        self.limits.push(limit);
         self
     }
 

@@ -14,6 +14,7 @@ use crate::store::{Store, DEFAULT_LEASE};
 mod builder;
 mod destinations;
 mod handler;
+mod limits;
 mod metrics;
 mod runtime;
 
@@ -21,6 +22,7 @@ pub use builder::DispatcherBuilder;
 pub use destinations::{DestinationState, Hold};
 use destinations::{FIRST_PROBE_AFTER, MAX_PROBE_INTERVAL};
 pub use handler::{BatchFn, BatchResult, Handler, HandlerError, MAX_RETRY_AFTER};
+pub use limits::Limit;
 pub(crate) use metrics::{Counter, Counters};
 pub use metrics::{Metrics, ShutdownReport};
 
@@ -72,6 +74,7 @@ impl Dispatcher {
             handlers: HashMap::new(),
             routes: HashMap::new(),
             default_destination: None,
+            limits: Vec::new(),
             max_age: None,
             fallback: None,
             workers: DEFAULT_WORKERS,

@@ -15,6 +15,7 @@ use crate::retry::RetryPolicy;
 
 pub use ack::Ack;
 pub(crate) use ack::AckKind;
+pub use limits::{LimitKind, LimitScope, LimitState};
 pub use operator::{Operator, Subject};
 pub use report::{
     Backlog, DestinationState, Hold, ListFilter, Page, PriorityStats, Requeue, Stats, Throughput,
@@ -36,6 +37,7 @@ pub(crate) fn throughput_bounds(
 
 mod ack;
 pub(crate) mod legacy;
+pub(crate) mod limits;
 pub(crate) mod memory;
 mod operator;
 #[cfg(feature = "postgres")]
@@ -158,6 +160,33 @@ pub(crate) mod sealed {
             name: &str,
             state: Option<&crate::store::DestinationState>,
         ) -> Result<()>;
+
+        /// Claims up to `limit` events of the types `filter` allows, as far
+        /// as every limit of `shared` allows now, in one transaction with
+        /// the counts (the live leases of those types) and the token
+        /// buckets they take from: the limits hold across every dispatcher
+        /// on the store.
+        ///
+        /// # Errors
+        ///
+        /// Database errors; nothing is claimed or taken then.
+        fn claim_limited(
+            &self,
+            limit: usize,
+            lease: Duration,
+            filter: &TypeFilter<'_>,
+            shared: &[crate::store::limits::SharedLimit<'_>],
+        ) -> Result<crate::store::limits::Limited>;
+
+        /// Writes down a limit a dispatcher keeps and whether events wait
+        /// for it, for [`crate::Operator::stats`] and
+        /// [`crate::Operator::why`] in this and other processes (a shared
+        /// rate limit's bucket is left as it is).
+        ///
+        /// # Errors
+        ///
+        /// Database errors.
+        fn record_limit(&self, state: &crate::store::limits::LimitState) -> Result<()>;
     }
 }
 

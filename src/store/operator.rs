@@ -50,6 +50,16 @@ pub trait Operator: Store {
         Ok(self.stats()?.destinations)
     }
 
+    /// The limits dispatchers keep on types and destinations, as they last
+    /// wrote them down (the same list as [`Stats::limits`]).
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    fn limits(&self) -> Result<Vec<super::LimitState>> {
+        Ok(self.stats()?.limits)
+    }
+
     /// Why `event` (as read from this store) is where it is: due now,
     /// scheduled for later (and after what error), behind the head of its
     /// ordering key (which event, in what state, until when), held back

@@ -100,6 +100,9 @@ pub struct Stats {
     /// paused), as they last wrote them down, by name. A dispatcher that
     /// was killed leaves its rows: `updated_at` tells how old they are.
     pub destinations: Vec<DestinationState>,
+    /// The limits dispatchers keep on types and destinations, as they last
+    /// wrote them down, with the live leases each concurrency limit counts.
+    pub limits: Vec<crate::store::LimitState>,
 }
 
 fn ser_opt_millis<S: serde::Serializer>(

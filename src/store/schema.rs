@@ -28,7 +28,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/003_destinations.sql")),
     (4, include_str!("../../migrations/004_faster_checks.sql")),
     (5, include_str!("../../migrations/005_traceparent.sql")),
-    (6, include_str!("../../migrations/006_priority.sql")),
+    (
+        6,
+        include_str!("../../migrations/006_priorities_and_limits.sql"),
+    ),
 ];
 
 /// What schema version 1 wrote into `PRAGMA application_id` ("OUTB").

@@ -202,3 +202,115 @@ fn subscribers_hear_of_enqueues_on_both_stores() -> Result<(), Box<dyn std::erro
     enqueues_wake_subscribers(&SqliteStore::open(dir.path().join("o.db"))?)?;
     Ok(())
 }
+
+/// Limits kept in the store: a concurrency limit counted from the live
+/// leases of its types, a rate limit's bucket taken from and refilled on
+/// the store's clock; the two together allow the smaller.
+fn shared_limits_hold(store: &impl Store, clock: &ManualClock) -> crate::Result<()> {
+    use super::limits::SharedLimit;
+    use super::{LimitKind, LimitScope};
+    let lease = Duration::from_secs(30);
+    for i in 0..20 {
+        store.enqueue(NewEvent::new("t", json!(i)))?;
+        store.enqueue(NewEvent::new("other", json!(i)))?;
+    }
+    let t = ["t".to_owned()];
+    let filter = TypeFilter::only(Some(&t));
+    let two_at_once = [SharedLimit {
+        scope: LimitScope::Type,
+        name: "t",
+        kind: LimitKind::Concurrency(2),
+    }];
+    let got = store.claim_limited(10, lease, &filter, &two_at_once)?;
+    assert_eq!((got.events.len(), got.allowed), (2, 2));
+    assert!(got.events.iter().all(|e| e.event_type == "t"));
+    // Other types' leases do not count; these two do, until one ends.
+    store.claim(5, lease, Some(&["other".to_owned()]))?;
+    let none = store.claim_limited(10, lease, &filter, &two_at_once)?;
+    assert_eq!((none.events.len(), none.allowed), (0, 0));
+    let first = got.events[0]
+        .lease()
+        .ok_or(crate::Error::invalid("no lease"))?;
+    store.complete(&first)?;
+    assert_eq!(
+        store
+            .claim_limited(10, lease, &filter, &two_at_once)?
+            .events
+            .len(),
+        1
+    );
+    // A lease that ran out holds nothing.
+    clock.advance(lease);
+    let after = store.claim_limited(10, lease, &filter, &two_at_once)?;
+    assert_eq!(after.events.len(), 2);
+
+    // Three per second, on the store's clock.
+    let rate = [SharedLimit {
+        scope: LimitScope::Destination,
+        name: "api",
+        kind: LimitKind::Rate {
+            max: 3,
+            per: Duration::from_secs(1),
+        },
+    }];
+    let burst = store.claim_limited(10, lease, &filter, &rate)?;
+    assert_eq!(
+        (burst.events.len(), burst.next_at),
+        (3, Some(clock.now() + ChronoDuration::milliseconds(333)))
+    );
+    let dry = store.claim_limited(10, lease, &filter, &rate)?;
+    assert_eq!(dry.events.len(), 0);
+    clock.advance(Duration::from_millis(340));
+    assert_eq!(
+        store.claim_limited(10, lease, &filter, &rate)?.events.len(),
+        1
+    );
+    clock.advance(Duration::from_secs(60));
+    // Full again, but never more than the bucket holds.
+    assert_eq!(
+        store.claim_limited(10, lease, &filter, &rate)?.events.len(),
+        3
+    );
+    // Both: the smaller allowance wins (every lease above ran out).
+    clock.advance(Duration::from_secs(60));
+    let both = [two_at_once[0], rate[0]];
+    let got = store.claim_limited(10, lease, &filter, &both)?;
+    assert_eq!((got.events.len(), got.allowed), (2, 2));
+    let got = store.claim_limited(10, lease, &filter, &both)?;
+    assert_eq!((got.events.len(), got.allowed), (0, 0));
+    clock.advance(Duration::from_millis(400));
+    // One token back, no slot free.
+    assert_eq!(store.claim_limited(10, lease, &filter, &both)?.allowed, 0);
+    Ok(())
+}
+
+#[test]
+fn shared_limits_hold_on_every_store() -> Result<(), Box<dyn std::error::Error>> {
+    let clock = ManualClock::new();
+    let memory = MemoryStore::builder()
+        .clock(Arc::new(clock.clone()))
+        .build();
+    shared_limits_hold(&memory, &clock)?;
+    let clock = ManualClock::new();
+    let dir = tempfile::tempdir()?;
+    let sqlite = SqliteStore::builder(dir.path().join("o.db"))
+        .clock(Arc::new(clock.clone()))
+        .build()?;
+    shared_limits_hold(&sqlite, &clock)?;
+    #[cfg(feature = "postgres")]
+    if let Ok(url) = std::env::var("OUTBOX_TEST_POSTGRES") {
+        let clock = ManualClock::new();
+        let schema = format!("t_limits_{}", std::process::id());
+        let pg = crate::PostgresStore::builder(&url)
+            .schema(&schema)
+            .clock(Arc::new(clock.clone()))
+            .build()?;
+        let result = shared_limits_hold(&pg, &clock);
+        let mut admin = postgres::Client::connect(&url, postgres::NoTls)?;
+        admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
+        result?;
+    } else if std::env::var_os("CI").is_some() {
+        return Err("CI runs this against PostgreSQL: set OUTBOX_TEST_POSTGRES".into());
+    }
+    Ok(())
+}

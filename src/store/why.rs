@@ -42,6 +42,11 @@ pub enum Why {
     /// Its destination is held back by a dispatcher (unreachable, busy or
     /// paused), as the dispatcher wrote it down.
     HeldBack(DestinationState),
+    /// Due, and waiting for a limit a dispatcher keeps on its type or
+    /// destination (a concurrency limit with every slot taken, or a rate
+    /// limit spent for now), as the dispatcher wrote it down. It spends no
+    /// attempt while it waits.
+    Limited(crate::store::LimitState),
     /// Being handled under a lease.
     Leased {
         /// When the lease ends unless it is renewed.
@@ -90,6 +95,17 @@ impl std::fmt::Display for Why {
                     None => Ok(()),
                 }
             }
+            Why::Limited(l) => {
+                let cause = match l.kind {
+                    crate::store::LimitKind::Concurrency(_) => "every slot is taken",
+                    crate::store::LimitKind::Rate { .. } => "waits for the rate limit",
+                };
+                write!(f, "limited: {cause} ({})", l.describe())?;
+                if let Some(n) = l.in_flight {
+                    write!(f, ", {n} in flight")?;
+                }
+                Ok(())
+            }
             Why::Leased { until: Some(t) } => write!(f, "being handled, leased until {}", at(t)),
             Why::Leased { until: None } => f.write_str("being handled"),
             Why::Done => f.write_str("done"),
@@ -101,25 +117,27 @@ impl std::fmt::Display for Why {
 
 impl Why {
     /// Every [`Why::kind`], in the order of the lifecycle.
-    pub const KINDS: [&'static str; 7] = [
+    pub const KINDS: [&'static str; 8] = [
         "due",
         "scheduled",
         "behind_key",
         "held_back",
+        "limited",
         "leased",
         "done",
         "failed",
     ];
 
     /// The reason's name, as in its JSON `reason` field: `due`,
-    /// `scheduled`, `behind_key`, `held_back`, `leased`, `done` or
-    /// `failed`.
+    /// `scheduled`, `behind_key`, `held_back`, `limited`, `leased`, `done`
+    /// or `failed`.
     pub fn kind(&self) -> &'static str {
         match self {
             Why::Due => "due",
             Why::Scheduled { .. } => "scheduled",
             Why::BehindKey { .. } => "behind_key",
             Why::HeldBack(_) => "held_back",
+            Why::Limited(_) => "limited",
             Why::Leased { .. } => "leased",
             Why::Done => "done",
             Why::Failed { .. } => "failed",
@@ -186,6 +204,13 @@ pub(crate) fn why<S: Operator + ?Sized>(store: &S, event: &Event) -> Result<Why>
             at: event.next_attempt_at,
             last_error: event.last_error.clone(),
         });
+    }
+    if let Some(limit) = store
+        .limits()?
+        .into_iter()
+        .find(|l| l.limited_since.is_some() && l.covers(&event.event_type))
+    {
+        return Ok(Why::Limited(limit));
     }
     Ok(Why::Due)
 }

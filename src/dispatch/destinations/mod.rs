@@ -103,92 +103,15 @@ impl Destinations {
         self.default.as_deref() == Some(destination)
     }
 
-    /// The event types that go to `destination`, out of `mine` (the
-    /// dispatcher's types; all when `None`). `None` means every type of
-    /// `mine` not routed elsewhere: the default destination's.
-    pub(crate) fn types_of(
-        &self,
-        destination: &str,
-        mine: Option<&[String]>,
-    ) -> Option<Vec<String>> {
-        if self.is_default(destination) {
-            return mine.map(|m| {
-                m.iter()
-                    .filter(|t| !self.routes.contains_key(*t))
-                    .cloned()
-                    .collect()
-            });
-        }
-        let mut types: Vec<String> = self
-            .routes
-            .iter()
-            .filter(|(_, d)| d.as_str() == destination)
-            .map(|(t, _)| t.clone())
-            .collect();
-        if self.default.is_none() && !self.routes.contains_key(destination) {
-            types.push(destination.to_owned());
-        }
-        if let Some(mine) = mine {
-            types.retain(|t| mine.contains(t));
-        }
-        types.sort();
-        Some(types)
+    /// Whether `destination` is held back now.
+    pub(crate) fn is_held(&self, destination: &str) -> bool {
+        self.held().contains_key(destination)
     }
 
-    /// What to claim now, out of `mine`: every type whose destination is
-    /// not held back.
-    pub(crate) fn claimable(&self, mine: Option<&[String]>) -> Selection {
-        let held: Vec<String> = self.held().keys().cloned().collect();
-        let mut skip: Vec<String> = held
-            .iter()
-            .filter(|d| !self.is_default(d))
-            .filter_map(|d| self.types_of(d, None))
-            .flatten()
-            .collect();
-        skip.sort();
-        skip.dedup();
-        let only = if held.iter().any(|d| self.is_default(d)) {
-            // The default destination covers every type not routed: only
-            // routed types to destinations still open remain.
-            let mut open: Vec<String> = self
-                .routes
-                .iter()
-                .filter(|(t, d)| !held.contains(d) && mine.is_none_or(|m| m.contains(t)))
-                .map(|(t, _)| t.clone())
-                .collect();
-            open.sort();
-            Some(open)
-        } else {
-            mine.map(<[String]>::to_vec)
-        };
-        match only {
-            // A list of types to claim needs no list to skip.
-            Some(mut only) => {
-                only.retain(|t| !skip.contains(t));
-                Selection {
-                    only: Some(only),
-                    skip: Vec::new(),
-                }
-            }
-            None => Selection { only: None, skip },
-        }
-    }
-
-    /// What a probe of `destination` may claim, out of `mine`.
-    pub(crate) fn probe_selection(&self, destination: &str, mine: Option<&[String]>) -> Selection {
-        if self.is_default(destination) {
-            let mut skip: Vec<String> = self.routes.keys().cloned().collect();
-            skip.sort();
-            Selection {
-                only: mine.map(<[String]>::to_vec),
-                skip,
-            }
-        } else {
-            Selection {
-                only: self.types_of(destination, mine),
-                skip: Vec::new(),
-            }
-        }
+    /// Whether `name` is a destination of its own (routed to, or the
+    /// default) rather than an event type that is its own destination.
+    pub(crate) fn is_named(&self, name: &str) -> bool {
+        self.is_default(name) || self.routes.values().any(|d| d == name)
     }
 
     pub(crate) fn is_offline(&self) -> bool {

@@ -167,7 +167,9 @@ fn settle_and_claim(ctx: &Ctx, acks: &[Ack]) -> Option<Vec<crate::Result<()>>> {
     if ctx.shared.stopping.load(Ordering::SeqCst) || ctx.destinations.is_offline() {
         return None;
     }
-    let selection = ctx.destinations.claimable(ctx.types.as_deref());
+    let selection = ctx
+        .limits
+        .unlimited(&ctx.destinations, ctx.types.as_deref());
     if selection.is_empty() {
         return None;
     }

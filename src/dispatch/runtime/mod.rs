@@ -37,6 +37,7 @@ use crate::store::{Ack, Store};
 
 mod completer;
 mod heartbeat;
+mod limited;
 mod pace;
 mod poller;
 mod start;
@@ -95,6 +96,8 @@ struct InFlight {
     locked_until: DateTime<Utc>,
     /// When it was claimed, for the dispatcher's `max_run_time`.
     claimed_at: Instant,
+    /// The limits it counts against, if any.
+    group: Option<usize>,
 }
 
 impl Shared {
@@ -146,6 +149,7 @@ fn admit(
                         lease,
                         locked_until: until,
                         claimed_at: Instant::now(),
+                        group: ctx.limits.group_of(&ctx.destinations, &e.event_type),
                     },
                 );
             }
@@ -169,6 +173,7 @@ struct Ctx {
     handlers: Arc<HashMap<String, Arc<dyn Handler>>>,
     fallback: Option<Arc<dyn Handler>>,
     destinations: Arc<Destinations>,
+    limits: crate::dispatch::limits::SharedLimits,
     types: Option<Arc<[String]>>,
     lease: Duration,
     max_run_time: Option<Duration>,

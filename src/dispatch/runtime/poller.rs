@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use crossbeam_channel::{select, Receiver, Sender};
 
-use super::{admit, pause, Ctx};
+use super::{admit, limited, pause, Ctx};
 use crate::dispatch::Counters;
 use crate::event::{Event, Lease};
 use crate::store::sealed::TypeFilter;
@@ -65,12 +65,18 @@ pub(super) fn poll_loop(
         if ctx.shared.stopping.load(Ordering::SeqCst) {
             break;
         }
-        let selection = ctx.destinations.claimable(types);
+        // What may wake the dispatcher: everything of its destinations that
+        // are not held back, limited or not.
+        let open = ctx.destinations.claimable(types);
+        // What the usual claim takes: the same, less what limits cover
+        // (claimed below, each as far as its limits allow).
+        let selection = ctx.limits.unlimited(&ctx.destinations, types);
         // Offline, or every destination held back: nothing to claim or wait
         // for until a probe, a resume or going online.
-        let offline = ctx.destinations.is_offline() || selection.is_empty();
+        let offline = ctx.destinations.is_offline() || open.is_empty();
         let filter = selection.filter();
         let (mut want, mut got, mut claimed) = (0, 0, false);
+        let mut got_limited = 0;
         if claim_now && !offline {
             // Book a write only if one may follow: a full dispatcher
             // claims nothing here.
@@ -82,7 +88,8 @@ pub(super) fn poll_loop(
             }
             let claiming = ctx.shared.claiming();
             want = ctx.batch_size.min(room(ctx));
-            let result = (want > 0).then(|| claim_batch(ctx, jobs_tx, want, &filter, &|_| {}));
+            let result = (want > 0 && !selection.is_empty())
+                .then(|| claim_batch(ctx, jobs_tx, want, &filter, &|_| {}));
             drop(claiming);
             match result {
                 Some(Ok(leases)) => {
@@ -110,7 +117,23 @@ pub(super) fn poll_loop(
                 None => {}
             }
         }
-        if external && got > 0 {
+        // The limited types and destinations, each as far as its limits
+        // allow; a rate limit that allows nothing now says when it will.
+        let mut limits_next = None;
+        if claim_now && !offline && !ctx.limits.is_empty() {
+            match limited::claim_groups(ctx, jobs_tx) {
+                Ok((n, next)) => {
+                    got_limited = n;
+                    limits_next = next;
+                }
+                Err(err) => {
+                    Counters::add(&ctx.counters.store_errors, 1);
+                    tracing::warn!(error = %err, "outbox claim of limited events failed; retrying");
+                    limits_next = Some(ctx.store.clock().now());
+                }
+            }
+        }
+        if external && got + got_limited > 0 {
             watch_until = Some(Instant::now() + WATCH_WINDOW);
         }
         external = false;
@@ -122,12 +145,15 @@ pub(super) fn poll_loop(
         }
         if offline {
             due_at = None;
-        } else if claimed {
-            due_at = match ctx.store.next_wakeup(&filter) {
+        } else if claimed || got_limited > 0 {
+            due_at = match ctx.store.next_wakeup(&open.filter()) {
                 Ok(at) => at,
                 // Unknown: look again at the next tick.
                 Err(_) => Some(ctx.store.clock().now()),
             };
+        }
+        if let Some(at) = limits_next {
+            due_at = Some(due_at.map_or(at, |d| d.min(at)));
         }
         if woken && got == 0 {
             // Woken by an enqueue whose transaction may not have committed

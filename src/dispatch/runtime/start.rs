@@ -50,7 +50,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
         b.workers,
         b.shutdown_timeout,
     );
-    let ctx = context(b);
+    let ctx = context(b)?;
     let (counters, shared, types, capacity, destinations) = (
         ctx.counters.clone(),
         ctx.shared.clone(),
@@ -140,7 +140,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
 }
 
 /// What every thread of one dispatcher shares, from its builder.
-fn context(b: DispatcherBuilder) -> Ctx {
+fn context(b: DispatcherBuilder) -> Result<Ctx> {
     let types: Option<Arc<[String]>> = if b.fallback.is_some() {
         None
     } else {
@@ -162,10 +162,17 @@ fn context(b: DispatcherBuilder) -> Ctx {
         b.default_destination,
         b.store.clone(),
     ));
+    let limits = Arc::new(crate::dispatch::limits::Limits::new(
+        b.limits,
+        &destinations,
+        types.as_deref(),
+    )?);
+    limits.record_all(&*b.store, b.store.clock().now());
     #[cfg(feature = "metrics")]
     Counters::describe();
-    Ctx {
+    Ok(Ctx {
         destinations,
+        limits,
         store: b.store,
         counters: Arc::new(Counters::default()),
         shared: Arc::new(Shared {
@@ -189,7 +196,7 @@ fn context(b: DispatcherBuilder) -> Ctx {
         // written and its room claimed again.
         capacity: b.workers * widest + 2 * batch_size,
         poll_interval: b.poll_interval,
-    }
+    })
 }
 
 /// Starts `n` workers on the job queue; each reports on `exit_tx` when its

@@ -32,9 +32,18 @@ pub struct MemoryStore {
 struct Inner {
     state: Mutex<State>,
     destinations: Mutex<BTreeMap<String, DestinationState>>,
+    limits: Mutex<Limits>,
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
     notifier: Notifier,
+}
+
+/// The limits dispatchers wrote down, and the shared rate limits'
+/// buckets; held across a limited claim, so that such claims take turns.
+#[derive(Default)]
+struct Limits {
+    states: BTreeMap<(&'static str, String, &'static str), crate::store::LimitState>,
+    buckets: HashMap<(&'static str, String), crate::store::limits::Bucket>,
 }
 
 #[derive(Default)]
@@ -72,6 +81,7 @@ impl MemoryStoreBuilder {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 destinations: Mutex::default(),
+                limits: Mutex::default(),
                 clock: self.clock,
                 policy: self.policy,
                 notifier: Notifier::default(),
@@ -195,6 +205,21 @@ impl MemoryStore {
             .get_mut(&seq)
             .ok_or_else(|| Error::not_found(id))?;
         f(event, now)
+    }
+}
+
+impl MemoryStore {
+    /// Events of the types `filter` allows under a live lease at `now`.
+    fn live_leases(&self, filter: &TypeFilter<'_>, now: DateTime<Utc>) -> usize {
+        self.state()
+            .rows
+            .values()
+            .filter(|e| {
+                e.status == Status::Processing
+                    && e.locked_until.is_some_and(|t| t > now)
+                    && filter.allows(&e.event_type)
+            })
+            .count()
     }
 }
 

@@ -78,6 +78,26 @@ impl Operator for MemoryStore {
             .values()
             .cloned()
             .collect();
+        let states: Vec<crate::store::LimitState> = self
+            .inner
+            .limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .states
+            .values()
+            .cloned()
+            .collect();
+        for mut limit in states {
+            if let crate::store::LimitKind::Concurrency(_) = limit.kind {
+                let types = limit
+                    .event_types
+                    .clone()
+                    .unwrap_or_else(|| vec![limit.name.clone()]);
+                let filter = crate::store::sealed::TypeFilter::only(Some(&types));
+                limit.in_flight = Some(self.live_leases(&filter, truncate(self.now())) as u64);
+            }
+            stats.limits.push(limit);
+        }
         Ok(stats)
     }
 

@@ -19,7 +19,8 @@ const MIGRATION_2: &str = include_str!("../../../migrations/postgres_002_tracepa
 const MIGRATION_3: &str = include_str!("../../../migrations/postgres_003_pinned_search_path.sql");
 
 /// The step from version 3 to 4 (a `priority` column and its index).
-const MIGRATION_4: &str = include_str!("../../../migrations/postgres_004_priority.sql");
+const MIGRATION_4: &str =
+    include_str!("../../../migrations/postgres_004_priorities_and_limits.sql");
 
 /// The first key of the outbox's advisory locks: `outb` in ASCII.
 const LOCK_SPACE: i32 = 0x6F75_7462;
@@ -195,7 +196,8 @@ fn check_shape(tx: &mut postgres::Transaction<'_>, schema: &str) -> Result<()> {
         "SELECT table_name::text, column_name::text, data_type::text \
          FROM information_schema.columns \
          WHERE table_schema = $1 \
-           AND table_name IN ('outbox_events', 'outbox_destinations', 'outbox_meta')",
+           AND table_name IN ('outbox_events', 'outbox_destinations', 'outbox_limits', \
+                              'outbox_meta')",
         &[&schema],
     )?;
     let found: Vec<(String, String, String)> = rows
@@ -203,7 +205,7 @@ fn check_shape(tx: &mut postgres::Transaction<'_>, schema: &str) -> Result<()> {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let wrong = |reason: String| Error::new(ErrorKind::SchemaMismatch { reason });
-    for table in ["outbox_events", "outbox_destinations"] {
+    for table in ["outbox_events", "outbox_destinations", "outbox_limits"] {
         if !found.iter().any(|(t, _, _)| t == table) {
             return Err(wrong(format!("schema {schema} has no table {table}")));
         }

@@ -11,6 +11,7 @@ mod builder;
 mod conn;
 mod enqueue;
 mod lease;
+mod limits;
 mod listen;
 mod migrate;
 mod operator;
@@ -331,6 +332,20 @@ impl crate::store::sealed::Sealed for PostgresStore {
 
     fn last_enqueues(&self) -> [Option<std::time::Instant>; 2] {
         self.inner.notifier.last_two()
+    }
+
+    fn claim_limited(
+        &self,
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+        shared: &[crate::store::limits::SharedLimit<'_>],
+    ) -> Result<crate::store::limits::Limited> {
+        self.claim_limited_events(limit, lease, filter, shared)
+    }
+
+    fn record_limit(&self, state: &crate::store::LimitState) -> Result<()> {
+        self.write_limit(state)
     }
 
     fn record_destination(&self, name: &str, state: Option<&DestinationState>) -> Result<()> {

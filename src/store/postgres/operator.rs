@@ -108,6 +108,7 @@ impl Operator for PostgresStore {
         let behind: i64 = tx.query_one(&self.inner.sql.behind_key, &[&now])?.get(0);
         stats.behind_key = count_u64(behind);
         stats.destinations = read_destinations(&mut tx, d)?;
+        stats.limits = super::limits::read_limits(&mut tx, &self.inner.schema, e, now)?;
         tx.commit()?;
         Ok(stats)
     }

@@ -33,7 +33,7 @@ impl SqliteStore {
     /// leases on their last attempt fail first, then the due events and
     /// the other expired leases are leased, highest priority first, then
     /// in (due time, enqueue order).
-    fn claim_in(
+    pub(super) fn claim_in(
         &self,
         tx: &Transaction<'_>,
         limit: usize,

@@ -11,6 +11,7 @@ mod busy;
 mod enqueue;
 mod lease;
 mod legacy;
+mod limits;
 mod operator;
 mod sql;
 
@@ -346,6 +347,20 @@ impl super::sealed::Sealed for SqliteStore {
         filter: &TypeFilter<'_>,
     ) -> Result<Vec<Event>> {
         self.claim_events(limit, lease, filter)
+    }
+
+    fn claim_limited(
+        &self,
+        limit: usize,
+        lease: Duration,
+        filter: &TypeFilter<'_>,
+        shared: &[super::limits::SharedLimit<'_>],
+    ) -> Result<super::limits::Limited> {
+        self.claim_limited_events(limit, lease, filter, shared)
+    }
+
+    fn record_limit(&self, state: &super::LimitState) -> Result<()> {
+        self.write_limit(state)
     }
 
     fn settle_and_claim(

@@ -137,6 +137,11 @@ impl Operator for SqliteStore {
         self.read(|conn| read_destinations(conn).map_err(Error::from))
     }
 
+    fn limits(&self) -> Result<Vec<crate::store::LimitState>> {
+        let now = clock::to_millis(self.now());
+        self.read(|conn| self.limits_in(conn, now))
+    }
+
     fn stats(&self) -> Result<Stats> {
         let now = clock::to_millis(self.now());
         self.read(|conn| {
@@ -181,11 +186,16 @@ impl Operator for SqliteStore {
                     .query_row([now], |r| r.get(0))?;
                 stats.oldest_due_age =
                     oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
-                let mut stmt = conn.prepare_cached(
+                // A file older than version 6, read as it is, has no
+                // priorities: every event is of priority 0.
+                let sql = if self.inner.columns == crate::store::schema::COLUMNS {
                     "SELECT priority, count(*), sum(next_attempt_at <= ?1) FROM outbox_events
                      WHERE status = 'pending' AND priority > 0
-                     GROUP BY priority ORDER BY priority DESC",
-                )?;
+                     GROUP BY priority ORDER BY priority DESC"
+                } else {
+                    "SELECT 0, 0, 0 WHERE ?1 IS NULL AND 0"
+                };
+                let mut stmt = conn.prepare_cached(sql)?;
                 let rows = stmt.query_map([now], |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
@@ -206,6 +216,7 @@ impl Operator for SqliteStore {
                     .query_row(rusqlite::named_params! {":now": now}, |r| r.get(0))?;
                 stats.behind_key = count_u64(behind);
                 stats.destinations = read_destinations(conn)?;
+                stats.limits = self.limits_in(conn, now)?;
                 Ok(stats)
             })();
             tx.finish()?;
