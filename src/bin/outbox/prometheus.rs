@@ -112,6 +112,55 @@ pub(crate) fn render(stats: &Stats) -> String {
     }
     let mut f = Family::new(
         &mut out,
+        "outbox_limit_max",
+        "gauge",
+        "What a limit dispatchers keep allows: events at once (concurrency) or per interval (rate).",
+    );
+    for l in &stats.limits {
+        f.sample(
+            "outbox_limit_max",
+            &[
+                ("scope", l.scope.as_str()),
+                ("name", &l.name),
+                ("kind", l.kind.as_str()),
+            ],
+            l.kind.max(),
+        );
+    }
+    let mut f = Family::new(
+        &mut out,
+        "outbox_limit_in_flight",
+        "gauge",
+        "Events under a live lease that a concurrency limit counts, in every process.",
+    );
+    for l in &stats.limits {
+        if let Some(n) = l.in_flight {
+            f.sample(
+                "outbox_limit_in_flight",
+                &[("scope", l.scope.as_str()), ("name", &l.name)],
+                n,
+            );
+        }
+    }
+    let mut f = Family::new(
+        &mut out,
+        "outbox_limit_waiting",
+        "gauge",
+        "1 while due events wait for a limit (every slot taken, or the rate spent), else 0.",
+    );
+    for l in &stats.limits {
+        f.sample(
+            "outbox_limit_waiting",
+            &[
+                ("scope", l.scope.as_str()),
+                ("name", &l.name),
+                ("kind", l.kind.as_str()),
+            ],
+            u8::from(l.limited_since.is_some()),
+        );
+    }
+    let mut f = Family::new(
+        &mut out,
         "outbox_oldest_due_age_seconds",
         "gauge",
         "How long the oldest due event has waited since it became due (0 when none is due).",

@@ -97,8 +97,57 @@ pub(crate) fn stats(db: &Db, json_mode: bool, prometheus: bool) -> Result<(), Fa
                 rows,
             ));
         }
+        if !stats.limits.is_empty() {
+            t.push_str("\nlimits dispatchers keep:\n");
+            t.push_str(&limits_table(&stats.limits));
+        }
         t.trim_end().to_owned()
     })
+}
+
+/// The limits of `stats`, one row each: what they allow, the events in
+/// flight against a concurrency limit, and since when events wait.
+fn limits_table(limits: &[sqlite_outbox::LimitState]) -> String {
+    let now = chrono::Utc::now();
+    let rows = limits
+        .iter()
+        .map(|l| {
+            let allows = match l.kind {
+                sqlite_outbox::LimitKind::Concurrency(max) => format!("{max} at once"),
+                sqlite_outbox::LimitKind::Rate { max, per } => {
+                    format!("{max} per {}", format_duration(per))
+                }
+            };
+            vec![
+                l.scope.as_str().to_owned(),
+                text::terminal_safe(&l.name).into_owned(),
+                allows,
+                l.in_flight
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                if l.shared { "all" } else { "each" }.to_owned(),
+                l.limited_since
+                    .map(|t| {
+                        format!(
+                            "waiting for {}",
+                            format_duration((now - t).to_std().unwrap_or_default())
+                        )
+                    })
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SCOPE",
+            "NAME",
+            "ALLOWS",
+            "IN FLIGHT",
+            "DISPATCHERS",
+            "EVENTS",
+        ],
+        rows,
+    )
 }
 
 pub(crate) fn list(db: &Db, json_mode: bool, a: &ListArgs) -> Result<(), Failure> {

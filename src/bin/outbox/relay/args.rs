@@ -125,6 +125,21 @@ pub(crate) struct RelayArgs {
     /// Parallel deliveries.
     #[arg(long, default_value_t = 4)]
     pub(super) workers: usize,
+    /// At most N deliveries of event type TYPE at once, `TYPE=N`
+    /// (repeatable). Events past the limit wait, pending, spending no
+    /// attempt.
+    #[arg(long = "concurrency", value_name = "TYPE=N", value_parser = concurrency_arg)]
+    pub(super) concurrency: Vec<(String, u32)>,
+    /// At most N deliveries started per interval, `N/INTERVAL` (10/s,
+    /// 600/1m, 5/500ms) for the endpoint, or `TYPE=N/INTERVAL` for one
+    /// event type (repeatable). Events past the limit wait, pending,
+    /// spending no attempt.
+    #[arg(long = "rate", value_name = "[TYPE=]N/INTERVAL", value_parser = rate_arg)]
+    pub(super) rates: Vec<(Option<String>, u32, Duration)>,
+    /// Keep --concurrency and --rate across every relay and dispatcher on
+    /// this outbox together, instead of per relay.
+    #[arg(long)]
+    pub(super) shared_limits: bool,
     /// How long a claimed event is held (renewed while its delivery runs);
     /// events held by a relay that was killed are claimed again after it.
     #[arg(long, default_value = "60s", value_parser = duration_arg)]
@@ -150,6 +165,42 @@ pub(crate) struct RelayArgs {
     /// set, decides instead.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub(super) verbose: u8,
+}
+
+/// `--concurrency TYPE=N`.
+pub(super) fn concurrency_arg(text: &str) -> Result<(String, u32), String> {
+    let bad = || "a concurrency limit is TYPE=N, N from 1, like email.send=2".to_owned();
+    let (name, n) = text.rsplit_once('=').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().ok().filter(|n| *n >= 1).ok_or_else(bad)?;
+    if name.is_empty() || name.len() > 200 {
+        return Err(bad());
+    }
+    Ok((name.to_owned(), n))
+}
+
+/// `--rate [TYPE=]N/INTERVAL`: N from 1, the interval a duration (`s` is
+/// one second, `1m` one minute).
+pub(super) fn rate_arg(text: &str) -> Result<(Option<String>, u32, Duration), String> {
+    let bad = || "a rate is N/INTERVAL or TYPE=N/INTERVAL, like 10/s or api.call=600/1m".to_owned();
+    let (name, rate) = match text.rsplit_once('=') {
+        Some((name, rate)) if !name.is_empty() && name.len() <= 200 => {
+            (Some(name.to_owned()), rate)
+        }
+        Some(_) => return Err(bad()),
+        None => (None, text),
+    };
+    let (n, per) = rate.split_once('/').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().ok().filter(|n| *n >= 1).ok_or_else(bad)?;
+    let per = per.trim();
+    let per = if per.starts_with(|c: char| c.is_ascii_digit()) {
+        duration_arg(per)?
+    } else {
+        duration_arg(&format!("1{per}"))?
+    };
+    if per < Duration::from_millis(1) {
+        return Err(bad());
+    }
+    Ok((name, n, per))
 }
 
 /// `--batch`: from 1 to 10,000 events.

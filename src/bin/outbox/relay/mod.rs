@@ -72,10 +72,10 @@ pub(crate) fn run(db: &Db, json_mode: bool, a: &RelayArgs) -> Result<(), Failure
     let failed_before = store.stats().map_err(fail)?.failed;
     // One endpoint or command: one destination, so one probe stands for
     // all of it while it cannot be reached.
-    let dispatcher = dispatcher(&store, a, &handler)
+    let dispatcher = limits(dispatcher(&store, a, &handler), a, &target)
         .default_destination(target.clone())
         .start()
-        .map_err(fail)?;
+        .map_err(|e| Failure::usage(e.to_string()))?;
     tracing::info!(
         db = %db,
         to = %target,
@@ -329,6 +329,30 @@ fn dispatcher(
     } else {
         builder.handle_types_with(a.types.iter().cloned(), Arc::clone(handler))
     }
+}
+
+/// `--concurrency`, `--rate` and `--shared-limits`: on event types, and a
+/// rate without a type on the relay's one destination, `target`.
+fn limits(mut builder: DispatcherBuilder, a: &RelayArgs, target: &str) -> DispatcherBuilder {
+    use sqlite_outbox::{Limit, LimitScope};
+    let shared = |l: Limit| {
+        if a.shared_limits {
+            l.across_dispatchers()
+        } else {
+            l
+        }
+    };
+    for (event_type, n) in &a.concurrency {
+        builder = builder.limit(shared(Limit::concurrency(LimitScope::Type, event_type, *n)));
+    }
+    for (event_type, n, per) in &a.rates {
+        let limit = match event_type {
+            Some(t) => Limit::rate(LimitScope::Type, t, *n, *per),
+            None => Limit::rate(LimitScope::Destination, target, *n, *per),
+        };
+        builder = builder.limit(shared(limit));
+    }
+    builder
 }
 
 /// One delivery: over HTTP or to a command.

@@ -194,6 +194,24 @@ fn attention(ui: &Ui, o: &Overview, ran_out: usize, b: &mut Html) {
             hint
         ));
     }
+    for l in s.limits.iter().filter(|l| l.limited_since.is_some()) {
+        let since = l
+            .limited_since
+            .map(|t| time_from(t, o.at))
+            .unwrap_or_default();
+        let cause = match l.kind {
+            sqlite_outbox::LimitKind::Concurrency(_) => "a free slot",
+            sqlite_outbox::LimitKind::Rate { .. } => "the rate limit",
+        };
+        items.push(html!(
+            "<li>Events of {} <strong>{}</strong> wait for {} since {} ({})</li>",
+            l.scope.as_str(),
+            l.name,
+            cause,
+            since,
+            l.describe()
+        ));
+    }
     for d in &s.destinations {
         let error = d
             .last_error
