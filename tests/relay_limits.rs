@@ -29,9 +29,12 @@ fn relay(db: &std::path::Path, args: &[&str]) -> std::io::Result<std::process::C
         .spawn()
 }
 
+/// When each request arrived.
+type Arrivals = Arc<Mutex<Vec<Instant>>>;
+
 /// A server that notes when each request arrived.
-fn timing_server() -> Result<(Server, Arc<Mutex<Vec<Instant>>>), Box<dyn std::error::Error>> {
-    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+fn timing_server() -> Result<(Server, Arrivals), Box<dyn std::error::Error>> {
+    let arrivals: Arrivals = Arc::default();
     let log = arrivals.clone();
     let server = Server::answering("127.0.0.1:0", move |_| {
         if let Ok(mut v) = log.lock() {
