@@ -112,6 +112,17 @@ fn a_priority_never_overtakes_its_ordering_key(f: &Fixture) -> TestResult {
 /// A retried urgent event waits out its backoff like any other, then goes
 /// first again; an urgent event whose lease ran out is taken back before
 /// due events of lower priority.
+/// Leases that ran out are taken back by priority too.
+fn expired_leases_are_reclaimed_by_priority(f: &Fixture) -> TestResult {
+    let low = f.store.enqueue(ev("t"))?;
+    let urgent = f.store.enqueue(ev("t").with_priority(1))?;
+    assert_eq!(f.store.claim(2, secs(5), None)?.len(), 2);
+    f.advance(secs(10));
+    assert_eq!(ids(&f.store.claim(1, LEASE, None)?), ids([&urgent]));
+    assert_eq!(ids(&f.store.claim(1, LEASE, None)?), ids([&low]));
+    Ok(())
+}
+
 fn priorities_with_retries_and_expired_leases(f: &Fixture) -> TestResult {
     let low = f.store.enqueue(ev("t"))?;
     let urgent = f.store.enqueue(ev("t").with_priority(2))?;
@@ -129,6 +140,8 @@ fn priorities_with_retries_and_expired_leases(f: &Fixture) -> TestResult {
     f.advance(secs(3));
     let another = f.store.enqueue(ev("t"))?;
     // The low one's lease is still live; the urgent one is due again.
+    // (Found by the differential test: an urgent event whose lease ran
+    // out goes before one of priority 0 whose lease ran out earlier.)
     assert_eq!(
         ids(&f.store.claim(10, LEASE, None)?),
         ids([&urgent, &another])
@@ -1579,4 +1592,5 @@ suite!(
     priorities_hold_within_typed_claims,
     a_priority_never_overtakes_its_ordering_key,
     priorities_with_retries_and_expired_leases,
+    expired_leases_are_reclaimed_by_priority,
 );

@@ -108,7 +108,7 @@ impl Sql {
             "SELECT e.seq, e.priority, e.next_attempt_at FROM {e} AS e
              WHERE e.status = 'processing' AND e.locked_until <= $1::bigint
                AND e.attempts < e.max_attempts AND {claimable}
-             ORDER BY e.next_attempt_at, e.seq LIMIT $3::bigint
+             ORDER BY e.priority DESC, e.next_attempt_at, e.seq LIMIT $3::bigint
              FOR UPDATE OF e SKIP LOCKED"
         );
         let lease = |chosen: &str| {
