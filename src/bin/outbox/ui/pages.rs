@@ -266,8 +266,16 @@ fn event_table(ui: &Ui, events: &[Event], b: &mut Html) {
     }
     let now = Utc::now();
     let held = ui.store.destinations().unwrap_or_default();
+    let limited: Vec<_> = ui
+        .store
+        .limits()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| l.limited_since.is_some())
+        .collect();
     // Why a pending event is not moving, in a few words: its destination
-    // is held back, or it waits behind the head of its key.
+    // is held back, it waits for a limit, or it waits behind the head of
+    // its key.
     let why = |e: &Event| -> Html {
         if e.status != Status::Pending {
             return Html::default();
@@ -277,6 +285,14 @@ fn event_table(ui: &Ui, events: &[Event], b: &mut Html) {
                 " <span class=\"why\">held back ({})</span>",
                 d.hold.as_str()
             );
+        }
+        if e.next_attempt_at <= now {
+            if let Some(l) = limited.iter().find(|l| l.covers(&e.event_type)) {
+                return html!(
+                    " <span class=\"why\">waits for a {} limit</span>",
+                    l.kind.as_str()
+                );
+            }
         }
         match e.ordering_key.as_ref().map(|_| ui.store.why(e)) {
             Some(Ok(Why::BehindKey { key, .. })) => {
