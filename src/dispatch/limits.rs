@@ -160,15 +160,9 @@ impl Group {
     }
 
     /// What this dispatcher's own limits allow now, with `in_flight` of
-    /// the group's events in hand; and, for a rate limit that allows
-    /// nothing now, when it next will.
-    pub(crate) fn allowance(
-        &self,
-        in_flight: usize,
-        now: DateTime<Utc>,
-    ) -> (usize, Option<DateTime<Utc>>) {
+    /// the group's events in hand.
+    pub(crate) fn allowance(&self, in_flight: usize, now: DateTime<Utc>) -> usize {
         let mut allowed = usize::MAX;
-        let mut next = None;
         for limit in self.local() {
             match limit.kind {
                 LimitKind::Concurrency(max) => {
@@ -181,19 +175,24 @@ impl Group {
                         .at(max, per, now);
                     *bucket = Some(b);
                     allowed = allowed.min(b.whole());
-                    next = b.next_token_at(max, per);
                 }
             }
         }
-        (allowed, next)
+        allowed
     }
 
-    /// Takes `n` claimed events from this dispatcher's own rate limit.
-    pub(crate) fn took(&self, n: usize) {
+    /// Takes `n` claimed events from this dispatcher's own rate limit;
+    /// returns when it next allows one more, if it allows none now.
+    pub(crate) fn took(&self, n: usize) -> Option<DateTime<Utc>> {
+        let rate = self.local().find_map(|l| match l.kind {
+            LimitKind::Rate { max, per } => Some((max, per)),
+            LimitKind::Concurrency(_) => None,
+        });
         let mut bucket = self.bucket();
-        if let Some(b) = *bucket {
-            *bucket = Some(b.take(n));
-        }
+        let (b, (max, per)) = ((*bucket)?, rate?);
+        let left = b.take(n);
+        *bucket = Some(left);
+        left.next_token_at(max, per)
     }
 
     /// Whether the group has limits every dispatcher keeps together.

@@ -39,7 +39,7 @@ pub(super) fn claim_groups(
             .filter(|f| f.group == Some(index))
             .count();
         let now = ctx.store.clock().now();
-        let (own, own_next) = group.allowance(in_flight, now);
+        let own = group.allowance(in_flight, now);
         let fits = ctx.batch_size.min(room);
         let want = fits.min(own);
         let shared = group.shared();
@@ -56,7 +56,9 @@ pub(super) fn claim_groups(
             (l.events, l.allowed, l.next_at)
         };
         let n = events.len();
-        group.took(n);
+        // What this dispatcher's own rate limit has left, and when it
+        // next allows one more if it allows none.
+        let own_next = group.took(n);
         admit(ctx, jobs_tx, events, &|_| {});
         drop(claiming);
         got += n;
