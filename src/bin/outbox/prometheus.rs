@@ -44,6 +44,9 @@ pub(crate) fn label_value(v: &str) -> String {
             '\\' => out.push_str("\\\\"),
             '"' => out.push_str("\\\""),
             '\n' => out.push_str("\\n"),
+            // A value another program wrote must not drive the terminal
+            // of whoever reads the metrics there.
+            c if c.is_control() => out.push('\u{FFFD}'),
             c => out.push(c),
         }
     }
@@ -191,6 +194,7 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         assert_eq!(label_value("plain.type"), "plain.type");
+        assert_eq!(label_value("x\u{1b}[31m"), "x\u{FFFD}[31m");
     }
 
     #[test]

@@ -84,19 +84,29 @@ impl Markup for Html {
     }
 }
 
+/// What a page never shows as it is: markup, and control characters
+/// other than line breaks and tabs (a page saved or fetched into a
+/// terminal must not drive it).
+fn needs_escape(c: char) -> bool {
+    matches!(c, '&' | '<' | '>' | '"' | '\'')
+        || (c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+}
+
 impl Markup for str {
     fn fmt_markup(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut rest = self;
-        while let Some(i) = rest.find(['&', '<', '>', '"', '\'']) {
+        while let Some(i) = rest.find(needs_escape) {
             f.write_str(&rest[..i])?;
-            f.write_str(match rest.as_bytes()[i] {
-                b'&' => "&amp;",
-                b'<' => "&lt;",
-                b'>' => "&gt;",
-                b'"' => "&quot;",
-                _ => "&#39;",
+            let c = rest[i..].chars().next().unwrap_or('\u{FFFD}');
+            f.write_str(match c {
+                '&' => "&amp;",
+                '<' => "&lt;",
+                '>' => "&gt;",
+                '"' => "&quot;",
+                '\'' => "&#39;",
+                _ => "\u{FFFD}",
             })?;
-            rest = &rest[i + 1..];
+            rest = &rest[i + c.len_utf8()..];
         }
         f.write_str(rest)
     }
@@ -265,6 +275,11 @@ mod tests {
             "<b>&lt;i&gt;x&lt;/i&gt;</b><br>"
         );
         assert_eq!(excerpt("<b>\n  bold</b>", 5).into_string(), "&lt;b&gt; b…");
+        // Control characters do not reach a page, line breaks do.
+        assert_eq!(
+            Html::text("a\u{1b}[31mb\nc\u{7}").into_string(),
+            "a\u{FFFD}[31mb\nc\u{FFFD}"
+        );
         assert_eq!(enc("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
     }
 }
