@@ -1,11 +1,12 @@
-//! Priorities: what they cost while unused, and how soon an urgent event
-//! is claimed behind a backlog of priority 0.
+//! Priorities and limits: what they cost while unused (or never binding),
+//! and how soon an urgent event is claimed behind a backlog of priority 0.
 
 use super::dispatch::{dispatch_raw, median, run_no_op, RawLoop, RAW_COLUMNS};
 use super::*;
 
 pub(crate) fn priority_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
     unused_cost(cfg, dir, rows)?;
+    limit_cost(cfg, dir, rows)?;
     urgent_claim(cfg, dir, rows)?;
     urgent_latency(cfg, dir, rows)?;
     Ok(())
@@ -43,6 +44,88 @@ fn dispatch_with(path: &Path, n: usize, raised_every: usize) -> Res<f64> {
         return Err(format!("dispatch incomplete: {report:?}").into());
     }
     Ok(secs)
+}
+
+/// Dispatch at the defaults (4 workers, FULL), no-op handler, under
+/// `limit`; returns seconds.
+fn dispatch_limited(path: &Path, n: usize, limit: sqlite_outbox::Limit) -> Res<f64> {
+    let store = our_db(path, Durability::Full)?;
+    for chunk in 0..n / 1000 {
+        store.enqueue_batch((0..1000).map(|i| event(chunk * 1000 + i)).collect())?;
+    }
+    let t = Instant::now();
+    let dispatcher = Dispatcher::builder(store.clone())
+        .handle("bench.event", |_: &Event| Ok(()))
+        .limit(limit)
+        .start()?;
+    while dispatcher.metrics().done < n as u64 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let report = dispatcher.shutdown(Duration::from_secs(10));
+    if store.stats()?.done != n as u64 || !report.is_clean() {
+        return Err(format!("dispatch incomplete: {report:?}").into());
+    }
+    Ok(secs)
+}
+
+/// What a limit that never binds costs: dispatch under a concurrency
+/// limit of 1,000 and a rate of a million a second, each against the raw
+/// loop in the same round.
+fn limit_cost(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    use sqlite_outbox::{Limit, LimitScope};
+    let n = cfg.dispatch_n;
+    let rounds = if cfg.quick { 1 } else { 3 };
+    let limits = [
+        (
+            "a concurrency limit of 1000, per dispatcher",
+            Limit::concurrency(LimitScope::Type, "bench.event", 1000),
+        ),
+        (
+            "a concurrency limit of 1000, across dispatchers",
+            Limit::concurrency(LimitScope::Type, "bench.event", 1000).across_dispatchers(),
+        ),
+        (
+            "a rate limit of 1000000/s, across dispatchers",
+            Limit::rate(
+                LimitScope::Type,
+                "bench.event",
+                1_000_000,
+                Duration::from_secs(1),
+            )
+            .across_dispatchers(),
+        ),
+    ];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); limits.len()];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); limits.len()];
+    for _ in 0..rounds {
+        let raw = dispatch_raw(
+            &fresh(dir, "lim-raw.db"),
+            n,
+            "FULL",
+            RawLoop::OurSchema,
+            sqlite_outbox::DEFAULT_BATCH_SIZE,
+        )?;
+        for (i, (_, limit)) in limits.iter().enumerate() {
+            let secs = dispatch_limited(&fresh(dir, &format!("lim-{i}.db")), n, limit.clone())?;
+            ratios[i].push(raw / secs);
+            rates[i].push(n as f64 / secs);
+        }
+    }
+    for (i, (label, _)) in limits.iter().enumerate() {
+        let ratio = median(std::mem::take(&mut ratios[i]));
+        let rate = median(std::mem::take(&mut rates[i]));
+        rows.push(Row {
+            group: "priority",
+            name: format!("dispatch under {label} (never binding), 4 workers, FULL"),
+            ours: rate,
+            raw: Some(rate / ratio),
+            unit: "ev/s",
+            ratio: Some(ratio),
+            note: format!("{n} events; raw = the raw loop on our schema; median of {rounds}"),
+        });
+    }
+    Ok(())
 }
 
 /// Dispatch at the defaults with priorities unused (every event at 0) and
