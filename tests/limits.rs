@@ -117,6 +117,35 @@ fn a_concurrency_limit_is_never_exceeded_and_other_types_flow() -> TestResult {
     Ok(())
 }
 
+/// A limit wider than a claim lets the usual claims take its events
+/// while it has room for a whole claim; it still holds when it fills.
+#[test]
+fn a_limit_wider_than_a_claim_still_holds() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("o.db"))?;
+    for i in 0..40 {
+        store.enqueue(NewEvent::new("job", json!(i)))?;
+        store.enqueue(NewEvent::new("call", json!(i)))?;
+    }
+    let gauge = Arc::new(Gauge::default());
+    let starts: Starts = Arc::default();
+    let per = Duration::from_millis(200);
+    let dispatcher = Dispatcher::builder(store.clone())
+        .workers(8)
+        .batch_size(2)
+        .handle("job", slow(gauge.clone(), Duration::from_millis(20)))
+        .handle("call", recording(starts.clone()))
+        .limit(Limit::concurrency(LimitScope::Type, "job", 5))
+        .limit(Limit::rate(LimitScope::Type, "call", 6, per))
+        .start()?;
+    assert!(dispatcher.wait_idle(Duration::from_secs(60)));
+    assert!(dispatcher.shutdown(Duration::from_secs(10)).is_clean());
+    assert!(gauge.most() <= 5, "{} at once", gauge.most());
+    assert!(gauge.most() >= 3, "{} at once", gauge.most());
+    paced(&starts, 6, per)?;
+    every_event_done_in_one_attempt(&store, 80)
+}
+
 #[test]
 fn a_shared_concurrency_limit_holds_across_dispatchers() -> TestResult {
     let dir = tempfile::tempdir()?;

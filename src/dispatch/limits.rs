@@ -346,18 +346,27 @@ impl Limits {
     }
 
     /// What the usual claims take: what `destinations` allows, less every
-    /// limited type and destination (each is claimed on its own).
-    pub(crate) fn unlimited(
+    /// limited type and destination but the groups `roomy` (those whose
+    /// limits allow a whole claim now); the others are claimed on their
+    /// own.
+    pub(crate) fn usual(
         &self,
         destinations: &Destinations,
         mine: Option<&[String]>,
+        roomy: &[usize],
     ) -> Selection {
         if self.groups.is_empty() {
             return destinations.claimable(mine);
         }
-        let limited: Vec<String> = self.by_destination.keys().cloned().collect();
+        let out = |i: &usize| !roomy.contains(i);
+        let limited: Vec<String> = self
+            .by_destination
+            .iter()
+            .filter(|(_, i)| out(i))
+            .map(|(d, _)| d.clone())
+            .collect();
         let mut selection = destinations.claimable_without(mine, &limited);
-        for t in self.by_type.keys() {
+        for (t, _) in self.by_type.iter().filter(|(_, i)| out(i)) {
             match &mut selection.only {
                 Some(only) => only.retain(|x| x != t),
                 None => selection.skip.push(t.clone()),

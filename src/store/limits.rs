@@ -178,6 +178,35 @@ impl Allowance {
     }
 }
 
+/// The stores' part of a limited claim of at most `limit` events, on
+/// `conn` in the claim's transaction: what `shared` allows at `now`
+/// (`live` counts the live leases of the claim's types, `stored` reads a
+/// rate limit's bucket), `claim` of at most that many, and each bucket
+/// taken from and written back with `write`.
+pub(crate) fn claim_within<C>(
+    conn: &mut C,
+    (shared, now, limit): (&[SharedLimit<'_>], DateTime<Utc>, usize),
+    live: impl FnMut(&mut C) -> crate::Result<usize>,
+    stored: impl FnMut(&mut C, &SharedLimit<'_>) -> crate::Result<Option<Bucket>>,
+    claim: impl FnOnce(&mut C, usize) -> crate::Result<Vec<Event>>,
+    write: impl FnMut(&mut C, &SharedLimit<'_>, Bucket) -> crate::Result<()>,
+) -> crate::Result<Limited> {
+    let allowance = Allowance::of(conn, shared, now, live, stored)?;
+    let allowed = allowance.allowed;
+    let want = limit.min(allowed);
+    let events = if want > 0 {
+        claim(conn, want)?
+    } else {
+        Vec::new()
+    };
+    let next_at = allowance.settle(conn, shared, events.len(), write)?;
+    Ok(Limited {
+        events,
+        allowed,
+        next_at,
+    })
+}
+
 /// A token bucket: `tokens` at `at`, refilled at `max` per `per`, up to
 /// `max`.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 
-use super::{admit, panic_message, Ctx, Kind, Outcome};
+use super::{admit, limited, panic_message, Ctx, Kind, Outcome};
 use crate::dispatch::Counters;
 use crate::error::Error;
 use crate::store::Ack;
@@ -167,22 +167,21 @@ fn settle_and_claim(ctx: &Ctx, acks: &[Ack]) -> Option<Vec<crate::Result<()>>> {
     if ctx.shared.stopping.load(Ordering::SeqCst) || ctx.destinations.is_offline() {
         return None;
     }
-    let selection = ctx
-        .limits
-        .unlimited(&ctx.destinations, ctx.types.as_deref());
-    if selection.is_empty() {
-        return None;
-    }
     let _claiming = ctx.shared.claiming();
     // Gone once the poller stopped: nothing more is queued then.
     let jobs_tx = ctx.shared.jobs().clone()?;
     let in_hand = ctx.shared.inflight().len().saturating_sub(acks.len());
     let want = ctx.batch_size.min(ctx.capacity.saturating_sub(in_hand));
+    let (selection, roomy) = limited::usual(ctx, want);
+    if selection.is_empty() {
+        return None;
+    }
     match ctx
         .store
         .settle_and_claim(acks, want, ctx.lease, &selection.filter())
     {
         Ok((results, events)) => {
+            limited::took(ctx, &roomy, &events);
             {
                 // The room the outcomes freed is what was just claimed.
                 let mut inflight = ctx.shared.inflight();

@@ -8,7 +8,50 @@ use crossbeam_channel::Sender;
 
 use super::poller::room;
 use super::{admit, Ctx};
+use crate::dispatch::destinations::Selection;
 use crate::event::Event;
+
+/// What a usual claim of up to `want` events may take: everything of the
+/// destinations not held back, less the limited groups, but for those
+/// this dispatcher keeps alone whose limits allow `want` more now (a
+/// limit far from binding then costs nothing). Returns the groups it lets
+/// in; [`took`] counts what the claim took of them.
+pub(super) fn usual(ctx: &Ctx, want: usize) -> (Selection, Vec<usize>) {
+    let types = ctx.types.as_deref();
+    if ctx.limits.is_empty() {
+        return (ctx.limits.usual(&ctx.destinations, types, &[]), Vec::new());
+    }
+    let now = ctx.store.clock().now();
+    let inflight = ctx.shared.inflight();
+    let roomy: Vec<usize> = ctx
+        .limits
+        .groups()
+        .filter(|(index, group)| {
+            !group.has_shared() && {
+                let mine = inflight
+                    .values()
+                    .filter(|f| f.group == Some(*index))
+                    .count();
+                group.allowance(mine, now) >= want
+            }
+        })
+        .map(|(index, _)| index)
+        .collect();
+    drop(inflight);
+    (ctx.limits.usual(&ctx.destinations, types, &roomy), roomy)
+}
+
+/// Takes what a usual claim claimed of each group `roomy` let in from
+/// that group's own rate limit.
+pub(super) fn took(ctx: &Ctx, roomy: &[usize], events: &[Event]) {
+    for (index, group) in ctx.limits.groups().filter(|(i, _)| roomy.contains(i)) {
+        let n = events
+            .iter()
+            .filter(|e| ctx.limits.group_of(&ctx.destinations, &e.event_type) == Some(index))
+            .count();
+        group.took(n);
+    }
+}
 
 /// Claims for each limited group as much as its limits and the room allow;
 /// returns how many events were claimed, and the earliest time a rate

@@ -68,13 +68,9 @@ pub(super) fn poll_loop(
         // What may wake the dispatcher: everything of its destinations that
         // are not held back, limited or not.
         let open = ctx.destinations.claimable(types);
-        // What the usual claim takes: the same, less what limits cover
-        // (claimed below, each as far as its limits allow).
-        let selection = ctx.limits.unlimited(&ctx.destinations, types);
         // Offline, or every destination held back: nothing to claim or wait
         // for until a probe, a resume or going online.
         let offline = ctx.destinations.is_offline() || open.is_empty();
-        let filter = selection.filter();
         let (mut want, mut got, mut claimed) = (0, 0, false);
         let mut got_limited = 0;
         if claim_now && !offline {
@@ -88,8 +84,12 @@ pub(super) fn poll_loop(
             }
             let claiming = ctx.shared.claiming();
             want = ctx.batch_size.min(room(ctx));
+            // What the usual claim takes: the same, less what limits cover
+            // unless they allow a whole claim now (the rest is claimed
+            // below, each group as far as its limits allow).
+            let (selection, roomy) = limited::usual(ctx, want);
             let result = (want > 0 && !selection.is_empty())
-                .then(|| claim_batch(ctx, jobs_tx, want, &filter, &|_| {}));
+                .then(|| claim_batch(ctx, jobs_tx, want, (&selection.filter(), &roomy), &|_| {}));
             drop(claiming);
             match result {
                 Some(Ok(leases)) => {
@@ -228,17 +228,19 @@ pub(super) fn room(ctx: &Ctx) -> usize {
     ctx.capacity.saturating_sub(ctx.shared.inflight().len())
 }
 
-/// Claims up to `want` events of the types `filter` allows, records them
-/// as in flight, tells `on_claim` and queues them for the workers; returns
+/// Claims up to `want` events of the types `filter` allows, takes those
+/// of the limited groups `roomy` from their limits, records them as in
+/// flight, tells `on_claim` and queues them for the workers; returns
 /// their leases.
 fn claim_batch(
     ctx: &Ctx,
     jobs_tx: &Sender<Event>,
     want: usize,
-    filter: &TypeFilter<'_>,
+    (filter, roomy): (&TypeFilter<'_>, &[usize]),
     on_claim: &dyn Fn(&Lease),
 ) -> crate::Result<Vec<Lease>> {
     let events = ctx.store.claim_where(want, ctx.lease, filter)?;
+    limited::took(ctx, roomy, &events);
     Ok(admit(ctx, jobs_tx, events, on_claim))
 }
 
@@ -264,7 +266,7 @@ fn try_send_probes(ctx: &Ctx, jobs_tx: &Sender<Event>) -> crate::Result<()> {
             .probe_selection(&destination, ctx.types.as_deref());
         let filter = selection.filter();
         // Marked as the probe before a worker can see it, so that it runs.
-        let sent = claim_batch(ctx, jobs_tx, 1, &filter, &|lease| {
+        let sent = claim_batch(ctx, jobs_tx, 1, (&filter, &[]), &|lease| {
             ctx.destinations.probe_sent(&destination, lease);
         })?;
         if sent.is_empty() {

@@ -24,33 +24,19 @@ impl crate::store::sealed::Sealed for MemoryStore {
         filter: &TypeFilter<'_>,
         shared: &[crate::store::limits::SharedLimit<'_>],
     ) -> Result<crate::store::limits::Limited> {
-        use crate::store::limits::{Allowance, Limited};
         let mut limits = self.inner.limits.lock().unwrap_or_else(|p| p.into_inner());
         let now = truncate(self.now());
-        let buckets = &mut limits.buckets;
-        let allowance = Allowance::of(
-            buckets,
-            shared,
-            now,
+        crate::store::limits::claim_within(
+            &mut limits.buckets,
+            (shared, now, limit),
             |_| Ok(self.live_leases(filter, now)),
             |b, l| Ok(b.get(&(l.scope.as_str(), l.name.to_owned())).copied()),
-        )?;
-        let allowed = allowance.allowed;
-        let want = limit.min(allowed);
-        let events = if want > 0 {
-            self.claim_where(want, lease, filter)?
-        } else {
-            Vec::new()
-        };
-        let next_at = allowance.settle(buckets, shared, events.len(), |b, l, left| {
-            b.insert((l.scope.as_str(), l.name.to_owned()), left);
-            Ok(())
-        })?;
-        Ok(Limited {
-            events,
-            allowed,
-            next_at,
-        })
+            |_, want| self.claim_where(want, lease, filter),
+            |b, l, left| {
+                b.insert((l.scope.as_str(), l.name.to_owned()), left);
+                Ok(())
+            },
+        )
     }
 
     fn record_limit(&self, state: &crate::store::LimitState) -> Result<()> {

@@ -7,7 +7,7 @@
 use super::lease::type_lists;
 use super::*;
 use crate::store::limits::{
-    Allowance, Bucket, LimitKind, LimitScope, LimitState, Limited, SharedLimit,
+    claim_within, Bucket, LimitKind, LimitScope, LimitState, Limited, SharedLimit,
 };
 
 /// The first key of the limits' advisory locks: `outl` in ASCII (apart
@@ -42,28 +42,14 @@ impl PostgresStore {
             // refill never counts the same fraction of a millisecond twice.
             let now_ms = clock::to_millis(self.now());
             let now = clock::from_millis(now_ms);
-            let allowance = Allowance::of(
+            claim_within(
                 tx,
-                shared,
-                now,
+                (shared, now, limit),
                 |tx| live_leases(tx, events_table, filter, now_ms),
                 |tx, l| read_bucket(tx, schema, l),
-            )?;
-            let allowed = allowance.allowed;
-            let want = limit.min(allowed);
-            let events = if want > 0 {
-                self.claim_in(tx, want, lease, filter)?
-            } else {
-                Vec::new()
-            };
-            let next_at = allowance.settle(tx, shared, events.len(), |tx, l, b| {
-                write_bucket(tx, schema, l, b, now_ms)
-            })?;
-            Ok(Limited {
-                events,
-                allowed,
-                next_at,
-            })
+                |tx, want| self.claim_in(tx, want, lease, filter),
+                |tx, l, b| write_bucket(tx, schema, l, b, now_ms),
+            )
         })
     }
 

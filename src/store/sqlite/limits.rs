@@ -11,7 +11,7 @@ use super::{skip, types_json, SqliteStore};
 use crate::clock;
 use crate::error::Result;
 use crate::store::limits::{
-    Allowance, Bucket, LimitKind, LimitScope, LimitState, Limited, SharedLimit,
+    claim_within, Bucket, LimitKind, LimitScope, LimitState, Limited, SharedLimit,
 };
 use crate::store::sealed::TypeFilter;
 
@@ -29,28 +29,14 @@ impl SqliteStore {
             let now_ms = clock::to_millis(self.now());
             let now = clock::from_millis(now_ms);
             let mut conn = tx;
-            let allowance = Allowance::of(
+            claim_within(
                 &mut conn,
-                shared,
-                now,
+                (shared, now, limit),
                 |tx| live_leases(tx, filter, now_ms),
                 |tx, l| read_bucket(tx, l),
-            )?;
-            let allowed = allowance.allowed;
-            let want = limit.min(allowed);
-            let events = if want > 0 {
-                self.claim_in(tx, want, lease, filter)?
-            } else {
-                Vec::new()
-            };
-            let next_at = allowance.settle(&mut conn, shared, events.len(), |tx, l, b| {
-                write_bucket(tx, l, b, now_ms)
-            })?;
-            Ok(Limited {
-                events,
-                allowed,
-                next_at,
-            })
+                |tx, want| self.claim_in(tx, want, lease, filter),
+                |tx, l, b| write_bucket(tx, l, b, now_ms),
+            )
         })
     }
 
