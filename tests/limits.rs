@@ -272,6 +272,40 @@ fn shared_rate(stores: &[Arc<dyn Store>; 2]) -> TestResult {
     paced(&starts, 4, per)
 }
 
+/// A dispatcher that stops leaves no event waiting for its limits: the
+/// events it held back are due for the next one.
+#[test]
+fn a_stopped_dispatcher_leaves_nothing_waiting_for_its_limits() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("o.db"))?;
+    for i in 0..3 {
+        store.enqueue(NewEvent::new("t", json!(i)))?;
+    }
+    let dispatcher = Dispatcher::builder(store.clone())
+        .handle("t", |_: &Event| Ok(()))
+        .limit(Limit::rate(
+            LimitScope::Type,
+            "t",
+            1,
+            Duration::from_secs(600),
+        ))
+        .start()?;
+    wait_until(30, "t to wait for its limit", || {
+        Ok(store.limits()?.iter().any(|l| l.limited_since.is_some()))
+    })?;
+    assert!(dispatcher.shutdown(Duration::from_secs(10)).is_clean());
+    let limits = store.limits()?;
+    assert_eq!(limits.len(), 1);
+    assert_eq!(limits[0].limited_since, None, "{limits:?}");
+    let pending = store.list(&sqlite_outbox::ListFilter {
+        status: Some(Status::Pending),
+        ..Default::default()
+    })?;
+    assert_eq!(pending.len(), 2);
+    assert_eq!(store.why(&pending[0])?, Why::Due);
+    Ok(())
+}
+
 #[test]
 fn limits_that_cannot_hold_are_refused_at_start() -> TestResult {
     let store = sqlite_outbox::MemoryStore::new();

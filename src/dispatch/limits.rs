@@ -397,6 +397,14 @@ impl Limits {
         }
     }
 
+    /// Writes down that no event waits for this dispatcher's limits any
+    /// more (it stops).
+    pub(crate) fn waiting_over(&self, store: &dyn Store, now: DateTime<Utc>) {
+        for group in &self.groups {
+            group.record(store, false, now, false);
+        }
+    }
+
     /// Writes every limit down as the dispatcher starts.
     pub(crate) fn record_all(&self, store: &dyn Store, now: DateTime<Utc>) {
         for group in &self.groups {

@@ -62,6 +62,7 @@ pub(crate) struct Runtime {
     pub(crate) types: Option<Arc<[String]>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) destinations: Arc<Destinations>,
+    limits: crate::dispatch::limits::SharedLimits,
     shared: Arc<Shared>,
     wake_tx: Sender<()>,
     stop_poller_tx: Sender<()>,
@@ -276,8 +277,11 @@ impl Runtime {
             }
             None => 0,
         };
-        // What this dispatcher held back is no longer held by anyone.
+        // What this dispatcher held back is no longer held by anyone, and
+        // no event waits for its limits any more.
         self.destinations.forget_all();
+        self.limits
+            .waiting_over(&*self.store, self.store.clock().now());
         let after = self.counters.snapshot();
         ShutdownReport {
             completed: (after.done + after.retried + after.failed)

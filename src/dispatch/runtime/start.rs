@@ -58,6 +58,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
         ctx.capacity,
         ctx.destinations.clone(),
     );
+    let limits = ctx.limits.clone();
 
     let (jobs_tx, jobs_rx) = bounded::<Event>(capacity);
     *shared.jobs() = Some(jobs_tx.clone());
@@ -122,6 +123,7 @@ pub(crate) fn start(b: DispatcherBuilder) -> Result<Dispatcher> {
         runtime: Some(Runtime {
             store,
             types,
+            limits,
             counters,
             destinations,
             shared,
