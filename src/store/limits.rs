@@ -224,8 +224,10 @@ impl Bucket {
         }
     }
 
-    /// The bucket refilled up to `now` (a clock that went back adds
-    /// nothing).
+    /// The bucket refilled up to `now`, and stamped `now`. A time after
+    /// `now` (a clock that went back, another machine's clock ahead, a row
+    /// another program wrote) adds nothing and is not kept, so it cannot
+    /// hold the bucket empty until then.
     pub(crate) fn at(self, max: u32, per: Duration, now: DateTime<Utc>) -> Bucket {
         let elapsed = (now - self.at).to_std().unwrap_or(Duration::ZERO);
         let gained = f64::from(max) * elapsed.as_secs_f64() / per.as_secs_f64().max(1e-3);
@@ -234,10 +236,7 @@ impl Bucket {
         } else {
             f64::from(max)
         };
-        Bucket {
-            tokens,
-            at: now.max(self.at),
-        }
+        Bucket { tokens, at: now }
     }
 
     /// Whole deliveries it allows now.
@@ -361,5 +360,17 @@ mod tests {
             at: t0,
         };
         assert_eq!(broken.at(10, per, t0).whole(), 10);
+        // A time far ahead is not kept: the bucket refills from now on.
+        let ahead = Bucket {
+            tokens: 0.0,
+            at: clock::from_millis(253_402_300_799_999),
+        }
+        .at(10, per, t0);
+        assert_eq!((ahead.whole(), ahead.at), (0, t0));
+        assert_eq!(
+            ahead.at(10, per, clock::add(t0, per)).whole(),
+            10,
+            "refilled a whole interval later"
+        );
     }
 }
