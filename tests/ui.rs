@@ -305,6 +305,87 @@ fn a_stalled_key_and_the_reasons_of_failures_are_explained() -> Result<()> {
     Ok(())
 }
 
+/// What waits for a limit, and what has a raised priority, as a user sees
+/// them: the overview's attention list and limits, the event list's marks,
+/// an event's page.
+#[test]
+fn limits_and_priorities_show_in_the_browser() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("app.db");
+    let store = SqliteStore::open(&db)?;
+    for i in 0..3 {
+        store.enqueue(NewEvent::new("crm.call", json!({ "i": i })))?;
+    }
+    let urgent = store.enqueue(NewEvent::new("email.reset", json!({})).with_priority(7))?;
+    let dispatcher = sqlite_outbox::Dispatcher::builder(store.clone())
+        .handle("crm.call", |_| Ok(()))
+        .limit(sqlite_outbox::Limit::rate(
+            sqlite_outbox::LimitScope::Type,
+            "crm.call",
+            1,
+            std::time::Duration::from_secs(600),
+        ))
+        .start()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sqlite_outbox::Operator::limits(&store)?
+        .iter()
+        .any(|l| l.limited_since.is_some())
+    {
+        if std::time::Instant::now() > deadline {
+            return Err("the limit was never waited for".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let waiting = sqlite_outbox::Operator::list(
+        &store,
+        &sqlite_outbox::ListFilter {
+            status: Some(Status::Pending),
+            event_type: Some("crm.call".into()),
+            ..Default::default()
+        },
+    )?;
+    let ui = Dashboard::start(&db, &[])?;
+    let metrics = ureq::get(&format!("{}/metrics", ui.url))
+        .call()?
+        .into_string()?;
+    assert!(
+        metrics.contains("outbox_limit_waiting{scope=\"type\",name=\"crm.call\",kind=\"rate\"} 1"),
+        "{metrics}"
+    );
+    let Some((chromium, chromedriver)) = chromium() else {
+        dispatcher.shutdown(std::time::Duration::from_secs(5));
+        return Ok(());
+    };
+    let b = Browser::start(&chromium, &chromedriver)?;
+    b.go(&format!("{}/", ui.url))?;
+    let attention = b.text(".attention")?;
+    assert!(
+        attention.contains("Events of type crm.call wait for the rate limit"),
+        "{attention}"
+    );
+    let limits = b.text("#limits")?;
+    assert!(
+        limits.contains("crm.call") && limits.contains("1 per 10m") && limits.contains("waiting"),
+        "{limits}"
+    );
+    let cards = b.text(".cards")?;
+    assert!(cards.contains("1 of raised priority"), "{cards}");
+    b.go(&format!("{}/events?status=pending", ui.url))?;
+    let list = b.text("table.events")?;
+    assert_eq!(list.matches("waits for a rate limit").count(), 2, "{list}");
+    b.go(&format!("{}/events/{}", ui.url, waiting[0].id))?;
+    let why = b.text("#why")?;
+    assert!(why.contains("limited: waits for the rate limit"), "{why}");
+    b.go(&format!("{}/events/{}", ui.url, urgent.id))?;
+    let fields = b.text("dl.fields")?;
+    assert!(
+        fields.contains("Priority\n7") || fields.contains("Priority 7"),
+        "{fields}"
+    );
+    dispatcher.shutdown(std::time::Duration::from_secs(5));
+    Ok(())
+}
+
 fn get(url: &str) -> Result<(u16, String, Option<String>)> {
     Visitor::default().get(url)
 }

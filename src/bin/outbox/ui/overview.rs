@@ -105,6 +105,7 @@ pub(super) fn overview(ui: &Ui, req: &Req) -> Reply {
     }
     b.push(Html::lit("</section>"));
     by_type(&o, &mut b);
+    limits(&o, &mut b);
     b.push(html!(
         "<p class=\"muted small\">Counted {}.</p></div>",
         time_from(o.at, Utc::now())
@@ -358,6 +359,39 @@ fn by_type(o: &Overview, b: &mut Html) {
             cell("processing", t.processing),
             cell("done", t.done),
             cell("failed", t.failed),
+        ));
+    }
+    b.push(Html::lit("</tbody></table></section>"));
+}
+
+/// The limits dispatchers keep, with what is in flight against each
+/// concurrency limit and since when events wait.
+fn limits(o: &Overview, b: &mut Html) {
+    if o.stats.limits.is_empty() {
+        return;
+    }
+    b.push(Html::lit(
+        "<section id=\"limits\"><h2>Limits</h2><table><thead><tr><th>Of</th><th>Name</th>\
+         <th>Allows</th><th class=\"num\">In flight</th><th>Kept by</th><th>Events</th></tr>\
+         </thead><tbody>",
+    ));
+    for l in &o.stats.limits {
+        let allows = match l.kind {
+            sqlite_outbox::LimitKind::Concurrency(max) => html!("{} at once", max),
+            sqlite_outbox::LimitKind::Rate { max, per } => html!("{} per {}", max, age(per)),
+        };
+        let waiting = match l.limited_since {
+            Some(t) => html!("<strong>waiting</strong> since {}", time_from(t, o.at)),
+            None => Html::lit("flowing"),
+        };
+        b.push(html!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
+            l.scope.as_str(),
+            l.name,
+            allows,
+            l.in_flight.map(|n| n.to_string()).unwrap_or_else(|| "—".into()),
+            if l.shared { "every dispatcher" } else { "each dispatcher" },
+            waiting
         ));
     }
     b.push(Html::lit("</tbody></table></section>"));
