@@ -209,13 +209,11 @@ fn paced(starts: &Starts, max: usize, per: Duration) -> TestResult {
         );
     }
     // And it cannot be faster than the rate: after the first burst, one
-    // per `per / max`.
+    // per `per / max`; less one `per` for the first claim, whose time is
+    // read a moment after its bucket was (longer on a busy machine).
     if let (Some(first), Some(last)) = (v.first(), v.last()) {
         let least = per * ((v.len() - max) as i32) / (max as i32);
-        assert!(
-            *last - *first >= least - chrono::Duration::milliseconds(2),
-            "{v:?}"
-        );
+        assert!(*last - *first >= least - per, "{v:?}");
     }
     Ok(())
 }
