@@ -17,9 +17,19 @@ use serde_json::json;
 use sqlite_outbox::{NewEvent, Operator, SqliteStore, Status};
 
 fn relay(db: &std::path::Path, args: &[&str]) -> std::io::Result<std::process::Child> {
+    relay_with(db, &[], args)
+}
+
+/// `outbox --db DB GLOBAL... relay ARGS...`, its output kept.
+fn relay_with(
+    db: &std::path::Path,
+    global: &[&str],
+    args: &[&str],
+) -> std::io::Result<std::process::Child> {
     Command::new(BIN)
         .arg("--db")
         .arg(db)
+        .args(global)
         .arg("relay")
         .args(args)
         .env_remove("OUTBOX_DB")
@@ -27,6 +37,35 @@ fn relay(db: &std::path::Path, args: &[&str]) -> std::io::Result<std::process::C
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+}
+
+/// Two relays on the outbox at `db` (16 events waiting) under one rate
+/// limit of 4 per 200 ms they keep together: both succeed, and the server
+/// sees every event, paced.
+fn two_relays_paced(db: &std::path::Path, global: &[&str]) -> TestResult {
+    let (server, arrivals) = timing_server()?;
+    let args = [
+        "--http",
+        &server.url,
+        "--rate",
+        "4/200ms",
+        "--shared-limits",
+        "--poll",
+        "20ms",
+        "--drain",
+    ];
+    let (a, b) = (
+        relay_with(db, global, &args)?,
+        relay_with(db, global, &args)?,
+    );
+    for child in [a, b] {
+        let out = child.wait_with_output()?;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let seen = arrivals.lock().map_err(|_| "poisoned")?.clone();
+    assert_eq!(seen.len(), 16);
+    paced(&seen, 4, Duration::from_millis(200));
+    Ok(())
 }
 
 /// When each request arrived.
@@ -106,25 +145,7 @@ fn two_relays_share_one_rate_limit() -> TestResult {
     for i in 0..16 {
         store.enqueue(NewEvent::new("t", json!(i)))?;
     }
-    let (server, arrivals) = timing_server()?;
-    let args = [
-        "--http",
-        &server.url,
-        "--rate",
-        "4/200ms",
-        "--shared-limits",
-        "--poll",
-        "20ms",
-        "--drain",
-    ];
-    let (a, b) = (relay(&db, &args)?, relay(&db, &args)?);
-    for child in [a, b] {
-        let out = child.wait_with_output()?;
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
-    let seen = arrivals.lock().map_err(|_| "poisoned")?.clone();
-    assert_eq!(seen.len(), 16);
-    paced(&seen, 4, Duration::from_millis(200));
+    two_relays_paced(&db, &[])?;
     // And the operator sees the shared limit: in stats, and in metrics
     // that Prometheus's own parser accepts.
     let limits = store.stats()?.limits;
@@ -214,38 +235,10 @@ fn two_relays_share_one_rate_limit_on_postgresql() -> TestResult {
     for i in 0..16 {
         store.enqueue(NewEvent::new("t", json!(i)))?;
     }
-    let (server, arrivals) = timing_server()?;
-    let url = std::path::Path::new(&schema.url);
-    let args = [
-        "--http",
-        &server.url,
-        "--rate",
-        "4/200ms",
-        "--shared-limits",
-        "--poll",
-        "20ms",
-        "--drain",
-    ];
-    let start = || {
-        Command::new(BIN)
-            .arg("--db")
-            .arg(url)
-            .args(["--schema", &schema.name, "relay"])
-            .args(args)
-            .env_remove("OUTBOX_DB")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-    };
-    let (a, b) = (start()?, start()?);
-    for child in [a, b] {
-        let out = child.wait_with_output()?;
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
-    let seen = arrivals.lock().map_err(|_| "poisoned")?.clone();
-    assert_eq!(seen.len(), 16);
-    paced(&seen, 4, Duration::from_millis(200));
+    two_relays_paced(
+        std::path::Path::new(&schema.url),
+        &["--schema", &schema.name],
+    )?;
     let events = store.list(&sqlite_outbox::ListFilter {
         limit: 100,
         ..Default::default()

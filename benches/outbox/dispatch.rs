@@ -60,7 +60,7 @@ pub(crate) fn dispatch_ours(
 
 /// Starts a dispatcher at the crate's defaults with a no-op handler and
 /// stops it once `n` events are done; returns its seconds and report.
-pub(crate) fn run_no_op(
+fn run_no_op(
     store: &SqliteStore,
     n: usize,
     workers: usize,

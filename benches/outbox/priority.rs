@@ -1,7 +1,7 @@
 //! Priorities and limits: what they cost while unused (or never binding),
 //! and how soon an urgent event is claimed behind a backlog of priority 0.
 
-use super::dispatch::{dispatch_raw, median, run_no_op, RawLoop, RAW_COLUMNS};
+use super::dispatch::{dispatch_raw, median, RawLoop, RAW_COLUMNS};
 use super::*;
 
 pub(crate) fn priority_benches(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
@@ -21,16 +21,24 @@ fn fresh(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// Dispatch at the defaults (4 workers, FULL), no-op handler, with every
-/// `raised_every`-th event at priority 5 (none when 0); returns seconds.
-fn dispatch_with(path: &Path, n: usize, raised_every: usize) -> Res<f64> {
+/// How one dispatch run is set up: every `raised_every`-th event at
+/// priority 5 (none when 0), and a limit on the events, if any.
+struct Shape {
+    label: &'static str,
+    raised_every: usize,
+    limit: Option<sqlite_outbox::Limit>,
+}
+
+/// Dispatch at the defaults (4 workers, FULL), no-op handler, of `n`
+/// events set up as `shape`; returns seconds.
+fn dispatch_shaped(path: &Path, n: usize, shape: &Shape) -> Res<f64> {
     let store = our_db(path, Durability::Full)?;
     for chunk in 0..n / 1000 {
         store.enqueue_batch(
             (0..1000)
                 .map(|i| {
                     let k = chunk * 1000 + i;
-                    match raised_every {
+                    match shape.raised_every {
                         0 => event(k),
                         every if k % every == 0 => event(k).with_priority(5),
                         _ => event(k),
@@ -39,25 +47,12 @@ fn dispatch_with(path: &Path, n: usize, raised_every: usize) -> Res<f64> {
                 .collect(),
         )?;
     }
-    let (secs, report) = run_no_op(&store, n, sqlite_outbox::DEFAULT_WORKERS)?;
-    if store.stats()?.done != n as u64 || !report.is_clean() {
-        return Err(format!("dispatch incomplete: {report:?}").into());
-    }
-    Ok(secs)
-}
-
-/// Dispatch at the defaults (4 workers, FULL), no-op handler, under
-/// `limit`; returns seconds.
-fn dispatch_limited(path: &Path, n: usize, limit: sqlite_outbox::Limit) -> Res<f64> {
-    let store = our_db(path, Durability::Full)?;
-    for chunk in 0..n / 1000 {
-        store.enqueue_batch((0..1000).map(|i| event(chunk * 1000 + i)).collect())?;
-    }
     let t = Instant::now();
-    let dispatcher = Dispatcher::builder(store.clone())
-        .handle("bench.event", |_: &Event| Ok(()))
-        .limit(limit)
-        .start()?;
+    let mut builder = Dispatcher::builder(store.clone()).handle("bench.event", |_: &Event| Ok(()));
+    if let Some(limit) = &shape.limit {
+        builder = builder.limit(limit.clone());
+    }
+    let dispatcher = builder.start()?;
     while dispatcher.metrics().done < n as u64 {
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -69,93 +64,33 @@ fn dispatch_limited(path: &Path, n: usize, limit: sqlite_outbox::Limit) -> Res<f
     Ok(secs)
 }
 
-/// What a limit that never binds costs: dispatch under a concurrency
-/// limit of 1,000 and a rate of a million a second, each against the raw
-/// loop in the same round.
-fn limit_cost(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
-    use sqlite_outbox::{Limit, LimitScope};
+/// Each of `shapes` against the raw loop on our schema, in `rounds`
+/// rounds: a row each, the median ratio and its spread.
+fn against_raw(
+    cfg: &Config,
+    dir: &Path,
+    rows: &mut Vec<Row>,
+    rounds: usize,
+    shapes: &[Shape],
+) -> Res<()> {
     let n = cfg.dispatch_n;
-    let rounds = if cfg.quick { 1 } else { 3 };
-    let limits = [
-        (
-            "a concurrency limit of 1000, per dispatcher",
-            Limit::concurrency(LimitScope::Type, "bench.event", 1000),
-        ),
-        (
-            "a concurrency limit of 1000, across dispatchers",
-            Limit::concurrency(LimitScope::Type, "bench.event", 1000).across_dispatchers(),
-        ),
-        (
-            "a rate limit of 1000000/s, across dispatchers",
-            Limit::rate(
-                LimitScope::Type,
-                "bench.event",
-                1_000_000,
-                Duration::from_secs(1),
-            )
-            .across_dispatchers(),
-        ),
-    ];
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); limits.len()];
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); limits.len()];
-    for _ in 0..rounds {
-        let raw = dispatch_raw(
-            &fresh(dir, "lim-raw.db"),
-            n,
-            "FULL",
-            RawLoop::OurSchema,
-            sqlite_outbox::DEFAULT_BATCH_SIZE,
-        )?;
-        for (i, (_, limit)) in limits.iter().enumerate() {
-            let secs = dispatch_limited(&fresh(dir, &format!("lim-{i}.db")), n, limit.clone())?;
-            ratios[i].push(raw / secs);
-            rates[i].push(n as f64 / secs);
-        }
-    }
-    for (i, (label, _)) in limits.iter().enumerate() {
-        let ratio = median(std::mem::take(&mut ratios[i]));
-        let rate = median(std::mem::take(&mut rates[i]));
-        rows.push(Row {
-            group: "priority",
-            name: format!("dispatch under {label} (never binding), 4 workers, FULL"),
-            ours: rate,
-            raw: Some(rate / ratio),
-            unit: "ev/s",
-            ratio: Some(ratio),
-            note: format!("{n} events; raw = the raw loop on our schema; median of {rounds}"),
-        });
-    }
-    Ok(())
-}
-
-/// Dispatch at the defaults with priorities unused (every event at 0) and
-/// with 1 event in 100 raised, each against the raw loop on our schema in
-/// the same round.
-fn unused_cost(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
-    let n = cfg.dispatch_n;
-    let rounds = if cfg.quick { 1 } else { 5 };
-    let batch = sqlite_outbox::DEFAULT_BATCH_SIZE;
-    let variants = [
-        (0, "priorities unused (all 0)"),
-        (100, "1 event in 100 at priority 5"),
-    ];
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
     for _ in 0..rounds {
         let raw = dispatch_raw(
             &fresh(dir, "prio-raw.db"),
             n,
             "FULL",
             RawLoop::OurSchema,
-            batch,
+            sqlite_outbox::DEFAULT_BATCH_SIZE,
         )?;
-        for (i, (every, _)) in variants.iter().enumerate() {
-            let secs = dispatch_with(&fresh(dir, &format!("prio-{every}.db")), n, *every)?;
+        for (i, shape) in shapes.iter().enumerate() {
+            let secs = dispatch_shaped(&fresh(dir, &format!("prio-{i}.db")), n, shape)?;
             ratios[i].push(raw / secs);
             rates[i].push(n as f64 / secs);
         }
     }
-    for (i, (_, label)) in variants.iter().enumerate() {
+    for (i, shape) in shapes.iter().enumerate() {
         let r = std::mem::take(&mut ratios[i]);
         let spread = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
             - r.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -163,7 +98,7 @@ fn unused_cost(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
         let ratio = median(r);
         rows.push(Row {
             group: "priority",
-            name: format!("dispatch, {label}, 4 workers, FULL"),
+            name: format!("dispatch, {}, 4 workers, FULL", shape.label),
             ours: rate,
             raw: Some(rate / ratio),
             unit: "ev/s",
@@ -175,6 +110,52 @@ fn unused_cost(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
         });
     }
     Ok(())
+}
+
+/// Dispatch at the defaults with priorities unused (every event at 0) and
+/// with 1 event in 100 raised.
+fn unused_cost(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    let shapes = [
+        Shape {
+            label: "priorities unused (all 0)",
+            raised_every: 0,
+            limit: None,
+        },
+        Shape {
+            label: "1 event in 100 at priority 5",
+            raised_every: 100,
+            limit: None,
+        },
+    ];
+    against_raw(cfg, dir, rows, if cfg.quick { 1 } else { 5 }, &shapes)
+}
+
+/// What a limit that never binds costs: dispatch under a concurrency
+/// limit of 1,000 and a rate of a million a second.
+fn limit_cost(cfg: &Config, dir: &Path, rows: &mut Vec<Row>) -> Res<()> {
+    use sqlite_outbox::{Limit, LimitScope};
+    let limited = |label, limit| Shape {
+        label,
+        raised_every: 0,
+        limit: Some(limit),
+    };
+    let per_second = Duration::from_secs(1);
+    let shapes = [
+        limited(
+            "under a concurrency limit of 1000, per dispatcher (never binding)",
+            Limit::concurrency(LimitScope::Type, "bench.event", 1000),
+        ),
+        limited(
+            "under a concurrency limit of 1000, across dispatchers (never binding)",
+            Limit::concurrency(LimitScope::Type, "bench.event", 1000).across_dispatchers(),
+        ),
+        limited(
+            "under a rate limit of 1000000/s, across dispatchers (never binding)",
+            Limit::rate(LimitScope::Type, "bench.event", 1_000_000, per_second)
+                .across_dispatchers(),
+        ),
+    ];
+    against_raw(cfg, dir, rows, if cfg.quick { 1 } else { 3 }, &shapes)
 }
 
 /// The claim of one new urgent event on an empty file and behind a

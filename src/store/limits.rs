@@ -111,95 +111,56 @@ pub struct Limited {
     pub next_at: Option<DateTime<Utc>>,
 }
 
-/// How many events a set of shared limits allows now, and the rate
-/// limits' buckets as refilled, to take from once the claim is known.
-pub(crate) struct Allowance {
-    pub(crate) allowed: usize,
-    buckets: Vec<(usize, Bucket)>,
-}
-
-impl Allowance {
-    /// The allowance of `shared` at `now` on `conn`: `live` counts the live
-    /// leases of the claim's types (once, if a concurrency limit needs
-    /// it), `stored` reads a rate limit's bucket (`None`: full).
-    pub(crate) fn of<C>(
-        conn: &mut C,
-        shared: &[SharedLimit<'_>],
-        now: DateTime<Utc>,
-        mut live: impl FnMut(&mut C) -> crate::Result<usize>,
-        mut stored: impl FnMut(&mut C, &SharedLimit<'_>) -> crate::Result<Option<Bucket>>,
-    ) -> crate::Result<Allowance> {
-        let mut allowed = usize::MAX;
-        let mut counted = None;
-        let mut buckets = Vec::new();
-        for (i, limit) in shared.iter().enumerate() {
-            match limit.kind {
-                LimitKind::Concurrency(max) => {
-                    let n = match counted {
-                        Some(n) => n,
-                        None => *counted.insert(live(conn)?),
-                    };
-                    allowed = allowed.min((max as usize).saturating_sub(n));
-                }
-                LimitKind::Rate { max, per } => {
-                    let bucket = stored(conn, limit)?
-                        .unwrap_or_else(|| Bucket::full(max, now))
-                        .at(max, per, now);
-                    allowed = allowed.min(bucket.whole());
-                    buckets.push((i, bucket));
-                }
-            }
-        }
-        Ok(Allowance { allowed, buckets })
-    }
-
-    /// Takes `taken` from every rate limit's bucket and writes each back
-    /// with `write`; returns when the next of them allows another event,
-    /// if one allows none now.
-    pub(crate) fn settle<C>(
-        self,
-        conn: &mut C,
-        shared: &[SharedLimit<'_>],
-        taken: usize,
-        mut write: impl FnMut(&mut C, &SharedLimit<'_>, Bucket) -> crate::Result<()>,
-    ) -> crate::Result<Option<DateTime<Utc>>> {
-        let mut next_at: Option<DateTime<Utc>> = None;
-        for (i, bucket) in self.buckets {
-            let Some(limit) = shared.get(i) else { continue };
-            let left = bucket.take(taken);
-            if let LimitKind::Rate { max, per } = limit.kind {
-                if let Some(at) = left.next_token_at(max, per) {
-                    next_at = Some(next_at.map_or(at, |n| n.max(at)));
-                }
-            }
-            write(conn, limit, left)?;
-        }
-        Ok(next_at)
-    }
-}
-
 /// The stores' part of a limited claim of at most `limit` events, on
 /// `conn` in the claim's transaction: what `shared` allows at `now`
-/// (`live` counts the live leases of the claim's types, `stored` reads a
-/// rate limit's bucket), `claim` of at most that many, and each bucket
-/// taken from and written back with `write`.
+/// (`live` counts the live leases of the claim's types, once, if a
+/// concurrency limit needs it; `stored` reads a rate limit's bucket,
+/// `None` being full), `claim` of at most that many, and each rate limit's
+/// bucket taken from and written back with `write`. The result says when
+/// every rate limit allows another event, if one allows none now.
 pub(crate) fn claim_within<C>(
     conn: &mut C,
     (shared, now, limit): (&[SharedLimit<'_>], DateTime<Utc>, usize),
-    live: impl FnMut(&mut C) -> crate::Result<usize>,
-    stored: impl FnMut(&mut C, &SharedLimit<'_>) -> crate::Result<Option<Bucket>>,
+    mut live: impl FnMut(&mut C) -> crate::Result<usize>,
+    mut stored: impl FnMut(&mut C, &SharedLimit<'_>) -> crate::Result<Option<Bucket>>,
     claim: impl FnOnce(&mut C, usize) -> crate::Result<Vec<Event>>,
-    write: impl FnMut(&mut C, &SharedLimit<'_>, Bucket) -> crate::Result<()>,
+    mut write: impl FnMut(&mut C, &SharedLimit<'_>, Bucket) -> crate::Result<()>,
 ) -> crate::Result<Limited> {
-    let allowance = Allowance::of(conn, shared, now, live, stored)?;
-    let allowed = allowance.allowed;
+    let mut allowed = usize::MAX;
+    let mut counted = None;
+    let mut buckets = Vec::new();
+    for l in shared {
+        match l.kind {
+            LimitKind::Concurrency(max) => {
+                let n = match counted {
+                    Some(n) => n,
+                    None => *counted.insert(live(conn)?),
+                };
+                allowed = allowed.min((max as usize).saturating_sub(n));
+            }
+            LimitKind::Rate { max, per } => {
+                let bucket = stored(conn, l)?
+                    .unwrap_or_else(|| Bucket::full(max, now))
+                    .at(max, per, now);
+                allowed = allowed.min(bucket.whole());
+                buckets.push((l, bucket, max, per));
+            }
+        }
+    }
     let want = limit.min(allowed);
     let events = if want > 0 {
         claim(conn, want)?
     } else {
         Vec::new()
     };
-    let next_at = allowance.settle(conn, shared, events.len(), write)?;
+    let mut next_at: Option<DateTime<Utc>> = None;
+    for (l, bucket, max, per) in buckets {
+        let left = bucket.take(events.len());
+        if let Some(at) = left.next_token_at(max, per) {
+            next_at = Some(next_at.map_or(at, |n| n.max(at)));
+        }
+        write(conn, l, left)?;
+    }
     Ok(Limited {
         events,
         allowed,

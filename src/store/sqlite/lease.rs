@@ -6,8 +6,8 @@ use rusqlite::{params, Transaction};
 
 use super::sql::{
     claim_by_types_sql, claim_front_sql, ACK_DEFER_SQL, ACK_DONE_SQL, ACK_EXTEND_SQL, ACK_FAIL_SQL,
-    ACK_RELEASE_SQL, ACK_RETRY_SQL, ANY_EXPIRED_SQL, ANY_URGENT_SQL, CLAIM_DUE_SQL, CLAIM_SQL,
-    CLAIM_URGENT_SQL, FRONT_SCAN_BATCHES, MAX_TYPED_CLAIM, TYPE_PARAMS,
+    ACK_RELEASE_SQL, ACK_RETRY_SQL, CLAIM_DUE_SQL, CLAIM_SQL, CLAIM_STATE_SQL, CLAIM_URGENT_SQL,
+    FRONT_SCAN_BATCHES, MAX_TYPED_CLAIM, TYPE_PARAMS,
 };
 use super::{skip, types_json, SqliteStore};
 use crate::clock;
@@ -45,9 +45,9 @@ impl SqliteStore {
         let now = self.now();
         let until = clock::add(now, lease);
         let (now_ms, until_ms) = (clock::to_millis(now), clock::to_millis(until));
-        let expired: bool = tx
-            .prepare_cached(ANY_EXPIRED_SQL)?
-            .query_row([now_ms], |r| r.get(0))?;
+        let (expired, any_urgent): (bool, bool) = tx
+            .prepare_cached(CLAIM_STATE_SQL)?
+            .query_row([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
         if expired {
             tx.prepare_cached(
                 "UPDATE outbox_events
@@ -60,11 +60,7 @@ impl SqliteStore {
         let at = (now_ms, until_ms);
         // Raised priorities first, from their own index; the usual claim
         // takes the rest of the batch.
-        let urgent: bool = expired
-            || tx
-                .prepare_cached(ANY_URGENT_SQL)?
-                .query_row([], |r| r.get(0))?;
-        let mut rows = if urgent {
+        let mut rows = if expired || any_urgent {
             run_claim(
                 tx,
                 &CLAIM_URGENT_SQL[usize::from(expired)],

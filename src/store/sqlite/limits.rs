@@ -78,7 +78,7 @@ impl SqliteStore {
         conn: &rusqlite::Connection,
         now_ms: i64,
     ) -> Result<Vec<LimitState>> {
-        if self.inner.columns != crate::store::schema::COLUMNS {
+        if !self.is_current() {
             return Ok(Vec::new());
         }
         let mut stmt = conn.prepare_cached(

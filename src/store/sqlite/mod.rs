@@ -147,6 +147,12 @@ impl SqliteStore {
         })
     }
 
+    /// Whether the file has the current layout (not an older one read as
+    /// it is, read-only).
+    fn is_current(&self) -> bool {
+        self.inner.columns == super::schema::COLUMNS
+    }
+
     fn now(&self) -> DateTime<Utc> {
         self.inner.clock.now()
     }

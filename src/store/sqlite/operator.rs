@@ -186,31 +186,7 @@ impl Operator for SqliteStore {
                     .query_row([now], |r| r.get(0))?;
                 stats.oldest_due_age =
                     oldest.map(|t| Duration::from_millis(u64::try_from(now - t).unwrap_or(0)));
-                // A file older than version 6, read as it is, has no
-                // priorities: every event is of priority 0.
-                let sql = if self.inner.columns == crate::store::schema::COLUMNS {
-                    "SELECT priority, count(*), sum(next_attempt_at <= ?1) FROM outbox_events
-                     WHERE status = 'pending' AND priority > 0
-                     GROUP BY priority ORDER BY priority DESC"
-                } else {
-                    "SELECT 0, 0, 0 WHERE ?1 IS NULL AND 0"
-                };
-                let mut stmt = conn.prepare_cached(sql)?;
-                let rows = stmt.query_map([now], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?;
-                for row in rows {
-                    let (priority, n, due) = row?;
-                    stats.by_priority.push(PriorityStats {
-                        priority: u8::try_from(priority).unwrap_or(u8::MAX),
-                        pending: count_u64(n),
-                        due: count_u64(due),
-                    });
-                }
+                stats.by_priority = self.priorities_in(conn, now)?;
                 let behind: i64 = conn
                     .prepare_cached(&BEHIND_KEY_SQL)?
                     .query_row(rusqlite::named_params! {":now": now}, |r| r.get(0))?;
@@ -417,4 +393,28 @@ fn read_destinations(conn: &Connection) -> rusqlite::Result<Vec<DestinationState
         out.extend(row?);
     }
     Ok(out)
+}
+
+impl SqliteStore {
+    /// The pending events of each raised priority, highest first; none in
+    /// a file older than version 6 read as it is (every event there is of
+    /// priority 0).
+    fn priorities_in(&self, conn: &Connection, now: i64) -> Result<Vec<PriorityStats>> {
+        if !self.is_current() {
+            return Ok(Vec::new());
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT priority, count(*), sum(next_attempt_at <= ?1) FROM outbox_events
+             WHERE status = 'pending' AND priority > 0
+             GROUP BY priority ORDER BY priority DESC",
+        )?;
+        let rows = stmt.query_map([now], |r| {
+            Ok(PriorityStats {
+                priority: u8::try_from(r.get::<_, i64>(0)?).unwrap_or(u8::MAX),
+                pending: count_u64(r.get(1)?),
+                due: count_u64(r.get(2)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
 }

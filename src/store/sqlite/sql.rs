@@ -72,10 +72,14 @@ fn claim_any_type_sql(with_leases: bool) -> String {
     )
 }
 
-/// Whether any lease has run out, of any type: if none has, a claim uses
-/// the plainer statement.
-pub(super) const ANY_EXPIRED_SQL: &str = "SELECT EXISTS (SELECT 1 FROM outbox_events
-     WHERE status = 'processing' AND locked_until <= ?1)";
+/// What a claim looks at first, in one statement: whether any lease has
+/// run out, of any type (if none has, the claim uses the plainer
+/// statements), and whether any pending event has a raised priority (one
+/// look at the urgent index; nearly always false, and then a claim is
+/// what it was before priorities).
+pub(super) const CLAIM_STATE_SQL: &str = "SELECT
+     EXISTS (SELECT 1 FROM outbox_events WHERE status = 'processing' AND locked_until <= ?1),
+     EXISTS (SELECT 1 FROM outbox_events WHERE status = 'pending' AND priority > 0)";
 
 /// The due pending events that pass `test`, in (due time, enqueue order),
 /// at most `:limit`: a query without its `SELECT` list.
@@ -129,12 +133,6 @@ fn claim_update(chosen: &str) -> String {
          RETURNING {COLUMNS}"
     )
 }
-
-/// Whether any pending event has a raised priority: one look at the urgent
-/// index. Nearly always false, and then a claim is what it was before
-/// priorities.
-pub(super) const ANY_URGENT_SQL: &str =
-    "SELECT EXISTS (SELECT 1 FROM outbox_events WHERE status = 'pending' AND priority > 0)";
 
 /// The first step of a claim when some pending event has a raised priority:
 /// the due events of priority above 0 (and, `with_leases`, the expired
